@@ -1,0 +1,213 @@
+"""Packed sign bits and the bit-sliced majority tally: the CPU reference.
+
+Wire format
+-----------
+A vector of ``n`` coordinates is packed into ``W = ceil(n / 64)`` uint64 words, little-endian:
+coordinate ``i`` is bit ``i % 64`` of word ``i // 64``. Bit 1 is a vote for "+", bit 0 a vote for
+"-". The ``64 * W - n`` padding bits are always 0 and never reach a parameter. On a little-endian
+host, the words read as bytes are exactly ``numpy.packbits(bits, bitorder="little")``, and a
+32-bit word is what one CUDA warp ballot produces, so the CPU and GPU paths share one format.
+
+Zero rule
+---------
+One bit cannot say "0". A coordinate that is exactly 0 (or NaN, which has no sign) is packed as
+``zero_bit``; callers pass ``zero_bit = (rank + step) % 2``. Where every rank holds a 0 the votes
+then split evenly: a tie (vote 0, no step) when the number of ranks is even, and a vote that
+flips sign every step when it is odd, so such a coordinate stays within ``lr`` of where it was
+instead of drifting by ``lr`` per step, which packing 0 as "+" would do.
+
+Tally
+-----
+Votes are counted without unpacking, with bit-sliced counters: plane ``j`` holds bit ``j`` of the
+"+" count of 64 coordinates at once. Adding one worker's bits is a carry-save add over the planes;
+adding two partial counts is a ripple-carry add; the majority ``count >= M // 2 + 1`` and, for even
+M, the tie ``count == M / 2`` are compared plane by plane. All of it is exact integer arithmetic,
+associative and commutative, so every topology gets the same bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = [
+    "n_words",
+    "pack_signs",
+    "unpack_signs",
+    "count_planes",
+    "add_vote",
+    "add_counts",
+    "tally",
+    "majority",
+    "disagreement",
+]
+
+WORD_BITS = 64
+_WORD = np.uint64
+_ALL_ONES = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+
+
+def n_words(n: int) -> int:
+    """Number of uint64 words that hold ``n`` packed bits."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return (n + WORD_BITS - 1) // WORD_BITS
+
+
+def _tail_mask(n: int) -> np.uint64:
+    """Mask of the valid bits of the last word of an ``n``-bit vector (all ones if full)."""
+    r = n % WORD_BITS
+    return _ALL_ONES if r == 0 else np.uint64((1 << r) - 1)
+
+
+def _as_bool_lt0_or_gt0(x, greater: bool, scratch=None) -> np.ndarray:
+    """``x > 0`` (greater) or ``x < 0`` as a flat numpy bool array, in one pass over ``x``."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach().reshape(-1)
+        if t.device.type != "cpu":
+            raise ValueError(f"pack_signs takes CPU tensors, got device {t.device}; "
+                             "CUDA tensors go through mpisign.cuda")
+        if scratch is not None and scratch.numel() >= t.numel():
+            out = scratch[: t.numel()]
+            (torch.gt if greater else torch.lt)(t, 0, out=out)
+        else:
+            out = torch.gt(t, 0) if greater else torch.lt(t, 0)
+        return out.numpy()
+    a = np.asarray(x).reshape(-1)
+    return a > 0 if greater else a < 0
+
+
+def pack_signs(x, zero_bit: int = 0, out: np.ndarray | None = None, scratch=None) -> np.ndarray:
+    """Pack the signs of ``x`` (flattened) into uint64 words: bit 1 = "+", 0 = "-".
+
+    ``x`` is a CPU torch tensor or numpy array of floating dtype. Coordinates that are 0 or NaN
+    are packed as ``zero_bit`` (see the module docstring). ``out``, if given, is a uint64 array
+    of at least ``n_words(x.numel())`` words and is filled and returned; ``scratch`` is an
+    optional torch bool tensor of at least ``x.numel()`` elements, reused to avoid allocation.
+    """
+    if zero_bit not in (0, 1):
+        raise ValueError(f"zero_bit must be 0 or 1, got {zero_bit!r}")
+    # zero_bit = 0: bit = x > 0 (0 and NaN -> 0).  zero_bit = 1: bit = not (x < 0) (0, NaN -> 1).
+    # Either way one comparison pass over the floats; the inversion runs on the 8x smaller words.
+    bits = _as_bool_lt0_or_gt0(x, greater=(zero_bit == 0), scratch=scratch)
+    n = bits.size
+    w = n_words(n)
+    if out is None:
+        out = np.empty(w, dtype=_WORD)
+    elif out.dtype != _WORD or out.size < w:
+        raise ValueError(f"out must be a uint64 array of >= {w} words, got {out.dtype}[{out.size}]")
+    words = out[:w]
+    if w == 0:
+        return words
+    packed = np.packbits(bits, bitorder="little")
+    as_bytes = words.view(np.uint8)
+    as_bytes[: packed.size] = packed
+    as_bytes[packed.size:] = 0
+    if zero_bit == 1:
+        np.invert(words, out=words)
+    words[-1] &= _tail_mask(n)
+    return words
+
+
+def unpack_signs(words: np.ndarray, n: int, tie: np.ndarray | None = None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Unpack ``n`` bits into a CPU tensor of +1 (bit 1) / -1 (bit 0), and 0 where ``tie`` is set."""
+    if words.size < n_words(n):
+        raise ValueError(f"{n} bits need {n_words(n)} words, got {words.size}")
+    bits = np.unpackbits(words.view(np.uint8), count=n, bitorder="little")
+    v = torch.from_numpy(bits).to(dtype).mul_(2).sub_(1)
+    if tie is not None:
+        t = np.unpackbits(tie.view(np.uint8), count=n, bitorder="little")
+        v.masked_fill_(torch.from_numpy(t).bool(), 0)
+    return v
+
+
+def count_planes(m: int) -> int:
+    """Bit planes needed to count up to ``m`` votes: ``ceil(log2(m + 1))``."""
+    return max(1, int(m).bit_length())
+
+
+def add_vote(planes: np.ndarray, v: np.ndarray) -> None:
+    """Add one worker's vote bits ``v`` (W words) into counter ``planes`` (P x W), in place.
+
+    Carry-save: ``c[j], carry = c[j] ^ carry, c[j] & carry`` for each plane. The caller sizes
+    ``planes`` with :func:`count_planes` for the final count, so no carry leaves the top plane.
+    """
+    carry = v.copy()
+    tmp = np.empty_like(carry)
+    for c in planes:
+        np.bitwise_and(c, carry, out=tmp)
+        np.bitwise_xor(c, carry, out=c)
+        carry, tmp = tmp, carry
+
+
+def add_counts(a: np.ndarray, b: np.ndarray, planes_out: int) -> np.ndarray:
+    """Ripple-carry sum of two bit-sliced counters (Pa x W and Pb x W) into ``planes_out`` planes."""
+    w = a.shape[1]
+    out = np.zeros((planes_out, w), dtype=_WORD)
+    carry = np.zeros(w, dtype=_WORD)
+    s = np.empty(w, dtype=_WORD)
+    zero = np.zeros(w, dtype=_WORD)
+    for j in range(planes_out):
+        x = a[j] if j < a.shape[0] else zero
+        y = b[j] if j < b.shape[0] else zero
+        np.bitwise_xor(x, y, out=s)
+        np.bitwise_xor(s, carry, out=out[j])
+        # carry = x & y | carry & (x ^ y)
+        np.bitwise_and(carry, s, out=s)
+        np.bitwise_and(x, y, out=carry)
+        np.bitwise_or(carry, s, out=carry)
+    return out
+
+
+def tally(votes: np.ndarray) -> np.ndarray:
+    """Bit-sliced "+" counts of ``votes`` (M x W packed vectors): a P x W counter."""
+    m, w = votes.shape
+    planes = np.zeros((count_planes(m), w), dtype=_WORD)
+    for v in votes:
+        add_vote(planes, v)
+    return planes
+
+
+def _compare_count(planes: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bitwise ``count > t`` and ``count == t`` for a bit-sliced counter, top plane first."""
+    w = planes.shape[1]
+    gt = np.zeros(w, dtype=_WORD)
+    eq = np.full(w, _ALL_ONES, dtype=_WORD)
+    if t >> planes.shape[0]:  # t needs more planes than the counter has: count < t everywhere
+        return gt, np.zeros(w, dtype=_WORD)
+    tmp = np.empty(w, dtype=_WORD)
+    for j in reversed(range(planes.shape[0])):
+        c = planes[j]
+        if t >> j & 1:
+            eq &= c
+        else:
+            np.bitwise_and(eq, c, out=tmp)
+            gt |= tmp
+            np.invert(c, out=tmp)
+            eq &= tmp
+    return gt, eq
+
+
+def majority(planes: np.ndarray, m: int, n: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Majority of ``m`` votes from their bit-sliced counter.
+
+    Returns ``(plus, tie)``: ``plus`` has bit 1 where the "+" count is at least ``m // 2 + 1``;
+    ``tie`` (only for even ``m``, else None) has bit 1 where the count is exactly ``m / 2``. If
+    ``n`` is given, bits at and past ``n`` are cleared in both.
+    """
+    gt, eq = _compare_count(planes, m // 2)  # count > m//2  <=>  count >= m//2 + 1
+    tie = eq if m % 2 == 0 else None
+    if n is not None and gt.size:
+        gt[-1] &= _tail_mask(n)
+        if tie is not None:
+            tie[-1] &= _tail_mask(n)
+    return gt, tie
+
+
+def disagreement(words: np.ndarray, plus: np.ndarray, tie: np.ndarray | None = None) -> int:
+    """Coordinates on which a worker's bits differ from the majority (tied ones not counted)."""
+    d = np.bitwise_xor(words, plus)
+    if tie is not None:
+        d &= ~tie
+    return int(np.bitwise_count(d).sum(dtype=np.int64))

@@ -1,0 +1,34 @@
+"""Shared by the MPI test scripts: progress lines for the launcher, and rank-seeded data."""
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+WORLD = MPI.COMM_WORLD
+
+
+def progress(step, comm=WORLD) -> None:
+    """Tell the launcher (tests/mpirun.py) how far this rank got, for stall reports."""
+    print(f"@progress rank={comm.Get_rank()} step={step}", flush=True)
+
+
+def rank_data(n: int, rank: int, seed: int, dtype=torch.float32, zeros=0.1) -> torch.Tensor:
+    """The tensor rank ``rank`` votes with: normal noise, some exact zeros. Any rank can
+    rebuild any other rank's tensor, which is how the references see all votes."""
+    rng = np.random.default_rng([seed, rank, n])
+    x = rng.standard_normal(n)
+    x[rng.random(n) < zeros] = 0.0
+    return torch.from_numpy(x).to(dtype)
+
+
+def reference_vote(xs: list[torch.Tensor], step: int = 0) -> np.ndarray:
+    """sign(sum_r sign(x_r)) in numpy on unpacked signs, with the documented zero rule:
+    a 0 or NaN on rank r votes +1 if (r + step) is odd, -1 if even."""
+    total = np.zeros(xs[0].numel(), dtype=np.int64)
+    for r, x in enumerate(xs):
+        a = x.to(torch.float64).numpy().reshape(-1)
+        s = np.sign(np.nan_to_num(a, nan=0.0)).astype(np.int64)
+        undecided = (a == 0) | np.isnan(a)
+        s[undecided] = 1 if (r + step) % 2 else -1
+        total += s
+    return np.sign(total)

