@@ -109,17 +109,35 @@ def pack_signs(x, zero_bit: int = 0, out: np.ndarray | None = None, scratch=None
     return words
 
 
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+_TABLES: dict = {}
+
+
+def _byte_table(np_dtype, on: float, off: float) -> np.ndarray:
+    """256 x 8 table: row b holds bits 0..7 of byte b as ``on`` (bit 1) / ``off`` (bit 0)."""
+    key = (np.dtype(np_dtype).str, on, off)
+    if key not in _TABLES:
+        bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+        _TABLES[key] = np.where(bits == 1, on, off).astype(np_dtype)
+    return _TABLES[key]
+
+
 def unpack_signs(words: np.ndarray, n: int, tie: np.ndarray | None = None,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Unpack ``n`` bits into a CPU tensor of +1 (bit 1) / -1 (bit 0), and 0 where ``tie`` is set."""
+    """Unpack ``n`` bits into a CPU tensor of +1 (bit 1) / -1 (bit 0), and 0 where ``tie`` is set.
+
+    One table lookup per byte (8 coordinates), no per-bit arithmetic: about memcpy speed.
+    """
     if words.size < n_words(n):
         raise ValueError(f"{n} bits need {n_words(n)} words, got {words.size}")
-    bits = np.unpackbits(words.view(np.uint8), count=n, bitorder="little")
-    v = torch.from_numpy(bits).to(dtype).mul_(2).sub_(1)
-    if tie is not None:
-        t = np.unpackbits(tie.view(np.uint8), count=n, bitorder="little")
-        v.masked_fill_(torch.from_numpy(t).bool(), 0)
-    return v
+    np_dtype = _NUMPY_DTYPES.get(dtype, np.float32)  # bfloat16: build in float32, cast once
+    nbytes = (n + 7) // 8
+    out = np.empty((nbytes, 8), dtype=np_dtype)
+    np.take(_byte_table(np_dtype, 1.0, -1.0), words.view(np.uint8)[:nbytes], axis=0, out=out)
+    if tie is not None and tie[: n_words(n)].any():
+        out *= np.take(_byte_table(np_dtype, 0.0, 1.0), tie.view(np.uint8)[:nbytes], axis=0)
+    v = torch.from_numpy(out.reshape(-1)[:n])
+    return v if v.dtype == dtype else v.to(dtype)
 
 
 def count_planes(m: int) -> int:

@@ -55,7 +55,7 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
         sent = received = 0
     else:
         voter = make_vote(topology, comm, timeout=timeout)
-        plus, tie = voter.vote(words, n)
+        plus, tie = voter.vote(words, n, step=step)
         sent, received = voter.traffic.sent, voter.traffic.received
     if stats is not None:
         stats.update(bytes_sent=sent, bytes_received=received)

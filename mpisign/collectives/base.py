@@ -110,16 +110,18 @@ class SignVote:
         if not self.timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         self.traffic = Traffic()
-        self.step = 0  # how many votes this object has run; named in timeout messages
+        self.step = 0  # the caller's step of the current vote; named in timeout messages
 
-    def vote(self, words: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def vote(self, words: np.ndarray, n: int, step: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray | None]:
         """Majority of every rank's ``words`` (packed ``n`` bits): ``(plus, tie)`` on every rank.
 
-        ``tie`` is None when the communicator size is odd (no tie is possible).
+        ``tie`` is None when the communicator size is odd (no tie is possible). ``step`` is the
+        caller's step number, for error messages (default: this object's count of votes).
         """
         if words.dtype != np.uint64 or words.ndim != 1:
             raise ValueError(f"words must be a 1-D uint64 array, got {words.dtype} {words.shape}")
-        self.step += 1
+        self.step = self.traffic.votes if step is None else step
         self.traffic.votes += 1
         return self._vote(words, n)
 
@@ -137,4 +139,4 @@ class SignVote:
 
     def _wait(self, requests, peers, what: str) -> None:
         wait_all(requests, peers, self.timeout,
-                 f"{self.name} vote #{self.step} on rank {self.rank}: {what}")
+                 f"{self.name} vote at step {self.step} on rank {self.rank}: {what}")

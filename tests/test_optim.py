@@ -1,0 +1,197 @@
+"""Signum / SignSGD on one rank (COMM_SELF) against a plain-torch reference loop.
+
+The multi-rank behaviour (vote, layout check, None grads on some ranks) is in
+test_optim_mpi.py, with real ranks.
+"""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from mpi4py import MPI
+
+import mpisign
+from mpisign import SignSGD, Signum
+
+SELF = MPI.COMM_SELF
+
+
+def reference_signum(params, grads_per_step, lr, momentum, wd):
+    """Single-worker Signum written out longhand, with the documented zero rule
+    (a zero momentum coordinate votes + on odd steps, - on even steps, rank 0)."""
+    params = [p.detach().clone() for p in params]
+    mom = [torch.zeros_like(p) for p in params]
+    for step, grads in enumerate(grads_per_step):
+        for p, m, g in zip(params, mom, grads):
+            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+            if momentum:
+                m.copy_(momentum * m + (1 - momentum) * g)
+                src = m
+            else:
+                src = g
+            v = torch.sign(src)
+            v[src == 0] = 1.0 if step % 2 else -1.0
+            p.copy_(p - lr * (v + wd * p))
+    return params
+
+
+def make_params(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(7, 5, generator=g, dtype=dtype)),
+            torch.nn.Parameter(torch.randn(13, generator=g, dtype=dtype))]
+
+
+def random_grads(params, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+            for _ in range(steps)]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("wd", [0.0, 0.05])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_single_rank_matches_reference(momentum, wd, dtype):
+    params = make_params(dtype=dtype)
+    grads = random_grads(params, 20)
+    grads[3][0][0, 0] = 0.0
+    ref = reference_signum(params, grads, lr=0.01, momentum=momentum, wd=wd)
+    opt = Signum(params, lr=0.01, momentum=momentum, weight_decay=wd, comm=SELF)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+    assert opt.stats.bytes_sent == 0 and opt.stats.bytes_received == 0  # no MPI on one rank
+    assert opt.stats.steps == 20
+
+
+def test_param_groups_and_signsgd():
+    a, b = make_params()
+    grads = random_grads([a, b], 5)
+    ra = reference_signum([a], [[g[0]] for g in grads], lr=0.1, momentum=0.0, wd=0.0)
+    rb = reference_signum([b], [[g[1]] for g in grads], lr=0.01, momentum=0.0, wd=0.0)
+    opt = SignSGD([{"params": [a], "lr": 0.1}, {"params": [b]}], lr=0.01, comm=SELF)
+    for gs in grads:
+        a.grad, b.grad = gs[0].clone(), gs[1].clone()
+        opt.step()
+    torch.testing.assert_close(a.detach(), ra[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(b.detach(), rb[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_zero_gradient_does_not_drift(momentum):
+    lr = 1e-3
+    p = torch.nn.Parameter(torch.zeros(100))
+    opt = Signum([p], lr=lr, momentum=momentum, comm=SELF)
+    for _ in range(1000):
+        p.grad = torch.zeros(100)
+        opt.step()
+    assert p.detach().abs().max().item() <= 2 * lr
+    # The rule that the zero bit fixes: packing 0 as "+" would have moved it by 1000 * lr.
+
+
+def test_nonfinite_gradients_never_reach_the_weights():
+    p = torch.nn.Parameter(torch.ones(10))
+    opt = Signum([p], lr=0.1, momentum=0.9, comm=SELF)
+    for step in range(5):
+        g = torch.full((10,), 2.0)
+        g[0], g[1], g[2] = float("nan"), float("inf"), -float("inf")
+        p.grad = g
+        opt.step()
+        assert torch.isfinite(p).all()
+        assert torch.isfinite(opt.state[p]["momentum_buffer"]).all()
+    assert opt.stats.nonfinite == 15 and opt.stats.nonfinite_steps == 5
+    # Finite coordinates trained normally: 5 steps of -lr.
+    torch.testing.assert_close(p.detach()[3:], torch.full((7,), 0.5))
+
+
+def test_none_grad_counts_as_zero():
+    p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    opt = Signum([p, q, frozen], lr=0.1, momentum=0.0, comm=SELF)
+    p.grad = torch.ones(4)
+    opt.step()  # q.grad is None: treated as zero, step 0 -> zero votes "-", as documented
+    torch.testing.assert_close(p.detach(), torch.full((4,), 0.9))
+    torch.testing.assert_close(q.detach(), torch.full((4,), 1.1))
+    torch.testing.assert_close(frozen.detach(), torch.ones(3))  # requires_grad=False: untouched
+
+
+def test_state_dict_resume_is_exact():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    data = [(torch.randn(8, 6), torch.randn(8, 2)) for _ in range(12)]
+
+    def train(model, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+    straight = copy.deepcopy(model)
+    opt = Signum(straight.parameters(), lr=0.01, momentum=0.9, weight_decay=0.01, comm=SELF)
+    train(straight, opt, data)
+
+    first = copy.deepcopy(model)
+    opt1 = Signum(first.parameters(), lr=0.01, momentum=0.9, weight_decay=0.01, comm=SELF)
+    train(first, opt1, data[:5])
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    resumed = copy.deepcopy(model)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = Signum(resumed.parameters(), lr=0.01, momentum=0.9, weight_decay=0.01, comm=SELF)
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.param_groups[0]["step"] == 5
+    train(resumed, opt2, data[5:])
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(opt.state[next(straight.parameters())]["momentum_buffer"],
+                       opt2.state[next(resumed.parameters())]["momentum_buffer"])
+
+
+def test_lr_scheduler_sets_the_step_size():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = SignSGD([p], lr=0.5, comm=SELF)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    moved = []
+    for _ in range(3):
+        before = p.detach().clone()
+        p.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+        moved.append((before - p.detach())[0].item())
+    assert moved == [0.5, 0.25, 0.125]
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(lr=0.0), "lr"), (dict(lr=-1.0), "lr"), (dict(lr=math.nan), "lr"),
+    (dict(momentum=1.0), "momentum"), (dict(momentum=-0.1), "momentum"),
+    (dict(weight_decay=-1.0), "weight_decay"), (dict(topology="ring"), "topology"),
+    (dict(comm="world"), "comm"), (dict(timeout=0), "timeout"),
+])
+def test_invalid_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        Signum([torch.nn.Parameter(torch.ones(2))], **kwargs)
+
+
+def test_bad_parameters():
+    with pytest.raises(ValueError, match="empty"):
+        Signum([], comm=SELF)
+    with pytest.raises(ValueError, match="lr"):
+        opt = Signum([torch.nn.Parameter(torch.ones(2))], comm=SELF)
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "lr": -1.0})
+    emb = torch.nn.Embedding(5, 2, sparse=True)
+    opt = Signum(emb.parameters(), comm=SELF)
+    emb(torch.tensor([1])).sum().backward()
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+
+
+def test_public_api_names():
+    for name in ["Signum", "SignSGD", "majority_vote", "pack_signs", "unpack_signs"]:
+        assert hasattr(mpisign, name)
+    assert set(mpisign.TOPOLOGIES) >= {"server", "tree"}

@@ -1,0 +1,44 @@
+"""The majority-vote collective and the optimizer on real ranks: mpiexec -n 1..5.
+
+Each script compares every rank's result with a single-process reference computed another way
+(numpy on the unpacked signs of all ranks) and checks that all ranks hold the same bits.
+"""
+
+import re
+
+import pytest
+
+import mpirun
+
+SIZES = [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_majority_vote_matches_numpy_reference(n):
+    out = mpirun.run(n, "vote_check.py")
+    assert f"vote_check OK on {n} ranks" in out
+
+
+@pytest.mark.parametrize("topology", ["server", "tree"])
+@pytest.mark.parametrize("n", SIZES)
+def test_signum_matches_simulated_workers(n, topology):
+    out = mpirun.run(n, "optim_check.py", topology)
+    assert f"optim_check {topology} OK on {n} ranks" in out
+
+
+@pytest.mark.parametrize("topology", ["server", "tree"])
+def test_missing_rank_ends_in_timeout_naming_it(topology):
+    out = mpirun.run(3, "stall_check.py", "skip", topology, timeout=90,
+                     env={"MPISIGN_TIMEOUT": "4"}, expect_fail=True)
+    assert "VoteTimeout" in out, out[-2000:]
+    # Whoever waits on the silent rank 2 names it (server: the root; tree: its parent, rank 0);
+    # rank 1 waits on rank 0's result and names rank 0.
+    assert re.search(r"no message from rank\(s\) \[2\]", out), out[-2000:]
+    assert f"{topology} vote at step 2" in out
+
+
+def test_launcher_reports_where_a_stalled_job_stopped():
+    with pytest.raises(AssertionError) as err:
+        mpirun.run(2, "stall_check.py", "hang", "server", timeout=15)
+    assert "stalled" in str(err.value)
+    assert "rank 0 at step 1" in str(err.value) and "rank 1 at step 1" in str(err.value)
