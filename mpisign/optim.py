@@ -9,8 +9,9 @@ efficient and fault tolerant", ICLR 2019, Algorithm 1, in the authors' own form:
                                                            && \text{majority vote, 0 on a tie} \\
     p   &\leftarrow p - \eta\,(v + \lambda p)
 
-Books kept here: one fused buffer per (param group, dtype) segment, laid out once and checked
-across ranks at the first step; the packed signs of all segments form one message per step.
+Books kept here: a layout giving each parameter whole uint64 words of one packed message, laid
+out once and checked across ranks at the first step; one message per step (one per bucket with
+``overlap=True``); momentum buffers in ``state[p]["momentum_buffer"]`` as in ``torch.optim.SGD``.
 
 Documented rules:
 
@@ -63,30 +64,41 @@ class VoteStats:
     nonfinite_steps: int = 0     # steps in which at least one such entry was seen
     disagreement: float = 0.0    # last step: fraction of this rank's votes against the majority
     coordinates: int = 0         # coordinates voted on per step
+    overlapped: int = 0          # bucket votes started from a gradient hook (overlap=True)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 @dataclass
-class _Segment:
-    """Parameters of one group and dtype, fused into flat buffers."""
+class _Slot:
+    """One parameter's place in the packed message: words ``[word0, word0 + words)``."""
 
+    param: torch.Tensor
     group: int
-    params: list
-    offsets: list
-    numel: int
-    word_start: int                 # first uint64 word of this segment in the packed message
+    word0: int
     words: int
-    grad: torch.Tensor              # fused gradient, reused every step
-    momentum: torch.Tensor | None   # fused momentum (None when momentum == 0)
+
+
+@dataclass
+class _Bucket:
+    """Parameters whose packed signs travel as one message (one vote)."""
+
+    index: int
+    slots: list
+    word0: int
+    word1: int
+    ready: set = field(default_factory=set)  # ids of params whose gradient hook fired
+    pending: object = None                   # the vote in flight (collectives.Pending)
 
 
 @dataclass
 class _Layout:
     signature: tuple
-    segments: list = field(default_factory=list)
+    slots: list = field(default_factory=list)
+    buckets: list = field(default_factory=list)
     words: int = 0
+    coordinates: int = 0
     packed: np.ndarray | None = None
 
 
@@ -110,16 +122,24 @@ class Signum(Optimizer):
         weight_decay: lambda, applied as ``p -= lr * (v + lambda * p)``, outside the vote.
         comm: mpi4py intracommunicator; None means ``MPI.COMM_WORLD``. On a communicator of
             size 1 this is plain single-worker Signum with no MPI traffic.
-        topology: how the vote travels: ``"server"`` (the paper's) or ``"tree"``.
+        topology: how the vote travels, a key of :data:`mpisign.TOPOLOGIES`: ``"server"`` (the
+            paper's), ``"tree"``, ``"sharded"``, ``"allgather"``.
         timeout: seconds a vote waits on its peers before raising ``VoteTimeout``
             (default ``$MPISIGN_TIMEOUT`` or 300).
         check_every: every this many steps, check that all ranks hold identical parameters
             (:meth:`check_consistency`); 0 turns it off.
+        overlap: start each bucket's vote from a gradient hook as soon as the backward pass has
+            produced all of the bucket's gradients, so communication overlaps the rest of the
+            backward pass. Needs exactly one backward pass per ``step()`` (no gradient
+            accumulation). Results are bit-identical to ``overlap=False``.
+        bucket_mb: with ``overlap``, the size of a bucket in MiB of fp32 gradient (as DDP's
+            ``bucket_cap_mb``); without it, all parameters travel as one message.
     """
 
     def __init__(self, params, lr: float = 1e-4, momentum: float = 0.9,
                  weight_decay: float = 0.0, comm=None, topology: str = "server", *,
-                 timeout: float | None = None, check_every: int = 0):
+                 timeout: float | None = None, check_every: int = 0, overlap: bool = False,
+                 bucket_mb: float = 25.0):
         # Validate everything before any communication, so every rank raises the same error.
         _check_hparams(lr, momentum, weight_decay)
         check_topology(topology)
@@ -128,18 +148,24 @@ class Signum(Optimizer):
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         if not isinstance(check_every, int) or check_every < 0:
             raise ValueError(f"check_every must be an int >= 0, got {check_every!r}")
+        if not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         # What users tune.
         self.comm = comm
         self.topology = topology
         self.timeout = default_timeout() if timeout is None else float(timeout)
         self.check_every = check_every
-        # Internal: the fused layout and the collective, built at the first step.
+        self.overlap = bool(overlap)
+        self.bucket_words = max(1, int(bucket_mb * 2**20 / 4) // packing.WORD_BITS)
+        # Internal: the layout, the collective and the hooks, made at the first step.
         self.rank = comm.Get_rank()
         self.world_size = comm.Get_size()
         self._layout: _Layout | None = None
         self._voter = None
-        self._scratch: torch.Tensor | None = None
+        self._hooks: list = []
+        self._pack_scratch: torch.Tensor | None = None  # bool, largest parameter's size
+        self._apply_scratch: dict = {}                   # chunk buffers of packing.apply_signs
         # Statistics.
         self.stats = VoteStats()
 
@@ -168,50 +194,54 @@ class Signum(Optimizer):
                 for p in g["params"] if p.requires_grad]
 
     def _build_layout(self) -> _Layout:
+        """Every trainable parameter gets whole words (so its bits start on a word boundary);
+        buckets are runs of parameters, in reverse order with ``overlap`` (the backward pass
+        produces the last layers' gradients first)."""
         layout = _Layout(signature=self._signature())
-        word = 0
-        for gi, group in enumerate(self.param_groups):
-            by_dtype: dict[torch.dtype, list] = {}
-            for p in group["params"]:
-                if p.requires_grad:
-                    if not p.is_floating_point():
-                        raise ValueError(f"parameters must be floating point, got {p.dtype}")
-                    by_dtype.setdefault(p.dtype, []).append(p)
-            for dtype, params in by_dtype.items():
-                offsets, n = [], 0
-                for p in params:
-                    offsets.append(n)
-                    n += p.numel()
-                device = params[0].device
-                grad = torch.zeros(n, dtype=dtype, device=device)
-                mom = torch.zeros(n, dtype=dtype, device=device) if group["momentum"] else None
-                w = packing.n_words(n)
-                layout.segments.append(_Segment(gi, params, offsets, n, word, w, grad, mom))
-                word += w
-        layout.words = word
-        layout.packed = np.zeros(word, dtype=np.uint64)
-        if not layout.segments:
+        order = [(gi, p) for gi, g in enumerate(self.param_groups)
+                 for p in g["params"] if p.requires_grad]
+        if not order:
             raise ValueError("no parameter with requires_grad=True to optimize")
-        self.stats.coordinates = sum(s.numel for s in layout.segments)
+        for _, p in order:
+            if not p.is_floating_point():
+                raise ValueError(f"parameters must be floating point, got {p.dtype}")
+        if self.overlap:
+            order.reverse()
+        word = 0
+        bucket: list[_Slot] = []
+        for gi, p in order:
+            slot = _Slot(p, gi, word, packing.n_words(p.numel()))
+            word += slot.words
+            layout.slots.append(slot)
+            bucket.append(slot)
+            if self.overlap and word - bucket[0].word0 >= self.bucket_words:
+                layout.buckets.append(_Bucket(len(layout.buckets), bucket, bucket[0].word0, word))
+                bucket = []
+        if bucket:
+            layout.buckets.append(_Bucket(len(layout.buckets), bucket, bucket[0].word0, word))
+        layout.words = word
+        layout.coordinates = sum(p.numel() for _, p in order)
+        layout.packed = np.zeros(word, dtype=np.uint64)
+        self.stats.coordinates = layout.coordinates
         return layout
 
     def _check_layout_agrees(self) -> None:
         """Allgather a fingerprint of the layout; on any difference every rank raises."""
         desc = self._describe()
-        digest = hashlib.sha256(repr(desc).encode()).digest()[:16]
-        mine = np.frombuffer(digest, dtype=np.uint8).copy()
+        digest = hashlib.sha256(repr((desc, self.overlap, self.bucket_words)).encode()).digest()
+        mine = np.frombuffer(digest[:16], dtype=np.uint8).copy()
         every = np.empty((self.world_size, mine.size), dtype=np.uint8)
         req = self.comm.Iallgather(mine, every)
-        # Wait on MPI: the first step's vote must not start before the layouts are known equal.
+        # Wait on MPI: the first vote must not start before the layouts are known to agree.
         wait_all([req], ["some rank"], self.timeout, f"layout check on rank {self.rank}")
         differ = [r for r in range(self.world_size) if not np.array_equal(every[r], every[0])]
         if differ:
             raise LayoutMismatch(
                 f"ranks disagree about the parameters to optimize: rank(s) {differ} differ from "
                 f"rank 0 (this rank {self.rank}: {len(desc)} parameters, "
-                f"{sum(math.prod(s) for _, s, _ in desc)} coordinates, layout digest "
-                f"{digest.hex()}). Build the same model, with the same parameter groups, "
-                f"on every rank.")
+                f"{sum(math.prod(s) for _, s, _ in desc)} coordinates, overlap={self.overlap}, "
+                f"layout digest {digest[:16].hex()}). Build the same model, with the same "
+                f"parameter groups and options, on every rank.")
 
     def _ensure_layout(self) -> _Layout:
         if self._layout is None or self._layout.signature != self._signature():
@@ -220,24 +250,35 @@ class Signum(Optimizer):
             self._layout = self._build_layout()
             if self.world_size > 1 and self._voter is None:
                 self._voter = make_vote(self.topology, self.comm, timeout=self.timeout)
-            log.debug("layout: %d segments, %d coordinates, %d words per vote",
-                      len(self._layout.segments), self.stats.coordinates, self._layout.words)
-        for seg in self._layout.segments:
-            self._bind_momentum(seg)
+            if self.overlap:
+                self._install_hooks()
+            log.debug("layout: %d parameters, %d coordinates, %d buckets, %d words per step",
+                      len(self._layout.slots), self._layout.coordinates,
+                      len(self._layout.buckets), self._layout.words)
         return self._layout
 
-    def _bind_momentum(self, seg: _Segment) -> None:
-        """Keep ``state[p]["momentum_buffer"]`` a view of the fused buffer (also after a load)."""
-        if seg.momentum is None:
-            return
-        for p, off in zip(seg.params, seg.offsets):
-            view = seg.momentum[off: off + p.numel()].view_as(p)
-            st = self.state[p]
-            buf = st.get("momentum_buffer")
-            if buf is None or buf.data_ptr() != view.data_ptr():
-                if buf is not None:  # loaded from a state_dict: adopt its values
-                    view.copy_(buf)
-                st["momentum_buffer"] = view
+    # -- overlap with the backward pass -----------------------------------------------------
+    def _install_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for bucket in self._layout.buckets:
+            for slot in bucket.slots:
+                hook = self._make_hook(bucket, slot.param)
+                self._hooks.append(slot.param.register_post_accumulate_grad_hook(hook))
+
+    def _make_hook(self, bucket: _Bucket, param: torch.Tensor):
+        def hook(_):
+            if bucket.pending is not None:
+                raise RuntimeError(
+                    "Signum(overlap=True) saw a second backward pass before step(): its vote "
+                    "had already started. Use overlap=False for gradient accumulation.")
+            bucket.ready.add(id(param))
+            if len(bucket.ready) == len(bucket.slots):
+                with torch.no_grad():
+                    self._start_bucket(bucket)
+                self.stats.overlapped += 1
+        return hook
 
     # -- the step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -248,42 +289,24 @@ class Signum(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         layout = self._ensure_layout()
+        # Step 1: pack and start every bucket's vote that a gradient hook has not started yet
+        # (all of them without overlap; those with a parameter whose .grad is None with it).
+        for bucket in layout.buckets:
+            if bucket.pending is None:
+                self._start_bucket(bucket)
+        # Step 2: finish each vote and apply it: p <- p - lr * (v + weight_decay * p).
+        disagree = 0
+        for bucket in layout.buckets:
+            plus, tie = self._finish_bucket(bucket)
+            disagree += packing.disagreement(layout.packed[bucket.word0: bucket.word1], plus, tie)
+            for slot in bucket.slots:
+                group = self.param_groups[slot.group]
+                lo, hi = slot.word0 - bucket.word0, slot.word0 - bucket.word0 + slot.words
+                self._apply(slot.param, plus[lo:hi], None if tie is None else tie[lo:hi],
+                            group["lr"], group["weight_decay"])
+            bucket.pending, bucket.ready = None, set()
+        self.stats.disagreement = disagree / max(1, layout.coordinates)
         step = self.param_groups[0]["step"]
-        zero_bit = (self.rank + step) % 2
-        packed = layout.packed
-        # Step 1: fuse each segment's gradients, clean non-finite entries, update the momentum,
-        # and pack its signs into the one message.
-        saw_nonfinite = False
-        for seg in layout.segments:
-            group = self.param_groups[seg.group]
-            src = self._fuse_gradient(seg)
-            bad = self._clean_nonfinite(src)
-            saw_nonfinite |= bad > 0
-            if seg.momentum is not None:
-                beta = group["momentum"]
-                src = seg.momentum.mul_(beta).add_(src, alpha=1 - beta)
-            self._pack(src, zero_bit, packed[seg.word_start: seg.word_start + seg.words])
-        self.stats.nonfinite_steps += int(saw_nonfinite)
-        # Step 2: the majority vote (plain sign descent on a single rank).
-        if self._voter is None:
-            plus, tie = packed, None
-        else:
-            before = (self._voter.traffic.sent, self._voter.traffic.received)
-            plus, tie = self._voter.vote(packed, layout.words * packing.WORD_BITS, step=step)
-            self.stats.bytes_sent += self._voter.traffic.sent - before[0]
-            self.stats.bytes_received += self._voter.traffic.received - before[1]
-        self.stats.disagreement = (packing.disagreement(packed, plus, tie)
-                                   / max(1, self.stats.coordinates))
-        # Step 3: p <- p - lr * (v + weight_decay * p), segment by segment.
-        for seg in layout.segments:
-            group = self.param_groups[seg.group]
-            sl = slice(seg.word_start, seg.word_start + seg.words)
-            v = packing.unpack_signs(plus[sl], seg.numel, None if tie is None else tie[sl],
-                                     dtype=seg.grad.dtype).to(seg.grad.device)
-            views = [v[off: off + p.numel()].view_as(p) for p, off in zip(seg.params, seg.offsets)]
-            if group["weight_decay"]:
-                torch._foreach_add_(views, seg.params, alpha=group["weight_decay"])
-            torch._foreach_add_(seg.params, views, alpha=-group["lr"])
         for group in self.param_groups:
             group["step"] = step + 1
         self.stats.steps += 1
@@ -291,35 +314,86 @@ class Signum(Optimizer):
             self.check_consistency()
         return loss
 
-    def _fuse_gradient(self, seg: _Segment) -> torch.Tensor:
-        g = seg.grad
-        for p, off in zip(seg.params, seg.offsets):
-            dst = g[off: off + p.numel()]
-            if p.grad is None:
-                dst.zero_()  # documented: None counts as a zero gradient (see module docstring)
-            elif p.grad.is_sparse:
-                raise ValueError("Signum does not take sparse gradients; use dense embeddings")
-            else:
-                dst.copy_(p.grad.reshape(-1))
-        return g
+    def _start_bucket(self, bucket: _Bucket) -> None:
+        """Momentum update and packing of one bucket's parameters, then start its vote."""
+        step = self.param_groups[0]["step"]
+        zero_bit = (self.rank + step) % 2
+        packed = self._layout.packed
+        by_group: dict[int, list[_Slot]] = {}
+        for slot in bucket.slots:
+            by_group.setdefault(slot.group, []).append(slot)
+        for gi, slots in by_group.items():
+            beta = self.param_groups[gi]["momentum"]
+            sources = self._local_update([s.param for s in slots], beta)
+            for slot, src in zip(slots, sources):
+                self._pack(src, zero_bit, packed[slot.word0: slot.word0 + slot.words])
+        words = packed[bucket.word0: bucket.word1]
+        if self._voter is not None:
+            bucket.pending = self._voter.start(words, words.size * packing.WORD_BITS, step=step,
+                                               bucket=bucket.index)
+        else:
+            bucket.pending = "local"
 
-    def _clean_nonfinite(self, g: torch.Tensor) -> int:
-        finite = torch.isfinite(g)
-        if bool(finite.all()):
-            return 0
-        bad = int(finite.numel() - finite.sum())
-        torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-        self.stats.nonfinite += bad
-        log.warning("rank %d: %d non-finite gradient entries at step %d, treated as 0",
-                    self.rank, bad, self.param_groups[0]["step"])
-        return bad
+    def _finish_bucket(self, bucket: _Bucket):
+        if self._voter is None:  # one rank: the vote is its own signs
+            return self._layout.packed[bucket.word0: bucket.word1], None
+        plus, tie = self._voter.finish(bucket.pending)
+        # The collective is this optimizer's own: its totals are the optimizer's.
+        self.stats.bytes_sent = self._voter.traffic.sent
+        self.stats.bytes_received = self._voter.traffic.received
+        return plus, tie
+
+    def _local_update(self, params: list, beta: float) -> list:
+        """What each parameter votes with: its cleaned gradient, or the updated momentum.
+
+        ``.grad`` None counts as zero; NaN/inf entries become 0 and are counted.
+        """
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        for g in grads:
+            if g.is_sparse:
+                raise ValueError("Signum does not take sparse gradients; use dense embeddings")
+        # One fused pass finds any non-finite entry (a max-norm is NaN/inf exactly then).
+        peaks = torch._foreach_norm(grads, ord=math.inf)
+        bad = [i for i, peak in enumerate(peaks) if not math.isfinite(float(peak))]
+        if bad:
+            grads = list(grads)
+            count = 0
+            for i in bad:
+                g = grads[i] = grads[i].clone()
+                count += int(g.numel() - torch.isfinite(g).sum())
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+            self.stats.nonfinite += count
+            self.stats.nonfinite_steps += 1
+            log.warning("rank %d: %d non-finite gradient entries at step %d, treated as 0",
+                        self.rank, count, self.param_groups[0]["step"])
+        if not beta:
+            return grads
+        bufs = []
+        for p in params:
+            st = self.state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            bufs.append(st["momentum_buffer"])
+        torch._foreach_mul_(bufs, beta)
+        torch._foreach_add_(bufs, grads, alpha=1 - beta)
+        return bufs
 
     def _pack(self, src: torch.Tensor, zero_bit: int, out: np.ndarray) -> None:
         if src.device.type != "cpu":
             src = src.cpu()  # the reference path; mpisign.cuda packs on the device
-        if self._scratch is None or self._scratch.numel() < src.numel():
-            self._scratch = torch.empty(src.numel(), dtype=torch.bool)
-        packing.pack_signs(src, zero_bit, out=out, scratch=self._scratch)
+        if self._pack_scratch is None or self._pack_scratch.numel() < src.numel():
+            self._pack_scratch = torch.empty(src.numel(), dtype=torch.bool)
+        packing.pack_signs(src, zero_bit, out=out, scratch=self._pack_scratch)
+
+    def _apply(self, p: torch.Tensor, plus, tie, lr: float, wd: float) -> None:
+        if p.device.type == "cpu" and p.is_contiguous():
+            packing.apply_signs(p, plus, tie, lr, wd, scratch=self._apply_scratch)
+            return
+        # The reference path for other devices and layouts: unpack, then one fused update.
+        v = packing.unpack_signs(plus, p.numel(), tie, dtype=p.dtype).to(p.device).view_as(p)
+        if wd:
+            v.add_(p, alpha=wd)
+        p.add_(v, alpha=-lr)
 
     # -- consistency ------------------------------------------------------------------------
     def params_digest(self) -> bytes:
@@ -350,7 +424,6 @@ class SignSGD(Signum):
     """signSGD with majority vote: :class:`Signum` with ``momentum=0``."""
 
     def __init__(self, params, lr: float = 1e-4, weight_decay: float = 0.0, comm=None,
-                 topology: str = "server", *, timeout: float | None = None,
-                 check_every: int = 0):
+                 topology: str = "server", **options):
         super().__init__(params, lr=lr, momentum=0.0, weight_decay=weight_decay, comm=comm,
-                         topology=topology, timeout=timeout, check_every=check_every)
+                         topology=topology, **options)

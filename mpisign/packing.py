@@ -40,6 +40,7 @@ __all__ = [
     "tally",
     "majority",
     "disagreement",
+    "apply_signs",
 ]
 
 WORD_BITS = 64
@@ -138,6 +139,50 @@ def unpack_signs(words: np.ndarray, n: int, tie: np.ndarray | None = None,
         out *= np.take(_byte_table(np_dtype, 0.0, 1.0), tie.view(np.uint8)[:nbytes], axis=0)
     v = torch.from_numpy(out.reshape(-1)[:n])
     return v if v.dtype == dtype else v.to(dtype)
+
+
+#: Coordinates unpacked at a time by apply_signs: a 1 MiB float32 scratch, cache-resident.
+APPLY_CHUNK = 1 << 18
+
+
+def apply_signs(p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: float,
+                weight_decay: float = 0.0, scratch: dict | None = None) -> None:
+    """``p -= lr * (v + weight_decay * p)`` in place, ``v`` the packed vote (+1, -1, 0 at ties).
+
+    ``p`` is a contiguous CPU tensor whose coordinates are bits ``0 .. p.numel()-1`` of
+    ``plus`` / ``tie``. The vote is unpacked :data:`APPLY_CHUNK` coordinates at a time into a
+    reused scratch buffer and applied at once, so no float temporary of the parameter's size is
+    ever made. ``scratch`` is a dict the caller keeps across calls.
+    """
+    if not p.is_contiguous():
+        raise ValueError("apply_signs needs a contiguous parameter")
+    n = p.numel()
+    flat = p.view(-1)
+    np_dtype = _NUMPY_DTYPES.get(p.dtype, np.float32)
+    scratch = {} if scratch is None else scratch
+    key = np.dtype(np_dtype).str
+    if key not in scratch:
+        scratch[key] = (np.empty((APPLY_CHUNK // 8, 8), np_dtype),
+                        np.empty((APPLY_CHUNK // 8, 8), np_dtype))
+    buf, tbuf = scratch[key]
+    plus_bytes = plus.view(np.uint8)
+    tie_bytes = tie.view(np.uint8) if tie is not None and tie[: n_words(n)].any() else None
+    vote_table = _byte_table(np_dtype, 1.0, -1.0)
+    keep_table = _byte_table(np_dtype, 0.0, 1.0)
+    for start in range(0, n, APPLY_CHUNK):  # APPLY_CHUNK is a multiple of 8: byte-aligned
+        stop = min(n, start + APPLY_CHUNK)
+        b0, nb = start // 8, (stop - start + 7) // 8
+        np.take(vote_table, plus_bytes[b0: b0 + nb], axis=0, out=buf[:nb])
+        if tie_bytes is not None:
+            np.take(keep_table, tie_bytes[b0: b0 + nb], axis=0, out=tbuf[:nb])
+            np.multiply(buf[:nb], tbuf[:nb], out=buf[:nb])
+        v = torch.from_numpy(buf[:nb].reshape(-1)[: stop - start])
+        if v.dtype != p.dtype:
+            v = v.to(p.dtype)  # bfloat16: numpy has none; a chunk-sized cast
+        chunk = flat[start:stop]
+        if weight_decay:
+            v.add_(chunk, alpha=weight_decay)
+        chunk.add_(v, alpha=-lr)
 
 
 def count_planes(m: int) -> int:

@@ -9,6 +9,7 @@ import re
 import pytest
 
 import mpirun
+import mpisign
 
 SIZES = [1, 2, 3, 4, 5]
 
@@ -19,11 +20,22 @@ def test_majority_vote_matches_numpy_reference(n):
     assert f"vote_check OK on {n} ranks" in out
 
 
-@pytest.mark.parametrize("topology", ["server", "tree"])
-@pytest.mark.parametrize("n", SIZES)
+# The paper's topologies on every size; the newer ones on one odd and one even size (the
+# collective-level test above already runs them on every size).
+OPTIM_CASES = ([(n, t) for t in ("server", "tree") for n in SIZES]
+               + [(n, t) for t in ("sharded", "allgather") for n in (3, 4)])
+
+
+@pytest.mark.parametrize("n, topology", OPTIM_CASES)
 def test_signum_matches_simulated_workers(n, topology):
     out = mpirun.run(n, "optim_check.py", topology)
     assert f"optim_check {topology} OK on {n} ranks" in out
+
+
+@pytest.mark.parametrize("topology", sorted(mpisign.TOPOLOGIES))
+def test_overlap_is_bit_identical_to_blocking(topology):
+    out = mpirun.run(4, "overlap_check.py", topology)
+    assert f"overlap_check {topology} OK on 4 ranks" in out
 
 
 @pytest.mark.parametrize("topology", ["server", "tree"])

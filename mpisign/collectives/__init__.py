@@ -7,16 +7,20 @@ packed majority ``(plus, tie)`` of all ranks' packed signs, the same bits whatev
 from __future__ import annotations
 
 from .base import SignVote, Traffic, VoteTimeout, check_comm, default_timeout, wait_all
+from .allgather import AllgatherVote
 from .server import ServerVote
+from .sharded import ShardedVote
 from .tree import TreeVote
 
-__all__ = ["TOPOLOGIES", "make_vote", "check_topology", "SignVote", "ServerVote", "TreeVote",
+__all__ = ["TOPOLOGIES", "make_vote", "check_topology", "SignVote", "ServerVote", "TreeVote", "ShardedVote", "AllgatherVote",
            "Traffic", "VoteTimeout", "check_comm", "default_timeout", "wait_all"]
 
 #: Topology name -> class. Every entry gives the same answer bit for bit.
 TOPOLOGIES: dict[str, type[SignVote]] = {
     "server": ServerVote,
     "tree": TreeVote,
+    "sharded": ShardedVote,
+    "allgather": AllgatherVote,
 }
 
 

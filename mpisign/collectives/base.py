@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-__all__ = ["Traffic", "VoteTimeout", "SignVote", "check_comm", "default_timeout", "wait_all"]
+__all__ = ["Pending", "Traffic", "VoteTimeout", "SignVote", "check_comm", "default_timeout", "wait_all"]
 
 log = logging.getLogger(__name__)
 
-#: Tag of the vote messages. A topology's messages never share a tag with another phase.
-TAG_VOTES, TAG_COUNTS, TAG_RESULT, TAG_PROBE = 0x5301, 0x5302, 0x5303, 0x5304
+#: Vote messages use tags TAG_BASE + 4 * bucket + phase (MPI guarantees tags up to 32767).
+TAG_BASE = 0x1000
 
 
 def check_comm(comm) -> MPI.Intracomm:
@@ -97,10 +97,27 @@ class Traffic:
         return {"bytes_sent": self.sent, "bytes_received": self.received, "votes": self.votes}
 
 
+class Pending:
+    """A vote in flight: what ``start`` posted and ``finish`` completes."""
+
+    def __init__(self, words: np.ndarray, n: int, step: int, bucket: int):
+        self.words, self.n, self.step, self.bucket = words, n, step, bucket
+        self.requests: list[MPI.Request] = []
+        self.peers: list = []
+
+
 class SignVote:
-    """Base of the topologies: ``vote(words) -> (plus, tie)`` over ``comm``."""
+    """Base of the topologies: the majority of every rank's packed words, on every rank.
+
+    ``vote(words, n)`` is ``finish(start(words, n))``. ``start`` posts what can go before the
+    vote is needed (the first phase's sends and receives), so the optimizer can start one
+    bucket's vote while the backward pass still computes the next bucket's gradients. Votes of
+    different ``bucket`` numbers may be in flight at once: their messages carry distinct tags.
+    """
 
     name = "?"
+    #: Buckets that may be in flight at once; each gets its own block of tags.
+    MAX_BUCKETS = 1024
 
     def __init__(self, comm: MPI.Comm, timeout: float | None = None):
         self.comm = check_comm(comm)
@@ -110,7 +127,7 @@ class SignVote:
         if not self.timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         self.traffic = Traffic()
-        self.step = 0  # the caller's step of the current vote; named in timeout messages
+        self._buffers: dict = {}  # (bucket, name) -> array, allocated once per shape
 
     def vote(self, words: np.ndarray, n: int, step: int | None = None
              ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -119,24 +136,61 @@ class SignVote:
         ``tie`` is None when the communicator size is odd (no tie is possible). ``step`` is the
         caller's step number, for error messages (default: this object's count of votes).
         """
-        if words.dtype != np.uint64 or words.ndim != 1:
-            raise ValueError(f"words must be a 1-D uint64 array, got {words.dtype} {words.shape}")
-        self.step = self.traffic.votes if step is None else step
-        self.traffic.votes += 1
-        return self._vote(words, n)
+        return self.finish(self.start(words, n, step))
 
-    def _vote(self, words, n):
+    def start(self, words: np.ndarray, n: int, step: int | None = None, bucket: int = 0
+              ) -> Pending:
+        """Post the first phase of a vote; ``words`` must not change until :meth:`finish`."""
+        if words.dtype != np.uint64 or words.ndim != 1 or not words.flags.c_contiguous:
+            raise ValueError(f"words must be a contiguous 1-D uint64 array, got {words.dtype} "
+                             f"{words.shape}")
+        if not 0 <= bucket < self.MAX_BUCKETS:
+            raise ValueError(f"bucket must be in [0, {self.MAX_BUCKETS}), got {bucket}")
+        pending = Pending(words, n, self.traffic.votes if step is None else step, bucket)
+        self.traffic.votes += 1
+        self._start(pending)
+        return pending
+
+    def finish(self, pending: Pending) -> tuple[np.ndarray, np.ndarray | None]:
+        """Complete a vote started by :meth:`start` and return ``(plus, tie)``."""
+        return self._finish(pending)
+
+    def _start(self, pending: Pending) -> None:
         raise NotImplementedError
 
-    # -- point-to-point with accounting ------------------------------------------------------
-    def _isend(self, buf: np.ndarray, dest: int, tag: int) -> MPI.Request:
+    def _finish(self, pending: Pending):
+        raise NotImplementedError
+
+    # -- helpers for the topologies ----------------------------------------------------------
+    @property
+    def tie_possible(self) -> bool:
+        """A tie needs an even number of voters; only then does a tie mask travel."""
+        return self.size % 2 == 0
+
+    def _buffer(self, bucket: int, name: str, shape) -> np.ndarray:
+        """A uint64 work buffer that lives across steps (reallocated only if its shape changes)."""
+        key = (bucket, name)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != tuple(shape):
+            buf = self._buffers[key] = np.empty(shape, dtype=np.uint64)
+        return buf
+
+    def _tag(self, pending: Pending, phase: int) -> int:
+        return TAG_BASE + 4 * pending.bucket + phase
+
+    def _isend(self, pending: Pending, buf: np.ndarray, dest: int, phase: int) -> None:
         self.traffic.sent += buf.nbytes
-        return self.comm.Isend(buf, dest=dest, tag=tag)
+        pending.requests.append(self.comm.Isend(buf, dest=dest, tag=self._tag(pending, phase)))
+        pending.peers.append(dest)
 
-    def _irecv(self, buf: np.ndarray, source: int, tag: int) -> MPI.Request:
+    def _irecv(self, pending: Pending, buf: np.ndarray, source: int, phase: int) -> None:
         self.traffic.received += buf.nbytes
-        return self.comm.Irecv(buf, source=source, tag=tag)
+        pending.requests.append(self.comm.Irecv(buf, source=source, tag=self._tag(pending, phase)))
+        pending.peers.append(source)
 
-    def _wait(self, requests, peers, what: str) -> None:
+    def _wait(self, pending: Pending, what: str) -> None:
+        """Wait on MPI for everything ``pending`` has posted so far (bounded, see wait_all)."""
+        requests, peers = pending.requests, pending.peers
+        pending.requests, pending.peers = [], []
         wait_all(requests, peers, self.timeout,
-                 f"{self.name} vote at step {self.step} on rank {self.rank}: {what}")
+                 f"{self.name} vote at step {pending.step} on rank {self.rank}: {what}")

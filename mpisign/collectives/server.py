@@ -10,12 +10,12 @@ links are the bottleneck as M grows, which is what the tree and sharded topologi
 
 from __future__ import annotations
 
-import numpy as np
-
 from .. import packing
-from .base import TAG_RESULT, TAG_VOTES, SignVote
+from .base import SignVote
 
 __all__ = ["ServerVote"]
+
+VOTES, RESULT = 0, 1  # message phases
 
 
 class ServerVote(SignVote):
@@ -29,43 +29,37 @@ class ServerVote(SignVote):
             raise ValueError(f"root must be a rank of the communicator (0..{self.size - 1}), "
                              f"got {root}")
         self.root = root
-        self._gathered = np.empty((0, 0), dtype=np.uint64)  # root's M x W receive buffer, reused
-        self._result = np.empty(0, dtype=np.uint64)          # plus (+ tie) words, reused
+        self.others = [r for r in range(self.size) if r != root]
 
-    def _buffers(self, w: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = self.size if self.rank == self.root else 0
-        if self._gathered.shape != (rows, w):
-            self._gathered = np.empty((rows, w), dtype=np.uint64)
-        k = 2 if self.size % 2 == 0 else 1  # the tie mask travels only when a tie is possible
-        if self._result.size != k * w:
-            self._result = np.empty(k * w, dtype=np.uint64)
-        return self._gathered, self._result
-
-    def _vote(self, words, n):
-        w = words.size
-        m = self.size
-        gathered, result = self._buffers(w)
-        others = [r for r in range(m) if r != self.root]
+    def _start(self, p):
+        w = p.words.size
+        k = 2 if self.tie_possible else 1  # the tie mask travels only when a tie is possible
+        p.result = self._buffer(p.bucket, "result", (k, w))
         if self.rank == self.root:
-            # Step 1: receive every worker's packed signs into its own row.
-            gathered[self.root] = words
-            reqs = [self._irecv(gathered[r], r, TAG_VOTES) for r in others]
-            # Wait on MPI: the tally needs every vote.
-            self._wait(reqs, others, "waiting for the workers' signs")
-            # Step 2: tally with bit-sliced counters and take the majority.
-            plus, tie = packing.majority(packing.tally(gathered), m, n)
-            result[:w] = plus
-            if tie is not None:
-                result[w:] = tie
-            # Step 3: send the packed result to every worker.
-            reqs = [self._isend(result, r, TAG_RESULT) for r in others]
-            # Wait on MPI: `result` is reused next step, so the sends must have left it.
-            self._wait(reqs, others, "sending the result to the workers")
+            # Step 1: post a receive of every worker's packed signs into its own row.
+            p.gathered = self._buffer(p.bucket, "gathered", (self.size, w))
+            p.gathered[self.root] = p.words
+            for r in self.others:
+                self._irecv(p, p.gathered[r], r, VOTES)
         else:
-            reqs = [self._isend(words, self.root, TAG_VOTES),
-                    self._irecv(result, self.root, TAG_RESULT)]
+            self._isend(p, p.words, self.root, VOTES)
+            self._irecv(p, p.result, self.root, RESULT)
+
+    def _finish(self, p):
+        if self.rank == self.root:
+            # Wait on MPI: the tally needs every worker's vote.
+            self._wait(p, "waiting for the workers' signs")
+            # Step 2: tally with bit-sliced counters and take the majority.
+            plus, tie = packing.majority(packing.tally(p.gathered), self.size, p.n)
+            p.result[0] = plus
+            if tie is not None:
+                p.result[1] = tie
+            # Step 3: send the packed result to every worker.
+            for r in self.others:
+                self._isend(p, p.result, r, RESULT)
+            # Wait on MPI: the result buffer is reused next step; the sends must have left it.
+            self._wait(p, "sending the result to the workers")
+        else:
             # Wait on MPI: the result is this rank's update; nothing can go on without it.
-            self._wait(reqs, [self.root, self.root], "waiting for the server's result")
-        plus = result[:w].copy()
-        tie = result[w:].copy() if m % 2 == 0 else None
-        return plus, tie
+            self._wait(p, "waiting for the server's result")
+        return p.result[0], (p.result[1] if self.tie_possible else None)

@@ -1,11 +1,11 @@
 """Tree vote: a binomial-tree reduction of bit-sliced vote counts, then a binomial broadcast.
 
-Ranks are numbered relative to ``root``. In round ``k`` (mask ``2**k``) a rank whose bit ``k`` is
-set sends its subtree's count to ``rank - 2**k`` and drops out; the others receive from
-``rank + 2**k`` and add (ripple-carry, :func:`mpisign.packing.add_counts`). A count of a subtree of
-``s`` ranks needs ``bit_length(s)`` planes of ``n`` bits, so a leaf sends its raw sign bits
-(one plane) and a node with a large subtree ``~log2(s)`` planes. The root takes the majority and
-sends it back down the same tree. Counting is exact, so the answer is the server's, bit for bit.
+In round ``k`` (mask ``2**k``) a rank whose bit ``k`` is set sends its subtree's count to
+``rank - 2**k`` and drops out; the others receive from ``rank + 2**k`` and add (ripple-carry,
+:func:`mpisign.packing.add_counts`). A count of a subtree of ``s`` ranks needs ``bit_length(s)``
+planes of ``n`` bits, so a leaf sends its raw sign bits (one plane) and a node with a large
+subtree ``~log2(s)`` planes. Rank 0 takes the majority and sends it back down the same tree.
+Counting is exact, so the answer is the server's, bit for bit.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from __future__ import annotations
 import numpy as np
 
 from .. import packing
-from .base import TAG_COUNTS, TAG_RESULT, SignVote
+from .base import SignVote
 
 __all__ = ["TreeVote"]
+
+COUNTS, RESULT = 0, 1  # message phases
 
 
 class TreeVote(SignVote):
@@ -23,53 +25,53 @@ class TreeVote(SignVote):
 
     name = "tree"
 
+    def __init__(self, comm, timeout=None):
+        super().__init__(comm, timeout)
+        self.children = self._children()  # (child, its subtree size), in round order
+        self.parent = None if self.rank == 0 else self.rank & (self.rank - 1)
+
     def _children(self) -> list[tuple[int, int]]:
-        """``(child, subtree size)`` of this rank, in round order."""
         out, mask = [], 1
-        while mask < self.size:
-            if self.rank & mask:
-                break
+        while mask < self.size and not self.rank & mask:
             child = self.rank + mask
             if child < self.size:
                 out.append((child, min(mask, self.size - child)))
             mask <<= 1
         return out
 
-    def _parent(self) -> int | None:
-        return None if self.rank == 0 else self.rank & (self.rank - 1)
+    def _start(self, p):
+        w = p.words.size
+        # Step 1: post a receive for every child's count; sizes follow from the tree's shape.
+        p.child_counts = []
+        for i, (child, s) in enumerate(self.children):
+            buf = self._buffer(p.bucket, f"child{i}", (packing.count_planes(s), w))
+            self._irecv(p, buf, child, COUNTS)
+            p.child_counts.append((buf, s))
+        p.result = self._buffer(p.bucket, "result", (2 if self.tie_possible else 1, w))
 
-    def _vote(self, words, n):
-        w = words.size
-        m = self.size
-        children = self._children()
-        # Step 1: post a receive for every child's count; sizes are known from the tree shape.
-        bufs = [np.empty((packing.count_planes(s), w), dtype=np.uint64) for _, s in children]
-        reqs = [self._irecv(b, c, TAG_COUNTS) for b, (c, _) in zip(bufs, children)]
+    def _finish(self, p):
         # Wait on MPI: this rank's count is incomplete until every child's has arrived.
-        self._wait(reqs, [c for c, _ in children], "waiting for the children's counts")
+        self._wait(p, "waiting for the children's counts")
         # Step 2: add them to this rank's own vote (one plane), ripple-carry.
-        count, size = words.reshape(1, w), 1
-        for b, (_, s) in zip(bufs, children):
+        count, size = p.words.reshape(1, -1), 1
+        for buf, s in p.child_counts:
             size += s
-            count = packing.add_counts(count, b, packing.count_planes(size))
-        parent = self._parent()
-        k = 2 if m % 2 == 0 else 1  # the tie mask travels only when a tie is possible
-        result = np.empty(k * w, dtype=np.uint64)
-        if parent is not None:
-            # Step 3: pass the subtree's count up, then wait for the result to come down.
-            count = np.ascontiguousarray(count)
-            reqs = [self._isend(count, parent, TAG_COUNTS),
-                    self._irecv(result, parent, TAG_RESULT)]
+            count = packing.add_counts(count, buf, packing.count_planes(size))
+        if self.parent is not None:
+            # Step 3: pass the subtree's count up; the result comes back down the same edge.
+            self._isend(p, np.ascontiguousarray(count), self.parent, COUNTS)
+            self._irecv(p, p.result, self.parent, RESULT)
             # Wait on MPI: the result is this rank's update, and its children's.
-            self._wait(reqs, [parent, parent], "waiting for the parent's result")
+            self._wait(p, "waiting for the parent's result")
         else:
             # Step 3 at the root: the majority of all M votes.
-            plus, tie = packing.majority(count, m, n)
-            result[:w] = plus
+            plus, tie = packing.majority(count, self.size, p.n)
+            p.result[0] = plus
             if tie is not None:
-                result[w:] = tie
+                p.result[1] = tie
         # Step 4: send the result down to the children (the reduce's tree, reversed).
-        reqs = [self._isend(result, c, TAG_RESULT) for c, _ in children]
-        # Wait on MPI: `result` must not be released while a send still reads it.
-        self._wait(reqs, [c for c, _ in children], "sending the result to the children")
-        return result[:w], (result[w:] if m % 2 == 0 else None)
+        for child, _ in self.children:
+            self._isend(p, p.result, child, RESULT)
+        # Wait on MPI: the result buffer is reused next step; the sends must have left it.
+        self._wait(p, "sending the result to the children")
+        return p.result[0], (p.result[1] if self.tie_possible else None)

@@ -1,6 +1,6 @@
 """majority_vote on every rank vs a numpy reference on all ranks' unpacked signs.
 
-Covers both topologies, float16/bfloat16/float32/float64, ragged lengths, zeros, NaN and inf,
+Covers every topology, float16/bfloat16/float32/float64, ragged lengths, zeros, NaN and inf,
 and checks the exact bytes each rank moved against the topology's formula.
 """
 
@@ -19,7 +19,7 @@ LENGTHS = [0, 1, 7, 8, 31, 32, 33, 63, 64, 65, 127, 1000, 4099, 100_003]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 step = 0
-for topology in ("server", "tree"):
+for topology in sorted(mpisign.TOPOLOGIES):
     for dtype in DTYPES:
         for n in LENGTHS:
             xs = [rank_data(n, r, seed=n * 7 + 1, dtype=dtype) for r in range(size)]
@@ -50,6 +50,18 @@ for topology in ("server", "tree"):
                 # Every rank but the root receives the result once and sends its count once.
                 assert all(r >= 8 * w * k for r in recv[1:]), recv
                 assert min(sent[1:]) == 8 * w, sent  # a leaf sends just its sign bits
+            if size > 1 and topology == "allgather":
+                assert sent == recv == [8 * w * (size - 1)] * size, (sent, recv)
+            if size > 1 and topology == "sharded":
+                # Shard r has w_r words: rank r sends the others (w - w_r) words of signs and
+                # k * w_r words of result each; it receives w_r words of signs from each and
+                # k * (w - w_r) words of result.
+                b = [j * w // size for j in range(size + 1)]
+                mine = [b[j + 1] - b[j] for j in range(size)]
+                assert sent == [8 * (w - mine[r] + k * mine[r] * (size - 1))
+                                for r in range(size)], sent
+                assert recv == [8 * (mine[r] * (size - 1) + k * (w - mine[r]))
+                                for r in range(size)], recv
             if size == 1:
                 assert sent == [0] and recv == [0]
             step += 1

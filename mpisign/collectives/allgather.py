@@ -1,0 +1,34 @@
+"""Allgather vote: every rank receives every rank's packed signs and tallies them itself.
+
+One round, no result to send back and no tie mask on the wire: each rank sends its ``n`` bits to
+each of the ``M - 1`` others and receives as much. Its traffic grows with M, so it pays off only
+for small M or small messages, where one round beats two (see :mod:`mpisign.costmodel`).
+"""
+
+from __future__ import annotations
+
+from .. import packing
+from .base import SignVote
+
+__all__ = ["AllgatherVote"]
+
+VOTES = 0
+
+
+class AllgatherVote(SignVote):
+    """Every rank gets every packed vector (point-to-point) and takes the majority locally."""
+
+    name = "allgather"
+
+    def _start(self, p):
+        p.gathered = self._buffer(p.bucket, "gathered", (self.size, p.words.size))
+        p.gathered[self.rank] = p.words
+        for r in range(self.size):
+            if r != self.rank:
+                self._irecv(p, p.gathered[r], r, VOTES)
+                self._isend(p, p.words, r, VOTES)
+
+    def _finish(self, p):
+        # Wait on MPI: the tally needs every rank's vote.
+        self._wait(p, "exchanging signs with every rank")
+        return packing.majority(packing.tally(p.gathered), self.size, p.n)
