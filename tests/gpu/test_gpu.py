@@ -1,0 +1,181 @@
+"""The GPU kernels on a real device: against the CPU reference, then timed. Run on a GPU node:
+
+    pytest tests/gpu -s
+
+Skipped where there is no CUDA device or no CuPy. The timings (CUDA events, median of a few
+runs) compare the kernels with cupy.packbits and with plain torch on ResNet-sized vectors and
+are printed, not asserted.
+"""
+
+import statistics
+
+import numpy as np
+import pytest
+import torch
+
+from mpisign import packing
+
+try:
+    import cupy as cp
+except ImportError as exc:  # not installed, or installed without its CUDA libraries
+    pytest.skip(f"CuPy is not importable: {exc}", allow_module_level=True)
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+from mpisign.cuda import aware, kernels  # noqa: E402
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def special_floats(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen)
+    specials = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-40, -1e-40])
+    pick = torch.randint(0, 10 * len(specials), (n,), generator=gen)
+    x[pick < len(specials)] = specials[pick[pick < len(specials)]]
+    return x
+
+
+def words_on_gpu(votes: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(votes.view(np.int64)).cuda()
+
+
+def test_self_check_passes():
+    assert kernels.self_check()
+    assert kernels.available()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", (1, 4099, 1_000_003))
+def test_pack(dtype, n):
+    x = special_floats(n, n).to(dtype)
+    for zero_bit in (0, 1):
+        got = kernels.pack(x.cuda(), zero_bit)
+        assert got.dtype == torch.uint64 and got.is_cuda
+        assert np.array_equal(got.cpu().numpy(), packing.pack_signs(x, zero_bit))
+
+
+def test_pack_into_given_buffer_zero_copy():
+    x = torch.randn(1000, device="cuda")
+    out = torch.full((packing.n_words(1000) + 3,), -1, dtype=torch.int64, device="cuda")
+    ptr = out.data_ptr()
+    got = kernels.pack(x, 0, out=out)
+    assert got.data_ptr() == ptr and out.data_ptr() == ptr
+    assert np.array_equal(out[: got.numel()].cpu().numpy().view(np.uint64), packing.pack_signs(x.cpu()))
+    assert (out[got.numel():] == -1).all()
+
+
+def test_kernels_follow_the_current_stream():
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x = torch.randn(2_000_000, device="cuda") * 3 - 1  # produced on the side stream
+        words = kernels.pack(x, 1)
+    side.synchronize()
+    assert np.array_equal(words.cpu().numpy(), packing.pack_signs(x.cpu(), 1))
+
+
+@pytest.mark.parametrize("m", list(range(1, 10)) + [64, 1024])
+def test_tally_and_disagreement(m):
+    n = 10_007 if m > 64 else 300_001
+    votes = np.stack([packing.pack_signs(special_floats(n, 1000 * m + r), r % 2) for r in range(m)])
+    plus, tie = kernels.tally(words_on_gpu(votes), n)
+    want_plus, want_tie = packing.majority(packing.tally(votes), m, n)
+    assert np.array_equal(plus.cpu().numpy(), want_plus)
+    assert (tie is None) == (want_tie is None)
+    if tie is not None:
+        assert np.array_equal(tie.cpu().numpy(), want_tie)
+    counts = kernels.disagreement(words_on_gpu(votes), plus, tie, n).cpu().tolist()
+    assert counts == [packing.disagreement(v, want_plus, want_tie) for v in votes]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_apply(dtype):
+    n, m = 1_000_003, 4
+    votes = np.stack([packing.pack_signs(special_floats(n, 7 + r), r % 2) for r in range(m)])
+    plus, tie = packing.majority(packing.tally(votes), m, n)
+    p = special_floats(n, 99).to(dtype)
+    v = packing.unpack_signs(plus, n).numpy()
+    v[packing.unpack_signs(tie, n).numpy() > 0] = 0.0  # +0.0 at a tie, as the kernel has it
+    x = p.float().numpy()
+    with np.errstate(all="ignore"):
+        want = torch.from_numpy(x - np.float32(0.01) * (v + np.float32(0.1) * x)).to(dtype)
+    got = kernels.apply(p.cuda(), words_on_gpu(plus), words_on_gpu(tie), 0.01, 0.1).cpu()
+    ints = {4: torch.int32, 2: torch.int16}[p.element_size()]
+    same = (got.view(ints) == want.view(ints)) | (torch.isnan(got.float()) & torch.isnan(want.float()))
+    assert bool(same.all()), int((~same).sum())
+
+
+def test_pinned_staging_round_trip():
+    st = aware.Staging(pin_memory=True)
+    words = kernels.pack(torch.randn(100_000, device="cuda"))
+    host = st.to_host(words)
+    assert np.array_equal(host, words.cpu().numpy())
+    back = torch.empty_like(words)
+    st.to_device("send", back)
+    st.host("send", words.numel())  # waits for the copy before the CPU may touch the buffer
+    assert torch.equal(back.view(torch.int64), words.view(torch.int64))
+    assert st.allocations == 1 and st.bytes_to_host == st.bytes_to_device == words.numel() * 8
+
+
+# ---- timings ----------------------------------------------------------------------------------
+
+def _time_ms(fn, reps=10):
+    fn()  # warm-up (and compile)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()  # SYNC: read the timing
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _torch_pack(x):
+    bits = (x > 0).reshape(-1)
+    bits = torch.nn.functional.pad(bits, (0, (-bits.numel()) % 64)).view(-1, 8).to(torch.uint8)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=x.device)
+    return (bits * weights).sum(1, dtype=torch.uint8)
+
+
+def _torch_tally(votes_bytes, m):
+    shifts = torch.arange(8, dtype=torch.uint8, device=votes_bytes.device)
+    count = ((votes_bytes.unsqueeze(-1) >> shifts) & 1).sum(0, dtype=torch.int16)
+    return _torch_pack((count > m // 2).reshape(-1).float())
+
+
+def test_print_timings():
+    nan = float("nan")
+    rows = []  # (vector, op, mpisign ms, cupy ms, torch ms)
+    for label, n in (("ResNet-18", 11_689_512), ("ResNet-50", 25_557_032)):
+        x = torch.randn(n, device="cuda")
+        xc = cp.from_dlpack(x)
+        ours = kernels.pack(x)
+        assert torch.equal(_torch_pack(x), ours.view(torch.uint8))  # both padded to 64 bits
+        cupy_bytes = cp.asnumpy(cp.packbits(xc > 0, bitorder="little"))
+        assert np.array_equal(cupy_bytes, ours.cpu().numpy().view(np.uint8)[: cupy_bytes.size])
+        rows.append((label, "pack fp32", _time_ms(lambda: kernels.pack(x)),
+                     _time_ms(lambda: cp.packbits(xc > 0, bitorder="little")),
+                     _time_ms(lambda: _torch_pack(x))))
+        xh = x.half()
+        rows.append((label, "pack fp16", _time_ms(lambda: kernels.pack(xh)), nan,
+                     _time_ms(lambda: _torch_pack(xh))))
+        m = 8
+        votes = torch.stack([kernels.pack(torch.randn(n, device="cuda")) for _ in range(m)])
+        plus, _ = kernels.tally(votes, n)
+        rows.append((label, f"tally M={m}", _time_ms(lambda: kernels.tally(votes, n)), nan,
+                     _time_ms(lambda: _torch_tally(votes.view(torch.uint8), m))))
+        rows.append((label, f"disagree M={m}",
+                     _time_ms(lambda: kernels.disagreement(votes, plus, None, n)), nan, nan))
+        p = torch.randn(n, device="cuda")
+        rows.append((label, "apply fp32", _time_ms(lambda: kernels.apply(p, plus, None, 1e-9)), nan,
+                     _time_ms(lambda: p.sub_(1e-9 * _torch_unpack(plus, n)))))
+    print(f"\n{'vector':10s} {'op':16s} {'mpisign ms':>11s} {'cupy ms':>9s} {'torch ms':>9s}")
+    for label, op, ours, cupy_ms, torch_ms in rows:
+        print(f"{label:10s} {op:16s} {ours:11.3f} {cupy_ms:9.3f} {torch_ms:9.3f}")
+
+
+def _torch_unpack(plus, n):
+    shifts = torch.arange(8, dtype=torch.uint8, device=plus.device)
+    bits = ((plus.view(torch.uint8).unsqueeze(-1) >> shifts) & 1).reshape(-1)[:n]
+    return bits.float() * 2 - 1

@@ -1,0 +1,156 @@
+"""CUDA-aware MPI detection for each combination of settings, and host staging with CPU stand-ins.
+
+No MPI is initialized here: the MPI library's own answer comes from stand-in modules.
+"""
+
+import logging
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from mpisign.cuda import aware
+
+
+def fake_mpi(answer=None):
+    """A stand-in for mpi4py.MPI: with Query_cuda_support() returning ``answer`` (an exception
+    to raise it), or without that function when ``answer`` is None."""
+    mod = types.SimpleNamespace(__name__="fake_mpi")
+    if isinstance(answer, Exception):
+        def query():
+            raise answer
+        mod.Query_cuda_support = query
+    elif answer is not None:
+        mod.Query_cuda_support = lambda: answer
+    return mod
+
+
+# (settings, library answer, expected decision, a word the reason must contain)
+CASES = [
+    ({}, None, False, "no setting"),
+    ({}, 0, False, "= 0"),
+    ({}, 1, True, "= 1"),
+    ({}, True, True, "= 1"),
+    ({}, -1, False, "no setting"),  # unknown
+    ({}, RuntimeError("binding"), False, "no setting"),
+    ({"MPISIGN_CUDA_AWARE": "1"}, 0, True, "override"),
+    ({"MPISIGN_CUDA_AWARE": "0"}, 1, False, "override"),
+    ({"MPISIGN_CUDA_AWARE": "0", "MPICH_GPU_SUPPORT_ENABLED": "1"}, None, False, "override"),
+    ({"MPISIGN_CUDA_AWARE": "true"}, None, True, "override"),
+    ({"MPICH_GPU_SUPPORT_ENABLED": "1"}, None, True, "MPICH_GPU_SUPPORT_ENABLED"),
+    ({"MPICH_GPU_SUPPORT_ENABLED": "1"}, 0, True, "MPICH_GPU_SUPPORT_ENABLED"),  # 0 is not final
+    ({"MPICH_GPU_SUPPORT_ENABLED": "0"}, None, False, "MPICH_GPU_SUPPORT_ENABLED"),
+    ({"MPIR_CVAR_ENABLE_GPU": "1"}, None, True, "MPIR_CVAR_ENABLE_GPU"),
+    ({"MV2_USE_CUDA": "1"}, None, True, "MV2_USE_CUDA"),
+    ({"OMPI_MCA_opal_cuda_support": "true"}, None, True, "OMPI_MCA_opal_cuda_support"),
+    ({"OMPI_MCA_opal_cuda_support": "false", "MV2_USE_CUDA": "1"}, None, False, "turns off"),
+    ({"UCX_TLS": "rc,sm,cuda_copy,cuda_ipc"}, None, True, "UCX_TLS"),
+    ({"UCX_TLS": "rc,sm"}, None, False, "UCX_TLS"),
+    ({"UCX_TLS": "rc,sm", "MPICH_GPU_SUPPORT_ENABLED": "1"}, None, False, "UCX_TLS"),  # off wins
+    ({"UCX_TLS": "rc,sm"}, 1, True, "= 1"),  # the library's yes wins
+    ({"UCX_TLS": "^cuda_ipc"}, None, False, "no setting"),  # cuda_copy still there: no word
+    ({"UCX_TLS": "^cuda"}, None, False, "UCX_TLS"),
+    ({"UCX_TLS": "all"}, None, False, "no setting"),
+    ({"UCX_TLS": "all", "UCX_MEMTYPE_CACHE": "n"}, None, True, "UCX_MEMTYPE_CACHE"),
+    ({"UCX_MEMTYPE_CACHE": "n"}, None, True, "UCX_MEMTYPE_CACHE"),
+    ({"UCX_MEMTYPE_CACHE": "y"}, None, False, "no setting"),
+    ({"UCX_MEMTYPE_CACHE": "n", "UCX_TLS": "tcp"}, None, False, "UCX_TLS"),
+]
+
+
+@pytest.mark.parametrize("env, answer, expected, word", CASES)
+def test_detection(env, answer, expected, word):
+    got, reason = aware.detect_cuda_aware(fake_mpi(answer), env)
+    assert got is expected, reason
+    assert word in reason
+
+
+def test_override_must_be_a_boolean():
+    with pytest.raises(ValueError, match="MPISIGN_CUDA_AWARE"):
+        aware.detect_cuda_aware(fake_mpi(), {"MPISIGN_CUDA_AWARE": "maybe"})
+
+
+def test_defaults_do_not_touch_mpi(monkeypatch):
+    """With no module given and mpi4py.MPI not imported, detection reads only the environment."""
+    monkeypatch.delitem(__import__("sys").modules, "mpi4py.MPI", raising=False)
+    assert aware.detect_cuda_aware(None, {"MV2_USE_CUDA": "1"})[0] is True
+    assert aware.detect_cuda_aware(None, {})[0] is False
+
+
+def test_symbol_lookup_in_loaded_libraries():
+    getpid = aware._loaded_symbol("libc", "getpid")
+    assert getpid is not None and getpid() == os.getpid()
+    assert aware._loaded_symbol("libc", "MPIX_no_such_function") is None
+
+
+def test_the_path_is_logged_once_and_loudly_when_staging(caplog):
+    env = {"UCX_TLS": "tcp,self"}  # a decision no other test logs
+    with caplog.at_level(logging.INFO, logger="mpisign.cuda.aware"):
+        for _ in range(3):
+            assert aware.use_device_buffers(fake_mpi(), env) is False
+        for _ in range(2):
+            assert aware.use_device_buffers(fake_mpi(1), env) is True
+    records = [r for r in caplog.records if r.name == "mpisign.cuda.aware"]
+    assert [r.levelno for r in records] == [logging.WARNING, logging.INFO]
+    assert "staging" in records[0].getMessage() and "UCX_TLS" in records[0].getMessage()
+
+
+# ---- staging ----------------------------------------------------------------------------------
+
+def test_staging_round_trip_counts_bytes_and_reuses_buffers():
+    st = aware.Staging(pin_memory=False)  # CPU stand-in for device memory
+    words = torch.from_numpy(np.random.default_rng(0).integers(0, 2**64, 37, dtype=np.uint64))
+    sent = st.to_host(words)
+    assert np.array_equal(sent, words.numpy())
+    assert st.bytes_to_host == words.numel() * 8 and st.allocations == 1
+    first = st.buffer("send", 0).data_ptr()
+    for _ in range(5):  # same size: no reallocation, same memory
+        st.to_host(words)
+    assert st.allocations == 1 and st.buffer("send", 0).data_ptr() == first
+    assert st.bytes_to_host == 6 * words.numel() * 8
+    st.to_host(words[:10])  # smaller: still no reallocation
+    assert st.allocations == 1
+    big = torch.zeros(100, dtype=torch.uint64)
+    st.to_host(big)  # larger: one reallocation
+    assert st.allocations == 2 and st.bytes_to_host == (6 * 37 + 10 + 100) * 8
+
+    # Receive side: MPI fills a host array, then it goes to the "device" (here a CPU tensor).
+    m, w = 3, 37
+    recv = st.host("recv", (m, w))
+    assert recv.shape == (m, w) and recv.dtype == np.uint64
+    recv[...] = np.arange(m * w, dtype=np.uint64).reshape(m, w)
+    out = torch.empty((m, w), dtype=torch.uint64)
+    assert st.to_device("recv", out) is out
+    assert np.array_equal(out.numpy(), recv)
+    assert st.bytes_to_device == m * w * 8 and st.allocations == 3
+    st.host("recv", (m, w))
+    st.to_device("recv", out)
+    assert st.allocations == 3 and st.bytes_to_device == 2 * m * w * 8
+
+
+def test_staging_keeps_any_dtype_bitwise():
+    st = aware.Staging(pin_memory=False)
+    x = torch.randn(10).to(torch.bfloat16)
+    host = st.to_host(x, slot="params")
+    assert np.array_equal(host, x.view(torch.int16).numpy())
+    y = torch.empty_like(x)
+    st.to_device("params", y)
+    assert torch.equal(y.view(torch.int16), x.view(torch.int16))
+
+
+def test_staging_rejects_misuse():
+    st = aware.Staging(pin_memory=False)
+    with pytest.raises(ValueError):
+        st.to_host(torch.zeros(4, 4)[:, 0])  # not contiguous
+    with pytest.raises(ValueError):
+        st.to_device("never-filled", torch.zeros(3))
+    st.host("recv", 4)
+    with pytest.raises(ValueError):
+        st.to_device("recv", torch.zeros(5, dtype=torch.uint64))  # larger than the slot holds
+
+
+def test_sync_for_mpi_on_cpu_is_a_no_op():
+    aware.sync_for_mpi("cpu")
+    aware.sync_for_mpi(torch.device("cpu"))

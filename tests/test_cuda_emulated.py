@@ -1,0 +1,348 @@
+"""The CUDA kernels' logic, run on the CPU through the host shim (mpisign.cuda.emulate).
+
+Every result is compared with mpisign.packing and with a plain numpy reference on unpacked signs
+(counted coordinate by coordinate), on random inputs with ragged lengths, zeros, NaN and inf.
+"""
+
+import logging
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from mpisign import packing
+from mpisign.cuda import emulate, kernels
+
+pytestmark = pytest.mark.skipif(emulate.compiler() is None, reason="no C++ compiler (g++)")
+
+LENGTHS = (0, 1, 31, 32, 33, 63, 64, 65, 1000, 4099)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LAUNCHES = ((32, 1), (64, None), (128, 2), (256, 7))  # (threads, blocks): grid-stride or not
+
+
+# ---- numpy reference on unpacked signs --------------------------------------------------------
+
+def pack_bits(bits: np.ndarray) -> np.ndarray:
+    """uint64 words with bit i % 64 of word i // 64 set where bits[i]: one coordinate at a time."""
+    words = np.zeros(packing.n_words(bits.size), dtype=np.uint64)
+    idx = np.flatnonzero(bits)
+    np.bitwise_or.at(words, idx // 64, np.left_shift(np.uint64(1), (idx % 64).astype(np.uint64)))
+    return words
+
+
+def unpack_bits(words: np.ndarray, n: int) -> np.ndarray:
+    i = np.arange(n)
+    return ((words[i // 64] >> (i % 64).astype(np.uint64)) & np.uint64(1)).astype(np.int64)
+
+
+def sign_bits(x: torch.Tensor, zero_bit: int) -> np.ndarray:
+    v = x.double().numpy()
+    return np.where(v > 0, 1, np.where(v < 0, 0, zero_bit))
+
+
+def special_floats(n: int, rng: np.random.Generator) -> torch.Tensor:
+    x = rng.standard_normal(n).astype(np.float32)
+    specials = np.array([0.0, -0.0, np.nan, -np.nan, np.inf, -np.inf, 1e-40, -1e-40, 1e-6, -1e-6],
+                        dtype=np.float32)
+    hit = rng.random(n) < 0.3
+    x[hit] = rng.choice(specials, hit.sum())
+    return torch.from_numpy(x)
+
+
+def votes_for(m: int, n: int, rng) -> np.ndarray:
+    """M packed vectors: random signs, with a block of coordinates that are 0 on every worker."""
+    rows = []
+    for r in range(m):
+        x = special_floats(n, rng)
+        x[: n // 5] = 0.0
+        rows.append(pack_bits(sign_bits(x, r % 2)))
+    return np.stack(rows)
+
+
+def majority_reference(votes: np.ndarray, n: int):
+    m = votes.shape[0]
+    count = sum(unpack_bits(v, n) for v in votes)
+    plus = pack_bits(count >= m // 2 + 1)
+    tie = pack_bits(2 * count == m) if m % 2 == 0 else None
+    return plus, tie
+
+
+# ---- pack -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", LENGTHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pack_matches_reference(n, dtype):
+    rng = np.random.default_rng(n)
+    x = special_floats(n, rng).to(dtype)
+    for zero_bit in (0, 1):
+        want = pack_bits(sign_bits(x, zero_bit))
+        assert np.array_equal(packing.pack_signs(x, zero_bit), want)
+        for threads, blocks in LAUNCHES:
+            got = emulate.pack(x, zero_bit, threads=threads, blocks=blocks)
+            assert got.dtype == np.uint64 and got.shape == want.shape
+            assert np.array_equal(got, want), (dtype, n, zero_bit, threads, blocks)
+
+
+def test_pack_numpy_input_and_edge_values():
+    x = np.array([np.nan, -np.nan, 0.0, -0.0, np.inf, -np.inf, np.finfo(np.float32).tiny / 4,
+                  -np.finfo(np.float32).tiny / 4, 1.0, -1.0] * 7, dtype=np.float32)
+    for arr in (x, x.astype(np.float16)):
+        for zero_bit in (0, 1):
+            want = pack_bits(sign_bits(torch.from_numpy(arr), zero_bit))
+            assert np.array_equal(emulate.pack(arr, zero_bit), want)
+
+
+def test_pack_rejects_bad_input():
+    with pytest.raises(ValueError):
+        emulate.pack(np.zeros(3, dtype=np.float64))
+    with pytest.raises(ValueError):
+        emulate.pack(np.zeros(3, dtype=np.float32), zero_bit=2)
+    with pytest.raises(ValueError):
+        emulate.pack(np.zeros(3, dtype=np.float32), threads=48)
+
+
+# ---- tally and disagreement ------------------------------------------------------------------
+
+@pytest.mark.parametrize("m", range(1, 10))
+def test_tally_and_disagreement_every_m(m):
+    rng = np.random.default_rng(100 + m)
+    for n in LENGTHS:
+        votes = votes_for(m, n, rng).reshape(m, packing.n_words(n))
+        want_plus, want_tie = majority_reference(votes, n)
+        ref_plus, ref_tie = packing.majority(packing.tally(votes), m, n)
+        assert np.array_equal(ref_plus, want_plus)
+        threads, blocks = LAUNCHES[(m + n) % len(LAUNCHES)]
+        plus, tie = emulate.tally(votes, n, threads=threads, blocks=blocks)
+        assert np.array_equal(plus, want_plus), (m, n)
+        assert (tie is None) == (m % 2 == 1)
+        if tie is not None:
+            assert np.array_equal(tie, want_tie) and np.array_equal(ref_tie, want_tie), (m, n)
+        # Disagreement: coordinates where a worker's bit differs from the vote, ties excluded.
+        p_bits, t_bits = unpack_bits(want_plus, n), unpack_bits(want_tie, n) if tie is not None else 0
+        want_counts = [int(((unpack_bits(v, n) != p_bits) & (t_bits == 0)).sum()) for v in votes]
+        got = emulate.disagreement(votes, plus, tie, n, threads=threads, blocks=blocks, rows=1 + m % 3)
+        assert list(got) == want_counts, (m, n)
+        assert want_counts == [packing.disagreement(v, plus, tie) for v in votes]
+
+
+@pytest.mark.parametrize("m", (1023, 1024))
+def test_tally_many_workers(m):
+    rng = np.random.default_rng(m)
+    n = 130
+    # Biased coins, so that counts near m/2 (ties for even m) actually occur.
+    bits = rng.random((m, n)) < rng.uniform(0.45, 0.55, n)
+    bits[:, :3] = [True, False, True]  # all +, all -, all +: counts m, 0, m
+    bits[:, 3] = np.arange(m) < m // 2  # exactly m // 2 votes for "+"
+    votes = np.stack([pack_bits(b) for b in bits])
+    want_plus, want_tie = majority_reference(votes, n)
+    plus, tie = emulate.tally(votes, n, threads=32, blocks=1)
+    assert np.array_equal(plus, want_plus)
+    if m % 2 == 0:
+        assert np.array_equal(tie, want_tie) and unpack_bits(tie, n)[3] == 1
+    counts = emulate.disagreement(votes, plus, tie, n)
+    assert list(counts) == [packing.disagreement(v, plus, tie) for v in votes]
+
+
+def test_tally_masks_garbage_past_n():
+    rng = np.random.default_rng(7)
+    m, n = 4, 70
+    votes = rng.integers(0, 2**64, size=(m, 2), dtype=np.uint64)  # random bits past n too
+    plus, tie = emulate.tally(votes, n)
+    clean = votes.copy()
+    clean[:, -1] &= np.uint64((1 << (n % 64)) - 1)
+    want_plus, want_tie = majority_reference(clean, n)
+    assert np.array_equal(plus, want_plus) and np.array_equal(tie, want_tie)
+    assert list(emulate.disagreement(votes, plus, tie, n)) == list(emulate.disagreement(clean, plus, tie, n))
+
+
+def test_tally_rejects_bad_input():
+    with pytest.raises(ValueError):
+        emulate.tally(np.zeros((0, 1), np.uint64), 10)
+    with pytest.raises(ValueError):
+        emulate.tally(np.zeros((2, 1), np.uint64), 65)  # 65 bits need 2 words
+    with pytest.raises(ValueError):
+        emulate.tally(np.zeros((65536, 1), np.uint64), 10)  # more workers than counter planes
+    with pytest.raises(ValueError):
+        emulate.tally(np.zeros((2, 1), np.float64), 10)
+
+
+# ---- apply ------------------------------------------------------------------------------------
+
+def apply_reference(p: torch.Tensor, plus, tie, lr, wd) -> torch.Tensor:
+    n = p.numel()
+    v = unpack_bits(plus, n).astype(np.float32) * 2 - 1
+    if tie is not None:
+        v[unpack_bits(tie, n) == 1] = 0
+    x = p.float().numpy()
+    with np.errstate(all="ignore"):
+        new = x - np.float32(lr) * (v.astype(np.float32) + np.float32(wd) * x)
+    return torch.from_numpy(new).to(p.dtype)
+
+
+def same_floats(a: torch.Tensor, b: torch.Tensor) -> bool:
+    nan = torch.isnan(a.float()) & torch.isnan(b.float())
+    ia = a.view({4: torch.int32, 2: torch.int16}[a.element_size()])
+    ib = b.view(ia.dtype)
+    return bool(((ia == ib) | nan).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", (3, 4))
+def test_apply_matches_reference(dtype, m):
+    rng = np.random.default_rng(m)
+    for n in LENGTHS:
+        votes = votes_for(m, n, rng).reshape(m, packing.n_words(n))
+        plus, tie = emulate.tally(votes, n)
+        for lr, wd in ((0.01, 0.0), (0.1, 0.01), (3.0, 0.5)):
+            p0 = special_floats(n, rng).to(dtype)
+            want = apply_reference(p0, plus, tie, lr, wd)
+            # p sits inside a larger buffer: the elements around it must not change.
+            buf = special_floats(n + 8, rng).to(dtype)
+            buf[4: 4 + n] = p0
+            before = buf.clone()
+            threads, blocks = LAUNCHES[n % len(LAUNCHES)]
+            emulate.apply(buf[4: 4 + n], plus, tie, lr, wd, threads=threads, blocks=blocks)
+            assert same_floats(buf[4: 4 + n], want), (dtype, n, lr, wd)
+            assert same_floats(buf[:4], before[:4]) and same_floats(buf[4 + n:], before[4 + n:])
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_apply_every_half_precision_value(dtype):
+    """All 65536 bit patterns: the kernel's own fp16/bf16 <-> fp32 conversions against torch's."""
+    p0 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    n = p0.numel()
+    rng = np.random.default_rng(1)
+    plus = pack_bits(rng.random(n) < 0.5)
+    tie = pack_bits(rng.random(n) < 0.2)
+    for lr, wd in ((0.0, 0.0), (1e-3, 0.1), (0.7, 0.0), (300.0, 2.0)):
+        p = p0.clone()
+        emulate.apply(p, plus, tie, lr, wd, threads=256, blocks=16)
+        assert same_floats(p, apply_reference(p0, plus, tie, lr, wd)), (lr, wd)
+
+
+def test_apply_numpy_in_place_and_rejects_copies():
+    p = np.linspace(-1, 1, 100, dtype=np.float32)
+    plus = pack_bits(np.arange(100) % 2 == 0)
+    want = apply_reference(torch.from_numpy(p.copy()), plus, None, 0.5, 0.0)
+    emulate.apply(p, plus, None, 0.5)
+    assert same_floats(torch.from_numpy(p), want)
+    with pytest.raises(ValueError):
+        emulate.apply(np.zeros((10, 10), np.float32)[:, 0], plus, None, 0.1)  # not contiguous
+    with pytest.raises(ValueError):
+        emulate.apply(np.zeros(100, np.float64), plus, None, 0.1)
+    with pytest.raises(ValueError):
+        emulate.apply(np.zeros(200, np.float32), plus, None, 0.1)  # 200 coordinates need 4 words
+
+
+# ---- the shim itself: warp primitives and a divergent ballot ---------------------------------
+
+PROBE = r"""
+#include "host_shim.h"
+__global__ void probe(unsigned* out, int skip_lane) {
+    const unsigned lane = threadIdx.x & 31u, t = blockIdx.x * blockDim.x + threadIdx.x;
+    unsigned b = 0;
+    if ((int)lane != skip_lane) b = __ballot_sync(0xffffffffu, (t % 3u) == 0u);
+    unsigned long long d = __shfl_down_sync(0xffffffffu, 10ull * t, 5);
+    unsigned x = __shfl_xor_sync(0xffffffffu, t, 3);
+    out[3 * t] = b; out[3 * t + 1] = (unsigned)d; out[3 * t + 2] = x;
+}
+extern "C" int run_probe(unsigned g, unsigned b, unsigned* out, int skip) {
+    return shim::launch(dim3{g, 1, 1}, dim3{b, 1, 1}, [=] { probe(out, skip); });
+}
+extern "C" const char* last_error() { return shim::last_error; }
+"""
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    import ctypes
+    d = tmp_path_factory.mktemp("probe")
+    (d / "probe.cpp").write_text(PROBE)
+    subprocess.run([emulate.compiler(), *emulate.FLAGS, "-I", str(emulate.HERE), str(d / "probe.cpp"),
+                    "-o", str(d / "probe.so")], check=True)
+    lib = ctypes.CDLL(str(d / "probe.so"))
+    lib.run_probe.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_int]
+    lib.last_error.restype = ctypes.c_char_p
+    return lib
+
+
+def test_shim_warp_primitives(probe):
+    grid, block = 2, 64
+    total = grid * block
+    out = np.zeros(3 * total, dtype=np.uint32)
+    assert probe.run_probe(grid, block, out.ctypes.data, -1) == 0
+    out = out.reshape(total, 3)
+    for t in range(total):
+        warp0 = t - t % 32
+        ballot = sum(1 << (u - warp0) for u in range(warp0, warp0 + 32) if u % 3 == 0)
+        down = 10 * (t + 5) if t % 32 + 5 < 32 else 10 * t  # past the warp: own value
+        assert list(out[t]) == [ballot, down, warp0 + ((t % 32) ^ 3)], t
+
+
+def test_shim_reports_a_skipped_ballot(probe):
+    out = np.zeros(3 * 32, dtype=np.uint32)
+    assert probe.run_probe(1, 32, out.ctypes.data, 7) == -1
+    assert b"deadlock" in probe.last_error()
+
+
+# ---- the start-up self-check, run on the emulated kernels ------------------------------------
+
+def test_self_check_passes_on_emulated_kernels():
+    assert kernels.compare_with_reference(emulate, "cpu") == []
+    assert kernels.self_check("cpu", backend=emulate)
+
+
+class _FlipOneBit:
+    """The emulated kernels with one wrong tally bit, for even M only."""
+    pack = staticmethod(emulate.pack)
+    apply = staticmethod(emulate.apply)
+    disagreement = staticmethod(emulate.disagreement)
+
+    @staticmethod
+    def tally(votes, n):
+        plus, tie = emulate.tally(votes, n)
+        if tie is not None and n > 40:
+            plus = plus.copy()
+            plus[0] ^= np.uint64(1 << 40)
+        return plus, tie
+
+
+def test_self_check_fails_loudly_on_a_wrong_bit(caplog):
+    with caplog.at_level(logging.ERROR, logger="mpisign.cuda.kernels"):
+        assert not kernels.self_check("cpu", backend=_FlipOneBit)
+    assert any(r.levelno == logging.ERROR and "tally m=2" in r.getMessage() for r in caplog.records)
+
+
+# ---- kernels.py's glue, with a stand-in for CuPy that launches the emulated kernels -----------
+
+class _HostArray(np.ndarray):
+    """What cupy.from_dlpack gives, on the host: an array with ``.data.ptr``."""
+
+    @property
+    def data(self):
+        return type("Mem", (), {"ptr": self.ctypes.data})()
+
+
+def _fake_launch(device, name, grid, args):
+    """kernels._launch, but on the CPU: same kernel name, grid, block and argument list."""
+    lib = emulate.load()
+    raw = [a.ctypes.data if isinstance(a, np.ndarray) else a.item() for a in args]
+    gx, gy = (grid + (1,))[:2]
+    dims = (gx, gy, kernels._THREADS) if name == "disagreement" else (gx, kernels._THREADS)
+    assert getattr(lib, "run_" + name)(*dims, *raw) == 0, lib.shim_last_error()
+
+
+def test_kernels_glue_on_emulated_kernels(monkeypatch):
+    import contextlib
+    fake_cupy = type("cupy", (), {
+        "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64, "float32": np.float32,
+        "from_dlpack": staticmethod(lambda t: np.from_dlpack(t).view(_HostArray))})
+    monkeypatch.setattr(kernels, "_DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(kernels, "_on", lambda device: contextlib.nullcontext(fake_cupy))
+    monkeypatch.setattr(kernels, "_launch", _fake_launch)
+    assert kernels.compare_with_reference(kernels, "cpu") == []
+    with pytest.raises(ValueError):
+        kernels.pack(torch.zeros(4, 4)[:, 0])  # not contiguous
+    with pytest.raises(ValueError):
+        kernels.tally(torch.zeros((3, 1), dtype=torch.int32), 10)  # not 64-bit words
