@@ -9,6 +9,7 @@ its gradient (or momentum); every worker steps by the majority of the signs.
 """
 
 from .collectives import TOPOLOGIES, VoteTimeout
+from .detection import DisagreementMonitor
 from .optim import LayoutMismatch, ParameterDivergence, SignSGD, Signum, VoteStats
 from .packing import n_words, pack_signs, unpack_signs
 from .vote import majority_vote
@@ -27,4 +28,5 @@ __all__ = [
     "LayoutMismatch",
     "ParameterDivergence",
     "VoteStats",
+    "DisagreementMonitor",
 ]

@@ -39,6 +39,7 @@ from torch.optim import Optimizer
 
 from . import packing
 from .collectives import check_comm, check_topology, default_timeout, make_vote, wait_all
+from .detection import DisagreementMonitor
 
 __all__ = ["Signum", "SignSGD", "LayoutMismatch", "ParameterDivergence", "VoteStats"]
 
@@ -65,6 +66,8 @@ class VoteStats:
     disagreement: float = 0.0    # last step: fraction of this rank's votes against the majority
     coordinates: int = 0         # coordinates voted on per step
     overlapped: int = 0          # bucket votes started from a gradient hook (overlap=True)
+    disagreement_by_rank: list = field(default_factory=list)  # last step, with a monitor
+    suspects: list = field(default_factory=list)  # ranks the monitor flags (windowed mean)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -102,6 +105,12 @@ class _Layout:
     packed: np.ndarray | None = None
 
 
+def _gpu_path(t: torch.Tensor):
+    """mpisign.cuda's kernels for this CUDA tensor, or None (CPU reference path)."""
+    from .cuda.bridge import CudaSigns, device_path
+    return device_path(t.device) if CudaSigns.handles(t) else None
+
+
 def _check_hparams(lr, momentum, weight_decay) -> None:
     if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
@@ -134,12 +143,15 @@ class Signum(Optimizer):
             accumulation). Results are bit-identical to ``overlap=False``.
         bucket_mb: with ``overlap``, the size of a bucket in MiB of fp32 gradient (as DDP's
             ``bucket_cap_mb``); without it, all parameters travel as one message.
+        monitor: a :class:`mpisign.detection.DisagreementMonitor`: every step, the ranks
+            exchange their disagreement fractions (one float each) into
+            ``stats.disagreement_by_rank``, and the monitor flags outliers (``stats.suspects``).
     """
 
     def __init__(self, params, lr: float = 1e-4, momentum: float = 0.9,
                  weight_decay: float = 0.0, comm=None, topology: str = "server", *,
                  timeout: float | None = None, check_every: int = 0, overlap: bool = False,
-                 bucket_mb: float = 25.0):
+                 bucket_mb: float = 25.0, monitor: DisagreementMonitor | None = None):
         # Validate everything before any communication, so every rank raises the same error.
         _check_hparams(lr, momentum, weight_decay)
         check_topology(topology)
@@ -150,6 +162,8 @@ class Signum(Optimizer):
             raise ValueError(f"check_every must be an int >= 0, got {check_every!r}")
         if not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
+        if monitor is not None and not isinstance(monitor, DisagreementMonitor):
+            raise ValueError(f"monitor must be a DisagreementMonitor, got {monitor!r}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         # What users tune.
         self.comm = comm
@@ -158,6 +172,7 @@ class Signum(Optimizer):
         self.check_every = check_every
         self.overlap = bool(overlap)
         self.bucket_words = max(1, int(bucket_mb * 2**20 / 4) // packing.WORD_BITS)
+        self.monitor = monitor
         # Internal: the layout, the collective and the hooks, made at the first step.
         self.rank = comm.Get_rank()
         self.world_size = comm.Get_size()
@@ -307,12 +322,26 @@ class Signum(Optimizer):
             bucket.pending, bucket.ready = None, set()
         self.stats.disagreement = disagree / max(1, layout.coordinates)
         step = self.param_groups[0]["step"]
+        if self.monitor is not None:
+            self._exchange_disagreement(step)
         for group in self.param_groups:
             group["step"] = step + 1
         self.stats.steps += 1
         if self.check_every and self.stats.steps % self.check_every == 0:
             self.check_consistency()
         return loss
+
+    def _exchange_disagreement(self, step: int) -> None:
+        mine = np.array([self.stats.disagreement])
+        every = np.empty(self.world_size)
+        if self.world_size > 1:
+            req = self.comm.Iallgather(mine, every)
+            # Wait on MPI: one float from every rank, for the monitor.
+            wait_all([req], ["some rank"], self.timeout, f"disagreement exchange at step {step}")
+        else:
+            every[:] = mine
+        self.stats.disagreement_by_rank = every.tolist()
+        self.stats.suspects = self.monitor.record(every, step, verbose=self.rank == 0)
 
     def _start_bucket(self, bucket: _Bucket) -> None:
         """Momentum update and packing of one bucket's parameters, then start its vote."""
@@ -353,8 +382,9 @@ class Signum(Optimizer):
             if g.is_sparse:
                 raise ValueError("Signum does not take sparse gradients; use dense embeddings")
         # One fused pass finds any non-finite entry (a max-norm is NaN/inf exactly then).
-        peaks = torch._foreach_norm(grads, ord=math.inf)
-        bad = [i for i, peak in enumerate(peaks) if not math.isfinite(float(peak))]
+        sized = [i for i, g in enumerate(grads) if g.numel()]
+        peaks = torch._foreach_norm([grads[i] for i in sized], ord=math.inf) if sized else []
+        bad = [i for i, peak in zip(sized, peaks) if not math.isfinite(float(peak))]
         if bad:
             grads = list(grads)
             count = 0
@@ -379,13 +409,22 @@ class Signum(Optimizer):
         return bufs
 
     def _pack(self, src: torch.Tensor, zero_bit: int, out: np.ndarray) -> None:
-        if src.device.type != "cpu":
-            src = src.cpu()  # the reference path; mpisign.cuda packs on the device
+        if src.is_cuda:
+            gpu = _gpu_path(src)
+            if gpu is not None:
+                gpu.pack(src, zero_bit, out)
+                return
+            src = src.cpu()  # the reference path
         if self._pack_scratch is None or self._pack_scratch.numel() < src.numel():
             self._pack_scratch = torch.empty(src.numel(), dtype=torch.bool)
         packing.pack_signs(src, zero_bit, out=out, scratch=self._pack_scratch)
 
     def _apply(self, p: torch.Tensor, plus, tie, lr: float, wd: float) -> None:
+        if p.is_cuda and p.is_contiguous():
+            gpu = _gpu_path(p)
+            if gpu is not None:
+                gpu.apply(p, plus, tie, lr, wd)
+                return
         if p.device.type == "cpu" and p.is_contiguous():
             packing.apply_signs(p, plus, tie, lr, wd, scratch=self._apply_scratch)
             return

@@ -11,6 +11,7 @@ makes ranks that all hold 0 split their votes evenly.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -49,7 +50,16 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
         raise ValueError(f"step must be an int >= 0, got {step!r}")
     n = x.numel()
     rank, size = comm.Get_rank(), comm.Get_size()
-    words = packing.pack_signs(x.detach().cpu(), zero_bit=(rank + step) % 2)
+    zero_bit = (rank + step) % 2
+    gpu = None
+    if x.is_cuda:
+        from .cuda.bridge import CudaSigns, device_path
+        gpu = device_path(x.device) if CudaSigns.handles(x) else None
+    if gpu is not None:
+        words = np.empty(packing.n_words(n), dtype=np.uint64)
+        gpu.pack(x.detach(), zero_bit, words)
+    else:
+        words = packing.pack_signs(x.detach().cpu(), zero_bit=zero_bit)
     if size == 1:
         plus, tie = words, None
         sent = received = 0

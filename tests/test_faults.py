@@ -1,0 +1,44 @@
+"""Faults and bad input on real ranks: a diverged rank, a dead rank, odd tensors and
+communicators, and a vector whose float buffer passes 2**31 bytes."""
+
+import re
+import time
+
+import pytest
+
+import mpirun
+
+
+def test_consistency_check_catches_a_perturbed_rank():
+    out = mpirun.run(3, "fault_check.py", "perturb")
+    assert out.count("caught divergence") == 3  # every rank stops, not just the odd one
+
+
+def test_dead_rank_ends_the_job_within_the_timeout():
+    bound = 90  # MPISIGN_TIMEOUT is 60 s in tests; mpiexec usually notices the death sooner
+    start = time.monotonic()
+    out = mpirun.run(3, "fault_check.py", "kill", timeout=bound, env={"MPISIGN_TIMEOUT": "30"},
+                     expect_fail=True)
+    assert time.monotonic() - start < bound
+    # Named either by the MPI launcher or by a surviving rank's VoteTimeout.
+    assert re.search(r"rank 2 .*(signal 9|Killed)|no message from rank\(s\) \[2\]", out,
+                     re.S), out[-2000:]
+    assert "the job went on without a rank" not in out
+
+
+def test_bad_input_gets_clear_errors_and_odd_tensors_work():
+    out = mpirun.run(3, "fault_check.py", "badinput")
+    assert "fault_check badinput OK on 3 ranks" in out
+
+
+def test_vector_past_2_to_the_31_bytes():
+    out = mpirun.run(2, "fault_check.py", "huge", timeout=600)
+    assert "fault_check huge OK on 2 ranks" in out
+
+
+@pytest.mark.parametrize("attack, k, n", [("invert", 2, 5), ("random", 2, 5), ("inf", 1, 3),
+                                          ("nan", 1, 3)])
+def test_vote_trains_through_blind_adversaries(attack, k, n):
+    """90% test accuracy with K < M/2 adversaries; for inf/nan the fp32 mean breaks."""
+    out = mpirun.run(n, "adversary_check.py", attack, str(k))
+    assert f"adversary_check {attack} {k}/{n} OK" in out
