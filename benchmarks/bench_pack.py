@@ -1,4 +1,4 @@
-"""Pack, tally and unpack on a ResNet-50-sized gradient, beside a plain copy of the same buffer.
+"""Pack, tally, unpack and apply on a ResNet-50-sized gradient, beside a plain copy of it.
 
     python benchmarks/bench_pack.py [--n 25557032] [--ranks 4] [--repeat 7] [--json out.json]
 
@@ -47,6 +47,8 @@ def main() -> None:
     votes = np.stack([packing.pack_signs(torch.randn(n)) for _ in range(m)])
     planes = packing.tally(votes)
     plus, tie = packing.majority(planes, m, n)
+    apply_scratch: dict = {}
+    v = packing.unpack_signs(plus, n, tie)
 
     rows = {
         "copy fp32 (yardstick)": best_of(lambda: dst.copy_(g), args.repeat),
@@ -58,6 +60,11 @@ def main() -> None:
         f"tally {m} votes": best_of(lambda: packing.tally(votes), args.repeat),
         "majority": best_of(lambda: packing.majority(planes, m, n), args.repeat),
         "unpack_signs to fp32": best_of(lambda: packing.unpack_signs(plus, n, tie), args.repeat),
+        "apply_signs (fused, wd=0)": best_of(
+            lambda: packing.apply_signs(dst, plus, tie, 1e-4, 0.0, apply_scratch), args.repeat),
+        "apply_signs (fused, wd>0)": best_of(
+            lambda: packing.apply_signs(dst, plus, tie, 1e-4, 1e-4, apply_scratch), args.repeat),
+        "torch update p -= lr*v (v given)": best_of(lambda: dst.add_(v, alpha=-1e-4), args.repeat),
     }
     base = rows["copy fp32 (yardstick)"]
     print(f"n = {n:,} coordinates ({4 * n / 2**20:.0f} MiB fp32, {words.nbytes / 2**20:.1f} MiB "
