@@ -1,0 +1,123 @@
+"""The books of a training run: ``metrics.jsonl``, ``run.json`` and the per-interval figures.
+
+Only rank 0 writes. ``metrics.jsonl`` holds one JSON object a line, its ``type`` one of:
+
+* ``step``: every ``--log-every`` steps, over the steps since the last one and all ranks:
+  ``loss``, ``acc``, ``lr``, ``time`` (wall seconds since the run began, across resumes),
+  ``step_s`` (slowest rank's mean step), ``compute_s`` / ``comm_s`` (mean and max over ranks of
+  forward+backward and of the optimizer step), ``bytes_sent`` / ``bytes_received`` per step and
+  ``nonfinite`` (cumulative non-finite gradient entries), each a list by rank, and for the vote
+  ``disagreement``, by rank: the fraction of the last step's votes against the majority.
+* ``epoch``: ``train_loss``, ``train_acc`` (the epoch, all ranks), ``test_loss``, ``test_acc``
+  (the full test set), ``time``, ``epoch_time``.
+* ``final`` (the test figures when a run ends mid-epoch), ``checkpoint``, ``stopped`` (a signal),
+  ``done``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+import mpisign
+
+from .models import count_parameters
+
+__all__ = ["Metrics", "run_record", "log_interval", "INTERVAL_FIELDS"]
+
+#: What each rank adds up between two ``step`` records (``log_interval``'s ``interval``).
+INTERVAL_FIELDS = ("loss_sum", "correct", "count", "compute_s", "comm_s", "steps")
+
+
+class Metrics:
+    """``metrics.jsonl`` on rank 0: one JSON object a line, non-finite numbers as null."""
+
+    def __init__(self, path: Path | None, append: bool):
+        self.f = open(path, "a" if append else "w") if path is not None else None
+
+    def write(self, **record) -> None:
+        if self.f is None:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in record.items()}
+        self.f.write(json.dumps(clean) + "\n")
+        self.f.flush()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_record(args, comm, data, model, device, steps_per_epoch, total_steps, resumed) -> dict:
+    """What run.json holds: enough to tell later what ran where, with what."""
+    import mpi4py
+
+    hosts = comm.allgather(MPI.Get_processor_name())
+    devices = comm.allgather(str(device))
+    return {
+        "config": vars(args),
+        "command": sys.argv,
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "resumed_from_step": resumed,
+        "world_size": comm.Get_size(),
+        "nodes": sorted(set(hosts)),
+        "ranks_per_node": dict(Counter(hosts)),
+        "hosts": hosts,
+        "pids": comm.allgather(os.getpid()),
+        "devices": devices,
+        "adversarial_ranks": list(range(args.adversaries)),
+        "mpi": {"library": MPI.Get_library_version().strip(),
+                "standard": "%d.%d" % MPI.Get_version(), "mpi4py": mpi4py.__version__},
+        "slurm": {k: v for k, v in os.environ.items()
+                  if k in ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_NODELIST",
+                           "SLURM_NNODES", "SLURM_NTASKS", "SLURM_JOB_PARTITION",
+                           "SLURM_RESTART_COUNT", "SLURM_CLUSTER_NAME")},
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                     "torchvision": _version("torchvision"), "numpy": np.__version__,
+                     "mpisign": mpisign.__version__},
+        "data": data.describe(),
+        "model": {"name": args.model, "parameters": count_parameters(model)},
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+    }
+
+
+def log_interval(metrics: Metrics, comm, interval: np.ndarray, traffic: tuple, step: int,
+                 steps_per_epoch: int, lr: float, now: float) -> dict | None:
+    """Collective: gather every rank's ``interval`` sums (see :data:`INTERVAL_FIELDS`) and
+    ``traffic`` (bytes sent and received per step, disagreement, non-finite entries, or NaN
+    where the optimizer has none); rank 0 writes the ``step`` record and returns it."""
+    mine = np.array([*interval, *traffic], dtype=np.float64)
+    rank, world = comm.Get_rank(), comm.Get_size()
+    every = np.empty((world, mine.size)) if rank == 0 else None
+    # Wait on MPI: rank 0 needs every rank's figures to write the record.
+    comm.Gather(mine, every, root=0)
+    if rank != 0:
+        return None
+    loss, correct, count, compute, comms, steps, sent, received, disagree, nonfinite = every.T
+    compute, comms = compute / np.maximum(steps, 1), comms / np.maximum(steps, 1)
+    record = dict(type="step", step=step, epoch=step / steps_per_epoch, lr=lr,
+                  loss=loss.sum() / max(1.0, count.sum()),
+                  acc=correct.sum() / max(1.0, count.sum()), time=now,
+                  step_s=float((compute + comms).max()),
+                  compute_s={"mean": float(compute.mean()), "max": float(compute.max())},
+                  comm_s={"mean": float(comms.mean()), "max": float(comms.max())},
+                  bytes_sent=[int(b) for b in sent], bytes_received=[int(b) for b in received],
+                  nonfinite=[int(n) for n in np.nan_to_num(nonfinite)])
+    if not np.isnan(disagree).any():
+        record["disagreement"] = [round(float(d), 6) for d in disagree]
+    metrics.write(**record)
+    return record

@@ -1,0 +1,298 @@
+"""``python -m mpisign.train`` end to end: real ranks, the digits data set, short runs.
+
+Every launch is ``mpiexec -n N python -m mpisign.train ...`` (plain ``python``, so an abort on
+failure is the module's own doing) under a timeout, with tests/mpirun.py's environment. The
+3-rank reference run is shared by the tests that read its output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mpirun
+import mpisign
+from mpisign import checkpoint
+from mpisign.train import (DEFAULT_LR, UsageError, build_parser, learning_rate,
+                           load_checkpoint, main)
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS = ["--dataset", "digits", "--batch-size", "32", "--no-progress", "--log-every", "7"]
+RANKS = 3
+EPOCHS = 6             # 14 steps an epoch on 3 ranks: 84 steps, a few seconds of training
+TARGET_ACCURACY = 0.90  # signum/server reaches 0.95-0.99 on digits' 360 test images
+
+
+# -- launching --------------------------------------------------------------------------------
+def _oversubscribe(exe: str) -> list[str]:
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
+    return ["--oversubscribe", "--bind-to", "none"] if "Open MPI" in out.stdout + out.stderr \
+        else []
+
+
+def launch(n: int, *args: str, script: str | None = None, timeout: float = 120,
+           expect: int | None = 0) -> str:
+    """Run ``python -m mpisign.train args`` (or ``python tests/mpi/<script> args``) on ``n``
+    ranks; return the output. Fails on a timeout, or on an exit status other than ``expect``
+    (None: any non-zero status)."""
+    proc = start(n, *args, script=script)
+    return finish(proc, timeout, expect, f"{script or 'mpisign.train'} {' '.join(args)}")
+
+
+def start(n: int, *args: str, script: str | None = None) -> subprocess.Popen:
+    exe = mpirun.mpiexec()
+    target = [str(REPO / "tests" / "mpi" / script)] if script else ["-m", "mpisign.train"]
+    cmd = [exe, "-n", str(n), *_oversubscribe(exe), sys.executable, *target, *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=mpirun.mpi_env(), cwd=REPO, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float, expect: int | None, what: str) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{what}: killed after {timeout:g} s\n{out[-4000:]}")
+    ok = proc.returncode != 0 if expect is None else proc.returncode == expect
+    assert ok, f"{what}: exit status {proc.returncode}, expected {expect}\n{out[-4000:]}"
+    return out
+
+
+def records(out_dir: Path, kind: str | None = None) -> list[dict]:
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if kind is None or r["type"] == kind]
+
+
+def load_state(out_dir: Path, ranks: int = RANKS) -> tuple[dict, list[dict]]:
+    where = checkpoint.latest(out_dir)
+    assert where is not None, f"no checkpoint in {out_dir}"
+    parts = [checkpoint.load(where, r) for r in range(ranks)]
+    return parts[0][0], [own for _, own in parts]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """3 ranks, signum/server, digits, 6 epochs, uninterrupted."""
+    out = tmp_path_factory.mktemp("reference")
+    launch(RANKS, *DIGITS, "--epochs", str(EPOCHS), "--out", str(out))
+    return out
+
+
+# -- a real run -------------------------------------------------------------------------------
+def test_short_run_on_digits_reaches_target_accuracy(reference):
+    epochs = records(reference, "epoch")
+    assert [e["epoch"] for e in epochs] == list(range(1, EPOCHS + 1))
+    assert epochs[-1]["test_acc"] >= TARGET_ACCURACY, epochs
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert records(reference, "done")[-1]["step"] == EPOCHS * 14
+
+
+def test_metrics_and_run_record(reference):
+    steps = records(reference, "step")
+    assert [s["step"] for s in steps] == list(range(7, EPOCHS * 14 + 1, 7))
+    last = steps[-1]
+    assert len(last["disagreement"]) == RANKS and all(0 <= d < 0.5 for d in last["disagreement"])
+    # A worker sends its packed signs once a step: one bit for each of the small CNN's 53002
+    # coordinates on 8x8 images, plus at most a padding word for each of its 8 tensors.
+    assert 53002 / 8 <= last["bytes_sent"][1] <= 53002 / 8 + 8 * 8, last["bytes_sent"]
+    assert last["comm_s"]["max"] >= last["comm_s"]["mean"] > 0
+    run = json.loads((reference / "run.json").read_text())
+    assert run["world_size"] == RANKS and len(run["pids"]) == RANKS
+    assert run["config"]["topology"] == "server" and run["data"]["name"] == "digits"
+    assert "MPI" in run["mpi"]["library"] and run["versions"]["torch"] == torch.__version__
+    assert run["model"]["parameters"] == 53002
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(reference, tmp_path):
+    # Stop mid-epoch (step 30 of 84), then continue to the end with --resume.
+    launch(RANKS, *DIGITS, "--max-steps", "30", "--out", str(tmp_path))
+    assert records(tmp_path, "checkpoint")[-1]["step"] == 30
+    out = launch(RANKS, *DIGITS, "--epochs", str(EPOCHS), "--out", str(tmp_path), "--resume")
+    assert "resuming from" in out and "at step 30" in out
+    (ref, ref_ranks), (got, got_ranks) = load_state(reference), load_state(tmp_path)
+    assert got["step"] == ref["step"] == EPOCHS * 14
+    for name, tensor in ref["model"].items():
+        assert torch.equal(tensor, got["model"][name]), name
+    for r, (a, b) in enumerate(zip(ref_ranks, got_ranks)):
+        sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+        assert sa.keys() == sb.keys()
+        for k in sa:   # each rank's own momentum, restored from its own file
+            assert torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"]), (r, k)
+        assert a["optimizer"]["param_groups"][0]["step"] == EPOCHS * 14
+    assert [e["test_acc"] for e in records(reference, "epoch")][-3:] == \
+        [e["test_acc"] for e in records(tmp_path, "epoch")][-3:]
+
+
+# -- signals (with the sgd baseline and an adversary along, to spare launches) -------------------
+def _wait_for_steps(out_dir: Path, proc: subprocess.Popen, timeout: float = 120,
+                    count: int = 3) -> None:
+    """Wait for ``count`` step records, so the run has trained a while before the signal."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out_dir / "metrics.jsonl").is_file() and len(records(out_dir, "step")) >= count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no step record in {out_dir} (exit status {proc.poll()})")
+
+
+def _check_stopped(out_dir: Path, signame: str) -> int:
+    stopped = records(out_dir, "stopped")
+    assert stopped and stopped[-1]["signal"] == signame
+    step = stopped[-1]["step"]
+    assert 0 < step < 1000 * 14
+    common, _ = load_state(out_dir)
+    assert common["step"] == step, "the checkpoint is not the one taken at the signal"
+    assert not records(out_dir, "done")
+    return step
+
+
+def test_sigusr1_to_mpiexec_checkpoints_the_sgd_baseline(tmp_path):
+    # Open MPI's mpiexec forwards SIGUSR1 to every rank, as srun does under --signal.
+    proc = start(RANKS, *DIGITS, "--optimizer", "sgd", "--epochs", "1000",
+                 "--out", str(tmp_path))
+    _wait_for_steps(tmp_path, proc)
+    proc.send_signal(signal.SIGUSR1)
+    out = finish(proc, 60, 0, "SIGUSR1")
+    assert "SIGUSR1: checkpointing at step" in out
+    _check_stopped(tmp_path, "SIGUSR1")
+    steps = records(tmp_path, "step")
+    # fp32 ring allreduce: 2 * 4 bytes * d * (M - 1) / M out of each rank per step.
+    assert "disagreement" not in steps[-1] and steps[-1]["bytes_sent"] == [8 * 53002 * 2 // 3] * 3
+    assert steps[-1]["loss"] < steps[0]["loss"]
+
+
+def test_sigterm_to_one_rank_stops_every_rank_and_the_inverter_is_seen(tmp_path):
+    # A signal seen by one rank only: the ranks agree on it after the step and all stop.
+    proc = start(RANKS, *DIGITS, "--adversaries", "1", "--attack", "invert",
+                 "--epochs", "1000", "--out", str(tmp_path))
+    _wait_for_steps(tmp_path, proc)
+    pids = json.loads((tmp_path / "run.json").read_text())["pids"]
+    os.kill(pids[2], signal.SIGTERM)
+    finish(proc, 60, 0, "SIGTERM to rank 2")
+    _check_stopped(tmp_path, "SIGTERM")
+    # Rank 0 inverts: it votes against the majority on most coordinates, the others rarely.
+    d = records(tmp_path, "step")[-1]["disagreement"]
+    assert d[0] > 0.5 > max(d[1:]), d
+
+
+# -- failures ---------------------------------------------------------------------------------
+def test_exception_on_one_rank_aborts_the_job(tmp_path):
+    start_time = time.monotonic()
+    out = launch(RANKS, *DIGITS, "--out", str(tmp_path), script="train_abort.py", expect=None,
+                 timeout=90)
+    assert "injected failure on rank 1" in out
+    assert "[rank 1] unhandled exception, aborting all 3 ranks" in out
+    assert time.monotonic() - start_time < 60
+
+
+def test_missing_data_directory_gives_one_clear_error(tmp_path):
+    # Every rank fails to find the data; rank 0 alone says so, and no rank waits for another.
+    # (The messages for each data set are checked in tests/test_data.py.)
+    out = launch(2, "--dataset", "cifar10", "--data-dir", "/nonexistent/cifar",
+                 "--out", str(tmp_path), expect=2, timeout=90)
+    message = "/nonexistent/cifar is not a directory"
+    assert message in out and "cifar-10-batches-py" in out, out
+    assert out.count(message) == 1, "every rank printed the error, not rank 0 alone"
+    assert "Traceback" not in out
+
+
+def test_help_lists_every_choice(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for word in ["--model", "--dataset", "--optimizer", "--adversaries", "--resume", "--device",
+                 *mpisign.TOPOLOGIES, "fashion-mnist", "imagefolder", "resnet50", "signsgd"]:
+        assert word in out, word
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--optimizer", "adam"], "invalid choice: 'adam'"),
+    (["--topology", "ring-of-fire"], "--topology: invalid choice"),
+    (["--batch-size", "0"], "--batch-size: must be > 0"),
+    (["--lr", "nan"], "--lr: must be a finite number"),
+    (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
+    (["--optimizer", "signsgd", "--momentum", "0.9"], "signsgd has no momentum"),
+    (["--adversaries", "2"], "--adversaries 2 is more than the 1 ranks"),
+    (["--resume"], "--resume needs --out"),
+    (["--attack", "flip"], "--attack: invalid choice"),
+])
+def test_bad_options_exit_2_with_a_clear_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+def test_existing_run_is_not_overwritten(reference, capsys):
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:   # in this process: a 1-rank run that stops before training
+        with pytest.raises(SystemExit) as exc:
+            main([*DIGITS, "--out", str(reference)])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "already holds a checkpoint" in err and "--resume" in err
+
+
+def test_resume_checks_ranks_and_fixed_options(reference, monkeypatch):
+    from mpi4py import MPI
+
+    where = checkpoint.latest(reference)
+    args = build_parser().parse_args([*DIGITS, "--out", str(reference), "--resume"])
+    args.momentum = 0.9
+    with pytest.raises(UsageError, match="written by 3 ranks, this job has 1"):
+        load_checkpoint(where, args, None, MPI.COMM_WORLD)
+    real_load = checkpoint.load
+
+    def as_one_rank(where, rank, map_location="cpu"):
+        common, own = real_load(where, rank, map_location)
+        return {**common, "world_size": 1}, own
+    monkeypatch.setattr(checkpoint, "load", as_one_rank)
+    args.optimizer = "sgd"
+    data = type("D", (), {"name": "digits"})()
+    with pytest.raises(UsageError, match="optimizer differ from the run"):
+        load_checkpoint(where, args, data, MPI.COMM_WORLD)
+
+
+# -- small pieces ------------------------------------------------------------------------------
+def test_learning_rate_warmup_and_step_decay():
+    args = build_parser().parse_args(["--lr", "0.1", "--warmup-epochs", "1",
+                                      "--lr-decay-epochs", "2", "3", "--lr-decay", "0.5"])
+    assert learning_rate(args, 0, 10) == pytest.approx(0.01)
+    assert learning_rate(args, 9, 10) == pytest.approx(0.1)
+    assert learning_rate(args, 19, 10) == pytest.approx(0.1)
+    assert learning_rate(args, 20, 10) == pytest.approx(0.05)
+    assert learning_rate(args, 35, 10) == pytest.approx(0.025)
+    assert set(DEFAULT_LR) == {"signum", "signsgd", "sgd"}
+
+
+def test_plot_draws_a_png(reference, tmp_path):
+    from mpisign.plot import main as plot_main, run_label
+
+    png = tmp_path / "curves.png"
+    assert plot_main([str(reference), str(reference), "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert run_label(reference) == "signum/server, 3 ranks"
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "slurm").glob("*.sbatch")))
+def test_slurm_scripts_pass_shellcheck(script):
+    out = subprocess.run(["shellcheck", str(REPO / "slurm" / script)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
