@@ -10,6 +10,7 @@ On this machine, or a laptop (Fashion-MNIST from Debian's dataset-fashion-mnist,
     mpirun -n 4 python -m mpisign.train --optimizer sgd --out runs/sgd
     mpirun -n 4 python -m mpisign.train --topology tree --epochs 5 --out runs/tree
     mpirun -n 7 python -m mpisign.train --adversaries 3 --attack invert --out runs/adv3of7
+    mpirun -n 7 python -m mpisign.train --adversaries 3 --attack omniscient   # not blind
     mpirun -n 4 python -m mpisign.train --out runs/tree --resume      # continue a run
     python -m mpisign.plot runs/sgd runs/tree runs/adv3of7
 
@@ -31,7 +32,8 @@ and events), ``run.json`` (configuration, MPI library, ranks and nodes, versions
 makes every rank stop after the current step, checkpoint and exit 0; ``--resume`` then
 continues bit for bit on CPU. An unhandled exception on any rank aborts the whole job.
 
-Timing: ``compute_s`` is forward + backward (+ the attack), ``comm_s`` the optimizer step:
+Timing: ``compute_s`` is forward + backward (+ the attack; ``omniscient``'s extra vote among
+the honest ranks and its broadcast count here), ``comm_s`` the optimizer step:
 packing, the vote and the update for Signum, the allreduce and the update for SGD. Bytes: what
 the vote posted to MPI, exactly; for ``sgd`` the ring-allreduce volume ``8 d (M-1) / M``.
 """
@@ -57,7 +59,7 @@ from mpi4py import MPI
 import mpisign
 
 from . import checkpoint
-from .adversary import ATTACKS, attack_gradients, make_attack
+from .adversary import ATTACKS, NON_BLIND_ATTACKS, Omniscient, attack_gradients, make_attack
 from .allreduce import AllreduceMean
 from .checkpoint import StopRequest
 from .data import (DATASETS, DataNotFound, batches_per_epoch, default_workers, load_data,
@@ -127,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", choices=("signum", "signsgd", "sgd"), default="signum",
                    help="sgd: plain SGD on the fp32 allreduce mean of the gradients")
-    g.add_argument("--topology", choices=sorted(mpisign.TOPOLOGIES), default="server",
-                   help="how the vote travels (signum, signsgd)")
+    g.add_argument("--topology", choices=[*sorted(mpisign.TOPOLOGIES), "auto"],
+                   default="server", help="how the vote travels (signum, signsgd); auto: the "
+                   "cost model's choice for this model, rank count and measured link")
     g.add_argument("--lr", type=_finite_float, default=None,
                    help=f"learning rate (default: {DEFAULT_LR})")
     g.add_argument("--momentum", type=_finite_float, default=None,
@@ -153,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("adversaries (Byzantine workers)")
     g.add_argument("--adversaries", type=_nonnegative_int, default=0, metavar="K",
                    help="the first K ranks corrupt their gradients before the vote")
-    g.add_argument("--attack", choices=ATTACKS, default="invert",
-                   help="blind multiplicative attack (see mpisign.adversary)")
+    g.add_argument("--attack", choices=(*ATTACKS, *NON_BLIND_ATTACKS), default="invert",
+                   help="blind multiplicative attack, or omniscient: minus the honest ranks' "
+                        "majority (see mpisign.adversary)")
     g.add_argument("--attack-factor", type=float, default=1e20,
                    help="multiplier of --attack scale")
     g = p.add_argument_group("output")
@@ -191,6 +195,9 @@ def check_args(args, world: int) -> None:
     if args.adversaries > world:
         raise UsageError(f"--adversaries {args.adversaries} is more than the {world} ranks "
                          f"this job has")
+    if args.attack in NON_BLIND_ATTACKS and args.adversaries >= world:
+        raise UsageError(f"--attack {args.attack} copies the honest ranks: --adversaries must "
+                         f"be less than the {world} ranks, got {args.adversaries}")
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out: the directory of the run to continue")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -317,7 +324,7 @@ def train(args, comm) -> int:
     np.random.seed(int(seeds[1]) % 2**32)
     attack_rng = torch.Generator().manual_seed(int(seeds[2]))
     attack = (make_attack(args.attack, generator=attack_rng, factor=args.attack_factor)
-              if adversary else None)
+              if adversary and args.attack in ATTACKS else None)
 
     # Optimizer. -------------------------------------------------------------------------------
     allreduce = None
@@ -329,6 +336,10 @@ def train(args, comm) -> int:
         opt = mpisign.Signum(model.parameters(), lr=args.lr, momentum=args.momentum,
                              weight_decay=args.weight_decay, comm=comm, topology=args.topology,
                              timeout=args.vote_timeout, check_every=args.check_every)
+    # The non-blind attack: collective, built on every rank (mpisign.adversary.Omniscient).
+    omniscient = (Omniscient(comm, args.adversaries, topology=args.topology,
+                             timeout=args.vote_timeout)
+                  if args.attack in NON_BLIND_ATTACKS and args.adversaries else None)
 
     # Resume: from the checkpoint in --out, if there is one. -----------------------------------
     step, evaluated, elapsed_before, epoch_started = 0, 0, 0.0, 0.0
@@ -422,6 +433,8 @@ def train(args, comm) -> int:
             loss.backward()
             if attack is not None:
                 attack_gradients(model.parameters(), attack)
+            elif omniscient is not None:
+                omniscient(opt, step)   # collective: the honest ranks' vote, then a broadcast
             _sync(device)
             t1 = time.perf_counter()
             if allreduce is not None:
@@ -474,6 +487,8 @@ def train(args, comm) -> int:
         save("signal" if caught else "end")
     if not caught:
         metrics.write(type="done", step=step, time=elapsed())
+    if omniscient is not None:
+        omniscient.free()
     return 0
 
 
