@@ -29,7 +29,9 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
     Args:
         x: floating tensor of any shape, different on each rank (same shape on all).
         comm: an mpi4py intracommunicator.
-        topology: ``"server"`` (gather to rank 0) or ``"tree"`` (binomial reduce of counts).
+        topology: a key of ``mpisign.TOPOLOGIES`` (``"server"``: gather to rank 0, ``"tree"``,
+            ``"sharded"``, ``"allgather"``) or ``"auto"`` (the cost model's choice; the link is
+            measured, collectively, the first time a communicator is seen).
         step: mixes into the bit sent for 0/NaN coordinates, ``(rank + step) % 2``.
         timeout: seconds to wait on peers before raising ``VoteTimeout``
             (default ``$MPISIGN_TIMEOUT`` or 300).
@@ -64,7 +66,7 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
         plus, tie = words, None
         sent = received = 0
     else:
-        voter = make_vote(topology, comm, timeout=timeout)
+        voter = make_vote(topology, comm, timeout=timeout, n_coords=n)
         plus, tie = voter.vote(words, n, step=step)
         sent, received = voter.traffic.sent, voter.traffic.received
     if stats is not None:

@@ -23,7 +23,8 @@ def test_majority_vote_matches_numpy_reference(n):
 # The paper's topologies on every size; the newer ones on one odd and one even size (the
 # collective-level test above already runs them on every size).
 OPTIM_CASES = ([(n, t) for t in ("server", "tree") for n in SIZES]
-               + [(n, t) for t in ("sharded", "allgather") for n in (3, 4)])
+               + [(n, t) for t in ("sharded", "allgather") for n in (3, 4)]
+               + [(3, "auto")])
 
 
 @pytest.mark.parametrize("n, topology", OPTIM_CASES)

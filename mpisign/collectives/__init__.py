@@ -2,9 +2,13 @@
 
 ``make_vote(topology, comm)`` returns an object whose ``vote(words, n)`` gives every rank the
 packed majority ``(plus, tie)`` of all ranks' packed signs, the same bits whatever the topology.
+``topology="auto"`` picks one with :mod:`mpisign.costmodel` from the message size, the number of
+ranks and the link's latency and bandwidth, measured once per communicator.
 """
 
 from __future__ import annotations
+
+import logging
 
 from .base import SignVote, Traffic, VoteTimeout, check_comm, default_timeout, wait_all
 from .allgather import AllgatherVote
@@ -12,7 +16,7 @@ from .server import ServerVote
 from .sharded import ShardedVote
 from .tree import TreeVote
 
-__all__ = ["TOPOLOGIES", "make_vote", "check_topology", "SignVote", "ServerVote", "TreeVote", "ShardedVote", "AllgatherVote",
+__all__ = ["TOPOLOGIES", "AUTO", "make_vote", "check_topology", "resolve_topology", "SignVote", "ServerVote", "TreeVote", "ShardedVote", "AllgatherVote",
            "Traffic", "VoteTimeout", "check_comm", "default_timeout", "wait_all"]
 
 #: Topology name -> class. Every entry gives the same answer bit for bit.
@@ -24,13 +28,49 @@ TOPOLOGIES: dict[str, type[SignVote]] = {
 }
 
 
+#: Let the cost model choose (see :func:`resolve_topology`).
+AUTO = "auto"
+
+log = logging.getLogger(__name__)
+_links: dict = {}     # communicator handle -> measured costmodel.Link
+_announced: set = set()
+
+
 def check_topology(topology) -> str:
-    """Return ``topology`` if it names a known topology, else raise ValueError naming the choices."""
-    if topology not in TOPOLOGIES:
-        raise ValueError(f"topology must be one of {sorted(TOPOLOGIES)}, got {topology!r}")
+    """Return ``topology`` if it names a known topology or "auto", else raise ValueError."""
+    if topology != AUTO and topology not in TOPOLOGIES:
+        raise ValueError(f"topology must be one of {sorted(TOPOLOGIES) + [AUTO]}, "
+                         f"got {topology!r}")
     return topology
 
 
-def make_vote(topology: str, comm, timeout: float | None = None) -> SignVote:
-    """The vote collective for ``topology`` over ``comm`` (no communication happens here)."""
-    return TOPOLOGIES[check_topology(topology)](comm, timeout=timeout)
+def resolve_topology(topology: str, comm, n_coords: int) -> str:
+    """``topology`` itself, or for "auto" the cost model's choice for ``n_coords`` on ``comm``.
+
+    Collective the first time "auto" meets a communicator: the ranks measure the link (a short
+    ping-pong between ranks 0 and 1) and every rank gets rank 0's figures, so all choose alike.
+    The choice is logged once on rank 0.
+    """
+    check_topology(topology)
+    if topology != AUTO:
+        return topology
+    if comm.Get_size() == 1:
+        return "server"  # nothing travels on one rank
+    from .. import costmodel
+    key = comm.py2f()
+    if key not in _links:
+        _links[key] = costmodel.measure_link(comm)
+    link = _links[key]
+    choice = costmodel.choose(n_coords, comm.Get_size(), link)
+    if comm.Get_rank() == 0 and (key, n_coords, choice) not in _announced:
+        _announced.add((key, n_coords, choice))
+        log.info("topology=auto: %s for %d coordinates on %d ranks (link: alpha %.1f us, "
+                 "%.2f Gbit/s)", choice, n_coords, comm.Get_size(), 1e6 * link.alpha,
+                 link.gbit_per_s)
+    return choice
+
+
+def make_vote(topology: str, comm, timeout: float | None = None, n_coords: int = 0) -> SignVote:
+    """The vote collective for ``topology`` over ``comm``; "auto" resolves with ``n_coords``
+    (and measures the link the first time, see :func:`resolve_topology`)."""
+    return TOPOLOGIES[resolve_topology(topology, comm, n_coords)](comm, timeout=timeout)

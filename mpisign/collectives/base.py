@@ -21,6 +21,9 @@ __all__ = ["Pending", "Traffic", "VoteTimeout", "SignVote", "check_comm", "defau
 
 log = logging.getLogger(__name__)
 
+#: How long a wait polls without sleeping before it starts to nap (and yield the core).
+SPIN_SECONDS = 1e-4
+
 #: Vote messages use tags TAG_BASE + 4 * bucket + phase (MPI guarantees tags up to 32767).
 TAG_BASE = 0x1000
 
@@ -61,7 +64,8 @@ def wait_all(requests: list[MPI.Request], peers: list, timeout: float, what: str
     end with the names of the peers that never arrived.
     """
     pending = dict(enumerate(peers))
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
     nap = 0.0
     while pending:
         done = MPI.Request.Testsome(requests)  # progresses MPI; indices of completed requests
@@ -70,7 +74,10 @@ def wait_all(requests: list[MPI.Request], peers: list, timeout: float, what: str
                 pending.pop(i, None)
             nap = 0.0
             continue
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now - start < SPIN_SECONDS:
+            continue  # small messages: answers come within microseconds, do not sleep yet
+        if now > deadline:
             missing = sorted(set(pending.values()), key=str)
             for i in pending:
                 try:

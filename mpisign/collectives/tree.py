@@ -69,8 +69,9 @@ class TreeVote(SignVote):
             p.result[0] = plus
             if tie is not None:
                 p.result[1] = tie
-        # Step 4: send the result down to the children (the reduce's tree, reversed).
-        for child, _ in self.children:
+        # Step 4: send the result down to the children (the reduce's tree, reversed), the
+        # largest subtree first: its chain to the leaves is the longest.
+        for child, _ in reversed(self.children):
             self._isend(p, p.result, child, RESULT)
         # Wait on MPI: the result buffer is reused next step; the sends must have left it.
         self._wait(p, "sending the result to the children")

@@ -67,6 +67,9 @@ for step in range(STEPS):
     opt.step()
     progress(step)
 assert opt.stats.nonfinite == (1 if rank == 0 else 0)
+if topology == "auto" and size > 1:  # resolved once, the same on every rank
+    assert opt.topology_used in mpisign.TOPOLOGIES
+    assert len(set(comm.allgather(opt.topology_used))) == 1
 
 # The reference: all workers simulated here, vote by numpy on unpacked signs.
 ref = Net()

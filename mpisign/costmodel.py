@@ -1,0 +1,378 @@
+r"""An alpha-beta-gamma cost model of the vote topologies and of fp32 allreduce, and a chooser.
+
+Hockney's model with a compute term: on the critical path of a collective, a message of ``s``
+bytes costs ``alpha + beta * s``, and local elementwise work costs ``gamma`` seconds per byte
+per pass (one numpy bitwise op over a packed row, or one fp32 add over a float buffer).
+
+.. math::
+    T = \alpha \cdot \text{messages} + \beta \cdot \text{wire bytes} + \gamma \cdot \text{compute bytes}
+
+Symbols below: ``n`` coordinates, ``M`` ranks, ``W = 8 ceil(n / 64)`` bytes of packed signs,
+``k = 2`` result planes when M is even (plus and the tie mask) else 1, ``P(m) = bit_length(m)``
+bit planes to count ``m`` votes, ``F = 4 n`` bytes of fp32 gradient, ``L = ceil(log2 M)``.
+
+================== ==================================== ===============================================
+algorithm          messages on the critical path         wire bytes on the critical path
+================== ==================================== ===============================================
+server             ``2 (M-1)``: root's M-1 in, M-1 out   ``(M-1) W + (M-1) k W`` (root's link, serialized)
+tree               chain of largest subtrees: ``L`` up,  up: ``sum_r P(s_r) W`` (counts grow with the
+                   ``sum c_v`` down (concurrent sends)   subtree), down: ``sum c_v * k W``
+sharded            ``2 (M-1)``                           ``(1 + k) W (M-1)/M`` (any M: flat per rank)
+allgather          ``M-1``                               ``(M-1) W``
+ring_allreduce     ``2 (M-1)``                           ``2 F (M-1)/M``
+rd_allreduce       ``L`` (+2 if M is not a power of 2)   ``L F`` (+2F)
+rabenseifner       ``2 L`` (+2)                          ``2 F (M'-1)/M'`` (+2F), M' = 2^floor(log2 M)
+allgather8         ``M-1``                               ``(M-1) n`` (GRACE: one byte a sign)
+bcast_gather       ``M-1`` one after another, ``L`` down ``(M-1) W + L k W`` (the authors' code)
+================== ==================================== ===============================================
+
+Compute bytes count the numpy passes of :mod:`mpisign.packing` (e.g. a tally of ``m`` votes and
+its majority take ``P + m (1 + 2P) + 2 + sum_j (1 or 4)`` passes over a row), and one pass per
+fp32 block the allreduce adds. The tree's critical path follows the chain of largest children
+(rank 0 -> 2^(L-1) -> ...), where each node adds its children's counts before passing its own
+up, and where a node's result sends go out concurrently and share its link (``c_v`` children:
+each arrives after ``c_v`` message times).
+
+The model assumes that each rank has its own full-duplex link to a non-blocking switch (the
+emulated cluster, InfiniBand fat trees); on one shared-memory machine the ranks share memory
+bandwidth and cores, and the model is optimistic there. :func:`measure_link` fits ``alpha`` and
+``beta`` by a ping-pong and ``gamma`` by timing a numpy pass; :func:`choose` is what
+``topology="auto"`` uses.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+__all__ = [
+    "Link", "Cost", "TOPOLOGIES", "FP32_ALLREDUCES", "BASELINES", "ALGORITHMS",
+    "packed_bytes", "result_planes", "count_planes", "tally_passes", "add_counts_passes",
+    "cost", "predict", "choose", "traffic", "measure_link",
+]
+
+#: The vote topologies of :mod:`mpisign.collectives`, in the order ``choose`` breaks ties.
+TOPOLOGIES = ("sharded", "allgather", "tree", "server")
+#: fp32 sum allreduces (the baseline a vote is measured against).
+FP32_ALLREDUCES = ("ring_allreduce", "rabenseifner_allreduce", "rd_allreduce")
+#: Other ways to move signs: GRACE's 8-bit allgather, the paper's code (broadcast gather).
+BASELINES = FP32_ALLREDUCES + ("allgather8", "bcast_gather")
+ALGORITHMS = TOPOLOGIES + BASELINES
+
+
+@dataclass(frozen=True)
+class Link:
+    """Network and compute figures: ``alpha`` s per message, ``beta`` s per byte on the wire,
+    ``gamma`` s per byte of one local elementwise pass."""
+
+    alpha: float
+    beta: float
+    gamma: float = 0.0
+
+    def __post_init__(self):
+        for name in ("alpha", "beta", "gamma"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"Link.{name} must be a finite number >= 0, got {value!r}")
+
+    @classmethod
+    def from_bandwidth(cls, gbit_per_s: float, alpha: float, gamma: float = 0.0) -> "Link":
+        """A link of ``gbit_per_s`` Gbit/s (10^9 bits) and latency ``alpha`` seconds."""
+        if not gbit_per_s > 0:
+            raise ValueError(f"bandwidth must be > 0 Gbit/s, got {gbit_per_s!r}")
+        return cls(alpha=alpha, beta=8 / (gbit_per_s * 1e9), gamma=gamma)
+
+    @property
+    def gbit_per_s(self) -> float:
+        """Bandwidth in Gbit/s (inf for beta = 0)."""
+        return math.inf if self.beta == 0 else 8 / self.beta / 1e9
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What lies on a collective's critical path; ``seconds(link)`` prices it."""
+
+    messages: float
+    wire_bytes: float
+    compute_bytes: float = 0.0
+
+    def seconds(self, link: Link) -> float:
+        """``alpha * messages + beta * wire_bytes + gamma * compute_bytes``."""
+        return (link.alpha * self.messages + link.beta * self.wire_bytes
+                + link.gamma * self.compute_bytes)
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.messages + other.messages, self.wire_bytes + other.wire_bytes,
+                    self.compute_bytes + other.compute_bytes)
+
+
+# -- sizes and pass counts --------------------------------------------------------------------
+
+def packed_bytes(n: int) -> int:
+    """``W = 8 * ceil(n / 64)``: bytes of ``n`` packed signs in uint64 words."""
+    return 8 * ((n + 63) // 64)
+
+
+def result_planes(m: int) -> int:
+    """``k``: 2 packed planes travel back (plus, tie) when a tie is possible (M even), else 1."""
+    return 2 if m % 2 == 0 else 1
+
+
+def count_planes(m: int) -> int:
+    """``P(m) = bit_length(m)``: bit planes that count up to ``m`` votes."""
+    return max(1, int(m).bit_length())
+
+
+def _majority_passes(m: int) -> int:
+    """Passes of the plane-by-plane compare ``count > m // 2`` (packing._compare_count)."""
+    t, planes = m // 2, count_planes(m)
+    return 2 + sum(1 if t >> j & 1 else 4 for j in range(planes))
+
+
+def tally_passes(m: int) -> int:
+    """Passes over one packed row to tally ``m`` votes and take the majority.
+
+    ``P`` (zeroed counter) ``+ m (1 + 2P)`` (copy, then an AND and an XOR a plane, per vote)
+    ``+ 2 + sum_j (1 if bit j of m//2 is set else 4)`` (the compare), ``P = P(m)``.
+    """
+    planes = count_planes(m)
+    return planes + m * (1 + 2 * planes) + _majority_passes(m)
+
+
+def add_counts_passes(planes_out: int) -> int:
+    """Passes of a ripple-carry add of two counters into ``planes_out`` planes: ``6P + 3``."""
+    return planes_out + 3 + 5 * planes_out
+
+
+def _check(n: int, m: int) -> None:
+    if not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n_coords must be an int >= 0, got {n!r}")
+    if not isinstance(m, (int, np.integer)) or m < 1:
+        raise ValueError(f"ranks must be an int >= 1, got {m!r}")
+
+
+# -- the binomial tree of mpisign.collectives.tree --------------------------------------------
+
+def _tree_children(rank: int, m: int) -> list[tuple[int, int]]:
+    """(child, subtree size) of ``rank`` in round order, as TreeVote builds them."""
+    out, mask = [], 1
+    while mask < m and not rank & mask:
+        child = rank + mask
+        if child < m:
+            out.append((child, min(mask, m - child)))
+        mask <<= 1
+    return out
+
+
+def _tree_subtree(rank: int, m: int) -> int:
+    return m if rank == 0 else min(rank & -rank, m - rank)
+
+
+def _tree_cost(n: int, m: int) -> Cost:
+    w, k = packed_bytes(n), result_planes(m)
+    up_msgs = up_bytes = compute = down_msgs = 0
+    node = 0
+    while True:  # follow the chain of largest (last) children from the root down to a leaf
+        children = _tree_children(node, m)
+        if not children:
+            break
+        size = 1
+        for _, s in children:
+            size += s
+            compute += add_counts_passes(count_planes(size)) * w
+        last, s_last = children[-1]
+        up_msgs += 1
+        up_bytes += count_planes(s_last) * w
+        down_msgs += len(children)  # its result sends share its link
+        node = last
+    compute += (_majority_passes(m) + k) * w
+    return Cost(up_msgs + down_msgs, up_bytes + down_msgs * k * w, compute)
+
+
+def _shard_bytes(n: int, m: int) -> list[int]:
+    """Bytes of each rank's shard of the packed words, as ShardedVote.bounds splits them."""
+    words = packed_bytes(n) // 8
+    bounds = [j * words // m for j in range(m + 1)]
+    return [8 * (bounds[j + 1] - bounds[j]) for j in range(m)]
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+def cost(algorithm: str, n_coords: int, ranks: int) -> Cost:
+    """Messages, wire bytes and compute bytes on the critical path (see the module table)."""
+    _check(n_coords, ranks)
+    n, m = int(n_coords), int(ranks)
+    w, k, f = packed_bytes(n), result_planes(m), 4 * n
+    if m == 1:
+        return Cost(0, 0, 0)
+    lg = (m - 1).bit_length()  # ceil(log2 m)
+    pow2 = 1 << (m.bit_length() - 1)  # largest power of 2 <= m
+    extra = 0 if pow2 == m else 1  # non-power-of-2: fold the extra ranks in and out
+    if algorithm == "server":
+        return Cost(2 * (m - 1), (m - 1) * w + (m - 1) * k * w, (1 + tally_passes(m) + k) * w)
+    if algorithm == "tree":
+        return _tree_cost(n, m)
+    if algorithm == "sharded":
+        shards = _shard_bytes(n, m)
+        phase = max(max(w - s, (m - 1) * s) for s in shards)  # busiest rank, either direction
+        biggest = max(shards)
+        return Cost(2 * (m - 1), (1 + k) * phase,
+                    (1 + tally_passes(m) + k) * biggest + 2 * k * w)  # + de-interleave
+    if algorithm == "allgather":
+        return Cost(m - 1, (m - 1) * w, (1 + tally_passes(m)) * w)
+    if algorithm == "ring_allreduce":
+        return Cost(2 * (m - 1), 2 * f * (m - 1) / m, f * (m - 1) / m)
+    if algorithm == "rd_allreduce":
+        steps = pow2.bit_length() - 1
+        return Cost(steps + 2 * extra, (steps + 2 * extra) * f, (steps + extra) * f)
+    if algorithm == "rabenseifner_allreduce":
+        steps = pow2.bit_length() - 1
+        return Cost(2 * steps + 2 * extra, 2 * f * (pow2 - 1) / pow2 + 2 * extra * f,
+                    f * (pow2 - 1) / pow2 + extra * f)
+    if algorithm == "allgather8":
+        return Cost(m - 1, (m - 1) * n, (m + 2) * n)  # M byte rows summed, then 2 compares
+    if algorithm == "bcast_gather":
+        return Cost((m - 1) + lg, (m - 1) * w + lg * k * w, (1 + tally_passes(m) + k) * w)
+    raise ValueError(f"algorithm must be one of {list(ALGORITHMS)}, got {algorithm!r}")
+
+
+def predict(algorithm: str, n_coords: int, ranks: int, link: Link) -> float:
+    """Seconds for one ``algorithm`` over ``n_coords`` coordinates on ``ranks`` ranks."""
+    return cost(algorithm, n_coords, ranks).seconds(link)
+
+
+def choose(n_coords: int, ranks: int, link: Link, candidates=TOPOLOGIES) -> str:
+    """The candidate topology the model predicts fastest (ties: the earlier in ``candidates``)."""
+    candidates = tuple(candidates)
+    if not candidates:
+        raise ValueError("choose needs at least one candidate topology")
+    return min(candidates, key=lambda a: (predict(a, n_coords, ranks, link), candidates.index(a)))
+
+
+def traffic(algorithm: str, n_coords: int, ranks: int) -> list[tuple[int, int]]:
+    """``(bytes sent, bytes received)`` of each rank in one operation.
+
+    Exactly what :class:`mpisign.collectives.SignVote.traffic` counts for the vote topologies;
+    for the MPI collectives, the textbook algorithm's figures (``ring_allreduce``: within one
+    element per block of Open MPI's split; ``bcast_gather``: a binomial broadcast).
+    """
+    _check(n_coords, ranks)
+    n, m = int(n_coords), int(ranks)
+    w, k = packed_bytes(n), result_planes(m)
+    if m == 1:
+        return [(0, 0)]
+    if algorithm == "server":
+        return [((m - 1) * k * w, (m - 1) * w)] + [(w, k * w)] * (m - 1)
+    if algorithm in ("tree", "bcast_gather"):
+        out = []
+        for r in range(m):
+            kids = _tree_children(r, m)
+            if algorithm == "tree":
+                up_sent = 0 if r == 0 else count_planes(_tree_subtree(r, m)) * w
+                up_recv = sum(count_planes(s) * w for _, s in kids)
+            else:  # the authors' gather: each worker's signs to rank 0
+                up_sent, up_recv = (0, (m - 1) * w) if r == 0 else (w, 0)
+            out.append((up_sent + len(kids) * k * w, up_recv + (0 if r == 0 else k * w)))
+        return out
+    if algorithm == "sharded":
+        return [((w - s) + k * (m - 1) * s, (m - 1) * s + k * (w - s)) for s in _shard_bytes(n, m)]
+    if algorithm == "allgather":
+        return [((m - 1) * w, (m - 1) * w)] * m
+    if algorithm == "allgather8":
+        return [((m - 1) * n, (m - 1) * n)] * m
+    if algorithm in FP32_ALLREDUCES:
+        c = cost(algorithm, n, m)
+        return [(round(c.wire_bytes), round(c.wire_bytes))] * m
+    raise ValueError(f"algorithm must be one of {list(ALGORITHMS)}, got {algorithm!r}")
+
+
+# -- measuring the figures ---------------------------------------------------------------------
+
+def _pingpong(comm, nbytes: int, repeat: int, concurrent: bool) -> float:
+    """Best half round trip of ``nbytes`` between ranks 0 and 1 (the others only wait), or,
+    ``concurrent``, between every pair (2i, 2i+1) at once, as seen by the slowest pair."""
+    from mpi4py import MPI  # here, not at import: the model itself needs no MPI
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    peer = rank ^ 1 if concurrent else {0: 1, 1: 0}.get(rank)
+    if peer is not None and peer >= size:
+        peer = None  # odd M: the last rank has no partner
+    buf = np.zeros(max(1, nbytes), dtype=np.uint8)
+    best = math.inf
+    for i in range(repeat + 1):  # the first is a warm-up (connections, registration)
+        comm.Barrier()
+        t = time.perf_counter()
+        if peer is not None and rank < peer:
+            comm.Send(buf, dest=peer, tag=77)
+            comm.Recv(buf, source=peer, tag=77)
+        elif peer is not None:
+            comm.Recv(buf, source=peer, tag=77)
+            comm.Send(buf, dest=peer, tag=77)
+        dt = (time.perf_counter() - t) / 2 if peer is not None else 0.0
+        if concurrent:
+            dt = comm.allreduce(dt, op=MPI.MAX)
+        if i:
+            best = min(best, dt)
+    return best
+
+
+def _pass_seconds_per_byte(nbytes: int, repeat: int) -> float:
+    """Best time per byte of one numpy XOR pass over ``nbytes``-byte uint64 rows."""
+    words = max(1, nbytes // 8)
+    a = np.arange(words, dtype=np.uint64)
+    b = a[::-1].copy()
+    out = np.empty_like(a)
+    best = math.inf
+    for i in range(repeat + 1):
+        t = time.perf_counter()
+        np.bitwise_xor(a, b, out=out)
+        if i:
+            best = min(best, time.perf_counter() - t)
+    return best / (8 * words)
+
+
+def measure_link(comm, small: int = 8, large: int = 8 << 20, repeat: int = 5,
+                 compute_bytes: int = 32 << 20, concurrent: bool = False) -> Link:
+    """Fit ``alpha`` and ``beta`` by a ping-pong between ranks 0 and 1, ``gamma`` by a numpy pass.
+
+    Collective over ``comm``: every rank must call it, and every rank gets the same figures.
+    ``alpha`` is the half round trip of ``small`` bytes; ``beta`` the slope between ``small``
+    and ``large`` bytes (keep ``large`` well above tc's burst and MPI's eager limit); ``gamma``
+    the time per byte of one XOR over ``compute_bytes``, on rank 0 while the others wait.
+    ``concurrent=True`` measures under load instead: every pair of ranks (2i, 2i+1) ping-pongs
+    at once and every rank times the XOR at once, and the slowest counts: what ranks that share
+    cores, memory or a switch see in a collective. On one rank, alpha = beta = 0. Takes about
+    ``4 (repeat + 1) large / bandwidth`` seconds (under 1 s at 1 Gbit/s with the defaults).
+    """
+    if not 0 < small < large:
+        raise ValueError(f"need 0 < small < large bytes, got small={small}, large={large}")
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    from .collectives.base import default_timeout, wait_all
+
+    # Wait on MPI, bounded: a rank that never arrives raises VoteTimeout instead of a hang; once
+    # all are here, the blocking ping-pongs below time MPI itself, not a polling loop.
+    wait_all([comm.Ibarrier()], ["some rank"], default_timeout(),
+             f"measure_link on rank {comm.Get_rank()}")
+    alpha = beta = gamma = 0.0
+    if comm.Get_size() > 1:
+        t_small = _pingpong(comm, small, repeat, concurrent)
+        t_large = _pingpong(comm, large, repeat, concurrent)
+        beta = max(0.0, (t_large - t_small) / (large - small))
+        alpha = max(0.0, t_small - beta * small)
+    if concurrent:
+        from mpi4py import MPI
+
+        comm.Barrier()
+        gamma = comm.allreduce(_pass_seconds_per_byte(compute_bytes, repeat), op=MPI.MAX)
+    elif comm.Get_rank() == 0:
+        gamma = _pass_seconds_per_byte(compute_bytes, repeat)
+    # Every rank gets rank 0's figures, so that choose() agrees everywhere.
+    alpha, beta, gamma = comm.bcast((alpha, beta, gamma), root=0)
+    return Link(alpha=alpha, beta=beta, gamma=gamma)
