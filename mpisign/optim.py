@@ -253,12 +253,8 @@ class Signum(Optimizer):
         """Allgather a fingerprint of the layout; on any difference every rank raises."""
         desc = self._describe()
         digest = hashlib.sha256(repr((desc, self.overlap, self.bucket_words)).encode()).digest()
-        mine = np.frombuffer(digest[:16], dtype=np.uint8).copy()
-        every = np.empty((self.world_size, mine.size), dtype=np.uint8)
-        req = self.comm.Iallgather(mine, every)
-        # Wait on MPI: the first vote must not start before the layouts are known to agree.
-        wait_all([req], ["some rank"], self.timeout, f"layout check on rank {self.rank}")
-        differ = [r for r in range(self.world_size) if not np.array_equal(every[r], every[0])]
+        # The first vote must not start before the layouts are known to agree.
+        differ = self._ranks_differing(digest[:16], "layout check")
         if differ:
             raise LayoutMismatch(
                 f"ranks disagree about the parameters to optimize: rank(s) {differ} differ from "
@@ -455,16 +451,20 @@ class Signum(Optimizer):
                 h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.digest()
 
+    def _ranks_differing(self, digest: bytes, what: str) -> list[int]:
+        """Allgather every rank's ``digest``; the ranks whose digest differs from rank 0's."""
+        mine = np.frombuffer(digest, dtype=np.uint8).copy()
+        every = np.empty((self.world_size, mine.size), dtype=np.uint8)
+        req = self.comm.Iallgather(mine, every)
+        # Wait on MPI: the verdict needs every rank's digest (bounded: a missing rank raises).
+        wait_all([req], ["some rank"], self.timeout, f"{what} on rank {self.rank}")
+        return [r for r in range(self.world_size) if not np.array_equal(every[r], every[0])]
+
     def check_consistency(self) -> None:
         """Raise :class:`ParameterDivergence` on every rank unless all hold identical parameters."""
         if self.world_size == 1:
             return
-        mine = np.frombuffer(self.params_digest(), dtype=np.uint8).copy()
-        every = np.empty((self.world_size, mine.size), dtype=np.uint8)
-        req = self.comm.Iallgather(mine, every)
-        # Wait on MPI: the verdict needs every rank's digest.
-        wait_all([req], ["some rank"], self.timeout, f"consistency check on rank {self.rank}")
-        differ = [r for r in range(self.world_size) if not np.array_equal(every[r], every[0])]
+        differ = self._ranks_differing(self.params_digest(), "consistency check")
         if differ:
             raise ParameterDivergence(
                 f"after step {self.stats.steps} rank(s) {differ} hold parameters that differ "
