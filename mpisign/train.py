@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=_nonnegative_int, default=0, metavar="N",
                    help="also checkpoint every N steps (always at epoch ends, on SIGUSR1/"
                         "SIGTERM and at the end)")
+    g.add_argument("--keep-checkpoints", type=_positive_int, default=1, metavar="N",
+                   help="keep the newest N checkpoints (more give python -m mpisign.diagnostics "
+                        "a sequence over training)")
     g.add_argument("--log-every", type=_positive_int, default=20, metavar="N",
                    help="a metrics record every N steps")
     g.add_argument("--eval-batch-size", type=_positive_int, default=1000)
@@ -383,7 +386,7 @@ def train(args, comm) -> int:
                   "mpisign": mpisign.__version__}
         own = {"rank": rank, "optimizer": opt.state_dict(), "rng": checkpoint.capture_rng(),
                "attack_rng": attack_rng.get_state(), "epoch_sums": epoch_sums.tolist()}
-        where = checkpoint.save(out, step, common, own, comm)
+        where = checkpoint.save(out, step, common, own, comm, keep=args.keep_checkpoints)
         metrics.write(type="checkpoint", step=step, why=why, path=str(where), time=elapsed())
 
     # Loop: epochs of this rank's batches; books every --log-every steps. ----------------------

@@ -296,3 +296,10 @@ def test_slurm_scripts_pass_shellcheck(script):
     out = subprocess.run(["shellcheck", str(REPO / "slurm" / script)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_keep_checkpoints_leaves_a_sequence_for_the_diagnostics(tmp_path):
+    main(["--dataset", "digits", "--max-steps", "12", "--checkpoint-every", "4",
+          "--keep-checkpoints", "2", "--no-progress", "--out", str(tmp_path)])
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert kept == ["step-000000008", "step-000000012"]
