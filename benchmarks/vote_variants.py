@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from mpi4py import MPI
 
-from mpisign import packing
 from mpisign.collectives.sharded import RESULT, VOTES, ShardedVote
 
 __all__ = ["PairwiseShardedVote", "BlockingWaitShardedVote", "RingGatherShardedVote"]
@@ -23,45 +22,31 @@ class PairwiseShardedVote(ShardedVote):
     name = "sharded-pairwise"
 
     def _start(self, p):
-        w = p.words.size
-        b = p.bounds = self.bounds(w)
-        mine = b[self.rank + 1] - b[self.rank]
-        p.shards = self._buffer(p.bucket, "shards", (self.size, mine))
-        p.shards[self.rank] = p.words[b[self.rank]: b[self.rank + 1]]
+        self._prepare(p)  # nothing posted early: the rounds run in _finish
 
     def _rounds(self):
         for k in range(1, self.size):
             yield (self.rank + k) % self.size, (self.rank - k) % self.size
 
     def _finish(self, p):
-        b, w, k = p.bounds, p.words.size, (2 if self.tie_possible else 1)
         # Step 1: the alltoall of sign shards, one peer pair per round.
+        b = p.bounds
         for dst, src in self._rounds():
             self._irecv(p, p.shards[src], src, VOTES)
             self._isend(p, p.words[b[dst]: b[dst + 1]], dst, VOTES)
             # Wait on MPI: one round at a time keeps one flow on each link.
             self._wait(p, f"pairwise alltoall round with ranks {dst}, {src}")
-        # Step 2: tally this rank's shard.
-        lo, hi = b[self.rank], b[self.rank + 1]
-        n_here = max(0, min(p.n - 64 * lo, 64 * (hi - lo)))
-        plus, tie = packing.majority(packing.tally(p.shards), self.size, n_here)
+        return super()._finish(p)  # its first wait finds nothing pending
+
+    def _gather_results(self, p, result):
         # Step 3: the allgather of the voted shards, one peer pair per round.
-        result = self._buffer(p.bucket, "result", (w, k))
-        result[lo:hi, 0] = plus
-        if tie is not None:
-            result[lo:hi, 1] = tie
+        b = p.bounds
+        mine = result[b[self.rank]: b[self.rank + 1]]
         for dst, src in self._rounds():
             self._irecv(p, result[b[src]: b[src + 1]], src, RESULT)
-            self._isend(p, result[lo:hi], dst, RESULT)
+            self._isend(p, mine, dst, RESULT)
             # Wait on MPI: as above.
             self._wait(p, f"pairwise allgather round with ranks {dst}, {src}")
-        plus = self._buffer(p.bucket, "plus", (w,))
-        plus[:] = result[:, 0]
-        if not self.tie_possible:
-            return plus, None
-        tie = self._buffer(p.bucket, "tie", (w,))
-        tie[:] = result[:, 1]
-        return plus, tie
 
 
 class BlockingWaitShardedVote(ShardedVote):
@@ -84,18 +69,8 @@ class RingGatherShardedVote(ShardedVote):
 
     name = "sharded-ringgather"
 
-    def _finish(self, p):
-        b, w, k = p.bounds, p.words.size, (2 if self.tie_possible else 1)
-        m, r = self.size, self.rank
-        # Wait on MPI: the shard's tally needs every rank's piece of it (phase 1 unchanged).
-        self._wait(p, "alltoall of the sign shards")
-        lo, hi = b[r], b[r + 1]
-        n_here = max(0, min(p.n - 64 * lo, 64 * (hi - lo)))
-        plus, tie = packing.majority(packing.tally(p.shards), m, n_here)
-        result = self._buffer(p.bucket, "result", (w, k))
-        result[lo:hi, 0] = plus
-        if tie is not None:
-            result[lo:hi, 1] = tie
+    def _gather_results(self, p, result):
+        b, m, r = p.bounds, self.size, self.rank
         right, left = (r + 1) % m, (r - 1) % m
         for s in range(m - 1):
             out, inc = (r - s) % m, (r - s - 1) % m
@@ -103,10 +78,3 @@ class RingGatherShardedVote(ShardedVote):
             self._isend(p, result[b[out]: b[out + 1]], right, RESULT)
             # Wait on MPI: the next step forwards what this one receives.
             self._wait(p, f"ring allgather step {s}")
-        plus = self._buffer(p.bucket, "plus", (w,))
-        plus[:] = result[:, 0]
-        if not self.tie_possible:
-            return plus, None
-        tie = self._buffer(p.bucket, "tie", (w,))
-        tie[:] = result[:, 1]
-        return plus, tie

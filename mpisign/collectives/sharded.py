@@ -26,39 +26,58 @@ class ShardedVote(SignVote):
         """Word offsets of the M shards: shard j is words ``[b[j], b[j+1])``."""
         return [j * w // self.size for j in range(self.size + 1)]
 
-    def _start(self, p):
+    def _prepare(self, p) -> None:
+        """Shard bounds, and this rank's row of its own shard, in the buffer the others fill."""
         w = p.words.size
         b = p.bounds = self.bounds(w)
-        mine = b[self.rank + 1] - b[self.rank]
+        p.shards = self._buffer(p.bucket, "shards", (self.size, b[self.rank + 1] - b[self.rank]))
+        p.shards[self.rank] = p.words[b[self.rank]: b[self.rank + 1]]
+
+    def _start(self, p):
         # Step 1: post the alltoall: shard j of this rank's signs to rank j, and receive this
         # rank's shard of every rank's signs into a row each.
-        p.shards = self._buffer(p.bucket, "shards", (self.size, mine))
-        p.shards[self.rank] = p.words[b[self.rank]: b[self.rank + 1]]
+        self._prepare(p)
+        b = p.bounds
         for r in range(self.size):
             if r != self.rank:
                 self._irecv(p, p.shards[r], r, VOTES)
                 self._isend(p, p.words[b[r]: b[r + 1]], r, VOTES)
 
     def _finish(self, p):
-        b, w, k = p.bounds, p.words.size, (2 if self.tie_possible else 1)
         # Wait on MPI: the shard's tally needs every rank's piece of it.
         self._wait(p, "alltoall of the sign shards")
-        # Step 2: tally this rank's shard. Bits past n only occur in the last shard.
+        result = self._tally_shard(p)
+        self._gather_results(p, result)
+        return self._split(p, result)
+
+    def _tally_shard(self, p):
+        """Step 2: the majority of this rank's shard, in its rows of a W x k result buffer (row
+        i holds word i's plus and tie, so every shard of the result is one contiguous message).
+        Bits past n only occur in the last shard."""
+        b, k = p.bounds, (2 if self.tie_possible else 1)
         lo, hi = b[self.rank], b[self.rank + 1]
         n_here = max(0, min(p.n - 64 * lo, 64 * (hi - lo)))
         plus, tie = packing.majority(packing.tally(p.shards), self.size, n_here)
-        # Step 3: allgather the results; row i of `result` holds word i's plus (and tie), so
-        # every shard of the result is one contiguous message.
-        result = self._buffer(p.bucket, "result", (w, k))
+        result = self._buffer(p.bucket, "result", (p.words.size, k))
         result[lo:hi, 0] = plus
         if tie is not None:
             result[lo:hi, 1] = tie
+        return result
+
+    def _gather_results(self, p, result) -> None:
+        """Step 3: the allgather of the voted shards, every message posted at once."""
+        b = p.bounds
+        mine = result[b[self.rank]: b[self.rank + 1]]
         for r in range(self.size):
             if r != self.rank:
                 self._irecv(p, result[b[r]: b[r + 1]], r, RESULT)
-                self._isend(p, result[lo:hi], r, RESULT)
+                self._isend(p, mine, r, RESULT)
         # Wait on MPI: the full result is this rank's update.
         self._wait(p, "allgather of the voted shards")
+
+    def _split(self, p, result):
+        """``(plus, tie)`` as contiguous word vectors, from the W x k result."""
+        w = p.words.size
         plus = self._buffer(p.bucket, "plus", (w,))
         plus[:] = result[:, 0]
         if not self.tie_possible:
