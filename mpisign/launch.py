@@ -14,6 +14,7 @@ compute thread per rank, Open MPI allowed to run as root (containers, CI), and
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import subprocess
@@ -33,7 +34,9 @@ def find_mpiexec() -> str:
     return found
 
 
+@functools.lru_cache(maxsize=None)
 def is_open_mpi(mpiexec: str) -> bool:
+    """Whether ``mpiexec`` is Open MPI's (asked once per executable: it starts a process)."""
     out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=60)
     return "Open MPI" in out.stdout + out.stderr or "OpenRTE" in out.stdout + out.stderr
 

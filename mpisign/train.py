@@ -89,14 +89,16 @@ class Parser(argparse.ArgumentParser):
             super()._print_message(message, file)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an int > 0 (shared with mpisign.diagnostics)."""
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
 
 
-def _nonnegative_int(text: str) -> int:
+def nonnegative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
@@ -124,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=None,
                    help="where the data lives (fashion-mnist default: "
                         "/usr/share/datasets/fashion-mnist; required for cifar10, imagefolder)")
-    g.add_argument("--workers", type=_nonnegative_int, default=None,
+    g.add_argument("--workers", type=nonnegative_int, default=None,
                    help="DataLoader workers per rank (default: 0 in memory, a few for images)")
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", choices=("signum", "signsgd", "sgd"), default="signum",
@@ -137,15 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=_finite_float, default=None,
                    help="momentum in [0, 1) (default 0.9 for signum and sgd; signsgd has none)")
     g.add_argument("--weight-decay", type=_finite_float, default=0.0)
-    g.add_argument("--batch-size", type=_positive_int, default=64, help="per rank")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="per rank")
     g.add_argument("--vote-timeout", type=_finite_float, default=None,
                    help="seconds a vote waits for its peers (default $MPISIGN_TIMEOUT or 300)")
-    g.add_argument("--check-every", type=_nonnegative_int, default=0,
+    g.add_argument("--check-every", type=nonnegative_int, default=0,
                    help="check every N steps that all ranks hold identical parameters "
                         "(always checked at epoch ends); 0: epoch ends only")
     g = p.add_argument_group("schedule")
-    g.add_argument("--epochs", type=_positive_int, default=2)
-    g.add_argument("--max-steps", type=_positive_int, default=None,
+    g.add_argument("--epochs", type=positive_int, default=2)
+    g.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many steps in all (overrides --epochs)")
     g.add_argument("--warmup-epochs", type=float, default=0.0,
                    help="linear warmup of the learning rate over this many epochs")
@@ -154,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-decay", type=_finite_float, default=0.1)
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("adversaries (Byzantine workers)")
-    g.add_argument("--adversaries", type=_nonnegative_int, default=0, metavar="K",
+    g.add_argument("--adversaries", type=nonnegative_int, default=0, metavar="K",
                    help="the first K ranks corrupt their gradients before the vote")
     g.add_argument("--attack", choices=(*ATTACKS, *NON_BLIND_ATTACKS), default="invert",
                    help="blind multiplicative attack, or omniscient: minus the honest ranks' "
@@ -166,15 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metrics, run.json and checkpoints (default runs/<date>-<optimizer>)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in --out (start afresh if it has none)")
-    g.add_argument("--checkpoint-every", type=_nonnegative_int, default=0, metavar="N",
+    g.add_argument("--checkpoint-every", type=nonnegative_int, default=0, metavar="N",
                    help="also checkpoint every N steps (always at epoch ends, on SIGUSR1/"
                         "SIGTERM and at the end)")
-    g.add_argument("--keep-checkpoints", type=_positive_int, default=1, metavar="N",
+    g.add_argument("--keep-checkpoints", type=positive_int, default=1, metavar="N",
                    help="keep the newest N checkpoints (more give python -m mpisign.diagnostics "
                         "a sequence over training)")
-    g.add_argument("--log-every", type=_positive_int, default=20, metavar="N",
+    g.add_argument("--log-every", type=positive_int, default=20, metavar="N",
                    help="a metrics record every N steps")
-    g.add_argument("--eval-batch-size", type=_positive_int, default=1000)
+    g.add_argument("--eval-batch-size", type=positive_int, default=1000)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="tqdm progress bar on rank 0")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",

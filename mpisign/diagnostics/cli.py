@@ -23,6 +23,7 @@ import mpisign
 
 from ..data import DATASETS, DataNotFound, load_data
 from ..models import MODELS, build_model, count_parameters
+from ..train import nonnegative_int, positive_int
 from . import figures, report, stats
 from .gradients import sample_coordinates, supports_per_example
 from .measure import Options, measure_point
@@ -42,20 +43,6 @@ def _int_list(text: str) -> tuple:
     return tuple(sorted(set(values)))
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mpisign.diagnostics",
@@ -69,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", choices=DATASETS, default=None,
                    help="default: fashion-mnist if installed, else digits")
     g.add_argument("--data-dir", default=None)
-    g.add_argument("--workers", type=_nonnegative_int, default=0,
+    g.add_argument("--workers", type=nonnegative_int, default=0,
                    help="DataLoader workers (0: in the main process)")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     g.add_argument("--seed", type=int, default=None,
@@ -81,17 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init", action="store_true",
                    help="also the initial model (always, when no --checkpoint is given)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--coords", type=_positive_int, default=1000, metavar="K",
+    g.add_argument("--coords", type=positive_int, default=1000, metavar="K",
                    help="coordinates sampled uniformly from all parameters")
-    g.add_argument("--examples", type=_positive_int, default=20000, metavar="P",
+    g.add_argument("--examples", type=positive_int, default=20000, metavar="P",
                    help="training examples in the pool whose mean gradient is 'the' gradient "
                         "(all, if fewer)")
-    g.add_argument("--draws", type=_positive_int, default=1000, metavar="N",
+    g.add_argument("--draws", type=positive_int, default=1000, metavar="N",
                    help="minibatch gradients per batch size")
     g.add_argument("--batch-sizes", type=_int_list, default=(1, 32, 256), metavar="B,B,...")
     g.add_argument("--vote-workers", type=_int_list, default=(1, 3, 5, 9, 15, 31),
                    metavar="M,M,...", help="numbers of workers M for the vote-error curve")
-    g.add_argument("--vote-trials", type=_positive_int, default=2000,
+    g.add_argument("--vote-trials", type=positive_int, default=2000,
                    help="simulated votes per M")
     g.add_argument("--method", choices=("auto", "per-example", "minibatch"), default="auto",
                    help="per-example: exact and fast, for Linear/Conv2d models without batch "
@@ -99,16 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unimodality", choices=("auto", "dip", "bc"), default="auto",
                    help="dip: Hartigan's dip test (package diptest); bc: bimodality "
                         "coefficient; auto: dip if installed")
-    g.add_argument("--hessian-probes", type=_nonnegative_int, default=4,
+    g.add_argument("--hessian-probes", type=nonnegative_int, default=4,
                    help="Hutchinson probes for the curvature proxy (0: skip)")
-    g.add_argument("--hessian-examples", type=_positive_int, default=512)
-    g.add_argument("--density-draws", type=_nonnegative_int, default=2,
+    g.add_argument("--hessian-examples", type=positive_int, default=512)
+    g.add_argument("--density-draws", type=nonnegative_int, default=2,
                    help="whole-vector noise draws per batch size for its density")
-    g.add_argument("--chunk", type=_positive_int, default=256,
+    g.add_argument("--chunk", type=positive_int, default=256,
                    help="examples per pass over the pool")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="default: diagnostics/<date>")
-    g.add_argument("--reference-batch", type=_positive_int, default=None,
+    g.add_argument("--reference-batch", type=positive_int, default=None,
                    help="batch size of the SNR-phase verdict and CDF (default: of --batch-sizes "
                         "the nearest to the run's --batch-size, else the middle one)")
     return p
