@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from mpisign import packing
+from mpisign.cuda.kernels import bits_in, votes_shape
 
 __all__ = ["compiler", "load", "pack", "tally", "apply", "disagreement"]
 
@@ -38,7 +39,6 @@ SOURCES = ("signs.cu", "host_shim.h", "host_driver.cpp")
 FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas")
 _GUARD = np.uint64(0xA5A5_5A5A_DEAD_BEEF)
 _POISON = np.uint64(0x5A5A_A5A5_0BAD_F00D)
-_MAX_WORKERS = 65535  # MAX_PLANES = 16 in signs.cu
 
 _P, _U64, _U32, _I32, _F32 = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int, ctypes.c_float
 _ARGTYPES = {
@@ -153,9 +153,7 @@ def tally(votes, n: int, *, threads: int = 64, blocks: int | None = None):
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     v = _words(votes, "votes", packing.n_words(n))
-    if v.ndim != 2 or not 1 <= v.shape[0] <= _MAX_WORKERS:
-        raise ValueError(f"votes must be M x W with 1 <= M <= {_MAX_WORKERS}, got shape {v.shape}")
-    m, w = v.shape
+    m, w = votes_shape(v.shape)
     plus, tie = _guarded(w), _guarded(w)
     if w:
         grid, block = _grid(2 * w, threads, blocks)
@@ -191,12 +189,8 @@ def disagreement(votes, plus, tie=None, n: int | None = None, *, threads: int = 
     """Per worker: coordinates (of the first ``n``) where its bits differ from ``plus``, ties
     excluded; an int64 array of M counts. ``rows`` caps gridDim.y (workers per pass)."""
     v = _words(votes, "votes")
-    if v.ndim != 2 or not 1 <= v.shape[0] <= _MAX_WORKERS:
-        raise ValueError(f"votes must be M x W with 1 <= M <= {_MAX_WORKERS}, got shape {v.shape}")
-    m, w = v.shape
-    n = 64 * w if n is None else n
-    if not 0 <= n <= 64 * w:
-        raise ValueError(f"n must be in 0..{64 * w} for {w} words, got {n}")
+    m, w = votes_shape(v.shape)
+    n = bits_in(n, w)
     plus_w = _words(plus, "plus", w)
     tie_w = None if tie is None else _words(tie, "tie", w)
     counts = _guarded(m, fill=0)  # the kernel adds into zeroed counters

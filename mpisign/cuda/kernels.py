@@ -107,6 +107,23 @@ def _words(t, name: str, min_words: int = 0) -> torch.Tensor:
     return t
 
 
+def votes_shape(shape) -> tuple[int, int]:
+    """``(M, W)`` of an M x W votes array, 1 <= M <= the kernels' worker limit, else ValueError.
+    Shared by this module and :mod:`.emulate`, which take the same arguments."""
+    shape = tuple(shape)
+    if len(shape) != 2 or not 1 <= shape[0] <= _MAX_WORKERS:
+        raise ValueError(f"votes must be M x W with 1 <= M <= {_MAX_WORKERS}, got {shape}")
+    return shape
+
+
+def bits_in(n: int | None, w: int) -> int:
+    """``n`` (default: every bit of ``w`` words), checked to fit in ``w`` words."""
+    n = 64 * w if n is None else n
+    if not 0 <= n <= 64 * w:
+        raise ValueError(f"n must be in 0..{64 * w} for {w} words, got {n}")
+    return n
+
+
 # ---- the four kernels -----------------------------------------------------------------------
 
 def pack(x: torch.Tensor, zero_bit: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,9 +148,7 @@ def tally(votes: torch.Tensor, n: int):
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     votes = _words(votes, "votes", packing.n_words(n))
-    if votes.dim() != 2 or not 1 <= votes.shape[0] <= _MAX_WORKERS:
-        raise ValueError(f"votes must be M x W with 1 <= M <= {_MAX_WORKERS}, got {tuple(votes.shape)}")
-    m, w = votes.shape
+    m, w = votes_shape(votes.shape)
     plus = torch.empty(w, dtype=torch.uint64, device=votes.device)
     tie = torch.empty_like(plus)
     if w:
@@ -168,12 +183,8 @@ def disagreement(votes: torch.Tensor, plus: torch.Tensor, tie: torch.Tensor | No
     """Per worker: coordinates (of the first ``n``) where its bits differ from ``plus``, ties
     excluded; an int64 CUDA tensor of M counts."""
     votes = _words(votes, "votes")
-    if votes.dim() != 2 or not 1 <= votes.shape[0] <= _MAX_WORKERS:
-        raise ValueError(f"votes must be M x W with 1 <= M <= {_MAX_WORKERS}, got {tuple(votes.shape)}")
-    m, w = votes.shape
-    n = 64 * w if n is None else n
-    if not 0 <= n <= 64 * w:
-        raise ValueError(f"n must be in 0..{64 * w} for {w} words, got {n}")
+    m, w = votes_shape(votes.shape)
+    n = bits_in(n, w)
     plus = _words(plus, "plus", w)
     tie = None if tie is None else _words(tie, "tie", w)
     counts = torch.zeros(m, dtype=torch.int64, device=votes.device)
