@@ -123,6 +123,22 @@ def _byte_table(np_dtype, on: float, off: float) -> np.ndarray:
     return _TABLES[key]
 
 
+def _tie_bytes(tie: np.ndarray | None, n: int) -> np.ndarray | None:
+    """The tie mask as bytes, or None when it has no tie among the first ``n`` bits."""
+    return tie.view(np.uint8) if tie is not None and tie[: n_words(n)].any() else None
+
+
+def _expand_votes(plus_bytes: np.ndarray, tie_bytes: np.ndarray | None, out: np.ndarray,
+                  keep: np.ndarray | None = None) -> None:
+    """+1 / -1 for each bit of ``plus_bytes`` into ``out`` (len x 8, its dtype), and 0 where
+    ``tie_bytes`` has a 1: one table lookup per byte, no per-bit arithmetic. ``keep`` is an
+    optional scratch of ``out``'s shape for the tie mask."""
+    np.take(_byte_table(out.dtype, 1.0, -1.0), plus_bytes, axis=0, out=out)
+    if tie_bytes is not None:
+        keep = np.take(_byte_table(out.dtype, 0.0, 1.0), tie_bytes, axis=0, out=keep)
+        np.multiply(out, keep, out=out)
+
+
 def unpack_signs(words: np.ndarray, n: int, tie: np.ndarray | None = None,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Unpack ``n`` bits into a CPU tensor of +1 (bit 1) / -1 (bit 0), and 0 where ``tie`` is set.
@@ -134,9 +150,9 @@ def unpack_signs(words: np.ndarray, n: int, tie: np.ndarray | None = None,
     np_dtype = _NUMPY_DTYPES.get(dtype, np.float32)  # bfloat16: build in float32, cast once
     nbytes = (n + 7) // 8
     out = np.empty((nbytes, 8), dtype=np_dtype)
-    np.take(_byte_table(np_dtype, 1.0, -1.0), words.view(np.uint8)[:nbytes], axis=0, out=out)
-    if tie is not None and tie[: n_words(n)].any():
-        out *= np.take(_byte_table(np_dtype, 0.0, 1.0), tie.view(np.uint8)[:nbytes], axis=0)
+    tie_bytes = _tie_bytes(tie, n)
+    _expand_votes(words.view(np.uint8)[:nbytes], None if tie_bytes is None else tie_bytes[:nbytes],
+                  out)
     v = torch.from_numpy(out.reshape(-1)[:n])
     return v if v.dtype == dtype else v.to(dtype)
 
@@ -166,16 +182,12 @@ def apply_signs(p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: f
                         np.empty((APPLY_CHUNK // 8, 8), np_dtype))
     buf, tbuf = scratch[key]
     plus_bytes = plus.view(np.uint8)
-    tie_bytes = tie.view(np.uint8) if tie is not None and tie[: n_words(n)].any() else None
-    vote_table = _byte_table(np_dtype, 1.0, -1.0)
-    keep_table = _byte_table(np_dtype, 0.0, 1.0)
+    tie_bytes = _tie_bytes(tie, n)
     for start in range(0, n, APPLY_CHUNK):  # APPLY_CHUNK is a multiple of 8: byte-aligned
         stop = min(n, start + APPLY_CHUNK)
         b0, nb = start // 8, (stop - start + 7) // 8
-        np.take(vote_table, plus_bytes[b0: b0 + nb], axis=0, out=buf[:nb])
-        if tie_bytes is not None:
-            np.take(keep_table, tie_bytes[b0: b0 + nb], axis=0, out=tbuf[:nb])
-            np.multiply(buf[:nb], tbuf[:nb], out=buf[:nb])
+        _expand_votes(plus_bytes[b0: b0 + nb],
+                      None if tie_bytes is None else tie_bytes[b0: b0 + nb], buf[:nb], tbuf[:nb])
         v = torch.from_numpy(buf[:nb].reshape(-1)[: stop - start])
         if v.dtype != p.dtype:
             v = v.to(p.dtype)  # bfloat16: numpy has none; a chunk-sized cast

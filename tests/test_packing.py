@@ -97,3 +97,22 @@ def test_argument_errors():
         packing.pack_signs(np.ones(100), out=np.empty(1, np.uint64))
     with pytest.raises(ValueError, match="words"):
         packing.unpack_signs(np.zeros(1, np.uint64), 65)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_apply_signs_matches_unpack_then_update(dtype):
+    """The fused, chunked apply equals p - lr * (v + wd * p) computed from the unpacked vote,
+    across a chunk boundary and with ties."""
+    rng = np.random.default_rng(7)
+    n = packing.APPLY_CHUNK + 1001
+    plus = packing.pack_signs(rng.standard_normal(n))
+    tie = packing.pack_signs(rng.standard_normal(n) - 1.0)  # ~16% ties
+    p = torch.from_numpy(rng.standard_normal(n)).to(dtype)
+    v = packing.unpack_signs(plus, n, tie, dtype=torch.float64)
+    want = (p.double() - 0.01 * (v + 0.1 * p.double())).to(dtype)
+    packing.apply_signs(p, plus, tie, 0.01, 0.1, scratch={})
+    if dtype == torch.bfloat16:  # bf16 arithmetic: within one bf16 ulp (2**-7 relative)
+        torch.testing.assert_close(p, want, rtol=2**-7, atol=1e-2)
+    else:
+        torch.testing.assert_close(p, want, rtol=0, atol=1e-6)
+    assert (v == 0).any()  # ties were really exercised

@@ -100,9 +100,6 @@ class Traffic:
     received: int = 0
     votes: int = 0
 
-    def as_dict(self) -> dict:
-        return {"bytes_sent": self.sent, "bytes_received": self.received, "votes": self.votes}
-
 
 class Pending:
     """A vote in flight: what ``start`` posted and ``finish`` completes."""
