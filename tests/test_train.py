@@ -33,12 +33,6 @@ TARGET_ACCURACY = 0.90  # signum/server reaches 0.95-0.99 on digits' 360 test im
 
 
 # -- launching --------------------------------------------------------------------------------
-def _oversubscribe(exe: str) -> list[str]:
-    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
-    return ["--oversubscribe", "--bind-to", "none"] if "Open MPI" in out.stdout + out.stderr \
-        else []
-
-
 def launch(n: int, *args: str, script: str | None = None, timeout: float = 120,
            expect: int | None = 0) -> str:
     """Run ``python -m mpisign.train args`` (or ``python tests/mpi/<script> args``) on ``n``
@@ -49,9 +43,8 @@ def launch(n: int, *args: str, script: str | None = None, timeout: float = 120,
 
 
 def start(n: int, *args: str, script: str | None = None) -> subprocess.Popen:
-    exe = mpirun.mpiexec()
     target = [str(REPO / "tests" / "mpi" / script)] if script else ["-m", "mpisign.train"]
-    cmd = [exe, "-n", str(n), *_oversubscribe(exe), sys.executable, *target, *args]
+    cmd = mpirun.mpiexec_command(n, [sys.executable, *target, *args])
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=mpirun.mpi_env(), cwd=REPO, start_new_session=True)
 
