@@ -137,6 +137,7 @@ def _expand_votes(plus_bytes: np.ndarray, tie_bytes: np.ndarray | None, out: np.
     if tie_bytes is not None:
         keep = np.take(_byte_table(out.dtype, 0.0, 1.0), tie_bytes, axis=0, out=keep)
         np.multiply(out, keep, out=out)
+        np.add(out, 0.0, out=out)  # -1 * 0 is -0.0: a tie votes +0.0, as the GPU kernels do
 
 
 def unpack_signs(words: np.ndarray, n: int, tie: np.ndarray | None = None,
@@ -169,18 +170,24 @@ def apply_signs(p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: f
     ``plus`` / ``tie``. The vote is unpacked :data:`APPLY_CHUNK` coordinates at a time into a
     reused scratch buffer and applied at once, so no float temporary of the parameter's size is
     ever made. ``scratch`` is a dict the caller keeps across calls.
+
+    Rounding is the GPU ``apply`` kernel's, bit for bit: float32 arithmetic (float64 for float64
+    parameters), ``lr`` and ``weight_decay`` rounded to float32, each operation rounded on its
+    own (no fused multiply-add), half-precision parameters rounded once at the end. So ranks on
+    CPUs and ranks on GPUs hold the same bits after every step.
     """
     if not p.is_contiguous():
         raise ValueError("apply_signs needs a contiguous parameter")
     n = p.numel()
     flat = p.view(-1)
-    np_dtype = _NUMPY_DTYPES.get(p.dtype, np.float32)
+    wide = torch.float64 if p.dtype == torch.float64 else torch.float32
+    np_dtype = np.float64 if wide == torch.float64 else np.float32
+    lr, weight_decay = (float(np_dtype(x)) for x in (lr, weight_decay))
     scratch = {} if scratch is None else scratch
     key = np.dtype(np_dtype).str
     if key not in scratch:
-        scratch[key] = (np.empty((APPLY_CHUNK // 8, 8), np_dtype),
-                        np.empty((APPLY_CHUNK // 8, 8), np_dtype))
-    buf, tbuf = scratch[key]
+        scratch[key] = tuple(np.empty((APPLY_CHUNK // 8, 8), np_dtype) for _ in range(3))
+    buf, tbuf, xbuf = scratch[key]
     plus_bytes = plus.view(np.uint8)
     tie_bytes = _tie_bytes(tie, n)
     for start in range(0, n, APPLY_CHUNK):  # APPLY_CHUNK is a multiple of 8: byte-aligned
@@ -189,12 +196,19 @@ def apply_signs(p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: f
         _expand_votes(plus_bytes[b0: b0 + nb],
                       None if tie_bytes is None else tie_bytes[b0: b0 + nb], buf[:nb], tbuf[:nb])
         v = torch.from_numpy(buf[:nb].reshape(-1)[: stop - start])
-        if v.dtype != p.dtype:
-            v = v.to(p.dtype)  # bfloat16: numpy has none; a chunk-sized cast
         chunk = flat[start:stop]
+        x = chunk
+        if chunk.dtype != wide:  # half precision: compute wide, round once when storing
+            x = torch.from_numpy(xbuf[:nb].reshape(-1)[: stop - start])
+            x.copy_(chunk)
         if weight_decay:
-            v.add_(chunk, alpha=weight_decay)
-        chunk.add_(v, alpha=-lr)
+            t = torch.from_numpy(tbuf[:nb].reshape(-1)[: stop - start])
+            torch.mul(x, weight_decay, out=t)
+            v.add_(t)                       # v + wd * p
+        v.mul_(lr)                          # lr * (v + wd * p)
+        x.sub_(v)                           # p - lr * (v + wd * p)
+        if x is not chunk:
+            chunk.copy_(x)
 
 
 def count_planes(m: int) -> int:
@@ -202,81 +216,102 @@ def count_planes(m: int) -> int:
     return max(1, int(m).bit_length())
 
 
-def add_vote(planes: np.ndarray, v: np.ndarray) -> None:
+def _ns(a):
+    """The array namespace of ``a``: numpy, or torch for tensors. The tally below is written once
+    for both (numpy uint64 words on the host; torch int64 words on any device, the same bits),
+    with the bitwise functions the two spell alike and ``out=`` so no temporary is allocated."""
+    return torch if isinstance(a, torch.Tensor) else np
+
+
+def _zeros(like, shape):
+    """Zero words of ``shape``, of ``like``'s kind, dtype and device."""
+    if isinstance(like, torch.Tensor):
+        return like.new_zeros(shape)
+    return np.zeros(shape, dtype=like.dtype)
+
+
+def _word_mask(like, mask: np.uint64):
+    """``mask`` as an operand for ``like``'s words: as is for numpy, the same 64 bits as a
+    signed int for torch's int64 words."""
+    return int(np.array(mask).view(np.int64)) if isinstance(like, torch.Tensor) else mask
+
+
+def add_vote(planes, v) -> None:
     """Add one worker's vote bits ``v`` (W words) into counter ``planes`` (P x W), in place.
 
     Carry-save: ``c[j], carry = c[j] ^ carry, c[j] & carry`` for each plane. The caller sizes
     ``planes`` with :func:`count_planes` for the final count, so no carry leaves the top plane.
     """
-    carry = v.copy()
-    tmp = np.empty_like(carry)
+    xp = _ns(planes)
+    carry = v.clone() if xp is torch else v.copy()
+    tmp = xp.empty_like(carry)
     for c in planes:
-        np.bitwise_and(c, carry, out=tmp)
-        np.bitwise_xor(c, carry, out=c)
+        xp.bitwise_and(c, carry, out=tmp)
+        xp.bitwise_xor(c, carry, out=c)
         carry, tmp = tmp, carry
 
 
-def add_counts(a: np.ndarray, b: np.ndarray, planes_out: int) -> np.ndarray:
+def add_counts(a, b, planes_out: int):
     """Ripple-carry sum of two bit-sliced counters (Pa x W and Pb x W) into ``planes_out`` planes."""
-    w = a.shape[1]
-    out = np.zeros((planes_out, w), dtype=_WORD)
-    carry = np.zeros(w, dtype=_WORD)
-    s = np.empty(w, dtype=_WORD)
-    zero = np.zeros(w, dtype=_WORD)
+    xp, w = _ns(a), a.shape[1]
+    out = _zeros(a, (planes_out, w))
+    carry, s, zero = _zeros(a, w), _zeros(a, w), _zeros(a, w)
     for j in range(planes_out):
         x = a[j] if j < a.shape[0] else zero
         y = b[j] if j < b.shape[0] else zero
-        np.bitwise_xor(x, y, out=s)
-        np.bitwise_xor(s, carry, out=out[j])
+        xp.bitwise_xor(x, y, out=s)
+        xp.bitwise_xor(s, carry, out=out[j])
         # carry = x & y | carry & (x ^ y)
-        np.bitwise_and(carry, s, out=s)
-        np.bitwise_and(x, y, out=carry)
-        np.bitwise_or(carry, s, out=carry)
+        xp.bitwise_and(carry, s, out=s)
+        xp.bitwise_and(x, y, out=carry)
+        xp.bitwise_or(carry, s, out=carry)
     return out
 
 
-def tally(votes: np.ndarray) -> np.ndarray:
+def tally(votes):
     """Bit-sliced "+" counts of ``votes`` (M x W packed vectors): a P x W counter."""
     m, w = votes.shape
-    planes = np.zeros((count_planes(m), w), dtype=_WORD)
+    planes = _zeros(votes, (count_planes(m), w))
     for v in votes:
         add_vote(planes, v)
     return planes
 
 
-def _compare_count(planes: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+def _compare_count(planes, t: int):
     """Bitwise ``count > t`` and ``count == t`` for a bit-sliced counter, top plane first."""
-    w = planes.shape[1]
-    gt = np.zeros(w, dtype=_WORD)
-    eq = np.full(w, _ALL_ONES, dtype=_WORD)
+    xp, w = _ns(planes), planes.shape[1]
+    gt = _zeros(planes, w)
     if t >> planes.shape[0]:  # t needs more planes than the counter has: count < t everywhere
-        return gt, np.zeros(w, dtype=_WORD)
-    tmp = np.empty(w, dtype=_WORD)
+        return gt, _zeros(planes, w)
+    eq = xp.bitwise_not(_zeros(planes, w))
+    tmp = xp.empty_like(gt)
     for j in reversed(range(planes.shape[0])):
         c = planes[j]
         if t >> j & 1:
             eq &= c
         else:
-            np.bitwise_and(eq, c, out=tmp)
+            xp.bitwise_and(eq, c, out=tmp)
             gt |= tmp
-            np.invert(c, out=tmp)
+            xp.bitwise_not(c, out=tmp)
             eq &= tmp
     return gt, eq
 
 
-def majority(planes: np.ndarray, m: int, n: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def majority(planes, m: int, n: int | None = None):
     """Majority of ``m`` votes from their bit-sliced counter.
 
     Returns ``(plus, tie)``: ``plus`` has bit 1 where the "+" count is at least ``m // 2 + 1``;
     ``tie`` (only for even ``m``, else None) has bit 1 where the count is exactly ``m / 2``. If
-    ``n`` is given, bits at and past ``n`` are cleared in both.
+    ``n`` is given, bits at and past ``n`` are cleared in both. ``planes`` is numpy uint64 or a
+    torch int64 tensor (any device); the result is of the same kind.
     """
     gt, eq = _compare_count(planes, m // 2)  # count > m//2  <=>  count >= m//2 + 1
     tie = eq if m % 2 == 0 else None
-    if n is not None and gt.size:
-        gt[-1] &= _tail_mask(n)
+    if n is not None and gt.shape[0]:
+        mask = _word_mask(gt, _tail_mask(n))
+        gt[-1] &= mask
         if tie is not None:
-            tie[-1] &= _tail_mask(n)
+            tie[-1] &= mask
     return gt, tie
 
 

@@ -176,7 +176,7 @@ def apply_reference(p: torch.Tensor, plus, tie, lr, wd) -> torch.Tensor:
         v[unpack_bits(tie, n) == 1] = 0
     x = p.float().numpy()
     with np.errstate(all="ignore"):
-        new = x - np.float32(lr) * (v.astype(np.float32) + np.float32(wd) * x)
+        new = x - np.float32(lr) * (v.astype(np.float32) + np.float32(wd) * x if wd else v)
     return torch.from_numpy(new).to(p.dtype)
 
 
@@ -205,6 +205,23 @@ def test_apply_matches_reference(dtype, m):
             emulate.apply(buf[4: 4 + n], plus, tie, lr, wd, threads=threads, blocks=blocks)
             assert same_floats(buf[4: 4 + n], want), (dtype, n, lr, wd)
             assert same_floats(buf[:4], before[:4]) and same_floats(buf[4 + n:], before[4 + n:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", (3, 4))
+def test_cpu_apply_rounds_like_the_kernel(dtype, m):
+    """packing.apply_signs (the CPU path) gives the apply kernel's bits, zeros, -0, NaN, inf,
+    subnormals and ties included: ranks on CPUs and on GPUs stay bit-identical."""
+    rng = np.random.default_rng(10 + m)
+    for n in (1, 65, 1000, packing.APPLY_CHUNK + 77):
+        votes = votes_for(m, n, rng).reshape(m, packing.n_words(n))
+        plus, tie = emulate.tally(votes, n)
+        for lr, wd in ((0.01, 0.0), (0.1, 0.01), (3.0, 0.5), (1e-3, 1e-4)):
+            p0 = special_floats(n, rng).to(dtype)
+            on_cpu, in_kernel = p0.clone(), p0.clone()
+            packing.apply_signs(on_cpu, plus, tie, lr, wd)
+            emulate.apply(in_kernel, plus, tie, lr, wd, threads=256, blocks=8)
+            assert same_floats(on_cpu, in_kernel), (dtype, m, n, lr, wd)
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
@@ -316,33 +333,10 @@ def test_self_check_fails_loudly_on_a_wrong_bit(caplog):
 
 # ---- kernels.py's glue, with a stand-in for CuPy that launches the emulated kernels -----------
 
-class _HostArray(np.ndarray):
-    """What cupy.from_dlpack gives, on the host: an array with ``.data.ptr``."""
-
-    @property
-    def data(self):
-        return type("Mem", (), {"ptr": self.ctypes.data})()
-
-
-def _fake_launch(device, name, grid, args):
-    """kernels._launch, but on the CPU: same kernel name, grid, block and argument list."""
-    lib = emulate.load()
-    raw = [a.ctypes.data if isinstance(a, np.ndarray) else a.item() for a in args]
-    gx, gy = (grid + (1,))[:2]
-    dims = (gx, gy, kernels._THREADS) if name == "disagreement" else (gx, kernels._THREADS)
-    assert getattr(lib, "run_" + name)(*dims, *raw) == 0, lib.shim_last_error()
-
-
-def test_kernels_glue_on_emulated_kernels(monkeypatch):
-    import contextlib
-    fake_cupy = type("cupy", (), {
-        "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64, "float32": np.float32,
-        "from_dlpack": staticmethod(lambda t: np.from_dlpack(t).view(_HostArray))})
-    monkeypatch.setattr(kernels, "_DEVICE_TYPE", "cpu")
-    monkeypatch.setattr(kernels, "_on", lambda device: contextlib.nullcontext(fake_cupy))
-    monkeypatch.setattr(kernels, "_launch", _fake_launch)
-    assert kernels.compare_with_reference(kernels, "cpu") == []
-    with pytest.raises(ValueError):
-        kernels.pack(torch.zeros(4, 4)[:, 0])  # not contiguous
-    with pytest.raises(ValueError):
-        kernels.tally(torch.zeros((3, 1), dtype=torch.int32), 10)  # not 64-bit words
+def test_kernels_glue_on_emulated_kernels():
+    with emulate.kernels_on_cpu():
+        assert kernels.compare_with_reference(kernels, "cpu") == []
+        with pytest.raises(ValueError):
+            kernels.pack(torch.zeros(4, 4)[:, 0])  # not contiguous
+        with pytest.raises(ValueError):
+            kernels.tally(torch.zeros((3, 1), dtype=torch.int32), 10)  # not 64-bit words

@@ -88,6 +88,17 @@ def test_tally_and_majority_match_summed_signs(m, n):
     for r in range(m):
         against = (bits[r] == 1) & (np.sign(total) < 0) | (bits[r] == 0) & (np.sign(total) > 0)
         assert packing.disagreement(words[r], plus, tie) == int(against.sum())
+    # The same tally on torch int64 words (the GPU path's, on any device) gives the same bits.
+    t_words = torch.from_numpy(words.view(np.int64).copy())
+    t_plus, t_tie = packing.majority(packing.tally(t_words), m, n)
+    assert t_plus.dtype == torch.int64 and np.array_equal(t_plus.numpy().view(np.uint64), plus)
+    assert (t_tie is None) == (tie is None)
+    if tie is not None:
+        assert np.array_equal(t_tie.numpy().view(np.uint64), tie)
+    k = m // 2
+    t_both = packing.add_counts(packing.tally(t_words[:k]) if k else t_words[:1] * 0,
+                                packing.tally(t_words[k:]), packing.count_planes(m))
+    assert np.array_equal(packing.majority(t_both, m, n)[0].numpy().view(np.uint64), plus)
 
 
 def test_argument_errors():

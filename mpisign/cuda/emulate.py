@@ -10,10 +10,16 @@ filled with a poison pattern, so a word the kernel should write but skips shows 
 
 ``threads`` (per block, a multiple of 32) and ``blocks`` choose the launch; the default grid is
 deliberately small so the kernels' grid-stride loops are exercised.
+
+:func:`kernels_on_cpu` goes one layer up: :mod:`mpisign.cuda.kernels` itself (argument checks,
+DLPack views, launch arguments) with its launches run by the shim on CPU tensors, so the GPU
+path of the optimizer and the collectives runs end to end, over real MPI, on a machine without
+a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -30,7 +36,7 @@ import torch
 from mpisign import packing
 from mpisign.cuda.kernels import bits_in, votes_shape
 
-__all__ = ["compiler", "load", "pack", "tally", "apply", "disagreement"]
+__all__ = ["compiler", "load", "pack", "tally", "apply", "disagreement", "kernels_on_cpu"]
 
 log = logging.getLogger(__name__)
 
@@ -202,3 +208,50 @@ def disagreement(votes, plus, tie=None, n: int | None = None, *, threads: int = 
              tie_ptr, int(tie_w is not None), counts.ctypes.data)
     _check_guard(counts, "disagreement")
     return counts[:m].astype(np.int64)
+
+
+# ---- mpisign.cuda.kernels with CPU tensors for CUDA ones ----------------------------------------
+
+class _HostArray(np.ndarray):
+    """What cupy.from_dlpack gives, on the host: an array with ``.data.ptr``."""
+
+    @property
+    def data(self):
+        return type("Mem", (), {"ptr": self.ctypes.data})()
+
+
+class _CupyOnHost:
+    """The few CuPy names :mod:`mpisign.cuda.kernels` uses, over numpy."""
+
+    uint16, uint32, uint64, float32 = np.uint16, np.uint32, np.uint64, np.float32
+
+    @staticmethod
+    def from_dlpack(t):
+        return np.from_dlpack(t).view(_HostArray)
+
+
+def _launch_on_host(device, name: str, grid: tuple, args: tuple) -> None:
+    """``kernels._launch`` on the CPU: the same kernel name, grid, block and argument list."""
+    from . import kernels
+    lib = load()
+    raw = [a.ctypes.data if isinstance(a, np.ndarray) else a.item() for a in args]
+    gx, gy = (grid + (1,))[:2]
+    dims = (gx, gy, kernels._THREADS) if name == "disagreement" else (gx, kernels._THREADS)
+    if getattr(lib, "run_" + name)(*dims, *raw) != 0:
+        raise RuntimeError(f"{name}: {lib.shim_last_error().decode()}")
+
+
+@contextlib.contextmanager
+def kernels_on_cpu():
+    """Within: :mod:`mpisign.cuda.kernels` takes CPU tensors for CUDA ones and runs every launch
+    through the host shim (the same ``signs.cu``, the same grid and arguments). Not thread-safe:
+    it swaps three module attributes and puts them back on exit."""
+    from . import kernels
+    saved = kernels._DEVICE_TYPE, kernels._on, kernels._launch
+    kernels._DEVICE_TYPE = "cpu"
+    kernels._on = lambda device: contextlib.nullcontext(_CupyOnHost)
+    kernels._launch = _launch_on_host
+    try:
+        yield kernels
+    finally:
+        kernels._DEVICE_TYPE, kernels._on, kernels._launch = saved

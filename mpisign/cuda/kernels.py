@@ -227,7 +227,7 @@ def _reference_apply(p: torch.Tensor, plus, tie, lr: float, wd: float) -> torch.
         v[packing.unpack_signs(tie, p.numel()).numpy() > 0] = 0.0
     x = p.float().numpy()
     with np.errstate(all="ignore"):
-        new = x - np.float32(lr) * (v + np.float32(wd) * x)
+        new = x - np.float32(lr) * (v + np.float32(wd) * x if wd else v)
     return torch.from_numpy(new).to(p.dtype)
 
 

@@ -177,7 +177,10 @@ __device__ __forceinline__ void apply_impl(typename D::T* __restrict__ p, const 
         float v = ((plus[k] >> b) & 1u) ? 1.0f : -1.0f;
         if (has_tie && ((tie[k] >> b) & 1u)) v = 0.0f;
         const float x = D::load(p[i]);
-        p[i] = D::store(__fsub_rn(x, __fmul_rn(lr, __fadd_rn(v, __fmul_rn(wd, x)))));
+        // wd = 0 leaves wd * x out (0 * inf would turn an inf parameter into NaN); the CPU
+        // path, mpisign.packing.apply_signs, rounds the same operations the same way.
+        const float d = wd == 0.0f ? v : __fadd_rn(v, __fmul_rn(wd, x));
+        p[i] = D::store(__fsub_rn(x, __fmul_rn(lr, d)));
     }
 }
 
