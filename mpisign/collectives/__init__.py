@@ -70,7 +70,9 @@ def resolve_topology(topology: str, comm, n_coords: int) -> str:
     return choice
 
 
-def make_vote(topology: str, comm, timeout: float | None = None, n_coords: int = 0) -> SignVote:
+def make_vote(topology: str, comm, timeout: float | None = None, n_coords: int = 0,
+              tally=None) -> SignVote:
     """The vote collective for ``topology`` over ``comm``; "auto" resolves with ``n_coords``
-    (and measures the link the first time, see :func:`resolve_topology`)."""
-    return TOPOLOGIES[resolve_topology(topology, comm, n_coords)](comm, timeout=timeout)
+    (and measures the link the first time, see :func:`resolve_topology`). ``tally``: see
+    :class:`SignVote` (default: the host reference, for numpy or torch words)."""
+    return TOPOLOGIES[resolve_topology(topology, comm, n_coords)](comm, timeout=timeout, tally=tally)

@@ -7,7 +7,6 @@ for small M or small messages, where one round beats two (see :mod:`mpisign.cost
 
 from __future__ import annotations
 
-from .. import packing
 from .base import SignVote
 
 __all__ = ["AllgatherVote"]
@@ -21,7 +20,7 @@ class AllgatherVote(SignVote):
     name = "allgather"
 
     def _start(self, p):
-        p.gathered = self._buffer(p.bucket, "gathered", (self.size, p.words.size))
+        p.gathered = self._buffer(p, "gathered", (self.size, p.words.shape[0]))
         p.gathered[self.rank] = p.words
         for r in range(self.size):
             if r != self.rank:
@@ -31,4 +30,4 @@ class AllgatherVote(SignVote):
     def _finish(self, p):
         # Wait on MPI: the tally needs every rank's vote.
         self._wait(p, "exchanging signs with every rank")
-        return packing.majority(packing.tally(p.gathered), self.size, p.n)
+        return self.tally(p.gathered, p.n)

@@ -5,6 +5,11 @@ majority ``(plus, tie)``, identical on every rank. Every message is a point-to-p
 receive that this package posts itself, so the bytes each rank sends and receives are counted
 exactly, and every wait is bounded: a peer that never arrives ends in :class:`VoteTimeout`
 naming the ranks that are missing instead of a hang.
+
+Words are a numpy uint64 array in host memory, or a torch int64 tensor (the same 64 bits per
+word) on any device: with a CUDA-aware MPI the GPU path hands device tensors straight to mpi4py
+(DLPack / CUDA array interface), and the work buffers, the tally and the result then live on
+that device too. The CUDA stream is synchronized before MPI touches a device buffer.
 """
 
 from __future__ import annotations
@@ -15,9 +20,13 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from mpi4py import MPI
 
-__all__ = ["Pending", "Traffic", "VoteTimeout", "SignVote", "check_comm", "default_timeout", "wait_all"]
+from .. import packing
+
+__all__ = ["Pending", "Traffic", "VoteTimeout", "SignVote", "check_comm", "check_words",
+           "default_timeout", "host_tally", "ready_for_mpi", "wait_all"]
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +110,38 @@ class Traffic:
     votes: int = 0
 
 
+def check_words(words) -> None:
+    """Raise ValueError unless ``words`` is a contiguous 1-D uint64 numpy array or int64 tensor."""
+    if isinstance(words, torch.Tensor):
+        ok = words.dtype == torch.int64 and words.dim() == 1 and words.is_contiguous()
+    else:
+        ok = (isinstance(words, np.ndarray) and words.dtype == np.uint64 and words.ndim == 1
+              and words.flags.c_contiguous)
+    if not ok:
+        raise ValueError(f"words must be a contiguous 1-D uint64 array or int64 tensor, got "
+                         f"{type(words).__name__} {getattr(words, 'dtype', '?')} "
+                         f"{tuple(getattr(words, 'shape', ()))}")
+
+
+def host_tally(votes, n: int):
+    """:func:`mpisign.packing.majority` of :func:`mpisign.packing.tally`: the default tally,
+    for numpy words and for torch words on any device."""
+    return packing.majority(packing.tally(votes), votes.shape[0], n)
+
+
+def ready_for_mpi(buf) -> None:
+    """Before MPI reads or writes ``buf``: finish the CUDA work queued on it (no-op on the host).
+
+    MPI works outside CUDA streams: a buffer that a kernel or copy is still producing (or still
+    reading, as the apply kernel reads last step's result) must be finished first."""
+    if isinstance(buf, torch.Tensor) and buf.is_cuda:
+        torch.cuda.current_stream(buf.device).synchronize()  # SYNC: MPI touches buf next
+
+
 class Pending:
     """A vote in flight: what ``start`` posted and ``finish`` completes."""
 
-    def __init__(self, words: np.ndarray, n: int, step: int, bucket: int):
+    def __init__(self, words, n: int, step: int, bucket: int):
         self.words, self.n, self.step, self.bucket = words, n, step, bucket
         self.requests: list[MPI.Request] = []
         self.peers: list = []
@@ -117,24 +154,28 @@ class SignVote:
     vote is needed (the first phase's sends and receives), so the optimizer can start one
     bucket's vote while the backward pass still computes the next bucket's gradients. Votes of
     different ``bucket`` numbers may be in flight at once: their messages carry distinct tags.
+
+    ``tally(votes, n) -> (plus, tie)`` takes the majority of an M x W words array where a
+    topology counts raw votes; the default, :func:`host_tally`, works for numpy and torch words,
+    and the GPU path passes its CUDA kernel.
     """
 
     name = "?"
     #: Buckets that may be in flight at once; each gets its own block of tags.
     MAX_BUCKETS = 1024
 
-    def __init__(self, comm: MPI.Comm, timeout: float | None = None):
+    def __init__(self, comm: MPI.Comm, timeout: float | None = None, tally=None):
         self.comm = check_comm(comm)
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self.timeout = default_timeout() if timeout is None else float(timeout)
         if not self.timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self.tally = host_tally if tally is None else tally
         self.traffic = Traffic()
         self._buffers: dict = {}  # (bucket, name) -> array, allocated once per shape
 
-    def vote(self, words: np.ndarray, n: int, step: int | None = None
-             ) -> tuple[np.ndarray, np.ndarray | None]:
+    def vote(self, words, n: int, step: int | None = None):
         """Majority of every rank's ``words`` (packed ``n`` bits): ``(plus, tie)`` on every rank.
 
         ``tie`` is None when the communicator size is odd (no tie is possible). ``step`` is the
@@ -142,12 +183,11 @@ class SignVote:
         """
         return self.finish(self.start(words, n, step))
 
-    def start(self, words: np.ndarray, n: int, step: int | None = None, bucket: int = 0
-              ) -> Pending:
-        """Post the first phase of a vote; ``words`` must not change until :meth:`finish`."""
-        if words.dtype != np.uint64 or words.ndim != 1 or not words.flags.c_contiguous:
-            raise ValueError(f"words must be a contiguous 1-D uint64 array, got {words.dtype} "
-                             f"{words.shape}")
+    def start(self, words, n: int, step: int | None = None, bucket: int = 0) -> Pending:
+        """Post the first phase of a vote; ``words`` must not change until :meth:`finish`.
+
+        The result of :meth:`finish` is of ``words``' kind (numpy, or torch on its device)."""
+        check_words(words)
         if not 0 <= bucket < self.MAX_BUCKETS:
             raise ValueError(f"bucket must be in [0, {self.MAX_BUCKETS}), got {bucket}")
         pending = Pending(words, n, self.traffic.votes if step is None else step, bucket)
@@ -155,7 +195,7 @@ class SignVote:
         self._start(pending)
         return pending
 
-    def finish(self, pending: Pending) -> tuple[np.ndarray, np.ndarray | None]:
+    def finish(self, pending: Pending):
         """Complete a vote started by :meth:`start` and return ``(plus, tie)``."""
         return self._finish(pending)
 
@@ -171,23 +211,30 @@ class SignVote:
         """A tie needs an even number of voters; only then does a tie mask travel."""
         return self.size % 2 == 0
 
-    def _buffer(self, bucket: int, name: str, shape) -> np.ndarray:
-        """A uint64 work buffer that lives across steps (reallocated only if its shape changes)."""
-        key = (bucket, name)
+    def _buffer(self, p: Pending, name: str, shape):
+        """A work buffer of ``p.words``' kind (numpy uint64, or int64 on the words' device) that
+        lives across steps: reallocated only if its shape or device changes."""
+        key, shape = (p.bucket, name), tuple(shape)
         buf = self._buffers.get(key)
-        if buf is None or buf.shape != tuple(shape):
+        if isinstance(p.words, torch.Tensor):
+            if not (isinstance(buf, torch.Tensor) and buf.shape == shape
+                    and buf.device == p.words.device):
+                buf = self._buffers[key] = p.words.new_empty(shape)
+        elif not (isinstance(buf, np.ndarray) and buf.shape == shape):
             buf = self._buffers[key] = np.empty(shape, dtype=np.uint64)
         return buf
 
     def _tag(self, pending: Pending, phase: int) -> int:
         return TAG_BASE + 4 * pending.bucket + phase
 
-    def _isend(self, pending: Pending, buf: np.ndarray, dest: int, phase: int) -> None:
+    def _isend(self, pending: Pending, buf, dest: int, phase: int) -> None:
+        ready_for_mpi(buf)
         self.traffic.sent += buf.nbytes
         pending.requests.append(self.comm.Isend(buf, dest=dest, tag=self._tag(pending, phase)))
         pending.peers.append(dest)
 
-    def _irecv(self, pending: Pending, buf: np.ndarray, source: int, phase: int) -> None:
+    def _irecv(self, pending: Pending, buf, source: int, phase: int) -> None:
+        ready_for_mpi(buf)
         self.traffic.received += buf.nbytes
         pending.requests.append(self.comm.Irecv(buf, source=source, tag=self._tag(pending, phase)))
         pending.peers.append(source)

@@ -10,7 +10,6 @@ links are the bottleneck as M grows, which is what the tree and sharded topologi
 
 from __future__ import annotations
 
-from .. import packing
 from .base import SignVote
 
 __all__ = ["ServerVote"]
@@ -23,8 +22,8 @@ class ServerVote(SignVote):
 
     name = "server"
 
-    def __init__(self, comm, timeout=None, root: int = 0):
-        super().__init__(comm, timeout)
+    def __init__(self, comm, timeout=None, tally=None, root: int = 0):
+        super().__init__(comm, timeout, tally)
         if not 0 <= root < self.size:
             raise ValueError(f"root must be a rank of the communicator (0..{self.size - 1}), "
                              f"got {root}")
@@ -32,12 +31,12 @@ class ServerVote(SignVote):
         self.others = [r for r in range(self.size) if r != root]
 
     def _start(self, p):
-        w = p.words.size
+        w = p.words.shape[0]
         k = 2 if self.tie_possible else 1  # the tie mask travels only when a tie is possible
-        p.result = self._buffer(p.bucket, "result", (k, w))
+        p.result = self._buffer(p, "result", (k, w))
         if self.rank == self.root:
             # Step 1: post a receive of every worker's packed signs into its own row.
-            p.gathered = self._buffer(p.bucket, "gathered", (self.size, w))
+            p.gathered = self._buffer(p, "gathered", (self.size, w))
             p.gathered[self.root] = p.words
             for r in self.others:
                 self._irecv(p, p.gathered[r], r, VOTES)
@@ -50,7 +49,7 @@ class ServerVote(SignVote):
             # Wait on MPI: the tally needs every worker's vote.
             self._wait(p, "waiting for the workers' signs")
             # Step 2: tally with bit-sliced counters and take the majority.
-            plus, tie = packing.majority(packing.tally(p.gathered), self.size, p.n)
+            plus, tie = self.tally(p.gathered, p.n)
             p.result[0] = plus
             if tie is not None:
                 p.result[1] = tie

@@ -9,7 +9,6 @@ allreduce's ``64 n (M-1)/M`` for odd M, about 1/21 for even M. Two rounds, like 
 
 from __future__ import annotations
 
-from .. import packing
 from .base import SignVote
 
 __all__ = ["ShardedVote"]
@@ -28,9 +27,9 @@ class ShardedVote(SignVote):
 
     def _prepare(self, p) -> None:
         """Shard bounds, and this rank's row of its own shard, in the buffer the others fill."""
-        w = p.words.size
+        w = p.words.shape[0]
         b = p.bounds = self.bounds(w)
-        p.shards = self._buffer(p.bucket, "shards", (self.size, b[self.rank + 1] - b[self.rank]))
+        p.shards = self._buffer(p, "shards", (self.size, b[self.rank + 1] - b[self.rank]))
         p.shards[self.rank] = p.words[b[self.rank]: b[self.rank + 1]]
 
     def _start(self, p):
@@ -57,8 +56,8 @@ class ShardedVote(SignVote):
         b, k = p.bounds, (2 if self.tie_possible else 1)
         lo, hi = b[self.rank], b[self.rank + 1]
         n_here = max(0, min(p.n - 64 * lo, 64 * (hi - lo)))
-        plus, tie = packing.majority(packing.tally(p.shards), self.size, n_here)
-        result = self._buffer(p.bucket, "result", (p.words.size, k))
+        plus, tie = self.tally(p.shards, n_here)
+        result = self._buffer(p, "result", (p.words.shape[0], k))
         result[lo:hi, 0] = plus
         if tie is not None:
             result[lo:hi, 1] = tie
@@ -77,11 +76,11 @@ class ShardedVote(SignVote):
 
     def _split(self, p, result):
         """``(plus, tie)`` as contiguous word vectors, from the W x k result."""
-        w = p.words.size
-        plus = self._buffer(p.bucket, "plus", (w,))
+        w = p.words.shape[0]
+        plus = self._buffer(p, "plus", (w,))
         plus[:] = result[:, 0]
         if not self.tie_possible:
             return plus, None
-        tie = self._buffer(p.bucket, "tie", (w,))
+        tie = self._buffer(p, "tie", (w,))
         tie[:] = result[:, 1]
         return plus, tie

@@ -10,8 +10,6 @@ Counting is exact, so the answer is the server's, bit for bit.
 
 from __future__ import annotations
 
-import numpy as np
-
 from .. import packing
 from .base import SignVote
 
@@ -25,8 +23,8 @@ class TreeVote(SignVote):
 
     name = "tree"
 
-    def __init__(self, comm, timeout=None):
-        super().__init__(comm, timeout)
+    def __init__(self, comm, timeout=None, tally=None):
+        super().__init__(comm, timeout, tally)
         self.children = self._children()  # (child, its subtree size), in round order
         self.parent = None if self.rank == 0 else self.rank & (self.rank - 1)
 
@@ -40,14 +38,14 @@ class TreeVote(SignVote):
         return out
 
     def _start(self, p):
-        w = p.words.size
+        w = p.words.shape[0]
         # Step 1: post a receive for every child's count; sizes follow from the tree's shape.
         p.child_counts = []
         for i, (child, s) in enumerate(self.children):
-            buf = self._buffer(p.bucket, f"child{i}", (packing.count_planes(s), w))
+            buf = self._buffer(p, f"child{i}", (packing.count_planes(s), w))
             self._irecv(p, buf, child, COUNTS)
             p.child_counts.append((buf, s))
-        p.result = self._buffer(p.bucket, "result", (2 if self.tie_possible else 1, w))
+        p.result = self._buffer(p, "result", (2 if self.tie_possible else 1, w))
 
     def _finish(self, p):
         # Wait on MPI: this rank's count is incomplete until every child's has arrived.
@@ -59,7 +57,7 @@ class TreeVote(SignVote):
             count = packing.add_counts(count, buf, packing.count_planes(size))
         if self.parent is not None:
             # Step 3: pass the subtree's count up; the result comes back down the same edge.
-            self._isend(p, np.ascontiguousarray(count), self.parent, COUNTS)
+            self._isend(p, count, self.parent, COUNTS)  # contiguous: a view of words, or new
             self._irecv(p, p.result, self.parent, RESULT)
             # Wait on MPI: the result is this rank's update, and its children's.
             self._wait(p, "waiting for the parent's result")
