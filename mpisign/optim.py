@@ -39,6 +39,7 @@ from torch.optim import Optimizer
 
 from . import packing
 from .collectives import check_comm, check_topology, default_timeout, make_vote, wait_all
+from .collectives.base import host_tally
 from .detection import DisagreementMonitor
 
 __all__ = ["Signum", "SignSGD", "LayoutMismatch", "ParameterDivergence", "VoteStats"]
@@ -106,9 +107,24 @@ class _Layout:
 
 
 def _gpu_path(t: torch.Tensor):
-    """mpisign.cuda's kernels for this CUDA tensor, or None (CPU reference path)."""
-    from .cuda.bridge import CudaSigns, device_path
-    return device_path(t.device) if CudaSigns.handles(t) else None
+    """mpisign.cuda's staged kernels for this CUDA tensor, with words in host memory, or None
+    (the CPU reference path)."""
+    from .cuda.bridge import CudaSigns, staged_path
+    return staged_path(t.device) if CudaSigns.handles(t) else None
+
+
+def _resident_path(params: list):
+    """The device-resident GPU path (:class:`mpisign.cuda.bridge.ResidentSigns`) if every
+    parameter can take it: contiguous, of a kernel dtype, on one CUDA device whose MPI is
+    CUDA-aware. Else None: words live in host memory (staged for CUDA parameters)."""
+    from .cuda.bridge import device_path
+    first = params[0]
+    if not all(p.is_cuda and p.device == first.device and p.is_contiguous() for p in params):
+        return None
+    gpu = device_path(first.device)
+    if gpu is None or not gpu.resident or not all(gpu.handles(p) for p in params):
+        return None
+    return gpu
 
 
 def _check_hparams(lr, momentum, weight_decay) -> None:
@@ -180,6 +196,7 @@ class Signum(Optimizer):
         self.world_size = comm.Get_size()
         self._layout: _Layout | None = None
         self._voter = None
+        self._resident = None  # the device-resident GPU path, when every parameter can take it
         self._hooks: list = []
         self._pack_scratch: torch.Tensor | None = None  # bool, largest parameter's size
         self._apply_scratch: dict = {}                   # chunk buffers of packing.apply_signs
@@ -245,7 +262,10 @@ class Signum(Optimizer):
             layout.buckets.append(_Bucket(len(layout.buckets), bucket, bucket[0].word0, word))
         layout.words = word
         layout.coordinates = sum(p.numel() for _, p in order)
-        layout.packed = np.zeros(word, dtype=np.uint64)
+        if self._resident is not None:
+            layout.packed = self._resident.words(word)
+        else:
+            layout.packed = np.zeros(word, dtype=np.uint64)
         self.stats.coordinates = layout.coordinates
         return layout
 
@@ -267,10 +287,15 @@ class Signum(Optimizer):
         if self._layout is None or self._layout.signature != self._signature():
             if self.world_size > 1:
                 self._check_layout_agrees()
+            params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+            self._resident = _resident_path(params) if params else None
             self._layout = self._build_layout()
-            if self.world_size > 1 and self._voter is None:
+            # The tally runs where the words are: the GPU path's kernel, or the host reference
+            # (which also counts torch words, e.g. the tree's partial counts, on their device).
+            tally = host_tally if self._resident is None else self._resident.tally
+            if self.world_size > 1 and (self._voter is None or self._voter.tally != tally):
                 self._voter = make_vote(self.topology, self.comm, timeout=self.timeout,
-                                        n_coords=self._layout.coordinates)
+                                        n_coords=self._layout.coordinates, tally=tally)
             if self.overlap:
                 self._install_hooks()
             log.debug("layout: %d parameters, %d coordinates, %d buckets, %d words per step",
@@ -319,14 +344,18 @@ class Signum(Optimizer):
         disagree = 0
         for bucket in layout.buckets:
             plus, tie = self._finish_bucket(bucket)
-            disagree += packing.disagreement(layout.packed[bucket.word0: bucket.word1], plus, tie)
+            mine = layout.packed[bucket.word0: bucket.word1]
+            if self._resident is not None:
+                disagree = disagree + self._resident.disagreement(mine, plus, tie)  # on device
+            else:
+                disagree += packing.disagreement(mine, plus, tie)
             for slot in bucket.slots:
                 group = self.param_groups[slot.group]
                 lo, hi = slot.word0 - bucket.word0, slot.word0 - bucket.word0 + slot.words
                 self._apply(slot.param, plus[lo:hi], None if tie is None else tie[lo:hi],
                             group["lr"], group["weight_decay"])
             bucket.pending, bucket.ready = None, set()
-        self.stats.disagreement = disagree / max(1, layout.coordinates)
+        self.stats.disagreement = int(disagree) / max(1, layout.coordinates)
         step = self.param_groups[0]["step"]
         if self.monitor is not None:
             self._exchange_disagreement(step)
@@ -364,8 +393,8 @@ class Signum(Optimizer):
                 self._pack(src, zero_bit, packed[slot.word0: slot.word0 + slot.words])
         words = packed[bucket.word0: bucket.word1]
         if self._voter is not None:
-            bucket.pending = self._voter.start(words, words.size * packing.WORD_BITS, step=step,
-                                               bucket=bucket.index)
+            bucket.pending = self._voter.start(words, words.shape[0] * packing.WORD_BITS,
+                                               step=step, bucket=bucket.index)
         else:
             bucket.pending = "local"
 
@@ -416,11 +445,14 @@ class Signum(Optimizer):
         torch._foreach_add_(bufs, grads, alpha=1 - beta)
         return bufs
 
-    def _pack(self, src: torch.Tensor, zero_bit: int, out: np.ndarray) -> None:
+    def _pack(self, src: torch.Tensor, zero_bit: int, out) -> None:
+        if self._resident is not None:  # `out` is device words
+            self._resident.pack(src.contiguous(), zero_bit, out)
+            return
         if src.is_cuda:
             gpu = _gpu_path(src)
             if gpu is not None:
-                gpu.pack(src, zero_bit, out)
+                gpu.pack(src.contiguous(), zero_bit, out)
                 return
             src = src.cpu()  # the reference path
         if self._pack_scratch is None or self._pack_scratch.numel() < src.numel():
@@ -428,6 +460,9 @@ class Signum(Optimizer):
         packing.pack_signs(src, zero_bit, out=out, scratch=self._pack_scratch)
 
     def _apply(self, p: torch.Tensor, plus, tie, lr: float, wd: float) -> None:
+        if self._resident is not None:  # `plus`, `tie` are device words
+            self._resident.apply(p, plus, tie, lr, wd)
+            return
         if p.is_cuda and p.is_contiguous():
             gpu = _gpu_path(p)
             if gpu is not None:

@@ -21,6 +21,15 @@ from .collectives import check_comm, check_topology, make_vote
 __all__ = ["majority_vote"]
 
 
+def _gpu_path(x: torch.Tensor):
+    """The GPU path for ``x`` (:func:`mpisign.cuda.bridge.device_path`), or None: the CPU
+    reference path (non-CUDA tensors, float64, no CuPy, or kernels that failed their check)."""
+    if not x.is_cuda:
+        return None
+    from .cuda.bridge import CudaSigns, device_path
+    return device_path(x.device) if CudaSigns.handles(x) else None
+
+
 def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server", *,
                   step: int = 0, timeout: float | None = None,
                   stats: dict | None = None) -> torch.Tensor:
@@ -53,23 +62,27 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
     n = x.numel()
     rank, size = comm.Get_rank(), comm.Get_size()
     zero_bit = (rank + step) % 2
-    gpu = None
-    if x.is_cuda:
-        from .cuda.bridge import CudaSigns, device_path
-        gpu = device_path(x.device) if CudaSigns.handles(x) else None
-    if gpu is not None:
+    gpu = _gpu_path(x)
+    resident = gpu is not None and gpu.resident  # words on the device, for CUDA-aware MPI
+    if resident:
+        words = gpu.words(packing.n_words(n))
+        gpu.pack(x.detach().contiguous(), zero_bit, words)
+    elif gpu is not None:  # packed on the device, staged through host memory
         words = np.empty(packing.n_words(n), dtype=np.uint64)
-        gpu.pack(x.detach(), zero_bit, words)
+        gpu.pack(x.detach().contiguous(), zero_bit, words)
     else:
         words = packing.pack_signs(x.detach().cpu(), zero_bit=zero_bit)
     if size == 1:
         plus, tie = words, None
         sent = received = 0
     else:
-        voter = make_vote(topology, comm, timeout=timeout, n_coords=n)
+        voter = make_vote(topology, comm, timeout=timeout, n_coords=n,
+                          tally=gpu.tally if resident else None)
         plus, tie = voter.vote(words, n, step=step)
         sent, received = voter.traffic.sent, voter.traffic.received
     if stats is not None:
         stats.update(bytes_sent=sent, bytes_received=received)
+    if resident:
+        return gpu.unpack(plus, tie, n, x.dtype).reshape(x.shape)
     out = packing.unpack_signs(plus, n, tie=tie, dtype=x.dtype)
     return out.reshape(x.shape).to(x.device)

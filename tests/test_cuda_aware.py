@@ -154,3 +154,107 @@ def test_staging_rejects_misuse():
 def test_sync_for_mpi_on_cpu_is_a_no_op():
     aware.sync_for_mpi("cpu")
     aware.sync_for_mpi(torch.device("cpu"))
+
+
+# ---- which GPU path the optimizer and majority_vote take ---------------------------------------
+
+@pytest.mark.parametrize("setting, resident", [("1", True), ("0", False)])
+def test_device_path_follows_the_detection(monkeypatch, caplog, setting, resident):
+    from mpisign.cuda import bridge, kernels
+    monkeypatch.setattr(bridge, "_paths", {})
+    monkeypatch.setattr(kernels, "available", lambda device: True)  # stand-in: kernels pass
+    monkeypatch.setenv(aware.OVERRIDE_ENV, setting)
+    with caplog.at_level(logging.INFO, logger="mpisign.cuda"):
+        path = bridge.device_path(torch.device("cuda", 0))
+    assert path.resident is resident
+    assert isinstance(path, bridge.ResidentSigns if resident else bridge.CudaSigns)
+    assert bridge.device_path(torch.device("cuda", 0)) is path  # decided once per device
+    said = caplog.text
+    assert ("straight to CUDA-aware MPI" in said) is resident and ("staged" in said) is not resident
+    # The staged path is there for tensors the resident one cannot take (mixed devices).
+    assert isinstance(bridge.staged_path(torch.device("cuda", 0)), bridge.CudaSigns)
+
+
+def test_no_gpu_path_when_the_kernels_fail(monkeypatch, caplog):
+    from mpisign.cuda import bridge, kernels
+    monkeypatch.setattr(bridge, "_paths", {})
+    monkeypatch.setattr(kernels, "available", lambda device: False)
+    with caplog.at_level(logging.ERROR, logger="mpisign.cuda"):
+        assert bridge.device_path(torch.device("cuda", 0)) is None
+        assert bridge.staged_path(torch.device("cuda", 0)) is None
+    assert "CPU reference path" in caplog.text
+
+
+def test_resident_words_on_cpu_stand_ins():
+    """ResidentSigns with the kernels run by the host shim: pack into a slice of device words,
+    the tally kernel as a collective's tally, unpack (+0 at ties), disagreement."""
+    from mpisign import packing
+    from mpisign.collectives.base import check_words
+    from mpisign.cuda import emulate
+    from mpisign.cuda.bridge import ResidentSigns
+    if emulate.compiler() is None:
+        pytest.skip("no C++ compiler for the emulated kernels")
+    gen = torch.Generator().manual_seed(5)
+    n, m = 1000, 4
+    xs = [torch.randn(n, generator=gen) for _ in range(m)]
+    with emulate.kernels_on_cpu() as kernels:
+        gpu = ResidentSigns("cpu", kernels)
+        votes = gpu.words(m * packing.n_words(n)).view(m, -1)
+        for r, x in enumerate(xs):
+            gpu.pack(x, r % 2, votes[r])
+            check_words(votes[r])  # what the collectives take
+            assert np.array_equal(votes[r].numpy().view(np.uint64), packing.pack_signs(x, r % 2))
+        plus, tie = gpu.tally(votes, n)
+        assert plus.dtype == torch.int64 and tie is not None
+        want_plus, want_tie = packing.majority(packing.tally(votes.numpy().view(np.uint64)), m, n)
+        assert np.array_equal(plus.numpy().view(np.uint64), want_plus)
+        v = gpu.unpack(plus, tie, n, torch.bfloat16)
+        assert v.dtype == torch.bfloat16
+        assert torch.equal(v.float(), packing.unpack_signs(want_plus, n, want_tie))
+        assert not torch.signbit(v[v == 0]).any()  # a tie is +0.0
+        assert int(gpu.disagreement(votes[1], plus, tie, n)) == \
+            packing.disagreement(votes[1].numpy().view(np.uint64), want_plus, want_tie)
+
+
+def test_collectives_take_only_word_arrays():
+    from mpisign.collectives.base import check_words
+    for bad in (np.zeros(4, np.int64), np.zeros((2, 2), np.uint64), torch.zeros(4, dtype=torch.int32),
+                torch.zeros(8, dtype=torch.int64)[::2], [1, 2]):
+        with pytest.raises(ValueError, match="words"):
+            check_words(bad)
+    check_words(np.zeros(3, np.uint64))
+    check_words(torch.zeros(3, dtype=torch.int64))
+
+
+def test_staged_path_on_cpu_stand_ins():
+    """CudaSigns (MPI not CUDA-aware) with the kernels run by the host shim: pack and apply give
+    the CPU reference's bits, and the staging buffers are allocated once, whatever the order of
+    parameter sizes, with exactly the packed words staged each way."""
+    from mpisign import packing
+    from mpisign.cuda import emulate
+    from mpisign.cuda.bridge import CudaSigns
+    if emulate.compiler() is None:
+        pytest.skip("no C++ compiler for the emulated kernels")
+    gen = torch.Generator().manual_seed(9)
+    with emulate.kernels_on_cpu() as kernels:
+        gpu = CudaSigns("cpu", kernels, pin_memory=False)
+        words_moved = 0
+        for step in range(3):
+            for n in (5000, 70, 1):  # largest first: the buffers never grow after step 0
+                x = torch.randn(n, generator=gen)
+                out = np.empty(packing.n_words(n), np.uint64)
+                gpu.pack(x, step % 2, out)
+                assert np.array_equal(out, packing.pack_signs(x, step % 2))
+                plus, tie = packing.majority(packing.tally(np.stack([out, ~out, out, out])), 4, n)
+                tie[0] |= np.uint64(0b1010)  # some ties, to stage the tie mask too
+                p = torch.randn(n, generator=gen)
+                want = p.clone()
+                packing.apply_signs(want, plus, tie, 0.01, 0.001)
+                gpu.apply(p, plus, tie, 0.01, 0.001)
+                assert torch.equal(p, want), n
+                words_moved += out.size
+            if step == 0:
+                allocations = gpu.staging.allocations
+        assert gpu.staging.allocations == allocations == 3  # send, plus, tie
+        assert gpu.staging.bytes_to_host == 8 * words_moved
+        assert gpu.staging.bytes_to_device == 2 * 8 * words_moved

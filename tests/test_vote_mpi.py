@@ -4,7 +4,9 @@ Each script compares every rank's result with a single-process reference compute
 (numpy on the unpacked signs of all ranks) and checks that all ranks hold the same bits.
 """
 
+import os
 import re
+import shutil
 
 import pytest
 
@@ -55,3 +57,14 @@ def test_launcher_reports_where_a_stalled_job_stopped():
         mpirun.run(2, "stall_check.py", "hang", "server", timeout=15)
     assert "stalled" in str(err.value)
     assert "rank 0 at step 1" in str(err.value) and "rank 1 at step 1" in str(err.value)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and not os.environ.get("CXX"),
+                    reason="the emulated kernels need a C++ compiler")
+@pytest.mark.parametrize("n, topology", [(4, t) for t in sorted(mpisign.TOPOLOGIES)] + [(3, "tree")])
+def test_device_resident_words_match_host_words(n, topology):
+    """The CUDA-aware GPU path (words, tally and result on the device, tensors handed to MPI),
+    with CPU tensors for device ones and the kernels run by the host shim: majority_vote right,
+    and Signum bit-identical to the host path."""
+    out = mpirun.run(n, "resident_check.py", topology)
+    assert f"resident_check {topology} OK on {n} ranks" in out

@@ -7,6 +7,8 @@
 - :mod:`.emulate`: the same ``signs.cu`` compiled by g++ through ``host_shim.h`` and run on the
   CPU, so the kernels' logic is tested on machines without a GPU.
 - :mod:`.aware`: CUDA-aware MPI detection, pinned host staging, stream synchronization for MPI.
+- :mod:`.bridge`: the two GPU paths of the optimizer and ``majority_vote``: words resident on
+  the device for a CUDA-aware MPI, else staged through pinned host memory.
 
 The host shim
 -------------
@@ -29,13 +31,17 @@ What is verified without a GPU (tests/test_cuda_*.py)
 - The self-check's comparison (run on the emulated kernels) and its failure path.
 - CUDA-aware detection for each combination of settings; staging byte counts and buffer reuse
   with CPU stand-ins for device memory.
+- :mod:`.kernels`' own glue, with its launches run by the shim on CPU tensors
+  (:func:`.emulate.kernels_on_cpu`), and through it both paths of :mod:`.bridge`: the
+  device-resident one on real MPI ranks for every topology (tensors handed to mpi4py, the
+  optimizer bit-identical to the host path), the staged one's pack, apply and staging.
 
 What has never run on a GPU
 ---------------------------
 Everything device-side: the kernels on real hardware (warp scheduling, memory coalescing, the
 hardware's own rounding in apply, atomics), CuPy's RawModule load, DLPack exchange with torch
 CUDA tensors and stream ordering, pinned-memory asynchronous copies and their events, and any
-CUDA-aware MPI transfer. ``tests/gpu`` (``pytest tests/gpu -s`` on a GPU node) checks the
+CUDA-aware MPI transfer of device memory. ``tests/gpu`` (``pytest tests/gpu -s`` on a GPU node) checks the
 kernels there and times them; until it has run, the start-up self-check is the guard.
 """
 

@@ -1,12 +1,18 @@
-"""CUDA tensors in the optimizer and ``majority_vote``: pack and apply on the device.
+"""CUDA tensors in the optimizer and ``majority_vote``: the two GPU paths.
 
-The signs of a CUDA tensor are packed by the ``pack`` kernel on its device; the packed words
-(1/32 of an fp32 gradient) go to host memory, where the topologies of
-:mod:`mpisign.collectives` move and tally them; the packed result comes back and the ``apply``
-kernel updates the parameters in place, with no float temporary. Only packed words ever cross
-the PCIe bus. Whether the MPI library is CUDA-aware is detected and logged once
-(:func:`mpisign.cuda.aware.use_device_buffers`); this version's topologies tally on the host
-either way, so device buffers are not yet handed to MPI directly.
+Both pack signs with the ``pack`` kernel on the tensor's device and update parameters with the
+``apply`` kernel, in place, with no float temporary. They differ in where the packed words live
+while the vote travels, which :func:`mpisign.cuda.aware.use_device_buffers` decides once and logs:
+
+* :class:`ResidentSigns`, when MPI is CUDA-aware: the packed words, the topologies' work
+  buffers, the tally (the ``tally`` kernel, or torch bitwise ops for the tree's counts) and the
+  result stay on the device; mpi4py is handed device tensors (CUDA array interface / DLPack) and
+  the stream is synchronized before MPI touches each one
+  (:func:`mpisign.collectives.base.ready_for_mpi`). Nothing crosses the PCIe bus but what MPI
+  moves itself (GPUDirect RDMA where the fabric has it).
+* :class:`CudaSigns`, when it is not: the packed words (1/32 of an fp32 gradient) are staged
+  through host memory, where the topologies move and tally them, and the packed result is
+  copied back for the apply kernel. Only packed words cross the bus.
 
 :func:`device_path` runs the kernels' self-check once per device and returns None when CuPy is
 missing or the check fails (logged as an error by the check): callers then take the CPU
@@ -20,7 +26,7 @@ import logging
 import numpy as np
 import torch
 
-__all__ = ["CudaSigns", "device_path"]
+__all__ = ["CudaSigns", "ResidentSigns", "device_path", "staged_path"]
 
 log = logging.getLogger(__name__)
 
@@ -28,44 +34,147 @@ _paths: dict = {}
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _kernels():
+    from . import kernels
+    return kernels
+
+
+def _as_words(t: torch.Tensor) -> torch.Tensor:
+    """A kernel's uint64 output as the int64 words the collectives take (same bits, no copy)."""
+    return t.view(torch.int64)
+
+
 class CudaSigns:
-    """Pack on the device into host words; apply host words to device parameters."""
+    """Staged path: pack on the device, words through pinned host buffers, apply on the device.
 
-    def __init__(self, device: torch.device):
-        from mpi4py import MPI
+    Device word buffers and the pinned host buffers (:class:`mpisign.cuda.aware.Staging`) are
+    allocated once, at the largest size asked for, and reused for every parameter and step.
+    ``kernels`` and ``pin_memory`` are for the tests' CPU stand-ins."""
 
-        from . import aware
-        self.device = device
-        aware.use_device_buffers(MPI)  # logs, once, whether MPI could take device buffers
+    resident = False
+
+    def __init__(self, device: torch.device, kernels=None, pin_memory: bool | None = None):
+        from .aware import Staging
+        self.device = torch.device(device)
+        self.kernels = _kernels() if kernels is None else kernels
+        self.staging = Staging(pin_memory)
+        self._device_words: dict[str, torch.Tensor] = {}
         log.info("GPU path on %s: CuPy kernels pack and apply; packed signs are staged through "
-                 "host memory for the vote (the tally runs on the host)", device)
+                 "pinned host memory for the vote (the tally runs on the host)", self.device)
 
     @staticmethod
     def handles(t: torch.Tensor) -> bool:
         return t.is_cuda and t.dtype in _KERNEL_DTYPES
 
+    def _on_device(self, slot: str, w: int) -> torch.Tensor:
+        """``w`` words of the slot's device buffer (grown, never shrunk)."""
+        buf = self._device_words.get(slot)
+        if buf is None or buf.numel() < w:
+            buf = self._device_words[slot] = torch.empty(w, dtype=torch.int64, device=self.device)
+        return buf[:w]
+
     def pack(self, src: torch.Tensor, zero_bit: int, out: np.ndarray) -> None:
-        from . import kernels
-        words = kernels.pack(src, zero_bit)
-        # SYNC: .cpu() waits for the pack kernel on the current stream; MPI reads `out` next.
-        out[:] = words.cpu().numpy()
+        """Sign words of ``src`` into ``out``, host uint64 words that MPI reads next."""
+        words = self._on_device("pack", out.size)
+        self.kernels.pack(src, zero_bit, out=words)
+        # to_host synchronizes the stream: the pack kernel is done and the words are on the host.
+        out[:] = self.staging.to_host(words, "send").view(np.uint64)
 
     def apply(self, p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: float,
               wd: float) -> None:
-        from . import kernels
-        # Host-to-device copies on the current stream, ordered before the apply kernel.
-        plus_d = torch.from_numpy(np.ascontiguousarray(plus)).to(p.device)
-        tie_d = None if tie is None else torch.from_numpy(np.ascontiguousarray(tie)).to(p.device)
-        kernels.apply(p.data, plus_d, tie_d, lr, wd)
+        """The host vote ``(plus, tie)`` to the device through pinned buffers, then the apply
+        kernel: copies and kernel queued in order on the current stream, nothing waited for."""
+        device_words = []
+        for slot, words in (("plus", plus), ("tie", tie)):
+            if words is None:
+                device_words.append(None)
+                continue
+            self.staging.host(slot, words.size, torch.int64)[:] = words.view(np.int64)
+            device_words.append(self.staging.to_device(slot, self._on_device(slot, words.size)))
+        self.kernels.apply(p.data, *device_words, lr, wd)
 
 
-def device_path(device: torch.device) -> CudaSigns | None:
-    """The GPU path for ``device`` if its kernels pass their self-check, else None (once each)."""
-    key = str(device)
+class ResidentSigns:
+    """CUDA-aware path: packed words, tally and result all stay on ``device``.
+
+    Words are int64 tensors (the wire format's uint64 bits, in the dtype torch's bitwise ops and
+    mpi4py take everywhere). ``kernels`` is :mod:`mpisign.cuda.kernels` (the default); the tests
+    pass the same module with its launches routed to the emulated kernels, on CPU tensors.
+    """
+
+    resident = True
+
+    def __init__(self, device: torch.device, kernels=None):
+        self.device = torch.device(device)
+        self.kernels = _kernels() if kernels is None else kernels
+        log.info("GPU path on %s: packed signs stay on the device and go straight to CUDA-aware "
+                 "MPI; CuPy kernels pack, tally and apply", self.device)
+
+    def handles(self, t: torch.Tensor) -> bool:
+        return t.device == self.device and t.dtype in _KERNEL_DTYPES
+
+    def words(self, n_words: int) -> torch.Tensor:
+        """A zeroed word buffer on the device."""
+        return torch.zeros(n_words, dtype=torch.int64, device=self.device)
+
+    def pack(self, src: torch.Tensor, zero_bit: int, out: torch.Tensor) -> None:
+        """Sign words of ``src`` into ``out`` (a slice of device words), on the current stream."""
+        self.kernels.pack(src, zero_bit, out=out)
+
+    def tally(self, votes: torch.Tensor, n: int):
+        """The ``tally`` kernel as a :class:`mpisign.collectives.SignVote` tally."""
+        plus, tie = self.kernels.tally(votes, n)
+        return _as_words(plus), (None if tie is None else _as_words(tie))
+
+    def apply(self, p: torch.Tensor, plus: torch.Tensor, tie: torch.Tensor | None, lr: float,
+              wd: float) -> None:
+        self.kernels.apply(p.data, plus, tie, lr, wd)
+
+    def disagreement(self, words: torch.Tensor, plus: torch.Tensor, tie: torch.Tensor | None,
+                     n: int | None = None) -> torch.Tensor:
+        """Coordinates where ``words`` differ from the vote, ties excluded: a 1-element tensor
+        on the device (read it once per step, not per bucket: reading it waits for the GPU)."""
+        return self.kernels.disagreement(words.reshape(1, -1), plus, tie, n)
+
+    def unpack(self, plus: torch.Tensor, tie: torch.Tensor | None, n: int, dtype) -> torch.Tensor:
+        """-1 / 0 / +1 of ``n`` coordinates on the device: the apply kernel on zeros with lr = -1
+        gives ``0 + v`` exactly, so no unpack kernel is needed."""
+        out = torch.zeros(n, dtype=dtype, device=self.device)
+        self.apply(out, plus, tie, -1.0, 0.0)
+        return out
+
+
+def _kernels_work(device: torch.device) -> bool:
+    """CUDA, CuPy and the kernels' self-check on ``device`` (checked once; an ERROR if not)."""
+    key = ("ok", str(device))
     if key not in _paths:
-        from . import kernels
-        _paths[key] = CudaSigns(device) if kernels.available(device) else None
-        if _paths[key] is None:
+        _paths[key] = _kernels().available(device)
+        if not _paths[key]:
             log.error("GPU kernels unavailable on %s: using the CPU reference path (tensors are "
                       "copied to the host every step)", device)
+    return _paths[key]
+
+
+def staged_path(device: torch.device) -> CudaSigns | None:
+    """:class:`CudaSigns` for ``device`` (words in host memory), or None without kernels."""
+    key = ("staged", str(device))
+    if key not in _paths:
+        _paths[key] = CudaSigns(device) if _kernels_work(device) else None
+    return _paths[key]
+
+
+def device_path(device: torch.device):
+    """The GPU path for ``device`` (once each): :class:`ResidentSigns` if MPI is CUDA-aware,
+    else :class:`CudaSigns`; None if the kernels are unavailable or fail their self-check."""
+    key = ("path", str(device))
+    if key not in _paths:
+        from mpi4py import MPI
+
+        from . import aware
+        if not _kernels_work(device):
+            _paths[key] = None
+        elif aware.use_device_buffers(MPI):  # logs, once, which path and why
+            _paths[key] = ResidentSigns(device)
+        else:
+            _paths[key] = staged_path(device)
     return _paths[key]

@@ -144,6 +144,41 @@ def _torch_tally(votes_bytes, m):
     return _torch_pack((count > m // 2).reshape(-1).float())
 
 
+@pytest.mark.parametrize("aware_setting", ["1", "0"])
+def test_signum_on_the_gpu_matches_the_cpu_bit_for_bit(monkeypatch, aware_setting):
+    """Both GPU paths (device-resident words as for a CUDA-aware MPI, and staged words) give the
+    CPU path's parameters, bit for bit, on one rank; and majority_vote of a CUDA tensor too."""
+    import mpisign
+    from mpisign.cuda import bridge
+    monkeypatch.setenv(aware.OVERRIDE_ENV, aware_setting)
+    monkeypatch.setattr(bridge, "_paths", {})
+
+    def train(device):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(shape, generator=gen).to(dtype).to(device).requires_grad_()
+                  for shape, dtype in (((300, 200), torch.float32), ((200,), torch.bfloat16),
+                                       ((4099,), torch.float16))]
+        # momentum 0 and the same gradients on both: the signs are the gradients' own, so any
+        # difference comes from the update, whose rounding the CPU path shares with the kernel.
+        opt = mpisign.SignSGD(params, lr=1e-3, weight_decay=1e-2)
+        for _ in range(5):
+            for p in params:
+                g = special_floats(p.numel(), int(torch.randint(1 << 30, (1,), generator=gen)))
+                p.grad = g.reshape(p.shape).to(p.dtype).to(device)
+            opt.step()
+        return [p.detach().cpu() for p in params], opt
+
+    on_cpu, _ = train("cpu")
+    on_gpu, opt = train("cuda")
+    assert isinstance(opt._layout.packed, torch.Tensor) == (aware_setting == "1")
+    for a, b in zip(on_cpu, on_gpu):
+        assert torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+                           b.view(torch.int16 if b.element_size() == 2 else torch.int32))
+    x = special_floats(10_001, 3).cuda()
+    want = packing.unpack_signs(packing.pack_signs(x.cpu(), 0), x.numel())
+    assert torch.equal(mpisign.majority_vote(x, step=0).cpu(), want)
+
+
 def test_print_timings():
     nan = float("nan")
     rows = []  # (vector, op, mpisign ms, cupy ms, torch ms)
