@@ -1,29 +1,179 @@
-"""DisagreementMonitor: windowed per-rank disagreement and its warnings."""
+"""DisagreementMonitor: windowed per-rank disagreement, its absolute and relative rules, and
+their warnings.
+
+The synthetic sequences follow the figures measured with 1 bad rank of 7: honest ranks disagree
+with the majority on about N(0.38, 0.03) of the coordinates per step, an inverter on about 0.62,
+a random-sign or zero-sending rank on about 0.5.
+"""
 
 import logging
+import statistics
 
 import numpy as np
 import pytest
 
 from mpisign import DisagreementMonitor
 
+HONEST, SD = 0.38, 0.03
+BAD = {"inverter": 0.62, "random": 0.5, "zero": 0.5}
 
-def test_flags_only_ranks_over_threshold_after_a_full_window(caplog):
-    mon = DisagreementMonitor(threshold=0.5, window=4)
+
+def fractions(steps, levels, sd=SD, seed=0):
+    """``steps`` x len(levels) per-rank fractions: each rank's level plus normal noise."""
+    rng = np.random.default_rng(seed)
+    return np.clip(np.asarray(levels) + sd * rng.standard_normal((steps, len(levels))), 0, 1)
+
+
+def reference_flags(seq, window, threshold, margin, mad_k):
+    """Flagged ranks at each step, computed another way: cumulative sums for the windowed means,
+    the standard library's median for the crowd."""
+    csum = np.vstack([np.zeros(seq.shape[1]), np.cumsum(seq, axis=0)])
+    out = []
+    for t in range(len(seq)):
+        if t + 1 < window:
+            out.append([])
+            continue
+        means = (csum[t + 1] - csum[t + 1 - window]) / window
+        flags = {r for r, m in enumerate(means) if m > threshold}
+        if margin is not None and len(means) >= 3:
+            med = statistics.median(means.tolist())
+            mad = statistics.median([abs(m - med) for m in means])
+            flags |= {r for r, m in enumerate(means) if m - med > max(margin, mad_k * 1.4826 * mad)}
+        out.append(sorted(flags))
+    return out
+
+
+def run(mon, seq, verbose=False):
+    return [mon.record(f, step, verbose) for step, f in enumerate(seq)]
+
+
+def test_absolute_rule_alone_flags_only_ranks_over_threshold_after_a_full_window(caplog):
+    mon = DisagreementMonitor(threshold=0.5, window=4, margin=None)
     rng = np.random.default_rng(0)
     with caplog.at_level(logging.WARNING):
         for step in range(3):
             assert mon.record([0.2, 0.8, 0.45 + 0.1 * rng.random()], step) == []
         assert mon.record([0.2, 0.8, 0.4], 3) == [1]
     assert "rank 1 voted against the majority" in caplog.text
+    assert "absolute rule: mean 0.800 > threshold 0.500" in caplog.text
+    assert "relative rule" not in caplog.text
     assert np.allclose(mon.means()[:2], [0.2, 0.8])
+    assert mon.median is None and mon.margin_used is None
     # A rank that recovers leaves the flagged set.
     for step in range(4, 8):
         mon.record([0.2, 0.1, 0.4], step)
-    assert mon.flagged == set()
+    assert mon.flagged == set() and mon.rules == {}
 
 
-@pytest.mark.parametrize("kwargs", [dict(threshold=0.0), dict(threshold=1.0), dict(window=0)])
-def test_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad", sorted(BAD))
+def test_one_bad_rank_of_seven_is_flagged_and_honest_ranks_are_not(bad):
+    seq = fractions(500, [BAD[bad]] + [HONEST] * 6, seed=1)
+    mon = DisagreementMonitor()
+    flagged = run(mon, seq)[mon.window - 1:]
+    assert all(set(f) <= {0} for f in flagged), "an honest rank was flagged"
+    assert np.mean([0 in f for f in flagged]) > 0.95
+    assert mon.flagged == {0} and "relative" in mon.rules[0]
+
+
+@pytest.mark.parametrize("bad", ["random", "zero"])
+def test_absolute_rule_alone_misses_ranks_near_one_half(bad):
+    """The reason for the relative rule: 0.5 is no line between 0.38 and 0.5."""
+    seq = fractions(500, [BAD[bad]] + [HONEST] * 6, seed=1)
+    mon = DisagreementMonitor(margin=None)
+    flagged = run(mon, seq)[mon.window - 1:]
+    assert np.mean([0 in f for f in flagged]) < 0.6
+
+
+def test_no_false_flags_over_500_steps_of_honest_noise():
+    # The model's noise, and the spread measured on digits (M = 7, clean run): persistent
+    # per-rank levels 0.28-0.34 and a per-step standard deviation of 0.07.
+    for levels, sd in [([HONEST] * 7, SD),
+                       ([0.305, 0.297, 0.296, 0.342, 0.317, 0.326, 0.279], 0.07)]:
+        for seed in range(3):
+            mon = DisagreementMonitor()
+            assert not any(run(mon, fractions(500, levels, sd, seed))), (levels, sd, seed)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(margin=0.05, mad_k=0.0),
+                                    dict(threshold=0.45, window=7, margin=0.02, mad_k=3.0),
+                                    dict(margin=None)])
+@pytest.mark.parametrize("ranks", [2, 3, 7, 8])
+def test_matches_a_reference_computed_another_way(kwargs, ranks):
+    # Ranks spread between honest and inverted, three adversaries among eight at most.
+    levels = np.linspace(HONEST - 0.05, 0.6, ranks)
+    seq = fractions(200, levels, sd=0.08, seed=ranks)
+    mon = DisagreementMonitor(**kwargs)
+    ref = reference_flags(seq, mon.window, mon.threshold, mon.margin, mon.mad_k)
+    assert run(mon, seq) == ref
+    assert any(ref), "the case flags nothing: it tests nothing"
+
+
+def test_two_ranks_use_the_absolute_rule_only(caplog):
+    mon = DisagreementMonitor(window=3)
+    with caplog.at_level(logging.WARNING):
+        for step in range(3):
+            # 0.35 apart, far over the margin: with a crowd the relative rule would fire.
+            assert mon.record([0.1, 0.45], step) == []
+    assert mon.median is None and mon.margin_used is None and mon.flagged == set()
+    for step in range(3, 6):
+        flagged = mon.record([0.38, 0.7], step)
+    assert flagged == [1] and mon.rules == {1: ("absolute",)}
+    assert "relative rule" not in caplog.text
+    # The same gap with a third rank is a relative outlier.
+    mon = DisagreementMonitor(window=3)
+    assert run(mon, [[0.1, 0.1, 0.45]] * 3)[-1] == [2] and mon.rules == {2: ("relative",)}
+
+
+def test_warning_names_the_rule_and_its_numbers(caplog):
+    mon = DisagreementMonitor(window=5)
+    with caplog.at_level(logging.WARNING):
+        run(mon, [[0.49, 0.7] + [0.38] * 5] * 5, verbose=True)
+    lines = caplog.text.splitlines()
+    assert len(lines) == 2, caplog.text
+    assert "rank 0 voted against the majority on 49.0% of coordinates" in lines[0]
+    assert "relative rule: mean 0.490 - median 0.380 = 0.110 > margin 0.100" in lines[0]
+    assert "absolute rule" not in lines[0]
+    assert "rank 1 " in lines[1] and "absolute rule: mean 0.700 > threshold 0.500" in lines[1]
+    assert "relative rule: mean 0.700 - median 0.380 = 0.320 > margin 0.100" in lines[1]
+    assert mon.rules == {0: ("relative",), 1: ("absolute", "relative")}
+    # No second warning while the ranks stay flagged.
+    with caplog.at_level(logging.WARNING):
+        mon.record([0.49, 0.7] + [0.38] * 5, 5)
+    assert len(caplog.text.splitlines()) == 2
+
+
+def test_spread_crowd_widens_the_margin():
+    # Honest ranks 0.2 to 0.5: MAD 0.1, so the margin is 2 * 1.4826 * 0.1, not the 0.1 floor.
+    honest = [0.2, 0.3, 0.35, 0.4, 0.5]
+    mon = DisagreementMonitor(window=2, threshold=0.9)
+    assert run(mon, [[0.6] + honest + [0.25]] * 2)[-1] == []  # 0.25 above the median 0.35
+    assert mon.median == pytest.approx(0.35)
+    assert mon.margin_used == pytest.approx(2 * 1.4826 * 0.1)
+    assert run(mon, [[0.7] + honest + [0.25]] * 2)[-1] == [0]  # 0.35 above it
+
+
+def test_recovered_rank_leaves_the_flagged_set():
+    mon = DisagreementMonitor(window=4)
+    assert run(mon, [[0.5] + [0.38] * 6] * 4)[-1] == [0]
+    assert run(mon, [[0.4] + [0.38] * 6] * 4)[-1] == []
+    assert mon.flagged == set() and mon.rules == {}
+
+
+def test_positional_arguments_and_defaults_stay():
+    mon = DisagreementMonitor(0.45, 10)
+    assert (mon.threshold, mon.window, mon.margin, mon.mad_k) == (0.45, 10, 0.1, 2.0)
+    with pytest.raises(TypeError):
+        DisagreementMonitor(0.5, 20, 0.1)  # margin and mad_k are keyword-only
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(threshold=0.0), "threshold"), (dict(threshold=1.0), "threshold"),
+    (dict(window=0), "window"), (dict(window=2.0), "window"),
+    (dict(margin=0.0), "margin"), (dict(margin=1.0), "margin"), (dict(margin=-0.1), "margin"),
+    (dict(margin="0.1"), "margin"), (dict(margin=True), "margin"),
+    (dict(mad_k=-1.0), "mad_k"), (dict(mad_k=float("inf")), "mad_k"),
+    (dict(mad_k=float("nan")), "mad_k"), (dict(mad_k="2"), "mad_k"), (dict(mad_k=True), "mad_k"),
+])
+def test_bad_arguments(kwargs, word):
+    with pytest.raises(ValueError, match=word):
         DisagreementMonitor(**kwargs)
