@@ -112,14 +112,27 @@ def pack_signs(x, zero_bit: int = 0, out: np.ndarray | None = None, scratch=None
 
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 _TABLES: dict = {}
+_MAX_TABLES = 32  # tables are keyed by value (apply folds lr into them): keep a schedule's few
 
 
-def _byte_table(np_dtype, on: float, off: float) -> np.ndarray:
-    """256 x 8 table: row b holds bits 0..7 of byte b as ``on`` (bit 1) / ``off`` (bit 0)."""
-    key = (np.dtype(np_dtype).str, on, off)
+def _table(kind: str, np_dtype, on: float) -> np.ndarray:
+    """A lookup table from packed bits to votes, ``on`` for "+", ``-on`` for "-", ``+0.0`` at a tie:
+
+    * ``"byte"``: 256 x 8, row ``b`` is bits 0..7 of a plus byte ``b``;
+    * ``"nibble"``: 256 x 4, row ``p | t << 4`` is bits 0..3 of a plus nibble ``p`` with its
+      tie nibble ``t``, so ties cost no pass of their own.
+    """
+    key = (kind, np.dtype(np_dtype).str, on)
     if key not in _TABLES:
-        bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
-        _TABLES[key] = np.where(bits == 1, on, off).astype(np_dtype)
+        if len(_TABLES) >= _MAX_TABLES:
+            _TABLES.clear()
+        rows = np.arange(256, dtype=np.uint8)[:, None]
+        bits = np.unpackbits(rows, axis=1, bitorder="little")
+        if kind == "byte":
+            values = np.where(bits == 1, on, -on)
+        else:
+            values = np.where(bits[:, 4:] == 1, 0.0, np.where(bits[:, :4] == 1, on, -on))
+        _TABLES[key] = values.astype(np_dtype)
     return _TABLES[key]
 
 
@@ -129,15 +142,19 @@ def _tie_bytes(tie: np.ndarray | None, n: int) -> np.ndarray | None:
 
 
 def _expand_votes(plus_bytes: np.ndarray, tie_bytes: np.ndarray | None, out: np.ndarray,
-                  keep: np.ndarray | None = None) -> None:
-    """+1 / -1 for each bit of ``plus_bytes`` into ``out`` (len x 8, its dtype), and 0 where
-    ``tie_bytes`` has a 1: one table lookup per byte, no per-bit arithmetic. ``keep`` is an
-    optional scratch of ``out``'s shape for the tie mask."""
-    np.take(_byte_table(out.dtype, 1.0, -1.0), plus_bytes, axis=0, out=out)
-    if tie_bytes is not None:
-        keep = np.take(_byte_table(out.dtype, 0.0, 1.0), tie_bytes, axis=0, out=keep)
-        np.multiply(out, keep, out=out)
-        np.add(out, 0.0, out=out)  # -1 * 0 is -0.0: a tie votes +0.0, as the GPU kernels do
+                  on: float = 1.0) -> None:
+    """``on`` / ``-on`` for each bit of ``plus_bytes`` into ``out`` (len x 8, its dtype), and
+    +0.0 where ``tie_bytes`` has a 1: one table lookup per byte, or per nibble with ties (the
+    plus and tie nibbles index one table), no per-bit arithmetic."""
+    if tie_bytes is None:
+        np.take(_table("byte", out.dtype, on), plus_bytes, axis=0, out=out)
+        return
+    index = np.empty((plus_bytes.size, 2), dtype=np.uint8)  # 1/32 of out's bytes (fp32)
+    np.bitwise_and(plus_bytes, 0x0F, out=index[:, 0])
+    index[:, 0] |= np.left_shift(tie_bytes, 4)               # low nibbles: plus | tie << 4
+    np.right_shift(plus_bytes, 4, out=index[:, 1])
+    index[:, 1] |= np.bitwise_and(tie_bytes, 0xF0)           # high nibbles
+    np.take(_table("nibble", out.dtype, on), index, axis=0, out=out.reshape(-1, 2, 4))
 
 
 def unpack_signs(words: np.ndarray, n: int, tie: np.ndarray | None = None,
@@ -190,11 +207,13 @@ def apply_signs(p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: f
     buf, tbuf, xbuf = scratch[key]
     plus_bytes = plus.view(np.uint8)
     tie_bytes = _tie_bytes(tie, n)
+    # Without weight decay lr * v is +-lr (or +0): exact, so it goes into the table itself.
+    on = 1.0 if weight_decay else lr
     for start in range(0, n, APPLY_CHUNK):  # APPLY_CHUNK is a multiple of 8: byte-aligned
         stop = min(n, start + APPLY_CHUNK)
         b0, nb = start // 8, (stop - start + 7) // 8
         _expand_votes(plus_bytes[b0: b0 + nb],
-                      None if tie_bytes is None else tie_bytes[b0: b0 + nb], buf[:nb], tbuf[:nb])
+                      None if tie_bytes is None else tie_bytes[b0: b0 + nb], buf[:nb], on)
         v = torch.from_numpy(buf[:nb].reshape(-1)[: stop - start])
         chunk = flat[start:stop]
         x = chunk
@@ -205,7 +224,7 @@ def apply_signs(p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: f
             t = torch.from_numpy(tbuf[:nb].reshape(-1)[: stop - start])
             torch.mul(x, weight_decay, out=t)
             v.add_(t)                       # v + wd * p
-        v.mul_(lr)                          # lr * (v + wd * p)
+            v.mul_(lr)                      # lr * (v + wd * p)
         x.sub_(v)                           # p - lr * (v + wd * p)
         if x is not chunk:
             chunk.copy_(x)

@@ -127,3 +127,21 @@ def test_apply_signs_matches_unpack_then_update(dtype):
     else:
         torch.testing.assert_close(p, want, rtol=0, atol=1e-6)
     assert (v == 0).any()  # ties were really exercised
+
+
+def test_apply_with_a_schedule_keeps_few_tables_and_ties_are_plus_zero():
+    """lr is folded into apply's lookup table: a schedule of many lrs must not grow the cache
+    without bound. Ties vote +0.0 (as the GPU kernels), in unpack and in apply."""
+    p = torch.zeros(1000)
+    plus = packing.pack_signs(torch.randn(1000, generator=torch.Generator().manual_seed(0)))
+    tie = plus.copy()
+    tie[:] = np.uint64(0x00FF_00FF_00FF_00FF)
+    for k in range(200):
+        packing.apply_signs(p, plus, tie, 1e-3 * (1 + k / 200))
+    assert len(packing._TABLES) <= packing._MAX_TABLES
+    v = packing.unpack_signs(plus, 1000, tie)
+    tied = packing.unpack_signs(tie, 1000) > 0
+    assert (v[tied] == 0).all() and not torch.signbit(v[tied]).any()
+    q = -torch.zeros(1000)  # -0.0 everywhere: a tie leaves it -0.0 - (+0.0) = -0.0
+    packing.apply_signs(q, plus, tie, 0.1)
+    assert torch.signbit(q[tied]).all() and (q[~tied].abs() == np.float32(0.1)).all()
