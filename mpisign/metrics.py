@@ -96,10 +96,12 @@ def run_record(args, comm, data, model, device, steps_per_epoch, total_steps, re
 
 
 def log_interval(metrics: Metrics, comm, interval: np.ndarray, traffic: tuple, step: int,
-                 steps_per_epoch: int, lr: float, now: float) -> dict | None:
+                 steps_per_epoch: int, lr: float, now: float,
+                 extra: dict | None = None) -> dict | None:
     """Collective: gather every rank's ``interval`` sums (see :data:`INTERVAL_FIELDS`) and
     ``traffic`` (bytes sent and received per step, disagreement, non-finite entries, or NaN
-    where the optimizer has none); rank 0 writes the ``step`` record and returns it."""
+    where the optimizer has none); rank 0 writes the ``step`` record, with rank 0's ``extra``
+    fields added, and returns it."""
     mine = np.array([*interval, *traffic], dtype=np.float64)
     rank, world = comm.Get_rank(), comm.Get_size()
     every = np.empty((world, mine.size)) if rank == 0 else None
@@ -119,5 +121,6 @@ def log_interval(metrics: Metrics, comm, interval: np.ndarray, traffic: tuple, s
                   nonfinite=[int(n) for n in np.nan_to_num(nonfinite)])
     if not np.isnan(disagree).any():
         record["disagreement"] = [round(float(d), 6) for d in disagree]
+    record.update(extra or {})
     metrics.write(**record)
     return record

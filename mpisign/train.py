@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=positive_int, default=64, help="per rank")
     g.add_argument("--vote-timeout", type=_finite_float, default=None,
                    help="seconds a vote waits for its peers (default $MPISIGN_TIMEOUT or 300)")
+    g.add_argument("--monitor", action=argparse.BooleanOptionalAction, default=True,
+                   help="watch each rank's disagreement with the vote over 20 steps "
+                        "(mpisign.DisagreementMonitor): rank 0 warns about ranks that stand "
+                        "out, and step records list them as 'suspects'")
     g.add_argument("--check-every", type=nonnegative_int, default=0,
                    help="check every N steps that all ranks hold identical parameters "
                         "(always checked at epoch ends); 0: epoch ends only")
@@ -340,7 +344,8 @@ def train(args, comm) -> int:
     else:
         opt = mpisign.Signum(model.parameters(), lr=args.lr, momentum=args.momentum,
                              weight_decay=args.weight_decay, comm=comm, topology=args.topology,
-                             timeout=args.vote_timeout, check_every=args.check_every)
+                             timeout=args.vote_timeout, check_every=args.check_every,
+                             monitor=mpisign.DisagreementMonitor() if args.monitor else None)
     # The non-blind attack: collective, built on every rank (mpisign.adversary.Omniscient).
     omniscient = (Omniscient(comm, args.adversaries, topology=args.topology,
                              timeout=args.vote_timeout)
@@ -457,8 +462,10 @@ def train(args, comm) -> int:
             if step % args.log_every == 0:
                 traffic = _traffic(opt, allreduce)
                 per_step = [(traffic[i] - traffic_before[i]) / interval[5] for i in (0, 1)]
+                watched = allreduce is None and opt.monitor is not None
                 record = log_interval(metrics, comm, interval, (*per_step, *traffic[2:]), step,
-                                      steps_per_epoch, lr, elapsed())
+                                      steps_per_epoch, lr, elapsed(),
+                                      {"suspects": opt.stats.suspects} if watched else None)
                 if bar is not None and record is not None:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}",
                                     ms=f"{1e3 * record['step_s']:.0f}", refresh=False)

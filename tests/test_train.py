@@ -168,14 +168,18 @@ def test_sigterm_to_one_rank_stops_every_rank_and_the_inverter_is_seen(tmp_path)
     # A signal seen by one rank only: the ranks agree on it after the step and all stop.
     proc = start(RANKS, *DIGITS, "--adversaries", "1", "--attack", "invert",
                  "--epochs", "1000", "--out", str(tmp_path))
-    _wait_for_steps(tmp_path, proc)
+    _wait_for_steps(tmp_path, proc, count=4)  # 28 steps: the monitor's 20-step window is full
     pids = json.loads((tmp_path / "run.json").read_text())["pids"]
     os.kill(pids[2], signal.SIGTERM)
-    finish(proc, 60, 0, "SIGTERM to rank 2")
+    out = finish(proc, 60, 0, "SIGTERM to rank 2")
     _check_stopped(tmp_path, "SIGTERM")
     # Rank 0 inverts: it votes against the majority on most coordinates, the others rarely.
     d = records(tmp_path, "step")[-1]["disagreement"]
     assert d[0] > 0.5 > max(d[1:]), d
+    # The monitor (on by default) names it, and only it, once its window is full.
+    assert records(tmp_path, "step")[-1]["suspects"] == [0]
+    assert "rank 0 voted against the majority" in out
+    assert "rank 1 voted" not in out and "rank 2 voted" not in out
 
 
 # -- failures ---------------------------------------------------------------------------------
