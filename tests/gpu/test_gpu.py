@@ -7,6 +7,7 @@ runs) compare the kernels with cupy.packbits and with plain torch on ResNet-size
 are printed, not asserted.
 """
 
+import os
 import statistics
 
 import numpy as np
@@ -177,6 +178,23 @@ def test_signum_on_the_gpu_matches_the_cpu_bit_for_bit(monkeypatch, aware_settin
     x = special_floats(10_001, 3).cuda()
     want = packing.unpack_signs(packing.pack_signs(x.cpu(), 0), x.numel())
     assert torch.equal(mpisign.majority_vote(x, step=0).cpu(), want)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("aware_setting", ["0", "1"])
+def test_gpu_path_over_real_ranks(n, aware_setting):
+    """tests/mpi/gpu_check.py on n ranks (sharing the node's GPUs): every topology, staged
+    words and, where this MPI is CUDA-aware, device-resident words moved by MPI itself."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import mpirun
+    from mpi4py import MPI
+    env = {k: v for k, v in os.environ.items() if k != aware.OVERRIDE_ENV}
+    if aware_setting == "1" and not aware.detect_cuda_aware(MPI, env)[0]:
+        pytest.skip(f"this MPI is not known to be CUDA-aware: {aware.detect_cuda_aware(MPI, env)[1]}")
+    out = mpirun.run(n, "gpu_check.py", timeout=600, env={aware.OVERRIDE_ENV: aware_setting})
+    assert f"gpu_check OK on {n} ranks (resident words: {aware_setting == '1'})" in out
 
 
 def test_print_timings():
