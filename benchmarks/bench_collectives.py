@@ -49,8 +49,8 @@ from mpi4py import MPI  # noqa: E402
 from mpisign import costmodel, packing  # noqa: E402
 from mpisign.collectives import TOPOLOGIES, make_vote  # noqa: E402
 import ompi_tool  # noqa: E402
-from vote_variants import (BlockingWaitShardedVote, PairwiseShardedVote,  # noqa: E402
-                           RingGatherShardedVote)
+from vote_variants import (BlockingWaitShardedVote, ConcurrentGatherShardedVote,  # noqa: E402
+                           PairwiseShardedVote)
 
 SIZES = {"1M": 1_000_000, "11.7M": 11_689_512, "25.6M": 25_557_032}  # ResNet-18, ResNet-50
 
@@ -246,7 +246,7 @@ def run_size(comm, n: int, args, ring, gloo, pairs, monitor) -> tuple[list[dict]
     if args.variants:
         votes["sharded-pairwise"] = lambda: PairwiseShardedVote(comm)
         votes["sharded-waitall"] = lambda: BlockingWaitShardedVote(comm)
-        votes["sharded-ringgather"] = lambda: RingGatherShardedVote(comm)
+        votes["sharded-concurrent"] = lambda: ConcurrentGatherShardedVote(comm)
     for topology, make in votes.items():
         vote = make()
         model = topology.split("-")[0]

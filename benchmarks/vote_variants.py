@@ -13,7 +13,7 @@ from mpi4py import MPI
 
 from mpisign.collectives.sharded import RESULT, VOTES, ShardedVote
 
-__all__ = ["PairwiseShardedVote", "BlockingWaitShardedVote", "RingGatherShardedVote"]
+__all__ = ["PairwiseShardedVote", "BlockingWaitShardedVote", "ConcurrentGatherShardedVote"]
 
 
 class PairwiseShardedVote(ShardedVote):
@@ -62,19 +62,12 @@ class BlockingWaitShardedVote(ShardedVote):
         MPI.Request.Waitall(requests)
 
 
-class RingGatherShardedVote(ShardedVote):
-    """The sharded vote whose second phase is a ring allgather: in step ``s`` rank ``r`` passes
-    the result shard of rank ``r - s`` to ``r + 1`` and receives that of ``r - s - 1`` from
-    ``r - 1``, so each link carries one flow (M-1 steps; same bytes per rank)."""
+class ConcurrentGatherShardedVote(ShardedVote):
+    """The sharded vote with its result phase always posted at once (M-1 concurrent flows per
+    rank), never the ring allgather the package switches to for large shards
+    (:data:`mpisign.costmodel.RING_MIN_BYTES`): what the ring gains."""
 
-    name = "sharded-ringgather"
+    name = "sharded-concurrent"
 
-    def _gather_results(self, p, result):
-        b, m, r = p.bounds, self.size, self.rank
-        right, left = (r + 1) % m, (r - 1) % m
-        for s in range(m - 1):
-            out, inc = (r - s) % m, (r - s - 1) % m
-            self._irecv(p, result[b[inc]: b[inc + 1]], left, RESULT)
-            self._isend(p, result[b[out]: b[out + 1]], right, RESULT)
-            # Wait on MPI: the next step forwards what this one receives.
-            self._wait(p, f"ring allgather step {s}")
+    def __init__(self, comm, timeout=None, tally=None):
+        super().__init__(comm, timeout, tally, ring_min_bytes=1 << 62)

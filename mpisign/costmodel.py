@@ -49,10 +49,24 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 __all__ = [
-    "Link", "Cost", "TOPOLOGIES", "FP32_ALLREDUCES", "BASELINES", "ALGORITHMS",
+    "RING_MIN_BYTES", "sharded_ring_gather", "Link", "Cost", "TOPOLOGIES", "FP32_ALLREDUCES", "BASELINES", "ALGORITHMS",
     "packed_bytes", "result_planes", "count_planes", "tally_passes", "add_counts_passes",
     "cost", "predict", "choose", "traffic", "measure_link",
 ]
+
+#: The sharded vote's second phase is a ring allgather when each result shard is at least this
+#: many bytes. Measured on the emulated 1 Gbit/s cluster (benchmarks/README.md, 2026-11-23): with
+#: shards of 357 KiB and more the ring (one flow per link) beat posting all M-1 messages at once
+#: by 10-28% (M = 3, 4, 8); with 31-61 KiB its M-1 sequential steps lost by up to 2x (M = 8).
+RING_MIN_BYTES = 256 * 1024
+
+
+def sharded_ring_gather(n_coords: int, ranks: int, min_bytes: int = RING_MIN_BYTES) -> bool:
+    """Whether the sharded vote sends its result by ring (the same answer on every rank)."""
+    words = packed_bytes(n_coords) // 8
+    shard = 8 * result_planes(ranks) * -(-words // ranks)  # the largest shard's result bytes
+    return ranks > 2 and shard >= min_bytes
+
 
 #: The vote topologies of :mod:`mpisign.collectives`, in the order ``choose`` breaks ties.
 TOPOLOGIES = ("sharded", "allgather", "tree", "server")
@@ -255,10 +269,12 @@ def choose(n_coords: int, ranks: int, link: Link, candidates=TOPOLOGIES) -> str:
     return min(candidates, key=lambda a: (predict(a, n_coords, ranks, link), candidates.index(a)))
 
 
-def traffic(algorithm: str, n_coords: int, ranks: int) -> list[tuple[int, int]]:
+def traffic(algorithm: str, n_coords: int, ranks: int,
+            ring_min_bytes: int = RING_MIN_BYTES) -> list[tuple[int, int]]:
     """``(bytes sent, bytes received)`` of each rank in one operation.
 
-    Exactly what :class:`mpisign.collectives.SignVote.traffic` counts for the vote topologies;
+    Exactly what :class:`mpisign.collectives.SignVote.traffic` counts for the vote topologies
+    (``ring_min_bytes``: the sharded vote's, see :func:`sharded_ring_gather`);
     for the MPI collectives, the textbook algorithm's figures (``ring_allreduce``: within one
     element per block of Open MPI's split; ``bcast_gather``: a binomial broadcast).
     """
@@ -281,7 +297,11 @@ def traffic(algorithm: str, n_coords: int, ranks: int) -> list[tuple[int, int]]:
             out.append((up_sent + len(kids) * k * w, up_recv + (0 if r == 0 else k * w)))
         return out
     if algorithm == "sharded":
-        return [((w - s) + k * (m - 1) * s, (m - 1) * s + k * (w - s)) for s in _shard_bytes(n, m)]
+        shards = _shard_bytes(n, m)
+        if sharded_ring_gather(n, m, ring_min_bytes):  # a rank forwards all shards but one
+            return [((w - s) + k * (w - shards[(r + 1) % m]), (m - 1) * s + k * (w - s))
+                    for r, s in enumerate(shards)]
+        return [((w - s) + k * (m - 1) * s, (m - 1) * s + k * (w - s)) for s in shards]
     if algorithm == "allgather":
         return [((m - 1) * w, (m - 1) * w)] * m
     if algorithm == "allgather8":

@@ -85,6 +85,21 @@ def test_sharded():
     assert cm.predict("sharded", n, 3, WIRE) == 2 * 48
 
 
+def test_sharded_ring_gather_rule_and_bytes():
+    # Forced ring on the M = 3 example above: rank r forwards every result shard but r + 1's.
+    n = 512
+    assert cm.traffic("sharded", n, 3, ring_min_bytes=0) == [
+        (48 + (64 - 24), 2 * 16 + 48), (40 + (64 - 24), 2 * 24 + 40), (40 + (64 - 16), 2 * 24 + 40)]
+    ring = cm.traffic("sharded", n, 3, ring_min_bytes=0)
+    assert sum(s for s, _ in ring) == sum(r for _, r in ring)
+    # The default threshold: large shards take the ring, small ones and M = 2 never.
+    assert cm.sharded_ring_gather(25_557_032, 4) and cm.sharded_ring_gather(25_557_032, 8)
+    assert not cm.sharded_ring_gather(1_000_000, 8) and not cm.sharded_ring_gather(25_557_032, 2)
+    shard = cm.RING_MIN_BYTES // 8  # words; M = 3 (k = 1): shards of exactly RING_MIN_BYTES
+    assert cm.sharded_ring_gather(64 * 3 * shard, 3)
+    assert not cm.sharded_ring_gather(64 * 3 * (shard - 1), 3)
+
+
 def test_sharded_bytes_flat_in_m():
     n = 25_557_032
     w = cm.packed_bytes(n)

@@ -2,13 +2,15 @@
 
 The packed words are split into M nearly equal shards. Rank ``j`` receives shard ``j`` of every
 rank's signs, tallies that shard with bit-sliced counters, and sends its piece of the result to
-every rank. Per rank, in bits: ``n (M-1)/M`` out and in for the signs, ``k n (M-1)/M`` out and in
+every rank: all at once for small shards, by a ring allgather for large ones (one flow per link,
+M-1 steps; see :data:`mpisign.costmodel.RING_MIN_BYTES` for the measurements). Per rank, in bits: ``n (M-1)/M`` out and in for the signs, ``k n (M-1)/M`` out and in
 for the result (``k = 2`` with the tie mask when M is even, else 1), whatever M is: 1/32 of a ring
 allreduce's ``64 n (M-1)/M`` for odd M, about 1/21 for even M. Two rounds, like the server.
 """
 
 from __future__ import annotations
 
+from ..costmodel import RING_MIN_BYTES, sharded_ring_gather
 from .base import SignVote
 
 __all__ = ["ShardedVote"]
@@ -20,6 +22,10 @@ class ShardedVote(SignVote):
     """Alltoall of 1-bit shards, a local tally of one shard, allgather of the 1-bit results."""
 
     name = "sharded"
+
+    def __init__(self, comm, timeout=None, tally=None, ring_min_bytes: int = RING_MIN_BYTES):
+        super().__init__(comm, timeout, tally)
+        self.ring_min_bytes = int(ring_min_bytes)
 
     def bounds(self, w: int) -> list[int]:
         """Word offsets of the M shards: shard j is words ``[b[j], b[j+1])``."""
@@ -64,13 +70,24 @@ class ShardedVote(SignVote):
         return result
 
     def _gather_results(self, p, result) -> None:
-        """Step 3: the allgather of the voted shards, every message posted at once."""
-        b = p.bounds
-        mine = result[b[self.rank]: b[self.rank + 1]]
-        for r in range(self.size):
-            if r != self.rank:
-                self._irecv(p, result[b[r]: b[r + 1]], r, RESULT)
-                self._isend(p, mine, r, RESULT)
+        """Step 3: the allgather of the voted shards: every message posted at once, or for
+        large shards a ring (in step ``s`` rank ``r`` passes shard ``r - s`` to ``r + 1`` and
+        receives shard ``r - s - 1`` from ``r - 1``), which keeps one flow on each link."""
+        b, m, r = p.bounds, self.size, self.rank
+        if sharded_ring_gather(64 * p.words.shape[0], m, self.ring_min_bytes):
+            right, left = (r + 1) % m, (r - 1) % m
+            for s in range(m - 1):
+                out, inc = (r - s) % m, (r - s - 1) % m
+                self._irecv(p, result[b[inc]: b[inc + 1]], left, RESULT)
+                self._isend(p, result[b[out]: b[out + 1]], right, RESULT)
+                # Wait on MPI: the next step forwards what this one receives.
+                self._wait(p, f"ring allgather of the voted shards, step {s + 1} of {m - 1}")
+            return
+        mine = result[b[r]: b[r + 1]]
+        for q in range(m):
+            if q != r:
+                self._irecv(p, result[b[q]: b[q + 1]], q, RESULT)
+                self._isend(p, mine, q, RESULT)
         # Wait on MPI: the full result is this rank's update.
         self._wait(p, "allgather of the voted shards")
 

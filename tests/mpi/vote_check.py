@@ -11,6 +11,7 @@ import torch
 from common import WORLD, progress, rank_data, reference_vote
 
 import mpisign
+from mpisign import collectives, costmodel
 from mpisign.packing import n_words
 
 comm = WORLD
@@ -66,6 +67,26 @@ for topology in sorted(mpisign.TOPOLOGIES):
                 assert sent == [0] and recv == [0]
             step += 1
             progress(step)
+
+# The sharded vote's ring allgather of the result (forced at every length, and by default at a
+# size whose shards pass costmodel.RING_MIN_BYTES): the server's bits, the model's exact bytes.
+server = collectives.ServerVote(comm)
+for n, ring_min in [(n, 0) for n in LENGTHS] + [(64 * 100_000 * max(1, size // 2), None)]:
+    rng = np.random.default_rng([n, rank])
+    words = rng.integers(0, 2**64, size=n_words(n), dtype=np.uint64, endpoint=False)
+    if n % 64:
+        words[-1] &= np.uint64((1 << (n % 64)) - 1)
+    kw = {} if ring_min is None else {"ring_min_bytes": ring_min}
+    sharded = collectives.ShardedVote(comm, **kw)
+    plus, tie = sharded.vote(words, n)
+    want_plus, want_tie = server.vote(words, n)
+    assert np.array_equal(plus, want_plus) and (tie is None or np.array_equal(tie, want_tie)), n
+    model = costmodel.traffic("sharded", n, size, **kw)[rank]
+    assert (sharded.traffic.sent, sharded.traffic.received) == model, (n, model)
+    if ring_min is None and size > 2:
+        assert costmodel.sharded_ring_gather(n, size), "the default size did not take the ring"
+    step += 1
+    progress(step)
 
 # Argument errors come before any communication, on every rank alike.
 for bad, word in [(dict(topology="ring"), "topology"), (dict(comm="world"), "comm")]:
