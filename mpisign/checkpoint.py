@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from .collectives.base import bounded
+
 __all__ = ["save", "latest", "load", "atomic_save", "capture_rng", "restore_rng",
            "StopRequest"]
 
@@ -56,10 +58,14 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save(out, step: int, common: dict, own: dict, comm, keep: int = 1) -> Path:
+def save(out, step: int, common: dict, own: dict, comm, keep: int = 1,
+         timeout: float | None = None) -> Path:
     """Collective: every rank of ``comm`` saves ``own``; rank 0 also saves ``common``.
 
     Returns the checkpoint directory. Older checkpoints beyond the newest ``keep`` are removed.
+    A rank that has not written its file after ``timeout`` seconds (default ``$MPISIGN_TIMEOUT``
+    or 300) ends the save in :class:`mpisign.collectives.VoteTimeout`; the pointer then still
+    names the previous checkpoint.
     """
     rank = comm.Get_rank()
     where = _dir(out) / f"step-{step:09d}"
@@ -68,7 +74,8 @@ def save(out, step: int, common: dict, own: dict, comm, keep: int = 1) -> Path:
     if rank == 0:
         atomic_save(common, where / "common.pt")
     # Wait on MPI: the pointer may name this directory only once every rank's file is written.
-    comm.Barrier()
+    bounded(comm.Ibarrier(), f"checkpoint at step {step} on rank {rank}: waiting for every "
+            f"rank's file", timeout)
     if rank == 0:
         _fsync_dir(where)
         tmp = _dir(out) / f".{POINTER}.tmp"
@@ -128,8 +135,9 @@ class StopRequest:
     """SIGUSR1 / SIGTERM set a flag; the ranks agree on it every step with a nonblocking
     allreduce (Slurm signals the ranks at slightly different instants), so all stop together."""
 
-    def __init__(self, comm):
+    def __init__(self, comm, timeout: float | None = None):
         self.comm = comm
+        self.timeout = timeout  # None: $MPISIGN_TIMEOUT or 300
         self.caught = 0
         self.send = np.zeros(1, dtype=np.int32)
         self.agreed = np.zeros(1, dtype=np.int32)
@@ -147,5 +155,5 @@ class StopRequest:
     def wait(self) -> int:
         """The signal number some rank caught (0: none). Overlaps with the step."""
         # Wait on MPI: all ranks must reach the same verdict after the same step.
-        self.req.Wait()
+        bounded(self.req, f"stop-signal agreement on rank {self.comm.Get_rank()}", self.timeout)
         return int(self.agreed[0])

@@ -49,9 +49,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 __all__ = [
-    "RING_MIN_BYTES", "sharded_ring_gather", "Link", "Cost", "TOPOLOGIES", "FP32_ALLREDUCES", "BASELINES", "ALGORITHMS",
-    "packed_bytes", "result_planes", "count_planes", "tally_passes", "add_counts_passes",
-    "cost", "predict", "choose", "traffic", "measure_link",
+    "RING_MIN_BYTES", "sharded_ring_gather", "Link", "Cost", "TOPOLOGIES", "FP32_ALLREDUCES",
+    "BASELINES", "ALGORITHMS", "packed_bytes", "result_planes", "count_planes", "tally_passes",
+    "add_counts_passes", "cost", "predict", "choose", "traffic", "measure_link",
 ]
 
 #: The sharded vote's second phase is a ring allgather when each result shard is at least this
@@ -374,11 +374,11 @@ def measure_link(comm, small: int = 8, large: int = 8 << 20, repeat: int = 5,
         raise ValueError(f"need 0 < small < large bytes, got small={small}, large={large}")
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
-    from .collectives.base import default_timeout, wait_all
+    from .collectives.base import ANY_RANK, default_timeout, wait_all
 
     # Wait on MPI, bounded: a rank that never arrives raises VoteTimeout instead of a hang; once
     # all are here, the blocking ping-pongs below time MPI itself, not a polling loop.
-    wait_all([comm.Ibarrier()], ["some rank"], default_timeout(),
+    wait_all([comm.Ibarrier()], [ANY_RANK], default_timeout(),
              f"measure_link on rank {comm.Get_rank()}")
     alpha = beta = gamma = 0.0
     if comm.Get_size() > 1:

@@ -31,6 +31,7 @@ from mpi4py import MPI
 
 import mpisign
 
+from .collectives.base import bounded
 from .models import count_parameters
 
 __all__ = ["Metrics", "run_record", "log_interval", "INTERVAL_FIELDS"]
@@ -97,16 +98,17 @@ def run_record(args, comm, data, model, device, steps_per_epoch, total_steps, re
 
 def log_interval(metrics: Metrics, comm, interval: np.ndarray, traffic: tuple, step: int,
                  steps_per_epoch: int, lr: float, now: float,
-                 extra: dict | None = None) -> dict | None:
+                 extra: dict | None = None, timeout: float | None = None) -> dict | None:
     """Collective: gather every rank's ``interval`` sums (see :data:`INTERVAL_FIELDS`) and
     ``traffic`` (bytes sent and received per step, disagreement, non-finite entries, or NaN
     where the optimizer has none); rank 0 writes the ``step`` record, with rank 0's ``extra``
-    fields added, and returns it."""
+    fields added, and returns it. Bounded by ``timeout`` (default ``$MPISIGN_TIMEOUT``)."""
     mine = np.array([*interval, *traffic], dtype=np.float64)
     rank, world = comm.Get_rank(), comm.Get_size()
     every = np.empty((world, mine.size)) if rank == 0 else None
     # Wait on MPI: rank 0 needs every rank's figures to write the record.
-    comm.Gather(mine, every, root=0)
+    bounded(comm.Igather(mine, every, root=0), f"metrics gather at step {step} on rank {rank}",
+            timeout)
     if rank != 0:
         return None
     loss, correct, count, compute, comms, steps, sent, received, disagree, nonfinite = every.T

@@ -62,6 +62,7 @@ from . import checkpoint
 from .adversary import ATTACKS, NON_BLIND_ATTACKS, Omniscient, attack_gradients, make_attack
 from .allreduce import AllreduceMean
 from .checkpoint import StopRequest
+from .collectives.base import bounded
 from .data import (DATASETS, DataNotFound, batches_per_epoch, default_workers, load_data,
                    eval_batches, train_batches)
 from .metrics import INTERVAL_FIELDS, Metrics, log_interval, run_record
@@ -141,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=_finite_float, default=0.0)
     g.add_argument("--batch-size", type=positive_int, default=64, help="per rank")
     g.add_argument("--vote-timeout", type=_finite_float, default=None,
-                   help="seconds a vote waits for its peers (default $MPISIGN_TIMEOUT or 300)")
+                   help="seconds a vote, or any other wait on the other ranks (evaluation, "
+                        "metrics, checkpoint, stop signal), waits before it raises "
+                        "VoteTimeout and the job aborts (default $MPISIGN_TIMEOUT or 300)")
     g.add_argument("--monitor", action=argparse.BooleanOptionalAction, default=True,
                    help="watch each rank's disagreement with the vote over 20 steps "
                         "(mpisign.DisagreementMonitor): rank 0 warns about ranks that stand "
@@ -197,6 +200,8 @@ def check_args(args, world: int) -> None:
         raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
     if args.lr is not None and args.lr <= 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.vote_timeout is not None and args.vote_timeout <= 0:
+        raise UsageError(f"--vote-timeout must be > 0 seconds, got {args.vote_timeout}")
     if args.weight_decay < 0:
         raise UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.warmup_epochs < 0 or any(e <= 0 for e in args.lr_decay_epochs):
@@ -239,12 +244,13 @@ def learning_rate(args, step: int, steps_per_epoch: int) -> float:
     return lr * args.lr_decay ** passed
 
 
-def broadcast_tensors(tensors, comm, root: int = 0) -> None:
+def broadcast_tensors(tensors, comm, root: int = 0, timeout: float | None = None) -> None:
     """Give every rank ``root``'s values of ``tensors`` (model state at start, BN statistics)."""
     for t in tensors:
         host = t.detach().cpu().contiguous()
-        # Wait on MPI: blocking broadcast, the values are used right after.
-        comm.Bcast(host.numpy(), root=root)
+        # Wait on MPI: the values are used right after (bounded: a stalled rank raises).
+        bounded(comm.Ibcast(host.numpy(), root=root),
+                f"broadcast of rank {root}'s tensors on rank {comm.Get_rank()}", timeout)
         if host.data_ptr() != t.data_ptr():
             t.copy_(host)
 
@@ -253,7 +259,8 @@ def broadcast_tensors(tensors, comm, root: int = 0) -> None:
 def evaluate(model, data, args, comm, device) -> tuple[float, float]:
     """Loss and accuracy over the whole test set: each rank scores its part, sums are added."""
     if list(model.buffers()):
-        broadcast_tensors(list(model.buffers()), comm)  # BN statistics: rank 0's, everywhere
+        # BN statistics: rank 0's, everywhere.
+        broadcast_tensors(list(model.buffers()), comm, timeout=args.vote_timeout)
     model.eval()
     sums = np.zeros(3)
     for x, y in eval_batches(data.test, rank=comm.Get_rank(), world=comm.Get_size(),
@@ -263,7 +270,8 @@ def evaluate(model, data, args, comm, device) -> tuple[float, float]:
         sums += (F.cross_entropy(out, y, reduction="sum").item(),
                  (out.argmax(1) == y).sum().item(), len(y))
     # Wait on MPI: the full-test-set figures need every rank's sums.
-    comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+    bounded(comm.Iallreduce(MPI.IN_PLACE, sums, op=MPI.SUM),
+            f"evaluation sums on rank {comm.Get_rank()}", args.vote_timeout)
     model.train()
     return sums[0] / sums[2], sums[1] / sums[2]
 
@@ -309,7 +317,7 @@ def train(args, comm) -> int:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    stop = StopRequest(comm)
+    stop = StopRequest(comm, timeout=args.vote_timeout)
 
     # Data: every rank loads it; a missing directory stops every rank with one message. ---------
     data = collectively(comm, load_data, args.dataset, args.data_dir)
@@ -326,7 +334,7 @@ def train(args, comm) -> int:
     torch.manual_seed(args.seed)
     model = build_model(args.model, data.in_channels, data.num_classes, data.image_size)
     model.to(device)
-    broadcast_tensors(model.state_dict().values(), comm)
+    broadcast_tensors(model.state_dict().values(), comm, timeout=args.vote_timeout)
     # From here on each rank draws its own random numbers (dropout, the random attack).
     seeds = np.random.SeedSequence([args.seed, rank]).generate_state(3)
     torch.manual_seed(int(seeds[0]))
@@ -393,7 +401,8 @@ def train(args, comm) -> int:
                   "mpisign": mpisign.__version__}
         own = {"rank": rank, "optimizer": opt.state_dict(), "rng": checkpoint.capture_rng(),
                "attack_rng": attack_rng.get_state(), "epoch_sums": epoch_sums.tolist()}
-        where = checkpoint.save(out, step, common, own, comm, keep=args.keep_checkpoints)
+        where = checkpoint.save(out, step, common, own, comm, keep=args.keep_checkpoints,
+                                timeout=args.vote_timeout)
         metrics.write(type="checkpoint", step=step, why=why, path=str(where), time=elapsed())
 
     # Loop: epochs of this rank's batches; books every --log-every steps. ----------------------
@@ -406,7 +415,8 @@ def train(args, comm) -> int:
         if first == 0 and epoch > evaluated:   # an epoch just ended: evaluate it
             # Wait on MPI: the epoch's training figures summed over ranks.
             train_sums = epoch_sums.copy()
-            comm.Allreduce(MPI.IN_PLACE, train_sums, op=MPI.SUM)
+            bounded(comm.Iallreduce(MPI.IN_PLACE, train_sums, op=MPI.SUM),
+                    f"epoch sums on rank {rank}", args.vote_timeout)
             test_loss, test_acc = evaluate(model, data, args, comm, device)
             if allreduce is None:
                 opt.check_consistency()
@@ -465,7 +475,8 @@ def train(args, comm) -> int:
                 watched = allreduce is None and opt.monitor is not None
                 record = log_interval(metrics, comm, interval, (*per_step, *traffic[2:]), step,
                                       steps_per_epoch, lr, elapsed(),
-                                      {"suspects": opt.stats.suspects} if watched else None)
+                                      {"suspects": opt.stats.suspects} if watched else None,
+                                      timeout=args.vote_timeout)
                 if bar is not None and record is not None:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}",
                                     ms=f"{1e3 * record['step_s']:.0f}", refresh=False)

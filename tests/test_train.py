@@ -192,6 +192,19 @@ def test_exception_on_one_rank_aborts_the_job(tmp_path):
     assert time.monotonic() - start_time < 60
 
 
+def test_a_stalled_rank_ends_the_job_with_what_was_waited_for(tmp_path):
+    # Not only the vote is bounded: the evaluation, metrics, checkpoint and stop-signal waits too.
+    start_time = time.monotonic()
+    out = launch(RANKS, *DIGITS, "--out", str(tmp_path), "--vote-timeout", "5",
+                 script="train_stall.py", expect=None, timeout=90)
+    assert "[rank 1] stalling in evaluation" in out
+    assert "VoteTimeout" in out and "not every rank joined" in out and "after 5 s" in out, \
+        out[-3000:]
+    assert "evaluation sums on rank 0" in out or "broadcast of rank 0's tensors" in out, out[-3000:]
+    assert "unhandled exception, aborting all 3 ranks" in out
+    assert time.monotonic() - start_time < 60
+
+
 def test_missing_data_directory_gives_one_clear_error(tmp_path):
     # Every rank fails to find the data; rank 0 alone says so, and no rank waits for another.
     # (The messages for each data set are checked in tests/test_data.py.)
@@ -223,6 +236,7 @@ def test_help_lists_every_choice(capsys):
     (["--optimizer", "signsgd", "--momentum", "0.9"], "signsgd has no momentum"),
     (["--adversaries", "2"], "--adversaries 2 is more than the 1 ranks"),
     (["--resume"], "--resume needs --out"),
+    (["--vote-timeout", "0"], "--vote-timeout must be > 0"),
     (["--attack", "flip"], "--attack: invalid choice"),
 ])
 def test_bad_options_exit_2_with_a_clear_message(argv, message, capsys):

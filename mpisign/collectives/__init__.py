@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 
-from .base import SignVote, Traffic, VoteTimeout, check_comm, default_timeout, wait_all
+from .base import SignVote, Traffic, VoteTimeout, bounded, check_comm, default_timeout, wait_all
 from .allgather import AllgatherVote
 from .server import ServerVote
 from .sharded import ShardedVote
 from .tree import TreeVote
 
 __all__ = ["TOPOLOGIES", "AUTO", "make_vote", "check_topology", "resolve_topology", "SignVote", "ServerVote", "TreeVote", "ShardedVote", "AllgatherVote",
-           "Traffic", "VoteTimeout", "check_comm", "default_timeout", "wait_all"]
+           "Traffic", "VoteTimeout", "bounded", "check_comm", "default_timeout", "wait_all"]
 
 #: Topology name -> class. Every entry gives the same answer bit for bit.
 TOPOLOGIES: dict[str, type[SignVote]] = {

@@ -25,8 +25,8 @@ from mpi4py import MPI
 
 from .. import packing
 
-__all__ = ["Pending", "Traffic", "VoteTimeout", "SignVote", "check_comm", "check_words",
-           "default_timeout", "host_tally", "ready_for_mpi", "wait_all"]
+__all__ = ["ANY_RANK", "Pending", "Traffic", "VoteTimeout", "SignVote", "bounded", "check_comm",
+           "check_words", "default_timeout", "host_tally", "ready_for_mpi", "wait_all"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ SPIN_SECONDS = 1e-4
 
 #: Vote messages use tags TAG_BASE + 4 * bucket + phase (MPI guarantees tags up to 32767).
 TAG_BASE = 0x1000
+
+
+#: The peer of a collective request in :func:`wait_all`: every rank, none in particular.
+ANY_RANK = "any rank"
 
 
 def check_comm(comm) -> MPI.Intracomm:
@@ -66,7 +70,8 @@ def default_timeout() -> float:
 def wait_all(requests: list[MPI.Request], peers: list, timeout: float, what: str) -> None:
     """Wait for ``requests`` to complete, or raise :class:`VoteTimeout` naming the missing peers.
 
-    ``peers[i]`` names who request ``i`` waits on: a rank, or a phrase for a collective request.
+    ``peers[i]`` names who request ``i`` waits on: a rank, or :data:`ANY_RANK` for a collective
+    request (which cannot tell which rank is missing).
 
     Polls with ``Testsome`` and a short, growing sleep rather than blocking in ``Waitall``: an
     oversubscribed rank then yields its core to the ranks it is waiting for, and the wait can
@@ -87,18 +92,26 @@ def wait_all(requests: list[MPI.Request], peers: list, timeout: float, what: str
         if now - start < SPIN_SECONDS:
             continue  # small messages: answers come within microseconds, do not sleep yet
         if now > deadline:
-            missing = sorted(set(pending.values()), key=str)
+            missing = sorted(set(pending.values()) - {ANY_RANK})
             for i in pending:
                 try:
                     requests[i].Cancel()
                 except MPI.Exception:
                     pass
+            who = f"no message from rank(s) {missing}" if missing else \
+                "not every rank joined (a collective cannot say which rank is missing)"
             raise VoteTimeout(
-                f"{what}: no message from rank(s) {missing} after {timeout:g} s "
-                f"(dead, stalled, or not calling the same collective; "
-                f"set MPISIGN_TIMEOUT to wait longer)")
+                f"{what}: {who} after {timeout:g} s (dead, stalled, or not calling the same "
+                f"collective; set MPISIGN_TIMEOUT to wait longer)")
         time.sleep(nap)
         nap = min(1e-3, nap * 2 + 2e-5)
+
+
+def bounded(request: MPI.Request, what: str, timeout: float | None = None) -> None:
+    """Wait for one nonblocking collective (``Iallreduce``, ``Ibarrier``, ...) at most ``timeout``
+    seconds (default ``$MPISIGN_TIMEOUT`` or 300), else raise :class:`VoteTimeout` saying
+    ``what`` was waited for: the bounded form of a blocking collective."""
+    wait_all([request], [ANY_RANK], default_timeout() if timeout is None else timeout, what)
 
 
 @dataclass
