@@ -218,8 +218,8 @@ def test_resident_words_on_cpu_stand_ins():
 
 def test_collectives_take_only_word_arrays():
     from mpisign.collectives.base import check_words
-    for bad in (np.zeros(4, np.int64), np.zeros((2, 2), np.uint64), torch.zeros(4, dtype=torch.int32),
-                torch.zeros(8, dtype=torch.int64)[::2], [1, 2]):
+    for bad in (np.zeros(4, np.int64), np.zeros((2, 2), np.uint64),
+                torch.zeros(4, dtype=torch.int32), torch.zeros(8, dtype=torch.int64)[::2], [1, 2]):
         with pytest.raises(ValueError, match="words"):
             check_words(bad)
     check_words(np.zeros(3, np.uint64))

@@ -61,7 +61,8 @@ def test_launcher_reports_where_a_stalled_job_stopped():
 
 @pytest.mark.skipif(shutil.which("g++") is None and not os.environ.get("CXX"),
                     reason="the emulated kernels need a C++ compiler")
-@pytest.mark.parametrize("n, topology", [(4, t) for t in sorted(mpisign.TOPOLOGIES)] + [(3, "tree")])
+@pytest.mark.parametrize("n, topology",
+                         [(4, t) for t in sorted(mpisign.TOPOLOGIES)] + [(3, "tree")])
 def test_device_resident_words_match_host_words(n, topology):
     """The CUDA-aware GPU path (words, tally and result on the device, tensors handed to MPI),
     with CPU tensors for device ones and the kernels run by the host shim: majority_vote right,

@@ -75,4 +75,5 @@ def make_vote(topology: str, comm, timeout: float | None = None, n_coords: int =
     """The vote collective for ``topology`` over ``comm``; "auto" resolves with ``n_coords``
     (and measures the link the first time, see :func:`resolve_topology`). ``tally``: see
     :class:`SignVote` (default: the host reference, for numpy or torch words)."""
-    return TOPOLOGIES[resolve_topology(topology, comm, n_coords)](comm, timeout=timeout, tally=tally)
+    chosen = resolve_topology(topology, comm, n_coords)
+    return TOPOLOGIES[chosen](comm, timeout=timeout, tally=tally)

@@ -3,9 +3,10 @@
 The packed words are split into M nearly equal shards. Rank ``j`` receives shard ``j`` of every
 rank's signs, tallies that shard with bit-sliced counters, and sends its piece of the result to
 every rank: all at once for small shards, by a ring allgather for large ones (one flow per link,
-M-1 steps; see :data:`mpisign.costmodel.RING_MIN_BYTES` for the measurements). Per rank, in bits: ``n (M-1)/M`` out and in for the signs, ``k n (M-1)/M`` out and in
-for the result (``k = 2`` with the tie mask when M is even, else 1), whatever M is: 1/32 of a ring
-allreduce's ``64 n (M-1)/M`` for odd M, about 1/21 for even M. Two rounds, like the server.
+M-1 steps; see :data:`mpisign.costmodel.RING_MIN_BYTES` for the measurements). Per rank, in
+bits: ``n (M-1)/M`` out and in for the signs, ``k n (M-1)/M`` out and in for the result (``k = 2``
+with the tie mask when M is even, else 1), whatever M is: 1/32 of a ring allreduce's
+``64 n (M-1)/M`` for odd M, about 1/21 for even M. Two phases, like the server.
 """
 
 from __future__ import annotations

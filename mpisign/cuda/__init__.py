@@ -41,8 +41,9 @@ What has never run on a GPU
 Everything device-side: the kernels on real hardware (warp scheduling, memory coalescing, the
 hardware's own rounding in apply, atomics), CuPy's RawModule load, DLPack exchange with torch
 CUDA tensors and stream ordering, pinned-memory asynchronous copies and their events, and any
-CUDA-aware MPI transfer of device memory. ``tests/gpu`` (``pytest tests/gpu -s`` on a GPU node) checks the
-kernels there and times them; until it has run, the start-up self-check is the guard.
+CUDA-aware MPI transfer of device memory. ``tests/gpu`` (``pytest tests/gpu -s`` on a GPU node)
+checks the kernels there, times them, and runs both GPU paths over real ranks; until it has
+run, the start-up self-check is the guard.
 """
 
 from mpisign.cuda.aware import Staging, detect_cuda_aware, sync_for_mpi, use_device_buffers

@@ -191,8 +191,9 @@ def test_gpu_path_over_real_ranks(n, aware_setting):
     import mpirun
     from mpi4py import MPI
     env = {k: v for k, v in os.environ.items() if k != aware.OVERRIDE_ENV}
-    if aware_setting == "1" and not aware.detect_cuda_aware(MPI, env)[0]:
-        pytest.skip(f"this MPI is not known to be CUDA-aware: {aware.detect_cuda_aware(MPI, env)[1]}")
+    is_aware, why = aware.detect_cuda_aware(MPI, env)
+    if aware_setting == "1" and not is_aware:
+        pytest.skip(f"this MPI is not known to be CUDA-aware: {why}")
     out = mpirun.run(n, "gpu_check.py", timeout=600, env={aware.OVERRIDE_ENV: aware_setting})
     assert f"gpu_check OK on {n} ranks (resident words: {aware_setting == '1'})" in out
 

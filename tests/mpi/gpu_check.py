@@ -47,7 +47,8 @@ def train(where, topology):
     opt = mpisign.SignSGD(params, lr=1e-3, weight_decay=1e-2, comm=comm, topology=topology)
     for k in range(4):
         for i, p in enumerate(params):
-            p.grad = rank_data(p.numel(), rank, seed=100 * k + i).reshape(p.shape).to(p.dtype).to(where)
+            g = rank_data(p.numel(), rank, seed=100 * k + i).reshape(p.shape)
+            p.grad = g.to(p.dtype).to(where)
         opt.step()
         progress(f"{topology}-{where}-{k}")
     return [p.detach().cpu() for p in params], opt
