@@ -374,12 +374,11 @@ def measure_link(comm, small: int = 8, large: int = 8 << 20, repeat: int = 5,
         raise ValueError(f"need 0 < small < large bytes, got small={small}, large={large}")
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
-    from .collectives.base import ANY_RANK, default_timeout, wait_all
+    from .collectives.base import bounded
 
     # Wait on MPI, bounded: a rank that never arrives raises VoteTimeout instead of a hang; once
     # all are here, the blocking ping-pongs below time MPI itself, not a polling loop.
-    wait_all([comm.Ibarrier()], [ANY_RANK], default_timeout(),
-             f"measure_link on rank {comm.Get_rank()}")
+    bounded(comm.Ibarrier(), f"measure_link on rank {comm.Get_rank()}")
     alpha = beta = gamma = 0.0
     if comm.Get_size() > 1:
         t_small = _pingpong(comm, small, repeat, concurrent)

@@ -38,8 +38,8 @@ from mpi4py import MPI
 from torch.optim import Optimizer
 
 from . import packing
-from .collectives import check_comm, check_topology, default_timeout, make_vote, wait_all
-from .collectives.base import ANY_RANK, host_tally
+from .collectives import check_comm, check_topology, default_timeout, make_vote
+from .collectives.base import bounded, host_tally
 from .detection import DisagreementMonitor
 
 __all__ = ["Signum", "SignSGD", "LayoutMismatch", "ParameterDivergence", "VoteStats"]
@@ -372,7 +372,7 @@ class Signum(Optimizer):
         if self.world_size > 1:
             req = self.comm.Iallgather(mine, every)
             # Wait on MPI: one float from every rank, for the monitor.
-            wait_all([req], [ANY_RANK], self.timeout, f"disagreement exchange at step {step}")
+            bounded(req, f"disagreement exchange at step {step}", self.timeout)
         else:
             every[:] = mine
         self.stats.disagreement_by_rank = every.tolist()
@@ -492,7 +492,7 @@ class Signum(Optimizer):
         every = np.empty((self.world_size, mine.size), dtype=np.uint8)
         req = self.comm.Iallgather(mine, every)
         # Wait on MPI: the verdict needs every rank's digest (bounded: a missing rank raises).
-        wait_all([req], [ANY_RANK], self.timeout, f"{what} on rank {self.rank}")
+        bounded(req, f"{what} on rank {self.rank}", self.timeout)
         return [r for r in range(self.world_size) if not np.array_equal(every[r], every[0])]
 
     def check_consistency(self) -> None:

@@ -11,7 +11,6 @@ makes ranks that all hold 0 split their votes evenly.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -64,11 +63,8 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
     zero_bit = (rank + step) % 2
     gpu = _gpu_path(x)
     resident = gpu is not None and gpu.resident  # words on the device, for CUDA-aware MPI
-    if resident:
+    if gpu is not None:  # words on the device, or staged through host memory
         words = gpu.words(packing.n_words(n))
-        gpu.pack(x.detach().contiguous(), zero_bit, words)
-    elif gpu is not None:  # packed on the device, staged through host memory
-        words = np.empty(packing.n_words(n), dtype=np.uint64)
         gpu.pack(x.detach().contiguous(), zero_bit, words)
     else:
         words = packing.pack_signs(x.detach().cpu(), zero_bit=zero_bit)

@@ -148,7 +148,8 @@ def ready_for_mpi(buf) -> None:
     MPI works outside CUDA streams: a buffer that a kernel or copy is still producing (or still
     reading, as the apply kernel reads last step's result) must be finished first."""
     if isinstance(buf, torch.Tensor) and buf.is_cuda:
-        torch.cuda.current_stream(buf.device).synchronize()  # SYNC: MPI touches buf next
+        from ..cuda.aware import sync_for_mpi  # late: the host path never needs mpisign.cuda
+        sync_for_mpi(buf.device)
 
 
 class Pending:

@@ -66,6 +66,11 @@ class CudaSigns:
     def handles(t: torch.Tensor) -> bool:
         return t.is_cuda and t.dtype in _KERNEL_DTYPES
 
+    @staticmethod
+    def words(n_words: int) -> np.ndarray:
+        """A zeroed word buffer in host memory, where this path's votes travel."""
+        return np.zeros(n_words, dtype=np.uint64)
+
     def _on_device(self, slot: str, w: int) -> torch.Tensor:
         """``w`` words of the slot's device buffer (grown, never shrunk)."""
         buf = self._device_words.get(slot)
