@@ -13,6 +13,7 @@ from .detection import DisagreementMonitor
 from .optim import LayoutMismatch, ParameterDivergence, SignSGD, Signum, VoteStats
 from .packing import n_words, pack_signs, unpack_signs
 from .vote import majority_vote
+from .world import SingletonWorld
 
 __version__ = "0.1.0"
 
@@ -28,5 +29,6 @@ __all__ = [
     "LayoutMismatch",
     "ParameterDivergence",
     "VoteStats",
+    "SingletonWorld",
     "DisagreementMonitor",
 ]

@@ -173,7 +173,7 @@ class Signum(Optimizer):
         # Validate everything before any communication, so every rank raises the same error.
         _check_hparams(lr, momentum, weight_decay)
         check_topology(topology)
-        comm = MPI.COMM_WORLD if comm is None else check_comm(comm)
+        comm = check_comm(MPI.COMM_WORLD if comm is None else comm)
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         if not isinstance(check_every, int) or check_every < 0:

@@ -24,6 +24,7 @@ import torch
 from mpi4py import MPI
 
 from .. import packing
+from ..world import check_world
 
 __all__ = ["ANY_RANK", "Pending", "Traffic", "VoteTimeout", "SignVote", "bounded", "check_comm",
            "check_words", "default_timeout", "host_tally", "ready_for_mpi", "wait_all"]
@@ -42,12 +43,14 @@ ANY_RANK = "any rank"
 
 
 def check_comm(comm) -> MPI.Intracomm:
-    """Return ``comm`` if it is a usable intracommunicator, else raise ValueError."""
+    """Return ``comm`` if it is a usable intracommunicator, else raise ValueError (or
+    :class:`mpisign.world.SingletonWorld` for a launch that gave every task a world of its own)."""
     if not isinstance(comm, MPI.Comm) or comm == MPI.COMM_NULL:
         raise ValueError(f"comm must be an mpi4py communicator, got {comm!r}")
     if comm.Is_inter():
         raise ValueError("comm must be an intracommunicator: a majority vote needs every rank "
                          "in one group (got an intercommunicator)")
+    check_world(comm)   # a size-1 COMM_WORLD where the launcher started more: SingletonWorld
     return comm
 
 
