@@ -10,7 +10,12 @@ leaves the previous checkpoint intact and still pointed at::
     OUT/checkpoints/step-000001200/common.pt       model, step, epoch, config   (rank 0)
     OUT/checkpoints/step-000001200/rank-00003.pt   optimizer state, RNG states  (each rank)
 
-Each file is a plain dict for ``torch.load``. ``OUT`` must be on a file system every rank sees.
+Each file is a plain dict of tensors, numbers, strings, lists and dicts, and is loaded with
+``torch.load(weights_only=True)``: a checkpoint is data, never code. A file in ``OUT`` that
+someone else wrote and that holds anything else (a pickle that would call a function) is
+refused with :class:`CheckpointError` naming it, and nothing of it runs. Checkpoints written
+before this rule (RNG states as numpy arrays) still load: numpy's array reconstruction is the
+one thing admitted beyond torch's list. ``OUT`` must be on a file system every rank sees.
 
 Preemption: :class:`StopRequest` turns SIGUSR1 / SIGTERM (Slurm's ``--signal``, a time limit)
 into a flag the ranks agree on after every step, so that all of them checkpoint and stop.
@@ -30,10 +35,14 @@ from mpi4py import MPI
 
 from .collectives.base import bounded
 
-__all__ = ["save", "latest", "load", "atomic_save", "capture_rng", "restore_rng",
-           "StopRequest"]
+__all__ = ["CheckpointError", "save", "latest", "load", "load_file", "atomic_save",
+           "capture_rng", "restore_rng", "StopRequest"]
 
 POINTER = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is not plain data written by this package (or is damaged)."""
 
 
 def _dir(out) -> Path:
@@ -108,15 +117,50 @@ def load(where: Path, rank: int, map_location="cpu") -> tuple[dict, dict]:
     if not own_path.is_file():
         raise FileNotFoundError(f"{own_path} is missing: the checkpoint was written by fewer "
                                 f"ranks than this run has")
-    # weights_only=False: the files hold RNG states and config dicts written by this package.
-    common = torch.load(where / "common.pt", map_location=map_location, weights_only=False)
-    own = torch.load(own_path, map_location=map_location, weights_only=False)
-    return common, own
+    return load_file(where / "common.pt", map_location), load_file(own_path, map_location)
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a plain numpy array needs (old checkpoints' RNG state): array
+    reconstruction and plain numeric dtypes, never the object dtype."""
+    core = getattr(np, "_core", None) or np.core
+    numeric = [type(np.dtype(t)) for t in ("uint32", "int64", "float64")]
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *numeric]
+
+
+def load_file(path, map_location="cpu") -> dict:
+    """One checkpoint file as a dict, loaded as data only (``weights_only=True``).
+
+    Raises :class:`CheckpointError` naming ``path`` if the file holds anything but tensors and
+    plain Python data (a pickle that would call a function: nothing of it is executed), or is
+    not a dict or not a torch file at all.
+    """
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- torch raises UnpicklingError, RuntimeError, ...
+        raise CheckpointError(
+            f"{path} is not a checkpoint this package can load as plain data "
+            f"({_why_refused(e)}). It was "
+            f"not run. A checkpoint of mpisign holds only tensors, numbers, strings, lists and "
+            f"dicts; a file that asks for anything else was written by someone or something "
+            f"else: remove it, or resume from another --out.") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not the dict a checkpoint "
+                              f"of mpisign is")
+    return obj
 
 
 def capture_rng() -> dict:
-    """This process's RNG states: Python, NumPy's global generator, torch (CPU, CUDA)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """This process's RNG states as plain data: Python's (a tuple of ints), NumPy's global
+    generator (its key as an int64 tensor), torch's (byte tensors, CPU and CUDA)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state = {"python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss),
+                       float(gauss)),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -124,11 +168,25 @@ def capture_rng() -> dict:
 
 
 def restore_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(_tuples(state["python"]))
+    kind, key, *rest = state["numpy"]
+    key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+    np.random.set_state((kind, key.astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _why_refused(e: Exception) -> str:
+    """The line of torch's weights-only error that names what the file asked for."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln]
+    return (named or lines or [type(e).__name__])[0].rstrip(".")
+
+
+def _tuples(x):
+    """Python's RNG state as ``random.setstate`` wants it: tuples, even if a list came back."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 class StopRequest:

@@ -21,6 +21,7 @@ import torch
 
 import mpisign
 
+from .. import checkpoint
 from ..data import DATASETS, DataNotFound, load_data
 from ..models import MODELS, build_model, count_parameters
 from ..train import nonnegative_int, positive_int
@@ -119,8 +120,8 @@ def find_checkpoints(path) -> list[Path]:
 
 
 def _load_common(path: Path) -> dict:
-    # weights_only=False: the file holds the config dict written by mpisign.train.
-    common = torch.load(path, map_location="cpu", weights_only=False)
+    # Data only: a file that asks to run anything is refused (CheckpointError), never run.
+    common = checkpoint.load_file(path)
     if not isinstance(common, dict) or "model" not in common:
         raise ValueError(f"{path} is not a checkpoint of python -m mpisign.train (no 'model')")
     return common
@@ -193,7 +194,10 @@ def _clean(x):
 # -- the run ---------------------------------------------------------------------------------------
 def run(args, parser) -> dict:
     # Config: points, then what they imply. ------------------------------------------------------
-    points = _resolve(args, parser)
+    try:
+        points = _resolve(args, parser)
+    except checkpoint.CheckpointError as e:   # not plain data: named, never run
+        parser.error(str(e))
     if max(args.vote_workers) > args.draws:
         parser.error(f"--vote-workers up to {max(args.vote_workers)} needs --draws at least "
                      f"that large (got {args.draws})")
