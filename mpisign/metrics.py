@@ -80,7 +80,7 @@ def run_record(args, comm, data, model, device, steps_per_epoch, total_steps, re
         "pids": comm.allgather(os.getpid()),
         "devices": devices,
         "adversarial_ranks": list(range(args.adversaries)),
-        "mpi": {"library": MPI.Get_library_version().strip(),
+        "mpi": {"library": MPI.Get_library_version().replace("\x00", "").strip(),
                 "standard": "%d.%d" % MPI.Get_version(), "mpi4py": mpi4py.__version__},
         "slurm": {k: v for k, v in os.environ.items()
                   if k in ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_NODELIST",

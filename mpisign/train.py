@@ -67,11 +67,18 @@ from .data import (DATASETS, DataNotFound, batches_per_epoch, default_workers, l
                    eval_batches, train_batches)
 from .metrics import INTERVAL_FIELDS, Metrics, log_interval, run_record
 from .models import MODELS, build_model
+from .world import SingletonWorld, check_world
 
 log = logging.getLogger("mpisign.train")
 
 #: Learning rate when --lr is not given. Sign descent moves every coordinate by lr.
 DEFAULT_LR = {"signum": 1e-3, "signsgd": 1e-3, "sgd": 0.05}
+#: Options that must not change on --resume: the checkpoint's state depends on them.
+#: --epochs when not given: 2 epochs of Fashion-MNIST, i.e. 120,000 examples seen. When the
+#: default data set falls back to the small digits, the run sees as many examples instead, so
+#: that a first run shows learning rather than 10 steps.
+DEFAULT_EPOCHS = 2
+DEFAULT_EXAMPLES = 120_000
 #: Options that must not change on --resume: the checkpoint's state depends on them.
 FIXED_ON_RESUME = ("model", "dataset", "optimizer", "batch_size", "seed", "adversaries",
                    "attack", "momentum")
@@ -153,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check every N steps that all ranks hold identical parameters "
                         "(always checked at epoch ends); 0: epoch ends only")
     g = p.add_argument_group("schedule")
-    g.add_argument("--epochs", type=positive_int, default=2)
+    g.add_argument("--epochs", type=positive_int, default=None,
+                   help=f"default {DEFAULT_EPOCHS}; when the default data set falls back to "
+                        f"digits, as many as see {DEFAULT_EXAMPLES:,} examples")
     g.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many steps in all (overrides --epochs)")
     g.add_argument("--warmup-epochs", type=float, default=0.0,
@@ -223,7 +232,7 @@ def collectively(comm, fn, *args):
     the same UsageError (instead of the others entering the next collective and waiting)."""
     try:
         result, err = fn(*args), None
-    except (UsageError, DataNotFound, FileNotFoundError) as e:
+    except (UsageError, DataNotFound, FileNotFoundError, checkpoint.CheckpointError) as e:
         result, err = None, str(e)
     errors = comm.allgather(err)
     failed = [r for r, e in enumerate(errors) if e]
@@ -283,9 +292,13 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        # Before anything is written: N tasks that each see a world of 1 must not share --out.
+        check_world(comm)
         return train(args, comm)
     except UsageError as e:
         parser.error(str(e))  # rank 0 prints; every rank exits 2
+    except SingletonWorld as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")  # not a usage error: no usage text
 
 
 def train(args, comm) -> int:
@@ -294,6 +307,11 @@ def train(args, comm) -> int:
     check_args(args, world)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    if rank != 0:
+        # What the run and its data say is the same on every rank: rank 0 alone says it.
+        # The library's loggers keep their warnings: those are about this rank.
+        for name in ("mpisign.train", "mpisign.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     args.lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
     if args.momentum is None:
         args.momentum = 0.0 if args.optimizer == "signsgd" else 0.9
@@ -327,6 +345,8 @@ def train(args, comm) -> int:
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {args.batch_size} is larger than each rank's share "
                          f"({-(-len(data.train) // world)} of {len(data.train)} examples)")
+    if args.epochs is None:
+        args.epochs = default_epochs(data)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
 
@@ -372,8 +392,7 @@ def train(args, comm) -> int:
         epoch_sums = np.asarray(own["epoch_sums"], dtype=np.float64)
         step, evaluated = common["step"], common["evaluated_epochs"]
         elapsed_before, epoch_started = common["elapsed"], common["epoch_started_at"]
-        if rank == 0:
-            log.info("resuming from %s at step %d", resume_from, step)
+        log.info("resuming from %s at step %d", resume_from, step)
     record = run_record(args, comm, data, model, device, steps_per_epoch, total_steps,
                         step if resume_from else None)
     metrics = None
@@ -389,6 +408,10 @@ def train(args, comm) -> int:
                  record["model"]["parameters"], steps_per_epoch, total_steps, out)
     metrics = Metrics(out / "metrics.jsonl" if rank == 0 else None,
                       append=resume_from is not None)
+    if resume_from is not None:
+        metrics.write(type="resume", step=step, path=str(resume_from), world_size=world,
+                      slurm_restart_count=record["slurm"].get("SLURM_RESTART_COUNT"),
+                      time=elapsed_before)
     t_launch = time.perf_counter()
 
     def elapsed() -> float:
@@ -525,6 +548,17 @@ def find_checkpoint(args, out: Path) -> Path | None:
     if where is None and args.resume:
         log.warning("--resume: no checkpoint in %s, starting afresh", out)
     return where
+
+
+def default_epochs(data) -> int:
+    """--epochs when not given: :data:`DEFAULT_EPOCHS`, or on the digits fallback as many as
+    see :data:`DEFAULT_EXAMPLES` examples (announced)."""
+    if not data.note:
+        return DEFAULT_EPOCHS
+    epochs = max(DEFAULT_EPOCHS, math.ceil(DEFAULT_EXAMPLES / len(data.train)))
+    log.info("%s is small: %d epochs, to see %d examples as the default run does",
+             data.name, epochs, DEFAULT_EXAMPLES)
+    return epochs
 
 
 def load_checkpoint(where: Path, args, data, comm) -> tuple[dict, dict]:

@@ -103,6 +103,7 @@ def test_metrics_and_run_record(reference):
     assert run["world_size"] == RANKS and len(run["pids"]) == RANKS
     assert run["config"]["topology"] == "server" and run["data"]["name"] == "digits"
     assert "MPI" in run["mpi"]["library"] and run["versions"]["torch"] == torch.__version__
+    assert "\x00" not in run["mpi"]["library"], run["mpi"]["library"]
     assert run["model"]["parameters"] == 53002
 
 
@@ -112,6 +113,11 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(reference, tmp_path):
     assert records(tmp_path, "checkpoint")[-1]["step"] == 30
     out = launch(RANKS, *DIGITS, "--epochs", str(EPOCHS), "--out", str(tmp_path), "--resume")
     assert "resuming from" in out and "at step 30" in out
+    resumed = records(tmp_path, "resume")
+    assert [(r["step"], r["world_size"]) for r in resumed] == [(30, RANKS)], resumed
+    assert resumed[0]["path"].endswith("step-000000030")
+    steps = [r["step"] for r in records(tmp_path, "step")]
+    assert steps == sorted(set(steps)), "a step recorded twice across the resume"
     (ref, ref_ranks), (got, got_ranks) = load_state(reference), load_state(tmp_path)
     assert got["step"] == ref["step"] == EPOCHS * 14
     for name, tensor in ref["model"].items():
@@ -214,6 +220,24 @@ def test_missing_data_directory_gives_one_clear_error(tmp_path):
     assert message in out and "cifar-10-batches-py" in out, out
     assert out.count(message) == 1, "every rank printed the error, not rank 0 alone"
     assert "Traceback" not in out
+
+
+def test_the_fallback_is_announced_once_and_runs_long_enough_to_learn(tmp_path):
+    """No Fashion-MNIST in --data-dir: the banner and --resume's note come from rank 0 alone,
+    and the default --epochs covers as many examples as the Fashion-MNIST default does."""
+    from mpisign.data import load_digits
+    from mpisign.train import DEFAULT_EXAMPLES
+
+    empty, out_dir = tmp_path / "no-data", tmp_path / "run"
+    empty.mkdir()
+    out = launch(RANKS, "--data-dir", str(empty), "--max-steps", "2", "--no-progress",
+                 "--out", str(out_dir), "--resume")
+    assert out.count("FELL BACK") == 1, out
+    assert out.count("--resume: no checkpoint") == 1, out
+    run = json.loads((out_dir / "run.json").read_text())
+    n_train = len(load_digits().train)
+    assert run["data"]["name"] == "digits"
+    assert run["config"]["epochs"] == -(-DEFAULT_EXAMPLES // n_train) > 2
 
 
 def test_help_lists_every_choice(capsys):
