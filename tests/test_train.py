@@ -326,9 +326,11 @@ def test_plot_draws_a_png(reference, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
-@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "slurm").glob("*.sbatch")))
+@pytest.mark.parametrize("script", [*sorted(f"slurm/{p.name}" for p in
+                                             (REPO / "slurm").glob("*.sbatch")),
+                                     "tests/slurm/cluster.sh", ".ci/run"])
 def test_slurm_scripts_pass_shellcheck(script):
-    out = subprocess.run(["shellcheck", str(REPO / "slurm" / script)], capture_output=True,
+    out = subprocess.run(["shellcheck", str(REPO / script)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
 
