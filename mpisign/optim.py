@@ -27,9 +27,11 @@ Documented rules:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -41,6 +43,7 @@ from . import packing
 from .collectives import check_comm, check_topology, default_timeout, make_vote
 from .collectives.base import bounded, host_tally
 from .detection import DisagreementMonitor
+from .isolation import OwnComm
 
 __all__ = ["Signum", "SignSGD", "LayoutMismatch", "ParameterDivergence", "VoteStats"]
 
@@ -127,14 +130,28 @@ def _resident_path(params: list):
     return gpu
 
 
-def _check_hparams(lr, momentum, weight_decay) -> None:
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) \
-            or weight_decay < 0:
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+def _number(value) -> float | None:
+    """``value`` as a float if torch would take it as a hyperparameter: a real number, a numpy
+    scalar or a one-element tensor (a scheduler may write either); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.numel() == 1 and not value.is_complex() else None
+    if isinstance(value, (numbers.Real, np.floating, np.integer)):
+        return float(value)
+    return None
+
+
+def _check_hparams(lr, momentum, weight_decay, where: str = "") -> None:
+    """Raise ValueError unless 0 <= lr < inf, 0 <= momentum < 1, 0 <= weight_decay < inf."""
+    lr_, beta, wd = _number(lr), _number(momentum), _number(weight_decay)
+    if lr_ is None or not math.isfinite(lr_) or lr_ < 0:
+        raise ValueError(f"{where}lr must be a finite number >= 0, got {lr!r}")
+    if beta is None or not 0.0 <= beta < 1.0:
+        raise ValueError(f"{where}momentum must be in [0, 1), got {momentum!r}")
+    if wd is None or not math.isfinite(wd) or wd < 0:
+        raise ValueError(f"{where}weight_decay must be a finite number >= 0, got "
+                         f"{weight_decay!r}")
 
 
 class Signum(Optimizer):
@@ -166,6 +183,12 @@ class Signum(Optimizer):
             ``stats.disagreement_by_rank``, and the monitor flags outliers (``stats.suspects``).
     """
 
+    #: torch.amp.GradScaler's protocol: ``scaler.step(opt)`` always calls :meth:`step`, which
+    #: unscales the momentum update itself. A sign does not care about the scale, and an
+    #: inf/NaN gradient entry is already at most one vote, so no rank skips a step and all
+    #: stay in unison (a skipped step on one rank would leave it a step behind the others).
+    _step_supports_amp_scaling = True
+
     def __init__(self, params, lr: float = 1e-4, momentum: float = 0.9,
                  weight_decay: float = 0.0, comm=None, topology: str = "server", *,
                  timeout: float | None = None, check_every: int = 0, overlap: bool = False,
@@ -191,7 +214,9 @@ class Signum(Optimizer):
         self.overlap = bool(overlap)
         self.bucket_words = max(1, int(bucket_mb * 2**20 / 4) // packing.WORD_BITS)
         self.monitor = monitor
-        # Internal: the layout, the collective and the hooks, made at the first step.
+        # Internal: the layout, the collective and the hooks, made at the first step; the votes
+        # travel on a duplicate of comm of this optimizer's own (made at the first step).
+        self._own_comm = OwnComm(comm, self, self.timeout, type(self).__name__)
         self.rank = comm.Get_rank()
         self.world_size = comm.Get_size()
         self._layout: _Layout | None = None
@@ -202,6 +227,44 @@ class Signum(Optimizer):
         self._apply_scratch: dict = {}                   # chunk buffers of packing.apply_signs
         # Statistics.
         self.stats = VoteStats()
+
+    # -- what torch.optim users expect of an optimizer object ---------------------------------
+    def __repr__(self) -> str:
+        head, _, rest = super().__repr__().partition("\n")
+        return (f"{head}\n    topology: {self.topology_used}, ranks: {self.world_size}, "
+                f"overlap: {self.overlap}\n{rest}")
+
+    #: Left out of a copy: the collective, the layout and the hooks belong to the original.
+    _NOT_COPIED = ("comm", "_own_comm", "_layout", "_voter", "_resident", "_hooks",
+                   "_pack_scratch", "_apply_scratch")
+
+    def __deepcopy__(self, memo):
+        """A working optimizer over copies of the parameters (or of the model copied with it:
+        ``deepcopy((model, opt))``), with copies of the momentum and statistics. Communicators
+        are not copied: the copy votes over the same ranks, on a duplicate of its own made at
+        its first step, which every rank must then take too. Copying is local."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key not in self._NOT_COPIED:
+                setattr(new, key, copy.deepcopy(value, memo))
+        new.comm = self.comm
+        new._own_comm = OwnComm(self.comm, new, self.timeout, type(self).__name__)
+        new._layout = new._voter = new._resident = new._pack_scratch = None
+        new._hooks, new._apply_scratch = [], {}
+        return new
+
+    def __getstate__(self):
+        raise TypeError(
+            f"a {type(self).__name__} cannot be pickled: it holds an MPI communicator, which "
+            f"means nothing in another process. Save opt.state_dict() (this rank's momentum "
+            f"and step) and load it into a new optimizer; copy.deepcopy(opt) works in-process.")
+
+    def _check_groups(self) -> None:
+        """The hyperparameters in ``param_groups`` (a scheduler or the user may write them)."""
+        for i, group in enumerate(self.param_groups):
+            _check_hparams(group["lr"], group["momentum"], group["weight_decay"],
+                           f"param_groups[{i}]: ")
 
     def add_param_group(self, param_group: dict) -> None:
         _check_hparams(param_group.get("lr", self.defaults["lr"]),
@@ -294,7 +357,7 @@ class Signum(Optimizer):
             # (which also counts torch words, e.g. the tree's partial counts, on their device).
             tally = host_tally if self._resident is None else self._resident.tally
             if self.world_size > 1 and (self._voter is None or self._voter.tally != tally):
-                self._voter = make_vote(self.topology, self.comm, timeout=self.timeout,
+                self._voter = make_vote(self.topology, self._own_comm.get(), timeout=self.timeout,
                                         n_coords=self._layout.coordinates, tally=tally)
             if self.overlap:
                 self._install_hooks()
@@ -327,9 +390,16 @@ class Signum(Optimizer):
         return hook
 
     # -- the step ---------------------------------------------------------------------------
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
-        """One voted step. Every rank of ``comm`` must call it the same number of times."""
+        """One voted step. Every rank of ``comm`` must call it the same number of times.
+
+        ``torch.compile(opt.step)`` runs it as it is (excluded from compilation: MPI calls and
+        data-dependent packing do not trace), so a compiled training step keeps working.
+        """
+        # Before any communication, so that a bad value raises the same error on every rank.
+        self._check_groups()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -353,7 +423,7 @@ class Signum(Optimizer):
                 group = self.param_groups[slot.group]
                 lo, hi = slot.word0 - bucket.word0, slot.word0 - bucket.word0 + slot.words
                 self._apply(slot.param, plus[lo:hi], None if tie is None else tie[lo:hi],
-                            group["lr"], group["weight_decay"])
+                            _number(group["lr"]), _number(group["weight_decay"]))
             bucket.pending, bucket.ready = None, set()
         self.stats.disagreement = int(disagree) / max(1, layout.coordinates)
         step = self.param_groups[0]["step"]
@@ -370,7 +440,7 @@ class Signum(Optimizer):
         mine = np.array([self.stats.disagreement])
         every = np.empty(self.world_size)
         if self.world_size > 1:
-            req = self.comm.Iallgather(mine, every)
+            req = self._own_comm.get().Iallgather(mine, every)
             # Wait on MPI: one float from every rank, for the monitor.
             bounded(req, f"disagreement exchange at step {step}", self.timeout)
         else:
@@ -387,7 +457,7 @@ class Signum(Optimizer):
         for slot in bucket.slots:
             by_group.setdefault(slot.group, []).append(slot)
         for gi, slots in by_group.items():
-            beta = self.param_groups[gi]["momentum"]
+            beta = _number(self.param_groups[gi]["momentum"])
             sources = self._local_update([s.param for s in slots], beta)
             for slot, src in zip(slots, sources):
                 self._pack(src, zero_bit, packed[slot.word0: slot.word0 + slot.words])
@@ -434,7 +504,11 @@ class Signum(Optimizer):
             log.warning("rank %d: %d non-finite gradient entries at step %d, treated as 0",
                         self.rank, count, self.param_groups[0]["step"])
         if not beta:
-            return grads
+            return grads   # the sign of a scaled gradient is the sign of the gradient
+        # Under torch.amp.GradScaler, gradients arrive scaled (see _step_supports_amp_scaling):
+        # the momentum takes them unscaled, as it would after scaler.unscale_(opt).
+        scale = getattr(self, "grad_scale", None)
+        inv_scale = 1.0 if scale is None else 1.0 / float(scale)
         bufs = []
         for p in params:
             st = self.state[p]
@@ -442,7 +516,7 @@ class Signum(Optimizer):
                 st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             bufs.append(st["momentum_buffer"])
         torch._foreach_mul_(bufs, beta)
-        torch._foreach_add_(bufs, grads, alpha=1 - beta)
+        torch._foreach_add_(bufs, grads, alpha=(1 - beta) * inv_scale)
         return bufs
 
     def _pack(self, src: torch.Tensor, zero_bit: int, out) -> None:
@@ -490,7 +564,7 @@ class Signum(Optimizer):
         """Allgather every rank's ``digest``; the ranks whose digest differs from rank 0's."""
         mine = np.frombuffer(digest, dtype=np.uint8).copy()
         every = np.empty((self.world_size, mine.size), dtype=np.uint8)
-        req = self.comm.Iallgather(mine, every)
+        req = self._own_comm.get().Iallgather(mine, every)
         # Wait on MPI: the verdict needs every rank's digest (bounded: a missing rank raises).
         bounded(req, f"{what} on rank {self.rank}", self.timeout)
         return [r for r in range(self.world_size) if not np.array_equal(every[r], every[0])]
@@ -513,3 +587,13 @@ class SignSGD(Signum):
                  topology: str = "server", **options):
         super().__init__(params, lr=lr, momentum=0.0, weight_decay=weight_decay, comm=comm,
                          topology=topology, **options)
+
+    def _check_groups(self) -> None:
+        super()._check_groups()
+        for i, group in enumerate(self.param_groups):
+            if _number(group["momentum"]) != 0.0:
+                raise ValueError(
+                    f"SignSGD has no momentum, but param_groups[{i}]['momentum'] is "
+                    f"{group['momentum']!r}: something wrote it (OneCycleLR and CyclicLR do, "
+                    f"unless cycle_momentum=False). Use Signum for momentum, or "
+                    f"cycle_momentum=False.")

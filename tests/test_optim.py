@@ -1,13 +1,15 @@
 """Signum / SignSGD on one rank (COMM_SELF) against a plain-torch reference loop.
 
 The multi-rank behaviour (vote, layout check, None grads on some ranks) is in
-test_optim_mpi.py, with real ranks.
+tests/mpi/optim_check.py (run by test_vote_mpi.py) and tests/mpi/dropin_check.py, with real ranks.
 """
 
 import copy
 import io
 import math
+import pickle
 
+import numpy as np
 import pytest
 import torch
 from mpi4py import MPI
@@ -168,7 +170,8 @@ def test_lr_scheduler_sets_the_step_size():
 
 
 @pytest.mark.parametrize("kwargs, name", [
-    (dict(lr=0.0), "lr"), (dict(lr=-1.0), "lr"), (dict(lr=math.nan), "lr"),
+    (dict(lr=-1.0), "lr"), (dict(lr=math.nan), "lr"), (dict(lr="0.1"), "lr"),
+    (dict(lr=torch.ones(2)), "lr"), (dict(momentum=np.float32(1.0)), "momentum"),
     (dict(momentum=1.0), "momentum"), (dict(momentum=-0.1), "momentum"),
     (dict(weight_decay=-1.0), "weight_decay"), (dict(topology="ring"), "topology"),
     (dict(comm="world"), "comm"), (dict(timeout=0), "timeout"),
@@ -195,3 +198,118 @@ def test_public_api_names():
     for name in ["Signum", "SignSGD", "majority_vote", "pack_signs", "unpack_signs"]:
         assert hasattr(mpisign, name)
     assert set(mpisign.TOPOLOGIES) >= {"server", "tree"}
+
+
+@pytest.mark.parametrize("lr", [0.0, torch.tensor(0.5), np.float64(0.5), np.float32(0.5)],
+                         ids=["zero", "tensor", "np.float64", "np.float32"])
+def test_learning_rates_as_torch_takes_them(lr):
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = Signum([p], lr=lr, momentum=0.0, comm=SELF)
+    p.grad = torch.tensor([1.0, -2.0, 3.0])
+    opt.step()
+    assert torch.equal(p.detach(), -float(lr) * torch.tensor([1.0, -1.0, 1.0]))
+
+
+@pytest.mark.parametrize("key, value", [("lr", -0.1), ("momentum", 1.0),
+                                        ("weight_decay", math.inf)])
+def test_param_groups_written_after_construction_are_checked_at_the_step(key, value):
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = Signum([p], lr=0.1, comm=SELF)
+    opt.param_groups[0][key] = value
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]: {key}"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.zeros(3))   # nothing moved
+
+
+def test_signsgd_refuses_a_momentum_that_a_scheduler_writes():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = SignSGD([p], lr=0.1, comm=SELF)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="SignSGD has no momentum.*cycle_momentum=False"):
+        opt.step()
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10,
+                                                cycle_momentum=False)
+    opt.param_groups[0]["momentum"] = 0.0
+    opt.step()
+    sched.step()
+
+
+def test_print_shows_topology_ranks_and_overlap():
+    opt = Signum([torch.nn.Parameter(torch.zeros(3))], lr=0.1, comm=SELF, topology="tree")
+    text = repr(opt)
+    assert text.startswith("Signum (") and "ranks: 1" in text and "overlap: False" in text
+    assert "lr: 0.1" in text
+
+
+def test_deepcopy_gives_a_working_optimizer_and_pickle_says_why_not():
+    model = torch.nn.Linear(4, 2)
+    opt = Signum(model.parameters(), lr=0.1, momentum=0.9, comm=SELF)
+    x = torch.randn(8, 4)
+    model(x).sum().backward()
+    opt.step()
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2.param_groups[0]["params"][0] is model2.weight and opt2.comm is opt.comm
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        m(x).sum().backward()
+        o.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert opt2.stats.steps == opt.stats.steps == 2
+    with pytest.raises(TypeError, match="cannot be pickled.*state_dict"):
+        pickle.dumps(opt)
+
+
+def test_grad_scaler_steps_with_unscaled_momentum():
+    """scaler.step(opt) always steps (a sign does not care about the scale, an inf entry is
+    at most one vote), and the momentum is the one an unscaled run gets, bit for bit."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    plain = copy.deepcopy(model)
+    opt = Signum(model.parameters(), lr=0.01, momentum=0.9, comm=SELF)
+    ref = Signum(plain.parameters(), lr=0.01, momentum=0.9, comm=SELF)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for step in range(6):
+        x = torch.randn(5, 4)
+        for m, o in ((model, opt), (plain, ref)):
+            o.zero_grad()
+            loss = m(x).pow(2).sum()
+            (scaler.scale(loss) if o is opt else loss).backward()
+            if step == 3:
+                m.weight.grad[0, 0] = math.inf
+        scaler.step(opt)
+        scaler.update()
+        ref.step()
+    assert scaler.get_scale() == 2.0 ** 9   # backed off once, at the inf
+    assert opt.stats.steps == 6 and opt.stats.nonfinite == 1
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(opt.state.values(), ref.state.values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+def test_compiled_step_matches_the_eager_one():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    eager_model = copy.deepcopy(model)
+    opt = Signum(model.parameters(), lr=0.01, momentum=0.9, comm=SELF)
+    eager = Signum(eager_model.parameters(), lr=0.01, momentum=0.9, comm=SELF)
+    compiled_step = torch.compile(opt.step)
+    for _ in range(3):
+        x = torch.randn(5, 4)
+        for m, o in ((model, opt), (eager_model, eager)):
+            o.zero_grad()
+            m(x).sum().backward()
+        compiled_step()
+        eager.step()
+    for a, b in zip(model.parameters(), eager_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_majority_vote_on_one_rank_is_the_sign_with_0_for_0_and_nan():
+    x = torch.tensor([0.0, -0.0, 2.0, -3.0, math.nan, -math.inf])
+    for _ in range(3):   # no drift from call to call
+        assert torch.equal(mpisign.majority_vote(x, SELF), torch.tensor([0, 0, 1, -1, 0, -1.0]))
+    assert mpisign.majority_vote(x.to(torch.bfloat16), SELF).dtype == torch.bfloat16

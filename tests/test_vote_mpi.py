@@ -69,3 +69,14 @@ def test_device_resident_words_match_host_words(n, topology):
     and Signum bit-identical to the host path."""
     out = mpirun.run(n, "resident_check.py", topology)
     assert f"resident_check {topology} OK on {n} ranks" in out
+
+
+DROPIN_CASES = ["compile", "grad_scaler", "isolation", "deepcopy", "vote_loop",
+                "signsgd_momentum"]
+
+
+@pytest.mark.parametrize("case", DROPIN_CASES)
+def test_signum_as_a_drop_in_optimizer(case):
+    """PyTorch habits on 3 real ranks (tests/mpi/dropin_check.py): one launch per case."""
+    out = mpirun.run(3, "dropin_check.py", case, timeout=120)
+    assert f"dropin_check {case} OK on 3 ranks" in out

@@ -96,7 +96,11 @@ def wait_all(requests: list[MPI.Request], peers: list, timeout: float, what: str
             continue  # small messages: answers come within microseconds, do not sleep yet
         if now > deadline:
             missing = sorted(set(pending.values()) - {ANY_RANK})
-            for i in pending:
+            for i, peer in pending.items():
+                if peer is ANY_RANK:
+                    # Cancelling a nonblocking collective is erroneous in MPI (Open MPI's
+                    # MPI_Comm_idup request never returns from it): leave it pending.
+                    continue
                 try:
                     requests[i].Cancel()
                 except MPI.Exception:

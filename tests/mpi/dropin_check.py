@@ -1,0 +1,170 @@
+"""Signum as a drop-in torch.optim optimizer, on real ranks: one case per run.
+
+Usage: dropin_check.py CASE, with CASE one of the functions below. Each compares with a
+reference computed another way (an eager optimizer, a run without GradScaler, numpy) and checks
+that every rank holds the same parameters.
+"""
+
+import copy
+import math
+import sys
+
+import numpy as np
+import torch
+from common import WORLD, progress
+
+import mpisign
+
+comm = WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+
+
+def model_and_batches(steps: int):
+    torch.manual_seed(7)   # the same start on every rank
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    g = torch.Generator().manual_seed(100 + rank)   # each rank its own data
+    return model, [torch.randn(4, 6, generator=g) for _ in range(steps)]
+
+
+def same_everywhere(model) -> None:
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+    every = comm.allgather(flat)
+    assert all(np.array_equal(every[0], f) for f in every), "ranks differ"
+
+
+def compile():
+    """torch.compile(opt.step) on every rank: bit-identical to the eager step."""
+    model, xs = model_and_batches(4)
+    eager_model = copy.deepcopy(model)
+    opt = mpisign.Signum(model.parameters(), lr=0.01, momentum=0.9, comm=comm)
+    eager = mpisign.Signum(eager_model.parameters(), lr=0.01, momentum=0.9, comm=comm)
+    step = torch.compile(opt.step)
+    for i, x in enumerate(xs):
+        for m, o in ((model, opt), (eager_model, eager)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+        step()
+        eager.step()
+        progress(i)
+    for a, b in zip(model.parameters(), eager_model.parameters()):
+        assert torch.equal(a, b)
+    same_everywhere(model)
+
+
+def grad_scaler():
+    """An inf on rank 1 at step 3: scaler.step steps every rank in unison, rank 1's scaler
+    backs off, and the weights are those of a run without the scaler, bit for bit."""
+    model, xs = model_and_batches(6)
+    plain = copy.deepcopy(model)
+    opt = mpisign.Signum(model.parameters(), lr=0.01, momentum=0.9, comm=comm, timeout=20)
+    ref = mpisign.Signum(plain.parameters(), lr=0.01, momentum=0.9, comm=comm, timeout=20)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    for i, x in enumerate(xs):
+        for m, o in ((model, opt), (plain, ref)):
+            o.zero_grad()
+            loss = m(x).square().sum()
+            (scaler.scale(loss) if o is opt else loss).backward()
+            if i == 3 and rank == 1:
+                m[0].weight.grad[0, 0] = math.inf
+        scaler.step(opt)
+        scaler.update()
+        ref.step()
+        progress(i)
+    assert scaler.get_scale() == (2.0 ** 11 if rank == 1 else 2.0 ** 12), scaler.get_scale()
+    assert opt.stats.steps == 6 and opt.stats.nonfinite == (1 if rank == 1 else 0)
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    same_everywhere(model)
+
+
+def isolation():
+    """Ranks 1.. give up on a vote that rank 0 never joined: their messages stay in flight. A
+    new optimizer on the same communicator, and the user's own messages, must not see them."""
+    p = torch.nn.Parameter(torch.zeros(200))
+    stale = mpisign.Signum([p], lr=1.0, momentum=0.0, comm=comm, timeout=2)
+    p.grad = torch.ones(200)
+    stale.step()                     # every rank: the optimizer is set up and has voted once
+    if rank != 0:
+        p.grad = torch.ones(200)     # a vote of all "+" that nobody will take
+        try:
+            stale.step()
+        except mpisign.VoteTimeout:
+            pass
+        else:
+            raise AssertionError("the vote without rank 0 completed")
+    progress(1)
+    comm.Barrier()
+    q = torch.nn.Parameter(torch.zeros(200))
+    fresh = mpisign.Signum([q], lr=1.0, momentum=0.0, comm=comm, timeout=20)
+    q.grad = -torch.ones(200)      # every rank votes "-"
+    fresh.step()
+    assert torch.equal(q.detach(), torch.ones(200)), q[:8]
+    # The user's own message with the tag the stale vote used is the user's, not the vote's.
+    if rank == 0 and size > 1:
+        got = comm.recv(source=1, tag=0x1000)
+        assert got == "user message", got
+    elif rank == 1:
+        comm.send("user message", dest=0, tag=0x1000)
+    progress(2)
+
+
+def deepcopy():
+    """deepcopy((model, opt)) on every rank gives a pair that steps like the original; a copy
+    made on rank 0 alone (a snapshot) costs no communication and does not hang."""
+    model, xs = model_and_batches(4)
+    opt = mpisign.Signum(model.parameters(), lr=0.01, momentum=0.9, comm=comm)
+    model(xs[0]).sum().backward()
+    opt.step()
+    if rank == 0:
+        snapshot = copy.deepcopy((model, opt))
+        assert snapshot[1].comm is comm
+    model2, opt2 = copy.deepcopy((model, opt))
+    for x in xs[1:]:
+        for m, o in ((model, opt), (model2, opt2)):
+            o.zero_grad()
+            m(x).sum().backward()
+            o.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    same_everywhere(model2)
+
+
+def vote_loop():
+    """majority_vote without step= in a loop: all-zero coordinates alternate instead of drifting
+    (they would move by 1 a call with a fixed step); nonzero ones are the numpy majority."""
+    total = torch.zeros(64)
+    x = torch.zeros(64)
+    x[:32] = torch.from_numpy(np.random.default_rng(rank).standard_normal(32)).float()
+    every = comm.allgather(x[:32].numpy())
+    want = np.sign(np.sum(np.sign(every), axis=0))
+    for i in range(20):
+        got = mpisign.majority_vote(x, comm, "tree")
+        assert np.array_equal(got[:32].numpy(), want)
+        total += got
+        progress(i)
+    assert total[32:].abs().max() <= 1, total[32:]
+    results = comm.allgather(total.numpy())
+    assert all(np.array_equal(results[0], r) for r in results)
+
+
+def signsgd_momentum():
+    """A scheduler that writes momentum into SignSGD's groups: the same clear error on every
+    rank at the step, before any communication."""
+    p = torch.nn.Parameter(torch.zeros(10))
+    opt = mpisign.SignSGD([p], lr=0.1, comm=comm, timeout=20)
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    p.grad = torch.ones(10)
+    try:
+        opt.step()
+    except ValueError as e:
+        assert "SignSGD has no momentum" in str(e)
+    else:
+        raise AssertionError("SignSGD stepped with a momentum")
+    assert torch.equal(p.detach(), torch.zeros(10))
+
+
+case = sys.argv[1]
+globals()[case]()
+comm.Barrier()
+if rank == 0:
+    print(f"dropin_check {case} OK on {size} ranks", flush=True)
