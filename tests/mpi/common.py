@@ -23,7 +23,10 @@ def rank_data(n: int, rank: int, seed: int, dtype=torch.float32, zeros=0.1) -> t
 
 def reference_vote(xs: list[torch.Tensor], step: int = 0) -> np.ndarray:
     """sign(sum_r sign(x_r)) in numpy on unpacked signs, with the documented zero rule:
-    a 0 or NaN on rank r votes +1 if (r + step) is odd, -1 if even."""
+    a 0 or NaN on rank r votes +1 if (r + step) is odd, -1 if even. One rank alone holds no
+    vote: the result is its sign, 0 for 0 and NaN."""
+    if len(xs) == 1:
+        return np.sign(np.nan_to_num(xs[0].to(torch.float64).numpy().reshape(-1), nan=0.0))
     total = np.zeros(xs[0].numel(), dtype=np.int64)
     for r, x in enumerate(xs):
         a = x.to(torch.float64).numpy().reshape(-1)
