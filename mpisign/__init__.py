@@ -13,6 +13,7 @@ from .detection import DisagreementMonitor
 from .optim import LayoutMismatch, ParameterDivergence, SignSGD, Signum, VoteStats
 from .packing import n_words, pack_signs, unpack_signs
 from .vote import majority_vote
+from .state import broadcast_parameters, gather_state_dict, scatter_state_dict
 from .world import SingletonWorld
 
 __version__ = "0.1.0"
@@ -30,5 +31,8 @@ __all__ = [
     "ParameterDivergence",
     "VoteStats",
     "SingletonWorld",
+    "broadcast_parameters",
+    "gather_state_dict",
+    "scatter_state_dict",
     "DisagreementMonitor",
 ]

@@ -333,11 +333,14 @@ class Signum(Optimizer):
         return layout
 
     def _check_layout_agrees(self) -> None:
-        """Allgather a fingerprint of the layout; on any difference every rank raises."""
+        """Allgather a fingerprint of the layout and one of the parameters' values (one
+        exchange); on any difference every rank raises the same error."""
         desc = self._describe()
         digest = hashlib.sha256(repr((desc, self.overlap, self.bucket_words)).encode()).digest()
         # The first vote must not start before the layouts are known to agree.
-        differ = self._ranks_differing(digest[:16], "layout check")
+        every = self._gather_digests(digest[:16] + self.params_digest(), "layout check")
+        differ = [r for r in range(self.world_size)
+                  if not np.array_equal(every[r, :16], every[0, :16])]
         if differ:
             raise LayoutMismatch(
                 f"ranks disagree about the parameters to optimize: rank(s) {differ} differ from "
@@ -345,6 +348,15 @@ class Signum(Optimizer):
                 f"{sum(math.prod(s) for _, s, _ in desc)} coordinates, overlap={self.overlap}, "
                 f"layout digest {digest[:16].hex()}). Build the same model, with the same "
                 f"parameter groups and options, on every rank.")
+        differ = [r for r in range(self.world_size)
+                  if not np.array_equal(every[r, 16:], every[0, 16:])]
+        if differ:
+            raise ParameterDivergence(
+                f"at the first step, rank(s) {differ} start from parameter values that differ "
+                f"from rank 0's: majority vote keeps identical parameters identical, it does "
+                f"not make different ones agree. Seed every rank alike before building the "
+                f"model, or call mpisign.broadcast_parameters(model, comm) before training "
+                f"(as DDP does at construction).")
 
     def _ensure_layout(self) -> _Layout:
         if self._layout is None or self._layout.signature != self._signature():
@@ -557,16 +569,22 @@ class Signum(Optimizer):
         h = hashlib.blake2b(digest_size=16)
         for group in self.param_groups:
             for p in group["params"]:
-                h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                flat = p.detach().cpu().contiguous().reshape(-1)
+                h.update(flat.view(torch.uint8).numpy().tobytes())
         return h.digest()
 
-    def _ranks_differing(self, digest: bytes, what: str) -> list[int]:
-        """Allgather every rank's ``digest``; the ranks whose digest differs from rank 0's."""
-        mine = np.frombuffer(digest, dtype=np.uint8).copy()
+    def _gather_digests(self, digest: bytes, what: str) -> np.ndarray:
+        """Every rank's ``digest``, one row a rank."""
+        mine = np.array(list(digest), dtype=np.uint8)
         every = np.empty((self.world_size, mine.size), dtype=np.uint8)
         req = self._own_comm.get().Iallgather(mine, every)
         # Wait on MPI: the verdict needs every rank's digest (bounded: a missing rank raises).
         bounded(req, f"{what} on rank {self.rank}", self.timeout)
+        return every
+
+    def _ranks_differing(self, digest: bytes, what: str) -> list[int]:
+        """Allgather every rank's ``digest``; the ranks whose digest differs from rank 0's."""
+        every = self._gather_digests(digest, what)
         return [r for r in range(self.world_size) if not np.array_equal(every[r], every[0])]
 
     def check_consistency(self) -> None:

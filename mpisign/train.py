@@ -67,6 +67,7 @@ from .data import (DATASETS, DataNotFound, batches_per_epoch, default_workers, l
                    eval_batches, train_batches)
 from .metrics import INTERVAL_FIELDS, Metrics, log_interval, run_record
 from .models import MODELS, build_model
+from .state import broadcast_parameters
 from .world import SingletonWorld, check_world
 
 log = logging.getLogger("mpisign.train")
@@ -253,23 +254,12 @@ def learning_rate(args, step: int, steps_per_epoch: int) -> float:
     return lr * args.lr_decay ** passed
 
 
-def broadcast_tensors(tensors, comm, root: int = 0, timeout: float | None = None) -> None:
-    """Give every rank ``root``'s values of ``tensors`` (model state at start, BN statistics)."""
-    for t in tensors:
-        host = t.detach().cpu().contiguous()
-        # Wait on MPI: the values are used right after (bounded: a stalled rank raises).
-        bounded(comm.Ibcast(host.numpy(), root=root),
-                f"broadcast of rank {root}'s tensors on rank {comm.Get_rank()}", timeout)
-        if host.data_ptr() != t.data_ptr():
-            t.copy_(host)
-
-
 @torch.no_grad()
 def evaluate(model, data, args, comm, device) -> tuple[float, float]:
     """Loss and accuracy over the whole test set: each rank scores its part, sums are added."""
     if list(model.buffers()):
         # BN statistics: rank 0's, everywhere.
-        broadcast_tensors(list(model.buffers()), comm, timeout=args.vote_timeout)
+        broadcast_parameters(list(model.buffers()), comm, timeout=args.vote_timeout)
     model.eval()
     sums = np.zeros(3)
     for x, y in eval_batches(data.test, rank=comm.Get_rank(), world=comm.Get_size(),
@@ -354,7 +344,7 @@ def train(args, comm) -> int:
     torch.manual_seed(args.seed)
     model = build_model(args.model, data.in_channels, data.num_classes, data.image_size)
     model.to(device)
-    broadcast_tensors(model.state_dict().values(), comm, timeout=args.vote_timeout)
+    broadcast_parameters(model, comm, timeout=args.vote_timeout)
     # From here on each rank draws its own random numbers (dropout, the random attack).
     seeds = np.random.SeedSequence([args.seed, rank]).generate_state(3)
     torch.manual_seed(int(seeds[0]))

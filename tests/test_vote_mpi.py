@@ -72,11 +72,11 @@ def test_device_resident_words_match_host_words(n, topology):
 
 
 DROPIN_CASES = ["compile", "grad_scaler", "isolation", "deepcopy", "vote_loop",
-                "signsgd_momentum"]
+                "signsgd_momentum", "initial_mismatch", "state_gather"]
 
 
 @pytest.mark.parametrize("case", DROPIN_CASES)
-def test_signum_as_a_drop_in_optimizer(case):
+def test_signum_as_a_drop_in_optimizer(case, tmp_path):
     """PyTorch habits on 3 real ranks (tests/mpi/dropin_check.py): one launch per case."""
-    out = mpirun.run(3, "dropin_check.py", case, timeout=120)
+    out = mpirun.run(3, "dropin_check.py", case, str(tmp_path / "ckpt.pt"), timeout=120)
     assert f"dropin_check {case} OK on 3 ranks" in out

@@ -1,6 +1,6 @@
 """Signum as a drop-in torch.optim optimizer, on real ranks: one case per run.
 
-Usage: dropin_check.py CASE, with CASE one of the functions below. Each compares with a
+Usage: dropin_check.py CASE [CHECKPOINT], with CASE one of the functions below. Each compares with a
 reference computed another way (an eager optimizer, a run without GradScaler, numpy) and checks
 that every rank holds the same parameters.
 """
@@ -17,6 +17,7 @@ import mpisign
 
 comm = WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
+CHECKPOINT = sys.argv[2] if len(sys.argv) > 2 else "dropin-checkpoint.pt"   # state_gather's
 
 
 def model_and_batches(steps: int):
@@ -161,6 +162,61 @@ def signsgd_momentum():
     else:
         raise AssertionError("SignSGD stepped with a momentum")
     assert torch.equal(p.detach(), torch.zeros(10))
+
+
+def initial_mismatch():
+    """Models initialised differently on each rank: every rank raises at the first step,
+    naming the ranks and the fix; broadcast_parameters then gives every rank rank 0's."""
+    torch.manual_seed(0 if rank == 0 else rank)   # rank 0 alike with nobody
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5))
+    opt = mpisign.Signum(model.parameters(), lr=0.01, comm=comm, timeout=20)
+    model(torch.randn(4, 6)).sum().backward()
+    try:
+        opt.step()
+    except mpisign.ParameterDivergence as e:
+        assert f"rank(s) {list(range(1, size))}" in str(e) and "broadcast_parameters" in str(e)
+    else:
+        raise AssertionError("ranks started apart and nobody said so")
+    mpisign.broadcast_parameters(model, comm)
+    state = comm.allgather({k: v.numpy() for k, v in model.state_dict().items()})
+    assert all(np.array_equal(s[k], state[0][k]) for s in state for k in s)
+    opt.step()
+    same_everywhere(model)
+
+
+def state_gather():
+    """A checkpoint written by rank 0 alone holds every rank's momentum: resumed on every rank
+    through scatter_state_dict, training continues bit for bit as if never stopped."""
+    model, xs = model_and_batches(8)
+    opt = mpisign.Signum(model.parameters(), lr=0.01, momentum=0.9, comm=comm)
+    twin_model = copy.deepcopy(model)
+    twin = mpisign.Signum(twin_model.parameters(), lr=0.01, momentum=0.9, comm=comm)
+    for i, x in enumerate(xs):
+        if i == 4:   # rank 0 saves; a fresh optimizer on every rank loads
+            full = mpisign.gather_state_dict(opt)
+            if rank == 0:
+                assert full["world_size"] == size and len(full["ranks"]) == size
+                torch.save({"model": model.state_dict(), "opt": full}, CHECKPOINT)
+            comm.Barrier()
+            saved = torch.load(CHECKPOINT, weights_only=True)
+            model = copy.deepcopy(twin_model)
+            model.load_state_dict(saved["model"])
+            opt = mpisign.Signum(model.parameters(), lr=0.01, momentum=0.9, comm=comm)
+            mpisign.scatter_state_dict(opt, saved["opt"] if rank == 0 else None)
+        for m, o in ((model, opt), (twin_model, twin)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+        progress(i)
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(a, b)
+    same_everywhere(model)
+    try:   # a state gathered from another number of ranks: the same error everywhere
+        mpisign.scatter_state_dict(opt, {"world_size": size + 1, "ranks": [{}] * (size + 1)})
+    except ValueError as e:
+        assert f"{size + 1} ranks" in str(e)
+    else:
+        raise AssertionError("a state of the wrong size was loaded")
 
 
 case = sys.argv[1]
