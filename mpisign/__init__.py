@@ -10,7 +10,8 @@ its gradient (or momentum); every worker steps by the majority of the signs.
 
 from .collectives import TOPOLOGIES, VoteTimeout
 from .detection import DisagreementMonitor
-from .optim import LayoutMismatch, ParameterDivergence, SignSGD, Signum, VoteStats
+from .optim import (HyperparameterMismatch, LayoutMismatch, ParameterDivergence, SignSGD,
+                    Signum, StepMismatch, VoteStats)
 from .packing import n_words, pack_signs, unpack_signs
 from .vote import majority_vote
 from .state import broadcast_parameters, gather_state_dict, scatter_state_dict
@@ -29,6 +30,8 @@ __all__ = [
     "VoteTimeout",
     "LayoutMismatch",
     "ParameterDivergence",
+    "HyperparameterMismatch",
+    "StepMismatch",
     "VoteStats",
     "SingletonWorld",
     "broadcast_parameters",

@@ -43,19 +43,14 @@ from . import packing
 from .collectives import check_comm, check_topology, default_timeout, make_vote
 from .collectives.base import bounded, host_tally
 from .detection import DisagreementMonitor
+from .header import (HyperparameterMismatch, LayoutMismatch, ParameterDivergence, StepHeader,
+                     StepMismatch, digest64, exchange, verdict)
 from .isolation import OwnComm
 
-__all__ = ["Signum", "SignSGD", "LayoutMismatch", "ParameterDivergence", "VoteStats"]
+__all__ = ["Signum", "SignSGD", "LayoutMismatch", "ParameterDivergence",
+           "HyperparameterMismatch", "StepMismatch", "VoteStats"]
 
 log = logging.getLogger(__name__)
-
-
-class LayoutMismatch(ValueError):
-    """Ranks disagree about the parameters (shapes, dtypes, groups) they vote on."""
-
-
-class ParameterDivergence(RuntimeError):
-    """Ranks hold different parameters after a step, which majority vote never produces."""
 
 
 @dataclass
@@ -102,6 +97,7 @@ class _Bucket:
 @dataclass
 class _Layout:
     signature: tuple
+    digest: int = 0           # of the parameters' shapes, dtypes and groups (step header)
     slots: list = field(default_factory=list)
     buckets: list = field(default_factory=list)
     words: int = 0
@@ -223,6 +219,8 @@ class Signum(Optimizer):
         self._voter = None
         self._resident = None  # the device-resident GPU path, when every parameter can take it
         self._hooks: list = []
+        self._verified = False  # this step's header is checked (reset when the step ends)
+        self._deferred: list = []  # momentum decays waiting for the gradient-presence OR
         self._pack_scratch: torch.Tensor | None = None  # bool, largest parameter's size
         self._apply_scratch: dict = {}                   # chunk buffers of packing.apply_signs
         # Statistics.
@@ -236,7 +234,7 @@ class Signum(Optimizer):
 
     #: Left out of a copy: the collective, the layout and the hooks belong to the original.
     _NOT_COPIED = ("comm", "_own_comm", "_layout", "_voter", "_resident", "_hooks",
-                   "_pack_scratch", "_apply_scratch")
+                   "_pack_scratch", "_apply_scratch", "_deferred")
 
     def __deepcopy__(self, memo):
         """A working optimizer over copies of the parameters (or of the model copied with it:
@@ -251,7 +249,8 @@ class Signum(Optimizer):
         new.comm = self.comm
         new._own_comm = OwnComm(self.comm, new, self.timeout, type(self).__name__)
         new._layout = new._voter = new._resident = new._pack_scratch = None
-        new._hooks, new._apply_scratch = [], {}
+        new._hooks, new._apply_scratch, new._deferred = [], {}, []
+        new._verified = False
         return new
 
     def __getstate__(self):
@@ -301,7 +300,8 @@ class Signum(Optimizer):
         """Every trainable parameter gets whole words (so its bits start on a word boundary);
         buckets are runs of parameters, in reverse order with ``overlap`` (the backward pass
         produces the last layers' gradients first)."""
-        layout = _Layout(signature=self._signature())
+        layout = _Layout(signature=self._signature(), digest=digest64(repr(
+            (self._describe(), self.overlap, self.bucket_words)).encode()))
         order = [(gi, p) for gi, g in enumerate(self.param_groups)
                  for p in g["params"] if p.requires_grad]
         if not order:
@@ -332,36 +332,33 @@ class Signum(Optimizer):
         self.stats.coordinates = layout.coordinates
         return layout
 
-    def _check_layout_agrees(self) -> None:
-        """Allgather a fingerprint of the layout and one of the parameters' values (one
-        exchange); on any difference every rank raises the same error."""
+    def _describe_layout(self) -> str:
         desc = self._describe()
-        digest = hashlib.sha256(repr((desc, self.overlap, self.bucket_words)).encode()).digest()
-        # The first vote must not start before the layouts are known to agree.
-        every = self._gather_digests(digest[:16] + self.params_digest(), "layout check")
-        differ = [r for r in range(self.world_size)
-                  if not np.array_equal(every[r, :16], every[0, :16])]
-        if differ:
-            raise LayoutMismatch(
-                f"ranks disagree about the parameters to optimize: rank(s) {differ} differ from "
-                f"rank 0 (this rank {self.rank}: {len(desc)} parameters, "
-                f"{sum(math.prod(s) for _, s, _ in desc)} coordinates, overlap={self.overlap}, "
-                f"layout digest {digest[:16].hex()}). Build the same model, with the same "
-                f"parameter groups and options, on every rank.")
-        differ = [r for r in range(self.world_size)
-                  if not np.array_equal(every[r, 16:], every[0, 16:])]
-        if differ:
-            raise ParameterDivergence(
-                f"at the first step, rank(s) {differ} start from parameter values that differ "
-                f"from rank 0's: majority vote keeps identical parameters identical, it does "
-                f"not make different ones agree. Seed every rank alike before building the "
-                f"model, or call mpisign.broadcast_parameters(model, comm) before training "
-                f"(as DDP does at construction).")
+        return (f"{len(desc)} parameters, {sum(math.prod(sh) for _, sh, _ in desc)} "
+                f"coordinates, overlap={self.overlap}, layout digest {self._layout.digest:016x}")
+
+    def _hparams_digest(self) -> int:
+        values = [(_number(g["lr"]), _number(g["momentum"]), _number(g["weight_decay"]))
+                  for g in self.param_groups]
+        return digest64(np.array(values, dtype=np.float64).tobytes())
+
+    def _verify_step(self) -> None:
+        """The step header (see :mod:`mpisign.header`): one allgather of 56 bytes a rank; on
+        any disagreement every rank raises the same error, before any sign is sent."""
+        step = self.param_groups[0]["step"]
+        if self.world_size == 1 or self._verified:
+            return
+        g0 = self.param_groups[0]
+        params = digest64(self.params_digest()) if step == 0 else 0
+        mine = StepHeader(step, self._layout.digest, self._hparams_digest(), params,
+                          _number(g0["lr"]), _number(g0["momentum"]),
+                          _number(g0["weight_decay"]))
+        headers = exchange(self._own_comm.get(), mine, self.timeout)
+        verdict(headers, self.rank, self._describe_layout())
+        self._verified = True
 
     def _ensure_layout(self) -> _Layout:
         if self._layout is None or self._layout.signature != self._signature():
-            if self.world_size > 1:
-                self._check_layout_agrees()
             params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
             self._resident = _resident_path(params) if params else None
             self._layout = self._build_layout()
@@ -417,12 +414,23 @@ class Signum(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         layout = self._ensure_layout()
-        # Step 1: pack and start every bucket's vote that a gradient hook has not started yet
+        if all(bucket.pending is None for bucket in layout.buckets):
+            self._verified = False   # no hook began this step: its header is still to come
+        self._verify_step()
+        # Step 1: which parameters have a gradient on any rank (an OR of one bit each, in
+        # flight with the votes): one that has none anywhere is not updated, as in torch.optim.
+        anywhere = self._post_has_grad(layout)
+        # Step 2: pack and start every bucket's vote that a gradient hook has not started yet
         # (all of them without overlap; those with a parameter whose .grad is None with it).
         for bucket in layout.buckets:
             if bucket.pending is None:
                 self._start_bucket(bucket)
-        # Step 2: finish each vote and apply it: p <- p - lr * (v + weight_decay * p).
+        # Step 3: finish each vote and apply it: p <- p - lr * (v + weight_decay * p).
+        has_grad = anywhere()
+        for slot_param, buf, beta in self._deferred:   # see _local_update
+            if has_grad[id(slot_param)]:
+                buf.mul_(beta)
+        self._deferred = []
         disagree = 0
         for bucket in layout.buckets:
             plus, tie = self._finish_bucket(bucket)
@@ -432,6 +440,8 @@ class Signum(Optimizer):
             else:
                 disagree += packing.disagreement(mine, plus, tie)
             for slot in bucket.slots:
+                if not has_grad[id(slot.param)]:
+                    continue
                 group = self.param_groups[slot.group]
                 lo, hi = slot.word0 - bucket.word0, slot.word0 - bucket.word0 + slot.words
                 self._apply(slot.param, plus[lo:hi], None if tie is None else tie[lo:hi],
@@ -443,10 +453,30 @@ class Signum(Optimizer):
             self._exchange_disagreement(step)
         for group in self.param_groups:
             group["step"] = step + 1
+        self._verified = False
         self.stats.steps += 1
         if self.check_every and self.stats.steps % self.check_every == 0:
             self.check_consistency()
         return loss
+
+    def _post_has_grad(self, layout: _Layout):
+        """Start the OR over ranks of "has a gradient" per parameter; returns a function that
+        waits for it and gives ``{id(param): bool}``."""
+        mine = np.packbits([s.param.grad is not None for s in layout.slots], bitorder="little")
+        ids = [id(s.param) for s in layout.slots]
+        if self.world_size == 1:
+            return lambda: dict(zip(ids, np.unpackbits(mine, count=len(ids),
+                                                       bitorder="little").astype(bool)))
+        every = np.empty_like(mine)
+        req = self._own_comm.get().Iallreduce(mine, every, op=MPI.BOR)
+
+        def wait():
+            step = self.param_groups[0]["step"]
+            # Wait on MPI: a parameter is updated only if some rank has its gradient.
+            bounded(req, f"gradient presence at step {step} on rank {self.rank}", self.timeout)
+            return dict(zip(ids, np.unpackbits(every, count=len(ids),
+                                               bitorder="little").astype(bool)))
+        return wait
 
     def _exchange_disagreement(self, step: int) -> None:
         mine = np.array([self.stats.disagreement])
@@ -462,6 +492,7 @@ class Signum(Optimizer):
 
     def _start_bucket(self, bucket: _Bucket) -> None:
         """Momentum update and packing of one bucket's parameters, then start its vote."""
+        self._verify_step()   # the step header, once a step, before the first vote
         step = self.param_groups[0]["step"]
         zero_bit = (self.rank + step) % 2
         packed = self._layout.packed
@@ -494,6 +525,7 @@ class Signum(Optimizer):
 
         ``.grad`` None counts as zero; NaN/inf entries become 0 and are counted.
         """
+        absent = [p.grad is None for p in params]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         for g in grads:
             if g.is_sparse:
@@ -527,9 +559,23 @@ class Signum(Optimizer):
             if "momentum_buffer" not in st:
                 st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             bufs.append(st["momentum_buffer"])
-        torch._foreach_mul_(bufs, beta)
-        torch._foreach_add_(bufs, grads, alpha=(1 - beta) * inv_scale)
-        return bufs
+        if not any(absent):
+            torch._foreach_mul_(bufs, beta)
+            torch._foreach_add_(bufs, grads, alpha=(1 - beta) * inv_scale)
+            return bufs
+        # No gradient here: vote with beta * m, but decay m only once step() knows that some
+        # rank has this gradient (if none has, the parameter and its momentum stay as they are).
+        here = [i for i, a in enumerate(absent) if not a]
+        if here:
+            torch._foreach_mul_([bufs[i] for i in here], beta)
+            torch._foreach_add_([bufs[i] for i in here], [grads[i] for i in here],
+                                alpha=(1 - beta) * inv_scale)
+        sources = list(bufs)
+        for i, a in enumerate(absent):
+            if a:
+                sources[i] = bufs[i] * beta
+                self._deferred.append((params[i], bufs[i], beta))
+        return sources
 
     def _pack(self, src: torch.Tensor, zero_bit: int, out) -> None:
         if self._resident is not None:  # `out` is device words
@@ -573,18 +619,13 @@ class Signum(Optimizer):
                 h.update(flat.view(torch.uint8).numpy().tobytes())
         return h.digest()
 
-    def _gather_digests(self, digest: bytes, what: str) -> np.ndarray:
-        """Every rank's ``digest``, one row a rank."""
+    def _ranks_differing(self, digest: bytes, what: str) -> list[int]:
+        """Allgather every rank's ``digest``; the ranks whose digest differs from rank 0's."""
         mine = np.array(list(digest), dtype=np.uint8)
         every = np.empty((self.world_size, mine.size), dtype=np.uint8)
         req = self._own_comm.get().Iallgather(mine, every)
         # Wait on MPI: the verdict needs every rank's digest (bounded: a missing rank raises).
         bounded(req, f"{what} on rank {self.rank}", self.timeout)
-        return every
-
-    def _ranks_differing(self, digest: bytes, what: str) -> list[int]:
-        """Allgather every rank's ``digest``; the ranks whose digest differs from rank 0's."""
-        every = self._gather_digests(digest, what)
         return [r for r in range(self.world_size) if not np.array_equal(every[r], every[0])]
 
     def check_consistency(self) -> None:

@@ -110,15 +110,28 @@ def test_nonfinite_gradients_never_reach_the_weights():
     torch.testing.assert_close(p.detach()[3:], torch.full((7,), 0.5))
 
 
-def test_none_grad_counts_as_zero():
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_a_parameter_without_gradient_anywhere_is_not_updated(momentum):
+    """As in torch.optim: .grad None on every rank (here the only one) moves nothing, not even
+    by weight decay, and leaves the momentum as it was."""
     p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
     frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
-    opt = Signum([p, q, frozen], lr=0.1, momentum=0.0, comm=SELF)
-    p.grad = torch.ones(4)
-    opt.step()  # q.grad is None: treated as zero, step 0 -> zero votes "-", as documented
-    torch.testing.assert_close(p.detach(), torch.full((4,), 0.9))
-    torch.testing.assert_close(q.detach(), torch.full((4,), 1.1))
+    opt = Signum([p, q, frozen], lr=0.1, momentum=momentum, weight_decay=0.5, comm=SELF)
+    p.grad, q.grad = torch.ones(4), torch.ones(4)
+    opt.step()
+    moved = q.detach().clone()
+    buf = opt.state[q].get("momentum_buffer", torch.zeros(4)).clone()
+    q.grad = None
+    for _ in range(3):
+        p.grad = torch.ones(4)
+        opt.step()
+    assert torch.equal(q.detach(), moved)
+    assert torch.equal(opt.state[q].get("momentum_buffer", torch.zeros(4)), buf)
+    assert p.detach()[0] < moved[0]
     torch.testing.assert_close(frozen.detach(), torch.ones(3))  # requires_grad=False: untouched
+    fresh = torch.nn.Parameter(torch.ones(2))
+    Signum([fresh], lr=0.1, comm=SELF).step()   # a step before any backward moves nothing
+    assert torch.equal(fresh.detach(), torch.ones(2))
 
 
 def test_state_dict_resume_is_exact():

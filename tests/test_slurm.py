@@ -199,7 +199,7 @@ def test_usr1_checkpoints_requeues_and_resumes_without_a_lost_step(tmp_path):
     assert [s["signal"] for s in stopped] == ["SIGUSR1"], text[-4000:]
     assert [r["step"] for r in resumed] == [stopped[0]["step"]], (stopped, resumed)
     assert 0 < stopped[0]["step"] < total
-    assert "requeued" in text and "restart 1" in text, text[-4000:]
+    assert "requeueing" in text and "restart 1" in text, text[-4000:]
     assert json.loads((out / "run.json").read_text())["slurm"]["SLURM_RESTART_COUNT"] == "1"
     # No step lost, none twice: every --log-every multiple exactly once, across the restart.
     assert [r["step"] for r in records(out, "step")] == list(range(5, total + 1, 5))

@@ -72,7 +72,8 @@ def test_device_resident_words_match_host_words(n, topology):
 
 
 DROPIN_CASES = ["compile", "grad_scaler", "isolation", "deepcopy", "vote_loop",
-                "signsgd_momentum", "initial_mismatch", "state_gather"]
+                "signsgd_momentum", "initial_mismatch", "state_gather", "layout_one_rank",
+                "hparams_one_rank", "step_mismatch", "none_everywhere"]
 
 
 @pytest.mark.parametrize("case", DROPIN_CASES)

@@ -219,6 +219,74 @@ def state_gather():
         raise AssertionError("a state of the wrong size was loaded")
 
 
+def expect_everywhere(error, words, call) -> None:
+    """``call`` raises ``error`` on every rank, saying ``words``; quickly, not by a timeout."""
+    try:
+        call()
+    except error as e:
+        for w in words:
+            assert w in str(e), (w, str(e))
+    else:
+        raise AssertionError(f"rank {rank}: no {error.__name__}")
+
+
+def layout_one_rank():
+    """add_param_group on rank 0 alone: LayoutMismatch on every rank at the next step."""
+    model, xs = model_and_batches(2)
+    opt = mpisign.Signum(model.parameters(), lr=0.01, comm=comm, timeout=60)
+    model(xs[0]).sum().backward()
+    opt.step()
+    extra = torch.nn.Parameter(torch.zeros(3))
+    if rank == 0:
+        opt.add_param_group({"params": [extra]})
+    extra.grad = torch.ones(3)
+    expect_everywhere(mpisign.LayoutMismatch, ["rank(s) [1, 2] differ from rank 0", "step 1"],
+                      opt.step)
+
+
+def hparams_one_rank():
+    """A learning rate written on rank 0 alone: every rank names both values."""
+    model, xs = model_and_batches(2)
+    opt = mpisign.Signum(model.parameters(), lr=0.01, comm=comm, timeout=60)
+    model(xs[0]).sum().backward()
+    opt.step()
+    if rank == 0:
+        opt.param_groups[0]["lr"] = 0.5
+    expect_everywhere(mpisign.HyperparameterMismatch,
+                      ["rank(s) [1, 2]", "'lr': 0.5", "'lr': 0.01"], opt.step)
+
+
+def step_mismatch():
+    """Rank 1 resumes from another step's state: every rank says which rank is where."""
+    model, xs = model_and_batches(3)
+    opt = mpisign.Signum(model.parameters(), lr=0.01, comm=comm, timeout=60)
+    model(xs[0]).sum().backward()
+    opt.step()
+    old = copy.deepcopy(opt.state_dict())
+    opt.step()
+    if rank == 1:
+        opt.load_state_dict(old)
+    expect_everywhere(mpisign.StepMismatch, ["{0: 2, 1: 1}"], opt.step)
+
+
+def none_everywhere():
+    """A parameter whose .grad is None on every rank is not updated (nor decayed); one with a
+    gradient on rank 1 only moves by the documented zero rule on the others."""
+    a, b, c = (torch.nn.Parameter(torch.ones(70)) for _ in range(3))
+    opt = mpisign.Signum([a, b, c], lr=0.1, momentum=0.9, weight_decay=0.1, comm=comm)
+    for i in range(3):
+        a.grad = torch.ones(70)
+        b.grad = torch.ones(70) if rank == 1 else None
+        c.grad = None
+        opt.step()
+        progress(i)
+    assert torch.equal(c.detach(), torch.ones(70)) and not opt.state[c]["momentum_buffer"].any()
+    assert (a.detach() < 1).all() and not torch.equal(b.detach(), torch.ones(70))
+    for p in (a, b, c):
+        flat = comm.allgather(p.detach().numpy())
+        assert all(np.array_equal(flat[0], f) for f in flat)
+
+
 case = sys.argv[1]
 globals()[case]()
 comm.Barrier()

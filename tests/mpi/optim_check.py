@@ -80,15 +80,22 @@ mom = [[torch.zeros_like(p) for p in params] for _ in range(size)]
 with torch.no_grad():
     for step in range(STEPS):
         total = [np.zeros(p.numel(), dtype=np.int64) for p in params]
+        with torch.enable_grad():
+            every = [gradients(ref, r, step) for r in range(size)]
+        # A parameter with no gradient on any rank is left alone, momentum and all.
+        anywhere = [any(every[r][name] is not None for r in range(size)) for name in names]
         for r in range(size):
-            with torch.enable_grad():
-                grads = gradients(ref, r, step)
+            grads = every[r]
             for i, g in enumerate(grads[name] for name in names):
+                if not anywhere[i]:
+                    continue
                 g = torch.zeros_like(params[i]) if g is None else torch.nan_to_num(g, 0.0, 0.0, 0.0)
                 mom[r][i] = BETA * mom[r][i] + (1 - BETA) * g
                 m = mom[r][i].reshape(-1).double().numpy()
                 total[i] += np.where(m > 0, 1, np.where(m < 0, -1, 1 if (r + step) % 2 else -1))
         for i, (p, lr) in enumerate(zip(params, lrs)):
+            if not anywhere[i]:
+                continue
             v = torch.from_numpy(np.sign(total[i]).astype(np.float64)).to(p.dtype).view_as(p)
             p.copy_(p - lr * (v + WD * p))
 

@@ -1,0 +1,134 @@
+"""The step header: what each rank states about its step, checked on every rank before a vote.
+
+A mistake one rank makes alone (a parameter group added on rank 0 only, a learning rate that a
+scheduler fed with that rank's own loss lowered, a resume from another step's file, models
+initialised apart) used to end in a ``VoteTimeout`` minutes later, or in ranks that drift apart
+without a word. Every step of a multi-rank optimizer therefore begins with one allgather of a
+fixed 7-word (56-byte) header from each rank:
+
+====  ============================================================================
+word  what
+====  ============================================================================
+0     the step (``param_groups[0]["step"]``)
+1     a digest of the layout: parameter shapes, dtypes, groups, overlap, buckets
+2     a digest of every group's ``lr``, ``momentum`` and ``weight_decay``
+3     at step 0 only, a digest of the parameters' values (else 0)
+4-6   group 0's ``lr``, ``momentum``, ``weight_decay`` (float64), to name them in errors
+====  ============================================================================
+
+Every rank then holds every header and reaches the same verdict, so all of them raise the same
+error at the same step, before any sign is sent: :class:`LayoutMismatch`,
+:class:`StepMismatch`, :class:`HyperparameterMismatch` or :class:`ParameterDivergence`. The
+header is a fixed size whatever the layout, so ranks that disagree about the layout still
+complete the exchange that tells them so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from .collectives.base import bounded
+
+__all__ = ["LayoutMismatch", "ParameterDivergence", "HyperparameterMismatch", "StepMismatch",
+           "StepHeader", "digest64", "exchange", "verdict"]
+
+WORDS = 7
+
+
+class LayoutMismatch(ValueError):
+    """Ranks disagree about the parameters (shapes, dtypes, groups) they vote on."""
+
+
+class ParameterDivergence(RuntimeError):
+    """Ranks hold different parameters (at the first step, or after a step), which majority
+    vote never produces from identical ones."""
+
+
+class HyperparameterMismatch(ValueError):
+    """Ranks step with different ``lr``, ``momentum`` or ``weight_decay``."""
+
+
+class StepMismatch(RuntimeError):
+    """Ranks' optimizers count different steps (e.g. a resume of another step's state)."""
+
+
+def digest64(data: bytes) -> int:
+    """A 64-bit digest of ``data`` (never 0, which word 3 keeps for "not computed")."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") or 1
+
+
+@dataclass(frozen=True)
+class StepHeader:
+    step: int
+    layout: int
+    hparams: int
+    params: int          # step 0 only: the parameters' values; else 0
+    lr: float
+    momentum: float
+    weight_decay: float
+
+    def pack(self) -> np.ndarray:
+        words = np.zeros(WORDS, dtype=np.uint64)
+        words[:4] = [self.step, self.layout, self.hparams, self.params]
+        words[4:] = np.array([self.lr, self.momentum, self.weight_decay]).view(np.uint64)
+        return words
+
+    @classmethod
+    def unpack(cls, words: np.ndarray) -> StepHeader:
+        lr, momentum, wd = words[4:].copy().view(np.float64).tolist()
+        return cls(*(int(w) for w in words[:4]), lr, momentum, wd)
+
+
+def exchange(comm: MPI.Intracomm, header: StepHeader, timeout: float) -> list[StepHeader]:
+    """Every rank's header, in rank order (collective, bounded by ``timeout``)."""
+    every = np.empty((comm.Get_size(), WORDS), dtype=np.uint64)
+    # Wait on MPI: the vote must not start before every rank's header is known to agree.
+    bounded(comm.Iallgather(header.pack(), every),
+            f"step header at step {header.step} on rank {comm.Get_rank()}", timeout)
+    return [StepHeader.unpack(row) for row in every]
+
+
+def _differ(headers: list[StepHeader], field: str) -> list[int]:
+    first = getattr(headers[0], field)
+    return [r for r, h in enumerate(headers) if getattr(h, field) != first]
+
+
+def verdict(headers: list[StepHeader], rank: int, describe: str) -> None:
+    """Raise the same error on every rank if the headers disagree. ``describe``: this rank's
+    layout in words, for the layout error."""
+    differ = _differ(headers, "layout")
+    if differ:
+        raise LayoutMismatch(
+            f"ranks disagree about the parameters to optimize at step {headers[rank].step}: "
+            f"rank(s) {differ} differ from rank 0 (this rank {rank}: {describe}). Build the "
+            f"same model, with the same parameter groups (add_param_group on every rank) and "
+            f"options, on every rank.")
+    differ = _differ(headers, "step")
+    if differ:
+        steps = {r: headers[r].step for r in [0, *differ]}
+        raise StepMismatch(
+            f"ranks' optimizers are at different steps: {steps} (rank: step). Each rank must "
+            f"call step() as often as the others and load the state of the same step "
+            f"(mpisign.scatter_state_dict hands every rank its own).")
+    differ = _differ(headers, "hparams")
+    if differ:
+        values = {r: dict(lr=headers[r].lr, momentum=headers[r].momentum,
+                          weight_decay=headers[r].weight_decay) for r in [0, *differ]}
+        raise HyperparameterMismatch(
+            f"at step {headers[rank].step}, rank(s) {differ} step with hyperparameters that "
+            f"differ from rank 0's (group 0 on each: {values}; other groups may differ too). "
+            f"Set them alike on every rank: feed ReduceLROnPlateau a loss averaged over the "
+            f"ranks, and write param_groups on every rank, not on one.")
+    checked = [h.params for h in headers]
+    if any(checked) and len(set(checked)) > 1:
+        differ = [r for r in range(len(headers)) if checked[r] != checked[0]]
+        raise ParameterDivergence(
+            f"at step {headers[rank].step}, rank(s) {differ} start from parameter values that "
+            f"differ from rank 0's: majority vote keeps identical parameters identical, it does "
+            f"not make different ones agree. Seed every rank alike before building the model, "
+            f"or call mpisign.broadcast_parameters(model, comm) before training (as DDP does "
+            f"at construction).")
