@@ -6,8 +6,8 @@ process: the median of ``--steps`` timed ``step()`` calls each, after a warm-up.
     python benchmarks/bench_step_overhead.py                       # 1 rank: Signum vs SGD, Adam
     python -m mpisign.launch -n 4 -- python benchmarks/bench_step_overhead.py   # + the header
 
-On several ranks it also times the step header's exchange alone (one 56-byte allgather and the
-OR of one bit a parameter, as ``Signum.step`` posts them) on the optimizer's own communicator,
+On several ranks it also times the step header's exchange alone (one 64-byte allgather, as ``Signum.step`` posts it beside
+the vote) on the optimizer's own communicator,
 so its share of the step is measured, not guessed.
 """
 
@@ -17,7 +17,6 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -60,14 +59,12 @@ def main() -> None:
     signum = optimizers[f"mpisign Signum ({comm.Get_size()} ranks)"]
     if comm.Get_size() > 1:
         own = signum._own_comm.get()
-        header = StepHeader(0, 1, 2, 0, 1e-6, 0.9, 0.0)
-        bits = np.zeros(1, dtype=np.uint8)
+        header = StepHeader(0, 1, 2, 0, 1e-6, 0.9, 0.0, 0)
 
         def header_alone():
             exchange(own, header, 60.0)
-            own.Allreduce(bits, np.empty_like(bits), op=MPI.BOR)
         timed(header_alone, 20, comm)
-        results["step header alone (allgather 56 B + OR)"] = timed(header_alone, args.steps, comm)
+        results["step header alone (allgather 64 B)"] = timed(header_alone, args.steps, comm)
     if comm.Get_rank() == 0:
         sgd = results["torch SGD(momentum=0.9)"]
         coords = sum(p.numel() for p in model.parameters())

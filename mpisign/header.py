@@ -4,7 +4,7 @@ A mistake one rank makes alone (a parameter group added on rank 0 only, a learni
 scheduler fed with that rank's own loss lowered, a resume from another step's file, models
 initialised apart) used to end in a ``VoteTimeout`` minutes later, or in ranks that drift apart
 without a word. Every step of a multi-rank optimizer therefore begins with one allgather of a
-fixed 7-word (56-byte) header from each rank:
+fixed 8-word (64-byte) header from each rank:
 
 ====  ============================================================================
 word  what
@@ -14,10 +14,19 @@ word  what
 2     a digest of every group's ``lr``, ``momentum`` and ``weight_decay``
 3     at step 0 only, a digest of the parameters' values (else 0)
 4-6   group 0's ``lr``, ``momentum``, ``weight_decay`` (float64), to name them in errors
+7     how many parameters have no gradient on this rank (all ones: not known yet)
 ====  ============================================================================
 
-Every rank then holds every header and reaches the same verdict, so all of them raise the same
-error at the same step, before any sign is sent: :class:`LayoutMismatch`,
+Word 7 spares the usual step a second exchange: when every rank has every gradient, every
+parameter is updated. Otherwise one bit a parameter is OR-ed over the ranks
+(:func:`mpisign.optim`), and a parameter with no gradient anywhere is left alone.
+
+The header travels beside the vote (posted just before it, checked before the vote is applied),
+so it adds no round trip to a step; only a rank that has just built its layout (the first step,
+``add_param_group``) waits for the headers before it sends any sign, so that ranks whose layouts
+differ never exchange signs of different lengths. Every rank then holds every header and
+reaches the same verdict, so all of them raise the same error at the same step, before any
+parameter moves: :class:`LayoutMismatch`,
 :class:`StepMismatch`, :class:`HyperparameterMismatch` or :class:`ParameterDivergence`. The
 header is a fixed size whatever the layout, so ranks that disagree about the layout still
 complete the exchange that tells them so.
@@ -34,9 +43,11 @@ from mpi4py import MPI
 from .collectives.base import bounded
 
 __all__ = ["LayoutMismatch", "ParameterDivergence", "HyperparameterMismatch", "StepMismatch",
-           "StepHeader", "digest64", "exchange", "verdict"]
+           "StepHeader", "Exchange", "digest64", "post", "finish", "exchange", "verdict"]
 
-WORDS = 7
+WORDS = 8
+#: Word 7 when the count of missing gradients is not known yet (a vote begun by a hook).
+UNKNOWN = 2**64 - 1
 
 
 class LayoutMismatch(ValueError):
@@ -70,26 +81,55 @@ class StepHeader:
     lr: float
     momentum: float
     weight_decay: float
+    absent: int = UNKNOWN  # parameters without a gradient on this rank
 
     def pack(self) -> np.ndarray:
         words = np.zeros(WORDS, dtype=np.uint64)
         words[:4] = [self.step, self.layout, self.hparams, self.params]
-        words[4:] = np.array([self.lr, self.momentum, self.weight_decay]).view(np.uint64)
+        words[4:7] = np.array([self.lr, self.momentum, self.weight_decay]).view(np.uint64)
+        words[7] = self.absent
         return words
 
     @classmethod
     def unpack(cls, words: np.ndarray) -> StepHeader:
-        lr, momentum, wd = words[4:].copy().view(np.float64).tolist()
-        return cls(*(int(w) for w in words[:4]), lr, momentum, wd)
+        lr, momentum, wd = words[4:7].copy().view(np.float64).tolist()
+        return cls(*(int(w) for w in words[:4]), lr, momentum, wd, int(words[7]))
+
+
+@dataclass
+class Exchange:
+    """A header exchange in flight: every rank's header lands in ``every``."""
+
+    request: MPI.Request
+    every: np.ndarray
+    mine: np.ndarray        # kept alive until the exchange completes
+    what: str
+
+
+def post(comm: MPI.Intracomm, header: StepHeader) -> Exchange:
+    """Start the exchange of ``header`` with every rank of ``comm`` (collective)."""
+    mine = header.pack()
+    every = np.empty((comm.Get_size(), WORDS), dtype=np.uint64)
+    return Exchange(comm.Iallgather(mine, every), every, mine,
+                    f"step header at step {header.step} on rank {comm.Get_rank()}")
+
+
+def finish(exchange: Exchange, timeout: float) -> list[StepHeader]:
+    """Every rank's header, in rank order (bounded by ``timeout``)."""
+    # Wait on MPI: no sign may be applied (or, after a layout change, sent) before every
+    # rank's header is known to agree.
+    bounded(exchange.request, exchange.what, timeout)
+    return [StepHeader.unpack(row) for row in exchange.every]
 
 
 def exchange(comm: MPI.Intracomm, header: StepHeader, timeout: float) -> list[StepHeader]:
     """Every rank's header, in rank order (collective, bounded by ``timeout``)."""
-    every = np.empty((comm.Get_size(), WORDS), dtype=np.uint64)
-    # Wait on MPI: the vote must not start before every rank's header is known to agree.
-    bounded(comm.Iallgather(header.pack(), every),
-            f"step header at step {header.step} on rank {comm.Get_rank()}", timeout)
-    return [StepHeader.unpack(row) for row in every]
+    return finish(post(comm, header), timeout)
+
+
+def every_gradient_everywhere(headers: list[StepHeader]) -> bool:
+    """True when every rank said it has every gradient (no OR of presence bits needed)."""
+    return all(h.absent == 0 for h in headers)
 
 
 def _differ(headers: list[StepHeader], field: str) -> list[int]:

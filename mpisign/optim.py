@@ -43,8 +43,9 @@ from . import packing
 from .collectives import check_comm, check_topology, default_timeout, make_vote
 from .collectives.base import bounded, host_tally
 from .detection import DisagreementMonitor
+from . import header
 from .header import (HyperparameterMismatch, LayoutMismatch, ParameterDivergence, StepHeader,
-                     StepMismatch, digest64, exchange, verdict)
+                     StepMismatch, digest64)
 from .isolation import OwnComm
 
 __all__ = ["Signum", "SignSGD", "LayoutMismatch", "ParameterDivergence",
@@ -220,6 +221,10 @@ class Signum(Optimizer):
         self._resident = None  # the device-resident GPU path, when every parameter can take it
         self._hooks: list = []
         self._verified = False  # this step's header is checked (reset when the step ends)
+        self._header = None     # this step's header exchange, in flight
+        self._layout_fresh = False  # built since the last checked header: check before voting
+        self._all_present = False   # every rank's header said: every gradient is here
+        self._absent_known = False  # this step's header counts the missing gradients
         self._deferred: list = []  # momentum decays waiting for the gradient-presence OR
         self._pack_scratch: torch.Tensor | None = None  # bool, largest parameter's size
         self._apply_scratch: dict = {}                   # chunk buffers of packing.apply_signs
@@ -250,7 +255,8 @@ class Signum(Optimizer):
         new._own_comm = OwnComm(self.comm, new, self.timeout, type(self).__name__)
         new._layout = new._voter = new._resident = new._pack_scratch = None
         new._hooks, new._apply_scratch, new._deferred = [], {}, []
-        new._verified = False
+        new._verified, new._header, new._layout_fresh = False, None, False
+        new._all_present = new._absent_known = False
         return new
 
     def __getstate__(self):
@@ -342,26 +348,38 @@ class Signum(Optimizer):
                   for g in self.param_groups]
         return digest64(np.array(values, dtype=np.float64).tobytes())
 
-    def _verify_step(self) -> None:
-        """The step header (see :mod:`mpisign.header`): one allgather of 56 bytes a rank; on
-        any disagreement every rank raises the same error, before any sign is sent."""
-        step = self.param_groups[0]["step"]
-        if self.world_size == 1 or self._verified:
+    def _post_header(self, absent: int = header.UNKNOWN) -> None:
+        """Post this step's header (see :mod:`mpisign.header`): one allgather of 64 bytes a
+        rank, beside the vote. A rank that has just built its layout checks it at once,
+        before it sends any sign."""
+        if self.world_size == 1 or self._verified or self._header is not None:
             return
-        g0 = self.param_groups[0]
+        step, g0 = self.param_groups[0]["step"], self.param_groups[0]
         params = digest64(self.params_digest()) if step == 0 else 0
         mine = StepHeader(step, self._layout.digest, self._hparams_digest(), params,
                           _number(g0["lr"]), _number(g0["momentum"]),
-                          _number(g0["weight_decay"]))
-        headers = exchange(self._own_comm.get(), mine, self.timeout)
-        verdict(headers, self.rank, self._describe_layout())
-        self._verified = True
+                          _number(g0["weight_decay"]), absent)
+        self._header = header.post(self._own_comm.get(), mine)
+        self._absent_known = absent != header.UNKNOWN
+        if self._layout_fresh:
+            self._check_header()
+
+    def _check_header(self) -> None:
+        """Every rank's header agrees with this one's, or every rank raises the same error."""
+        if self.world_size == 1 or self._verified:
+            return
+        headers = header.finish(self._header, self.timeout)
+        self._header = None
+        header.verdict(headers, self.rank, self._describe_layout())
+        self._verified, self._layout_fresh = True, False
+        self._all_present = header.every_gradient_everywhere(headers)
 
     def _ensure_layout(self) -> _Layout:
         if self._layout is None or self._layout.signature != self._signature():
             params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
             self._resident = _resident_path(params) if params else None
             self._layout = self._build_layout()
+            self._layout_fresh = True   # its header is checked before any sign is sent
             # The tally runs where the words are: the GPU path's kernel, or the host reference
             # (which also counts torch words, e.g. the tree's partial counts, on their device).
             tally = host_tally if self._resident is None else self._resident.tally
@@ -389,8 +407,15 @@ class Signum(Optimizer):
         def hook(_):
             if bucket.pending is not None:
                 raise RuntimeError(
-                    "Signum(overlap=True) saw a second backward pass before step(): its vote "
-                    "had already started. Use overlap=False for gradient accumulation.")
+                    f"Signum(overlap=True) on rank {self.rank}: a second backward pass "
+                    f"accumulated into parameters whose vote had already started at step "
+                    f"{self.param_groups[0]['step']}. With overlap, each bucket's signs are "
+                    f"sent as soon as one backward pass completes its gradients, so every "
+                    f"backward into the parameters before step() must be the last one. For "
+                    f"gradient accumulation, a GAN's second network, or an adversarial "
+                    f"(FGSM/PGD) step, use overlap=False; or take the extra gradients with "
+                    f"torch.autograd.grad(loss, inputs), which does not accumulate into .grad "
+                    f"and starts no vote.")
             bucket.ready.add(id(param))
             if len(bucket.ready) == len(bucket.slots):
                 with torch.no_grad():
@@ -415,25 +440,31 @@ class Signum(Optimizer):
                 loss = closure()
         layout = self._ensure_layout()
         if all(bucket.pending is None for bucket in layout.buckets):
-            self._verified = False   # no hook began this step: its header is still to come
-        self._verify_step()
-        # Step 1: which parameters have a gradient on any rank (an OR of one bit each, in
-        # flight with the votes): one that has none anywhere is not updated, as in torch.optim.
-        anywhere = self._post_has_grad(layout)
+            # No hook began this step: its header is still to come.
+            self._verified, self._header = False, None
+        present = [s.param.grad is not None for s in layout.slots]
+        self._post_header(absent=present.count(False))
+        # Step 1: which parameters have a gradient on any rank: one that has none anywhere is
+        # not updated, as in torch.optim. The headers say when every rank has every gradient;
+        # when a hook began the step they cannot, and an OR of one bit each goes with the votes.
+        anywhere = self._presence(layout, present)
         # Step 2: pack and start every bucket's vote that a gradient hook has not started yet
         # (all of them without overlap; those with a parameter whose .grad is None with it).
         for bucket in layout.buckets:
             if bucket.pending is None:
                 self._start_bucket(bucket)
-        # Step 3: finish each vote and apply it: p <- p - lr * (v + weight_decay * p).
-        has_grad = anywhere()
-        for slot_param, buf, beta in self._deferred:   # see _local_update
-            if has_grad[id(slot_param)]:
-                buf.mul_(beta)
-        self._deferred = []
-        disagree = 0
+        # Step 3: finish each vote and apply it: p <- p - lr * (v + weight_decay * p), once
+        # every rank's header is known to agree (it completed while the vote was waited for).
+        disagree, has_grad = 0, None
         for bucket in layout.buckets:
             plus, tie = self._finish_bucket(bucket)
+            if has_grad is None:
+                self._check_header()
+                has_grad = anywhere()
+                for slot_param, buf, beta in self._deferred:   # see _local_update
+                    if has_grad[id(slot_param)]:
+                        buf.mul_(beta)
+                self._deferred = []
             mine = layout.packed[bucket.word0: bucket.word1]
             if self._resident is not None:
                 disagree = disagree + self._resident.disagreement(mine, plus, tie)  # on device
@@ -453,20 +484,33 @@ class Signum(Optimizer):
             self._exchange_disagreement(step)
         for group in self.param_groups:
             group["step"] = step + 1
-        self._verified = False
+        self._verified, self._header = False, None
         self.stats.steps += 1
         if self.check_every and self.stats.steps % self.check_every == 0:
             self.check_consistency()
         return loss
 
-    def _post_has_grad(self, layout: _Layout):
-        """Start the OR over ranks of "has a gradient" per parameter; returns a function that
-        waits for it and gives ``{id(param): bool}``."""
-        mine = np.packbits([s.param.grad is not None for s in layout.slots], bitorder="little")
+    def _presence(self, layout: _Layout, present: list):
+        """A function giving ``{id(param): has a gradient on some rank}``, to call after the
+        header check. One rank: its own. Headers that counted the missing gradients: all
+        present when every count is 0 (the usual step: no exchange), else an OR of one bit a
+        parameter. A header begun by a hook could not count: the OR starts now, beside the
+        votes."""
         ids = [id(s.param) for s in layout.slots]
         if self.world_size == 1:
-            return lambda: dict(zip(ids, np.unpackbits(mine, count=len(ids),
-                                                       bitorder="little").astype(bool)))
+            return lambda: dict(zip(ids, present))
+        if not self._absent_known:
+            return self._or_presence(ids, present)
+
+        def after_header():
+            if self._all_present:
+                return dict.fromkeys(ids, True)
+            return self._or_presence(ids, present)()
+        return after_header
+
+    def _or_presence(self, ids: list, present: list):
+        """Start the OR over ranks of one bit a parameter; returns the function that waits."""
+        mine = np.packbits(present, bitorder="little")
         every = np.empty_like(mine)
         req = self._own_comm.get().Iallreduce(mine, every, op=MPI.BOR)
 
@@ -492,7 +536,7 @@ class Signum(Optimizer):
 
     def _start_bucket(self, bucket: _Bucket) -> None:
         """Momentum update and packing of one bucket's parameters, then start its vote."""
-        self._verify_step()   # the step header, once a step, before the first vote
+        self._post_header()   # the step header, once a step, beside the first vote
         step = self.param_groups[0]["step"]
         zero_bit = (self.rank + step) % 2
         packed = self._layout.packed

@@ -287,6 +287,29 @@ def none_everywhere():
         assert all(np.array_equal(flat[0], f) for f in flat)
 
 
+def overlap_two_backwards():
+    """overlap=True with an FGSM step: autograd.grad for the input's gradient works; a second
+    .backward() into the parameters raises on every rank, with advice that fits."""
+    model, xs = model_and_batches(2)
+    twin = copy.deepcopy(model)
+    opt = mpisign.Signum(model.parameters(), lr=0.01, comm=comm, overlap=True, timeout=20)
+    ref = mpisign.Signum(twin.parameters(), lr=0.01, comm=comm, timeout=20)
+    for m, o in ((model, opt), (twin, ref)):
+        x = xs[0].clone().requires_grad_(True)
+        (gx,) = torch.autograd.grad(m(x).square().sum(), x)   # no .grad, no vote
+        adv = (x + 0.1 * gx.sign()).detach()
+        o.zero_grad()
+        m(adv).square().sum().backward()
+        o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    opt.zero_grad()
+    model(xs[1]).square().sum().backward()      # the votes start here...
+    expect_everywhere(RuntimeError, ["second backward pass", "overlap=False",
+                                     "torch.autograd.grad"],
+                      lambda: model(xs[1]).sum().backward())   # ...and this would change them
+
+
 case = sys.argv[1]
 globals()[case]()
 comm.Barrier()
