@@ -454,17 +454,17 @@ class Signum(Optimizer):
             if bucket.pending is None:
                 self._start_bucket(bucket)
         # Step 3: finish each vote and apply it: p <- p - lr * (v + weight_decay * p), once
-        # every rank's header is known to agree (it completed while the vote was waited for).
-        disagree, has_grad = 0, None
+        # every rank's header is known to agree (before waiting on a vote: a rank that
+        # has just built its layout sends no sign until the headers agree).
+        self._check_header()
+        has_grad = anywhere()
+        for slot_param, buf, beta in self._deferred:   # see _local_update
+            if has_grad[id(slot_param)]:
+                buf.mul_(beta)
+        self._deferred = []
+        disagree = 0
         for bucket in layout.buckets:
             plus, tie = self._finish_bucket(bucket)
-            if has_grad is None:
-                self._check_header()
-                has_grad = anywhere()
-                for slot_param, buf, beta in self._deferred:   # see _local_update
-                    if has_grad[id(slot_param)]:
-                        buf.mul_(beta)
-                self._deferred = []
             mine = layout.packed[bucket.word0: bucket.word1]
             if self._resident is not None:
                 disagree = disagree + self._resident.disagreement(mine, plus, tie)  # on device
