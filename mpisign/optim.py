@@ -567,7 +567,9 @@ class Signum(Optimizer):
     def _local_update(self, params: list, beta: float) -> list:
         """What each parameter votes with: its cleaned gradient, or the updated momentum.
 
-        ``.grad`` None counts as zero; NaN/inf entries become 0 and are counted.
+        ``.grad`` None votes as a zero gradient (with momentum: ``beta * m``, and ``m`` decays
+        only once step() knows that some rank has this gradient); NaN/inf entries become 0 and
+        are counted.
         """
         absent = [p.grad is None for p in params]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -603,22 +605,17 @@ class Signum(Optimizer):
             if "momentum_buffer" not in st:
                 st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             bufs.append(st["momentum_buffer"])
-        if not any(absent):
-            torch._foreach_mul_(bufs, beta)
-            torch._foreach_add_(bufs, grads, alpha=(1 - beta) * inv_scale)
-            return bufs
-        # No gradient here: vote with beta * m, but decay m only once step() knows that some
-        # rank has this gradient (if none has, the parameter and its momentum stay as they are).
         here = [i for i, a in enumerate(absent) if not a]
         if here:
             torch._foreach_mul_([bufs[i] for i in here], beta)
             torch._foreach_add_([bufs[i] for i in here], [grads[i] for i in here],
                                 alpha=(1 - beta) * inv_scale)
+        # No gradient here: vote with beta * m, but decay m only once step() knows that some
+        # rank has this gradient (if none has, the parameter and its momentum stay as they are).
         sources = list(bufs)
-        for i, a in enumerate(absent):
-            if a:
-                sources[i] = bufs[i] * beta
-                self._deferred.append((params[i], bufs[i], beta))
+        for i in (i for i, a in enumerate(absent) if a):
+            sources[i] = bufs[i] * beta
+            self._deferred.append((params[i], bufs[i], beta))
         return sources
 
     def _pack(self, src: torch.Tensor, zero_bit: int, out) -> None:

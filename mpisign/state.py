@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from .collectives.base import bounded, check_comm, default_timeout, wait_all
+from .collectives.base import bounded, check_comm, wait_all
 
 __all__ = ["broadcast_parameters", "gather_state_dict", "scatter_state_dict"]
 
@@ -74,7 +74,7 @@ def gather_state_dict(opt, root: int = 0) -> dict | None:
     ``root``, None on the other ranks."""
     comm = _own_comm(opt)
     rank, size = comm.Get_rank(), comm.Get_size()
-    timeout = opt.timeout or default_timeout()
+    timeout = opt.timeout
     mine = _encode(opt.state_dict())
     sizes = np.zeros(size, dtype=np.int64)
     # Wait on MPI: root sizes its receive buffers from every rank's length.
@@ -98,7 +98,7 @@ def scatter_state_dict(opt, state: dict | None, root: int = 0) -> None:
     ``state`` was gathered from a different number of ranks."""
     comm = _own_comm(opt)
     rank, size = comm.Get_rank(), comm.Get_size()
-    timeout = opt.timeout or default_timeout()
+    timeout = opt.timeout
     verdict = np.zeros(1, dtype=np.int64)
     if rank == root:
         ok = (isinstance(state, dict) and isinstance(state.get("ranks"), list)
