@@ -374,7 +374,7 @@ def measure_link(comm, small: int = 8, large: int = 8 << 20, repeat: int = 5,
         raise ValueError(f"need 0 < small < large bytes, got small={small}, large={large}")
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
-    from .collectives.base import bounded
+    from .comm import bounded
 
     # Wait on MPI, bounded: a rank that never arrives raises VoteTimeout instead of a hang; once
     # all are here, the blocking ping-pongs below time MPI itself, not a polling loop.

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from .collectives.base import bounded
+from .comm import bounded
 
 __all__ = ["LayoutMismatch", "ParameterDivergence", "HyperparameterMismatch", "StepMismatch",
            "StepHeader", "Exchange", "digest64", "post", "finish", "exchange", "verdict"]

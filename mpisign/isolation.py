@@ -19,7 +19,7 @@ import weakref
 
 from mpi4py import MPI
 
-from .collectives.base import bounded
+from .comm import bounded
 
 __all__ = ["OwnComm", "shared_vote_comm"]
 

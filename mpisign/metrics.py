@@ -31,7 +31,7 @@ from mpi4py import MPI
 
 import mpisign
 
-from .collectives.base import bounded
+from .comm import bounded
 from .models import count_parameters
 
 __all__ = ["Metrics", "run_record", "log_interval", "INTERVAL_FIELDS"]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from .collectives.base import bounded, check_comm, wait_all
+from .comm import bounded, check_comm, wait_all
 
 __all__ = ["broadcast_parameters", "gather_state_dict", "scatter_state_dict"]
 

@@ -62,7 +62,7 @@ from . import checkpoint
 from .adversary import ATTACKS, NON_BLIND_ATTACKS, Omniscient, attack_gradients, make_attack
 from .allreduce import AllreduceMean
 from .checkpoint import StopRequest
-from .collectives.base import bounded
+from .comm import bounded
 from .data import (DATASETS, DataNotFound, batches_per_epoch, default_workers, load_data,
                    eval_batches, train_batches)
 from .metrics import INTERVAL_FIELDS, Metrics, log_interval, run_record

@@ -15,8 +15,6 @@ that device too. The CUDA stream is synchronized before MPI touches a device buf
 from __future__ import annotations
 
 import logging
-import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,101 +22,16 @@ import torch
 from mpi4py import MPI
 
 from .. import packing
-from ..world import check_world
+from ..comm import (ANY_RANK, VoteTimeout, bounded, check_comm, default_timeout,  # noqa: F401
+                    wait_all)
 
 __all__ = ["ANY_RANK", "Pending", "Traffic", "VoteTimeout", "SignVote", "bounded", "check_comm",
            "check_words", "default_timeout", "host_tally", "ready_for_mpi", "wait_all"]
 
 log = logging.getLogger(__name__)
 
-#: How long a wait polls without sleeping before it starts to nap (and yield the core).
-SPIN_SECONDS = 1e-4
-
 #: Vote messages use tags TAG_BASE + 4 * bucket + phase (MPI guarantees tags up to 32767).
 TAG_BASE = 0x1000
-
-
-#: The peer of a collective request in :func:`wait_all`: every rank, none in particular.
-ANY_RANK = "any rank"
-
-
-def check_comm(comm) -> MPI.Intracomm:
-    """Return ``comm`` if it is a usable intracommunicator, else raise ValueError (or
-    :class:`mpisign.world.SingletonWorld` for a launch that gave every task a world of its own)."""
-    if not isinstance(comm, MPI.Comm) or comm == MPI.COMM_NULL:
-        raise ValueError(f"comm must be an mpi4py communicator, got {comm!r}")
-    if comm.Is_inter():
-        raise ValueError("comm must be an intracommunicator: a majority vote needs every rank "
-                         "in one group (got an intercommunicator)")
-    check_world(comm)   # a size-1 COMM_WORLD where the launcher started more: SingletonWorld
-    return comm
-
-
-class VoteTimeout(RuntimeError):
-    """A collective did not complete in time: a rank is dead, stalled or out of step."""
-
-
-def default_timeout() -> float:
-    """Seconds a vote may wait on its peers: ``$MPISIGN_TIMEOUT`` or 300."""
-    raw = os.environ.get("MPISIGN_TIMEOUT", "300")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"MPISIGN_TIMEOUT must be a number of seconds, got {raw!r}") from None
-    if not value > 0:
-        raise ValueError(f"MPISIGN_TIMEOUT must be > 0, got {raw!r}")
-    return value
-
-
-def wait_all(requests: list[MPI.Request], peers: list, timeout: float, what: str) -> None:
-    """Wait for ``requests`` to complete, or raise :class:`VoteTimeout` naming the missing peers.
-
-    ``peers[i]`` names who request ``i`` waits on: a rank, or :data:`ANY_RANK` for a collective
-    request (which cannot tell which rank is missing).
-
-    Polls with ``Testsome`` and a short, growing sleep rather than blocking in ``Waitall``: an
-    oversubscribed rank then yields its core to the ranks it is waiting for, and the wait can
-    end with the names of the peers that never arrived.
-    """
-    pending = dict(enumerate(peers))
-    start = time.monotonic()
-    deadline = start + timeout
-    nap = 0.0
-    while pending:
-        done = MPI.Request.Testsome(requests)  # progresses MPI; indices of completed requests
-        if done:
-            for i in done:
-                pending.pop(i, None)
-            nap = 0.0
-            continue
-        now = time.monotonic()
-        if now - start < SPIN_SECONDS:
-            continue  # small messages: answers come within microseconds, do not sleep yet
-        if now > deadline:
-            missing = sorted(set(pending.values()) - {ANY_RANK})
-            for i, peer in pending.items():
-                if peer is ANY_RANK:
-                    # Cancelling a nonblocking collective is erroneous in MPI (Open MPI's
-                    # MPI_Comm_idup request never returns from it): leave it pending.
-                    continue
-                try:
-                    requests[i].Cancel()
-                except MPI.Exception:
-                    pass
-            who = f"no message from rank(s) {missing}" if missing else \
-                "not every rank joined (a collective cannot say which rank is missing)"
-            raise VoteTimeout(
-                f"{what}: {who} after {timeout:g} s (dead, stalled, or not calling the same "
-                f"collective; set MPISIGN_TIMEOUT to wait longer)")
-        time.sleep(nap)
-        nap = min(1e-3, nap * 2 + 2e-5)
-
-
-def bounded(request: MPI.Request, what: str, timeout: float | None = None) -> None:
-    """Wait for one nonblocking collective (``Iallreduce``, ``Ibarrier``, ...) at most ``timeout``
-    seconds (default ``$MPISIGN_TIMEOUT`` or 300), else raise :class:`VoteTimeout` saying
-    ``what`` was waited for: the bounded form of a blocking collective."""
-    wait_all([request], [ANY_RANK], default_timeout() if timeout is None else timeout, what)
 
 
 @dataclass
