@@ -48,9 +48,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .packing import count_planes
+
 __all__ = [
     "RING_MIN_BYTES", "sharded_ring_gather", "Link", "Cost", "TOPOLOGIES", "FP32_ALLREDUCES",
     "BASELINES", "ALGORITHMS", "packed_bytes", "result_planes", "count_planes", "tally_passes",
+    "tree_children", "tree_subtree", "shard_bounds",
     "add_counts_passes", "cost", "predict", "choose", "traffic", "measure_link",
 ]
 
@@ -138,11 +141,6 @@ def result_planes(m: int) -> int:
     return 2 if m % 2 == 0 else 1
 
 
-def count_planes(m: int) -> int:
-    """``P(m) = bit_length(m)``: bit planes that count up to ``m`` votes."""
-    return max(1, int(m).bit_length())
-
-
 def _majority_passes(m: int) -> int:
     """Passes of the plane-by-plane compare ``count > m // 2`` (packing._compare_count)."""
     t, planes = m // 2, count_planes(m)
@@ -171,10 +169,11 @@ def _check(n: int, m: int) -> None:
         raise ValueError(f"ranks must be an int >= 1, got {m!r}")
 
 
-# -- the binomial tree of mpisign.collectives.tree --------------------------------------------
+# -- the shapes the topologies use: the binomial tree, the shards -------------------------------
 
-def _tree_children(rank: int, m: int) -> list[tuple[int, int]]:
-    """(child, subtree size) of ``rank`` in round order, as TreeVote builds them."""
+def tree_children(rank: int, m: int) -> list[tuple[int, int]]:
+    """(child, subtree size) of ``rank`` in the binomial tree of ``m`` ranks rooted at 0, in
+    round order: in round ``k`` a rank whose low ``k`` bits are clear takes ``rank + 2**k``."""
     out, mask = [], 1
     while mask < m and not rank & mask:
         child = rank + mask
@@ -184,8 +183,15 @@ def _tree_children(rank: int, m: int) -> list[tuple[int, int]]:
     return out
 
 
-def _tree_subtree(rank: int, m: int) -> int:
+def tree_subtree(rank: int, m: int) -> int:
+    """Ranks in ``rank``'s subtree (itself included)."""
     return m if rank == 0 else min(rank & -rank, m - rank)
+
+
+def shard_bounds(w: int, m: int) -> list[int]:
+    """Word offsets of the sharded vote's ``m`` shards of ``w`` words: shard ``j`` is words
+    ``[b[j], b[j+1])``, nearly equal."""
+    return [j * w // m for j in range(m + 1)]
 
 
 def _tree_cost(n: int, m: int) -> Cost:
@@ -193,7 +199,7 @@ def _tree_cost(n: int, m: int) -> Cost:
     up_msgs = up_bytes = compute = down_msgs = 0
     node = 0
     while True:  # follow the chain of largest (last) children from the root down to a leaf
-        children = _tree_children(node, m)
+        children = tree_children(node, m)
         if not children:
             break
         size = 1
@@ -211,8 +217,7 @@ def _tree_cost(n: int, m: int) -> Cost:
 
 def _shard_bytes(n: int, m: int) -> list[int]:
     """Bytes of each rank's shard of the packed words, as ShardedVote.bounds splits them."""
-    words = packed_bytes(n) // 8
-    bounds = [j * words // m for j in range(m + 1)]
+    bounds = shard_bounds(packed_bytes(n) // 8, m)
     return [8 * (bounds[j + 1] - bounds[j]) for j in range(m)]
 
 
@@ -288,9 +293,9 @@ def traffic(algorithm: str, n_coords: int, ranks: int,
     if algorithm in ("tree", "bcast_gather"):
         out = []
         for r in range(m):
-            kids = _tree_children(r, m)
+            kids = tree_children(r, m)
             if algorithm == "tree":
-                up_sent = 0 if r == 0 else count_planes(_tree_subtree(r, m)) * w
+                up_sent = 0 if r == 0 else count_planes(tree_subtree(r, m)) * w
                 up_recv = sum(count_planes(s) * w for _, s in kids)
             else:  # the authors' gather: each worker's signs to rank 0
                 up_sent, up_recv = (0, (m - 1) * w) if r == 0 else (w, 0)

@@ -43,7 +43,8 @@ from mpi4py import MPI
 from .comm import bounded
 
 __all__ = ["LayoutMismatch", "ParameterDivergence", "HyperparameterMismatch", "StepMismatch",
-           "StepHeader", "Exchange", "digest64", "post", "finish", "exchange", "verdict"]
+           "StepHeader", "StepCheck", "Exchange", "digest64", "post", "finish", "exchange",
+           "verdict"]
 
 WORDS = 8
 #: Word 7 when the count of missing gradients is not known yet (a vote begun by a hook).
@@ -172,3 +173,40 @@ def verdict(headers: list[StepHeader], rank: int, describe: str) -> None:
             f"not make different ones agree. Seed every rank alike before building the model, "
             f"or call mpisign.broadcast_parameters(model, comm) before training (as DDP does "
             f"at construction).")
+
+
+class StepCheck:
+    """One optimizer's header bookkeeping: posted once a step, checked once, then reset.
+
+    ``fresh``: the layout was built since the last verdict, so this rank checks the headers as
+    soon as it posts its own, before it sends any sign."""
+
+    def __init__(self):
+        self.fresh = False
+        self.reset()
+
+    def reset(self) -> None:
+        """A new step: nothing posted, nothing known."""
+        self.pending: Exchange | None = None
+        self.verified = False
+        self.absent_known = False  # the headers count each rank's missing gradients
+        self.all_present = False   # ... and every count is 0
+
+    @property
+    def posted(self) -> bool:
+        return self.verified or self.pending is not None
+
+    def post(self, comm: MPI.Intracomm, mine: StepHeader) -> None:
+        self.pending = post(comm, mine)
+        self.absent_known = mine.absent != UNKNOWN
+
+    def check(self, timeout: float, rank: int, describe) -> None:
+        """Wait for every rank's header and reach the verdict (at most once a step);
+        ``describe()`` gives this rank's layout for the errors."""
+        if self.verified:
+            return
+        headers = finish(self.pending, timeout)
+        self.pending = None
+        verdict(headers, rank, describe())
+        self.verified, self.fresh = True, False
+        self.all_present = every_gradient_everywhere(headers)

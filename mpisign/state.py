@@ -43,7 +43,6 @@ def broadcast_parameters(model_or_params, comm=None, root: int = 0,
         raise ValueError("broadcast_parameters takes a torch.nn.Module or tensors")
     for t in tensors:
         host = t.detach().cpu().contiguous()
-        # Wait on MPI: the values are used right after (bounded: a stalled rank raises).
         bounded(comm.Ibcast(host.reshape(-1).view(torch.uint8).numpy(), root=root),
                 f"broadcast of rank {root}'s parameters on rank {comm.Get_rank()}", timeout)
         if host.data_ptr() != t.data_ptr():
@@ -87,7 +86,6 @@ def gather_state_dict(opt, root: int = 0) -> dict | None:
     parts = [mine if r == root else np.empty(int(sizes[r]), dtype=np.uint8) for r in range(size)]
     others = [r for r in range(size) if r != root]
     reqs = [comm.Irecv(parts[r], source=r, tag=_STATE_TAG) for r in others]
-    # Wait on MPI: each rank's own state (bounded, naming the ranks that never sent).
     wait_all(reqs, others, timeout, f"gather_state_dict on rank {root}")
     return {"world_size": size, "ranks": [_decode(p) for p in parts]}
 
@@ -126,6 +124,5 @@ def scatter_state_dict(opt, state: dict | None, root: int = 0) -> None:
         return
     data = np.empty(int(mine[0]), dtype=np.uint8)
     req = comm.Irecv(data, source=root, tag=_STATE_TAG)
-    # Wait on MPI: this rank's own part.
     wait_all([req], [root], timeout, f"scatter_state_dict on rank {rank}")
     opt.load_state_dict(_decode(data))

@@ -20,20 +20,11 @@ from __future__ import annotations
 import torch
 from mpi4py import MPI
 
-from . import packing
+from . import packing, signs
 from .collectives import check_comm, check_topology, make_vote
 from .isolation import shared_vote_comm
 
 __all__ = ["majority_vote"]
-
-
-def _gpu_path(x: torch.Tensor):
-    """The GPU path for ``x`` (:func:`mpisign.cuda.bridge.device_path`), or None: the CPU
-    reference path (non-CUDA tensors, float64, no CuPy, or kernels that failed their check)."""
-    if not x.is_cuda:
-        return None
-    from .cuda.bridge import CudaSigns, device_path
-    return device_path(x.device) if CudaSigns.handles(x) else None
 
 
 def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server", *,
@@ -76,20 +67,12 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
     own = shared_vote_comm(comm, timeout)
     step = own.next_step() if step is None else step
     zero_bit = (rank + step) % 2
-    gpu = _gpu_path(x)
-    resident = gpu is not None and gpu.resident  # words on the device, for CUDA-aware MPI
-    if gpu is not None:  # words on the device, or staged through host memory
-        words = gpu.words(packing.n_words(n))
-        gpu.pack(x.detach().contiguous(), zero_bit, words)
-    else:
-        words = packing.pack_signs(x.detach().cpu(), zero_bit=zero_bit)
-    voter = make_vote(topology, own.comm, timeout=timeout, n_coords=n,
-                      tally=gpu.tally if resident else None)
+    src = x.detach().contiguous()
+    backend = signs.signs_for([src])   # as the optimizer chooses, for this one tensor
+    words = backend.words(packing.n_words(n))
+    backend.pack(src, zero_bit, words)
+    voter = make_vote(topology, own.comm, timeout=timeout, n_coords=n, tally=backend.tally)
     plus, tie = voter.vote(words, n, step=step)
-    sent, received = voter.traffic.sent, voter.traffic.received
     if stats is not None:
-        stats.update(bytes_sent=sent, bytes_received=received)
-    if resident:
-        return gpu.unpack(plus, tie, n, x.dtype).reshape(x.shape)
-    out = packing.unpack_signs(plus, n, tie=tie, dtype=x.dtype)
-    return out.reshape(x.shape).to(x.device)
+        stats.update(bytes_sent=voter.traffic.sent, bytes_received=voter.traffic.received)
+    return backend.unpack(plus, tie, n, x).reshape(x.shape)

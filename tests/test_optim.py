@@ -1,7 +1,11 @@
-"""Signum / SignSGD on one rank (COMM_SELF) against a plain-torch reference loop.
+"""Signum / SignSGD on one rank (COMM_SELF): the update against a plain-torch reference loop,
+the documented rules (zeros, NaN/inf, parameters without a gradient, state_dict), argument
+checks, the PyTorch habits on one rank (schedulers, GradScaler, torch.compile, deepcopy,
+print), and ``majority_vote`` on one rank.
 
-The multi-rank behaviour (vote, layout check, None grads on some ranks) is in
-tests/mpi/optim_check.py (run by test_vote_mpi.py) and tests/mpi/dropin_check.py, with real ranks.
+On real ranks (run by test_vote_mpi.py): the vote against a simulation of every worker
+(tests/mpi/optim_check.py), overlap (overlap_check.py), the step header's checks and the
+PyTorch habits across ranks (dropin_check.py), the device-resident words (resident_check.py).
 """
 
 import copy

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import logging
 
+from .. import costmodel
 from .base import SignVote, Traffic, VoteTimeout, bounded, check_comm, default_timeout, wait_all
 from .allgather import AllgatherVote
+from .local import LocalVote
 from .server import ServerVote
 from .sharded import ShardedVote
 from .tree import TreeVote
 
-__all__ = ["TOPOLOGIES", "AUTO", "make_vote", "check_topology", "resolve_topology", "SignVote", "ServerVote", "TreeVote", "ShardedVote", "AllgatherVote",
-           "Traffic", "VoteTimeout", "bounded", "check_comm", "default_timeout", "wait_all"]
+__all__ = ["TOPOLOGIES", "AUTO", "make_vote", "check_topology", "resolve_topology", "SignVote",
+           "ServerVote", "TreeVote", "ShardedVote", "AllgatherVote", "LocalVote", "Traffic",
+           "VoteTimeout", "bounded", "check_comm", "default_timeout", "wait_all"]
 
 #: Topology name -> class. Every entry gives the same answer bit for bit.
 TOPOLOGIES: dict[str, type[SignVote]] = {
@@ -56,7 +59,6 @@ def resolve_topology(topology: str, comm, n_coords: int) -> str:
         return topology
     if comm.Get_size() == 1:
         return "server"  # nothing travels on one rank
-    from .. import costmodel
     key = comm.py2f()
     if key not in _links:
         _links[key] = costmodel.measure_link(comm)

@@ -7,17 +7,22 @@ for small M or small messages, where one round beats two (see :mod:`mpisign.cost
 
 from __future__ import annotations
 
-from .base import SignVote
+from .base import Pending, SignVote
 
 __all__ = ["AllgatherVote"]
 
 VOTES = 0
 
 
+class _Pending(Pending):
+    __slots__ = ("gathered",)  # M x W: every rank's votes
+
+
 class AllgatherVote(SignVote):
     """Every rank gets every packed vector (point-to-point) and takes the majority locally."""
 
     name = "allgather"
+    pending_type = _Pending
 
     def _start(self, p):
         p.gathered = self._buffer(p, "gathered", (self.size, p.words.shape[0]))
@@ -28,6 +33,5 @@ class AllgatherVote(SignVote):
                 self._isend(p, p.words, r, VOTES)
 
     def _finish(self, p):
-        # Wait on MPI: the tally needs every rank's vote.
         self._wait(p, "exchanging signs with every rank")
         return self.tally(p.gathered, p.n)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from .. import packing
+from ..signs import host_tally
 from ..comm import (ANY_RANK, VoteTimeout, bounded, check_comm, default_timeout,  # noqa: F401
                     wait_all)
 
@@ -56,12 +56,6 @@ def check_words(words) -> None:
                          f"{tuple(getattr(words, 'shape', ()))}")
 
 
-def host_tally(votes, n: int):
-    """:func:`mpisign.packing.majority` of :func:`mpisign.packing.tally`: the default tally,
-    for numpy words and for torch words on any device."""
-    return packing.majority(packing.tally(votes), votes.shape[0], n)
-
-
 def ready_for_mpi(buf) -> None:
     """Before MPI reads or writes ``buf``: finish the CUDA work queued on it (no-op on the host).
 
@@ -73,7 +67,12 @@ def ready_for_mpi(buf) -> None:
 
 
 class Pending:
-    """A vote in flight: what ``start`` posted and ``finish`` completes."""
+    """A vote in flight: what ``start`` posted and ``finish`` completes.
+
+    A topology that keeps state between the two declares it in a subclass's ``__slots__`` and
+    names that subclass in :attr:`SignVote.pending_type`; nothing else can be hung on it."""
+
+    __slots__ = ("words", "n", "step", "bucket", "requests", "peers")
 
     def __init__(self, words, n: int, step: int, bucket: int):
         self.words, self.n, self.step, self.bucket = words, n, step, bucket
@@ -97,6 +96,8 @@ class SignVote:
     name = "?"
     #: Buckets that may be in flight at once; each gets its own block of tags.
     MAX_BUCKETS = 1024
+    #: What :meth:`start` returns: :class:`Pending`, or a subclass with the topology's state.
+    pending_type = Pending
 
     def __init__(self, comm: MPI.Comm, timeout: float | None = None, tally=None):
         self.comm = check_comm(comm)
@@ -124,7 +125,8 @@ class SignVote:
         check_words(words)
         if not 0 <= bucket < self.MAX_BUCKETS:
             raise ValueError(f"bucket must be in [0, {self.MAX_BUCKETS}), got {bucket}")
-        pending = Pending(words, n, self.traffic.votes if step is None else step, bucket)
+        pending = self.pending_type(words, n, self.traffic.votes if step is None else step,
+                                    bucket)
         self.traffic.votes += 1
         self._start(pending)
         return pending

@@ -10,17 +10,22 @@ links are the bottleneck as M grows, which is what the tree and sharded topologi
 
 from __future__ import annotations
 
-from .base import SignVote
+from .base import Pending, SignVote
 
 __all__ = ["ServerVote"]
 
 VOTES, RESULT = 0, 1  # message phases
 
 
+class _Pending(Pending):
+    __slots__ = ("result", "gathered")  # k x W result; M x W votes, on the root only
+
+
 class ServerVote(SignVote):
     """Gather packed signs to ``root``, tally there, send the result to every rank."""
 
     name = "server"
+    pending_type = _Pending
 
     def __init__(self, comm, timeout=None, tally=None, root: int = 0):
         super().__init__(comm, timeout, tally)
@@ -46,7 +51,6 @@ class ServerVote(SignVote):
 
     def _finish(self, p):
         if self.rank == self.root:
-            # Wait on MPI: the tally needs every worker's vote.
             self._wait(p, "waiting for the workers' signs")
             # Step 2: tally with bit-sliced counters and take the majority.
             plus, tie = self.tally(p.gathered, p.n)
@@ -59,6 +63,5 @@ class ServerVote(SignVote):
             # Wait on MPI: the result buffer is reused next step; the sends must have left it.
             self._wait(p, "sending the result to the workers")
         else:
-            # Wait on MPI: the result is this rank's update; nothing can go on without it.
             self._wait(p, "waiting for the server's result")
         return p.result[0], (p.result[1] if self.tie_possible else None)

@@ -11,18 +11,23 @@ with the tie mask when M is even, else 1), whatever M is: 1/32 of a ring allredu
 
 from __future__ import annotations
 
-from ..costmodel import RING_MIN_BYTES, sharded_ring_gather
-from .base import SignVote
+from ..costmodel import RING_MIN_BYTES, shard_bounds, sharded_ring_gather
+from .base import Pending, SignVote
 
 __all__ = ["ShardedVote"]
 
 VOTES, RESULT = 0, 1  # message phases
 
 
+class _Pending(Pending):
+    __slots__ = ("bounds", "shards")  # shard word offsets; M x (this rank's shard) votes
+
+
 class ShardedVote(SignVote):
     """Alltoall of 1-bit shards, a local tally of one shard, allgather of the 1-bit results."""
 
     name = "sharded"
+    pending_type = _Pending
 
     def __init__(self, comm, timeout=None, tally=None, ring_min_bytes: int = RING_MIN_BYTES):
         super().__init__(comm, timeout, tally)
@@ -30,7 +35,7 @@ class ShardedVote(SignVote):
 
     def bounds(self, w: int) -> list[int]:
         """Word offsets of the M shards: shard j is words ``[b[j], b[j+1])``."""
-        return [j * w // self.size for j in range(self.size + 1)]
+        return shard_bounds(w, self.size)
 
     def _prepare(self, p) -> None:
         """Shard bounds, and this rank's row of its own shard, in the buffer the others fill."""
@@ -50,7 +55,6 @@ class ShardedVote(SignVote):
                 self._isend(p, p.words[b[r]: b[r + 1]], r, VOTES)
 
     def _finish(self, p):
-        # Wait on MPI: the shard's tally needs every rank's piece of it.
         self._wait(p, "alltoall of the sign shards")
         result = self._tally_shard(p)
         self._gather_results(p, result)
@@ -89,7 +93,6 @@ class ShardedVote(SignVote):
             if q != r:
                 self._irecv(p, result[b[q]: b[q + 1]], q, RESULT)
                 self._isend(p, mine, q, RESULT)
-        # Wait on MPI: the full result is this rank's update.
         self._wait(p, "allgather of the voted shards")
 
     def _split(self, p, result):

@@ -11,31 +11,28 @@ Counting is exact, so the answer is the server's, bit for bit.
 from __future__ import annotations
 
 from .. import packing
-from .base import SignVote
+from ..costmodel import tree_children
+from .base import Pending, SignVote
 
 __all__ = ["TreeVote"]
 
 COUNTS, RESULT = 0, 1  # message phases
 
 
+class _Pending(Pending):
+    __slots__ = ("child_counts", "result")  # [(buffer, subtree size)] per child; k x W result
+
+
 class TreeVote(SignVote):
     """Binomial-tree reduce of bit-sliced counts to rank 0, binomial broadcast of the result."""
 
     name = "tree"
+    pending_type = _Pending
 
     def __init__(self, comm, timeout=None, tally=None):
         super().__init__(comm, timeout, tally)
-        self.children = self._children()  # (child, its subtree size), in round order
+        self.children = tree_children(self.rank, self.size)  # (child, subtree size)
         self.parent = None if self.rank == 0 else self.rank & (self.rank - 1)
-
-    def _children(self) -> list[tuple[int, int]]:
-        out, mask = [], 1
-        while mask < self.size and not self.rank & mask:
-            child = self.rank + mask
-            if child < self.size:
-                out.append((child, min(mask, self.size - child)))
-            mask <<= 1
-        return out
 
     def _start(self, p):
         w = p.words.shape[0]
@@ -48,7 +45,6 @@ class TreeVote(SignVote):
         p.result = self._buffer(p, "result", (2 if self.tie_possible else 1, w))
 
     def _finish(self, p):
-        # Wait on MPI: this rank's count is incomplete until every child's has arrived.
         self._wait(p, "waiting for the children's counts")
         # Step 2: add them to this rank's own vote (one plane), ripple-carry.
         count, size = p.words.reshape(1, -1), 1
@@ -59,7 +55,6 @@ class TreeVote(SignVote):
             # Step 3: pass the subtree's count up; the result comes back down the same edge.
             self._isend(p, count, self.parent, COUNTS)  # contiguous: a view of words, or new
             self._irecv(p, p.result, self.parent, RESULT)
-            # Wait on MPI: the result is this rank's update, and its children's.
             self._wait(p, "waiting for the parent's result")
         else:
             # Step 3 at the root: the majority of all M votes.

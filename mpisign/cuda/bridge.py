@@ -26,6 +26,8 @@ import logging
 import numpy as np
 import torch
 
+from ..signs import Signs
+
 __all__ = ["CudaSigns", "ResidentSigns", "device_path", "staged_path"]
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,7 @@ class CudaSigns:
         self.kernels.apply(p.data, *device_words, lr, wd)
 
 
-class ResidentSigns:
+class ResidentSigns(Signs):
     """CUDA-aware path: packed words, tally and result all stay on ``device``.
 
     Words are int64 tensors (the wire format's uint64 bits, in the dtype torch's bitwise ops and
@@ -119,12 +121,12 @@ class ResidentSigns:
         return t.device == self.device and t.dtype in _KERNEL_DTYPES
 
     def words(self, n_words: int) -> torch.Tensor:
-        """A zeroed word buffer on the device."""
+        """A zeroed word buffer on the device (:class:`mpisign.signs.Signs`' interface)."""
         return torch.zeros(n_words, dtype=torch.int64, device=self.device)
 
     def pack(self, src: torch.Tensor, zero_bit: int, out: torch.Tensor) -> None:
         """Sign words of ``src`` into ``out`` (a slice of device words), on the current stream."""
-        self.kernels.pack(src, zero_bit, out=out)
+        self.kernels.pack(src.contiguous(), zero_bit, out=out)
 
     def tally(self, votes: torch.Tensor, n: int):
         """The ``tally`` kernel as a :class:`mpisign.collectives.SignVote` tally."""
@@ -141,10 +143,11 @@ class ResidentSigns:
         on the device (read it once per step, not per bucket: reading it waits for the GPU)."""
         return self.kernels.disagreement(words.reshape(1, -1), plus, tie, n)
 
-    def unpack(self, plus: torch.Tensor, tie: torch.Tensor | None, n: int, dtype) -> torch.Tensor:
-        """-1 / 0 / +1 of ``n`` coordinates on the device: the apply kernel on zeros with lr = -1
-        gives ``0 + v`` exactly, so no unpack kernel is needed."""
-        out = torch.zeros(n, dtype=dtype, device=self.device)
+    def unpack(self, plus: torch.Tensor, tie: torch.Tensor | None, n: int,
+               like: torch.Tensor) -> torch.Tensor:
+        """-1 / 0 / +1 of ``n`` coordinates, of ``like``'s dtype, on the device: the apply
+        kernel on zeros with lr = -1 gives ``0 + v`` exactly, so no unpack kernel is needed."""
+        out = torch.zeros(n, dtype=like.dtype, device=self.device)
         self.apply(out, plus, tie, -1.0, 0.0)
         return out
 

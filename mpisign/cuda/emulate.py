@@ -15,6 +15,15 @@ deliberately small so the kernels' grid-stride loops are exercised.
 DLPack views, launch arguments) with its launches run by the shim on CPU tensors, so the GPU
 path of the optimizer and the collectives runs end to end, over real MPI, on a machine without
 a GPU.
+
+How the shim runs a kernel: each CUDA thread runs as a ucontext fiber; a block's fibers take
+turns, and a fiber yields only inside a warp primitive, until all 32 lanes of its warp have
+arrived. Kernels therefore run
+unchanged (no per-warp rewriting that the GPU build would not share), ballots and shuffles see
+exactly the lanes' values, and a lane that skips a warp primitive is reported as a deadlock
+instead of passing silently. Threads or per-warp loops were the alternatives: OS threads would
+need a barrier per primitive and bring scheduling noise for no gain in faithfulness; per-warp
+loops would make the kernels a different program from the one the GPU runs.
 """
 
 from __future__ import annotations

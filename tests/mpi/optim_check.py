@@ -2,7 +2,7 @@
 
 Every rank trains the same small model on its own data; the reference, computed in every
 process, replays all ranks' gradients on its own copy, keeps each worker's momentum, and
-takes the vote with numpy on unpacked signs. Covers both topologies, two param groups, a float64
+takes the vote with numpy on unpacked signs. Covers the given topology, two param groups, a float64
 parameter, a parameter whose .grad is None on some ranks only, and a NaN on one rank.
 Usage: optim_check.py TOPOLOGY
 """

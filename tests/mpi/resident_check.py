@@ -15,7 +15,7 @@ import torch
 from common import WORLD, progress, rank_data, reference_vote
 
 import mpisign
-from mpisign import optim, vote
+from mpisign import signs
 from mpisign.collectives import base
 from mpisign.cuda import emulate
 from mpisign.cuda.bridge import ResidentSigns
@@ -42,7 +42,7 @@ with emulate.kernels_on_cpu() as kernels:
     gpu.tally = lambda votes, n: kernel_tallies.append(votes.shape) or _tally(votes, n)
 
     # ---- majority_vote -----------------------------------------------------------------------
-    vote._gpu_path = lambda x: gpu if gpu.handles(x) else None
+    signs.signs_for = lambda tensors: gpu if gpu.handles(tensors[0]) else signs.HostSigns()
     step = 0
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for n in (1, 64, 65, 1000, 4099):
@@ -71,7 +71,7 @@ with emulate.kernels_on_cpu() as kernels:
         return m
 
     def train(resident: bool, overlap: bool):
-        optim._resident_path = (lambda params: gpu) if resident else (lambda params: None)
+        signs.signs_for = (lambda params: gpu) if resident else (lambda params: signs.HostSigns())
         model = make_model()
         opt = mpisign.Signum(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3,
                              comm=comm, topology=topology, overlap=overlap, bucket_mb=0.002)

@@ -1,0 +1,54 @@
+"""``Signum(overlap=True)``: start each bucket's vote from the backward pass.
+
+A post-accumulate-grad hook on every parameter marks it ready; when the last parameter of a
+bucket is ready, the bucket's momentum update, packing and first phase of its vote start at
+once, while autograd still computes the gradients of earlier layers (the layout puts the last
+layers in the first buckets). ``step()`` then starts whatever no hook started and finishes all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["BucketHooks"]
+
+
+class BucketHooks:
+    """The hooks of one layout. ``start(bucket)`` starts a bucket's vote; ``where()`` gives
+    ``(rank, step)`` for the error a second backward pass gets."""
+
+    def __init__(self, start, where):
+        self._start, self._where = start, where
+        self._handles: list = []
+
+    def install(self, layout) -> None:
+        """Hooks on every parameter of ``layout`` (replacing those of an earlier layout)."""
+        self.remove()
+        for bucket in layout.buckets:
+            for slot in bucket.slots:
+                hook = self._hook(bucket, slot.param)
+                self._handles.append(slot.param.register_post_accumulate_grad_hook(hook))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, bucket, param: torch.Tensor):
+        def hook(_):
+            if bucket.pending is not None:
+                rank, step = self._where()
+                raise RuntimeError(
+                    f"Signum(overlap=True) on rank {rank}: a second backward pass accumulated "
+                    f"into parameters whose vote had already started at step {step}. With "
+                    f"overlap, each bucket's signs are sent as soon as one backward pass "
+                    f"completes its gradients, so every backward into the parameters before "
+                    f"step() must be the last one. For gradient accumulation, a GAN's second "
+                    f"network, or an adversarial (FGSM/PGD) step, use overlap=False; or take "
+                    f"the extra gradients with torch.autograd.grad(loss, inputs), which does not "
+                    f"accumulate into .grad and starts no vote.")
+            bucket.ready.add(id(param))
+            if len(bucket.ready) == len(bucket.slots):
+                with torch.no_grad():
+                    self._start(bucket)
+        return hook
