@@ -3,8 +3,10 @@
 ``run(n, script, *args)`` starts ``mpiexec -n n python -m mpi4py script args`` (``-m mpi4py``
 turns an exception on any rank into ``MPI_Abort`` of the whole job, never a hang) with the
 environment that oversubscribed ranks need on a small machine. Scripts report progress as
-``@progress rank=R step=S`` lines; a job that outlives its timeout is killed and the failure
-names each rank's last reported step, so a stall says where it happened.
+``@progress rank=R step=S`` lines and name their cases with ``@case rank=R NAME`` (and
+``@failed rank=R NAME: error``, see ``tests/mpi/common.py``); a job that fails or outlives its
+timeout (then killed) fails the test with the cases that failed and each rank's last case and
+step first, so the report says which case broke and where.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from mpisign.launch import find_mpiexec, local_env, mpiexec_command  # noqa: F40
 HERE = Path(__file__).parent
 SCRIPTS = HERE / "mpi"
 PROGRESS = re.compile(r"@progress rank=(\d+) step=(\S+)")
+CASE = re.compile(r"@case rank=(\d+) (.+)")
+FAILED = re.compile(r"@failed rank=(\d+) (.+)")
 
 
 mpiexec = find_mpiexec  # the launcher's own lookup, under the name the tests use
@@ -53,21 +57,31 @@ def run(n: int, script: str, *args: str, timeout: float = 180, env: dict | None 
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         raise AssertionError(f"{script} on {n} ranks stalled: killed after {timeout:g} s; "
-                             f"{stall_report(out, n)}\n--- output tail ---\n{out[-3000:]}")
+                             f"{failed_cases(out)}{stall_report(out, n)}\n"
+                             f"--- output tail ---\n{out[-3000:]}")
     if expect_fail:
         if proc.returncode == 0:
             raise AssertionError(f"{script} on {n} ranks was expected to fail but exited 0:\n"
                                  f"{out[-3000:]}")
     elif proc.returncode != 0:
         raise AssertionError(f"{script} on {n} ranks exited {proc.returncode}; "
-                             f"{stall_report(out, n)}\n--- output tail ---\n{out[-6000:]}")
+                             f"{failed_cases(out)}{stall_report(out, n)}\n"
+                             f"--- output tail ---\n{out[-6000:]}")
     return out
 
 
+def failed_cases(out: str) -> str:
+    """'failed: rank 1 sharded float32 n=65: AssertionError: ...; ' for each ``@failed`` line."""
+    failed = [f"rank {m.group(1)} {m.group(2)}" for m in FAILED.finditer(out)]
+    return f"failed: {'; '.join(failed)}; " if failed else ""
+
+
 def stall_report(out: str, n: int) -> str:
-    """Each rank's last ``@progress`` step, e.g. 'rank 0 at step 3, rank 1 never reported'."""
+    """Each rank's last ``@progress`` step and ``@case``, e.g. 'rank 0 at step 3 (in case
+    tree float16 n=65), rank 1 never reported'."""
     last: dict[int, str] = {}
     for m in PROGRESS.finditer(out):
         last[int(m.group(1))] = m.group(2)
-    return ", ".join(f"rank {r} at step {last[r]}" if r in last else f"rank {r} never reported"
-                     for r in range(n))
+    cases = {int(m.group(1)): m.group(2) for m in CASE.finditer(out)}
+    return ", ".join((f"rank {r} at step {last[r]}" if r in last else f"rank {r} never reported")
+                     + (f" (in case {cases[r]})" if r in cases else "") for r in range(n))

@@ -16,9 +16,11 @@ import mpisign
 SIZES = [1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("topology", sorted(mpisign.TOPOLOGIES))
 @pytest.mark.parametrize("n", SIZES)
-def test_majority_vote_matches_numpy_reference(n):
-    out = mpirun.run(n, "vote_check.py")
+def test_majority_vote_matches_numpy_reference(n, topology):
+    """Each launch names its cases (dtype, length) in its failure report (tests/mpirun.py)."""
+    out = mpirun.run(n, "vote_check.py", topology)
     assert f"vote_check OK on {n} ranks" in out
 
 
@@ -81,3 +83,10 @@ def test_signum_as_a_drop_in_optimizer(case, tmp_path):
     """PyTorch habits on 3 real ranks (tests/mpi/dropin_check.py): one launch per case."""
     out = mpirun.run(3, "dropin_check.py", case, str(tmp_path / "ckpt.pt"), timeout=120)
     assert f"dropin_check {case} OK on 3 ranks" in out
+
+
+def test_a_failing_launch_names_its_case():
+    """tests/mpirun.py's report leads with the case that failed and the rank it failed on."""
+    with pytest.raises(AssertionError) as err:
+        mpirun.run(2, "case_check.py", timeout=60)
+    assert "failed: rank 1 second: AssertionError: deliberate failure on rank 1" in str(err.value)

@@ -1,5 +1,7 @@
 """Shared by the MPI test scripts: progress lines for the launcher, and rank-seeded data."""
 
+import contextlib
+
 import numpy as np
 import torch
 from mpi4py import MPI
@@ -10,6 +12,18 @@ WORLD = MPI.COMM_WORLD
 def progress(step, comm=WORLD) -> None:
     """Tell the launcher (tests/mpirun.py) how far this rank got, for stall reports."""
     print(f"@progress rank={comm.Get_rank()} step={step}", flush=True)
+
+
+@contextlib.contextmanager
+def case(name: str, comm=WORLD):
+    """One named case of a script: the launcher (tests/mpirun.py) names it in its report when
+    it fails or stalls, so a failing launch says which of its cases broke."""
+    print(f"@case rank={comm.Get_rank()} {name}", flush=True)
+    try:
+        yield
+    except BaseException as e:
+        print(f"@failed rank={comm.Get_rank()} {name}: {type(e).__name__}: {e}", flush=True)
+        raise
 
 
 def rank_data(n: int, rank: int, seed: int, dtype=torch.float32, zeros=0.1) -> torch.Tensor:

@@ -1,14 +1,16 @@
 """majority_vote on every rank vs a numpy reference on all ranks' unpacked signs.
 
-Covers every topology, float16/bfloat16/float32/float64, ragged lengths, zeros, NaN and inf,
-and checks the exact bytes each rank moved against the topology's formula.
+Covers one topology (every topology without an argument), float16/bfloat16/float32/float64,
+ragged lengths, zeros, NaN and inf, and checks the exact bytes each rank moved against the
+topology's formula. Each case is named (common.case), so a failure says which one broke.
+Usage: vote_check.py [TOPOLOGY]
 """
 
 import sys
 
 import numpy as np
 import torch
-from common import WORLD, progress, rank_data, reference_vote
+from common import WORLD, case, progress, rank_data, reference_vote
 
 import mpisign
 from mpisign import collectives, costmodel
@@ -19,72 +21,83 @@ rank, size = comm.Get_rank(), comm.Get_size()
 LENGTHS = [0, 1, 7, 8, 31, 32, 33, 63, 64, 65, 127, 1000, 4099, 100_003]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
+TOPOLOGIES = sys.argv[1:] or sorted(mpisign.TOPOLOGIES)
+
+
+def check_case(topology: str, dtype, n: int, step: int) -> None:
+    xs = [rank_data(n, r, seed=n * 7 + 1, dtype=dtype) for r in range(size)]
+    if n > 2:
+        xs[0][1] = float("nan")
+        xs[size - 1][2] = float("inf")
+    shape = (n,) if n % 2 else (2, n // 2)
+    x = xs[rank].reshape(shape)
+    stats = {}
+    got = mpisign.majority_vote(x, comm, topology, step=step, stats=stats)
+    assert got.shape == x.shape and got.dtype == x.dtype, (got.shape, got.dtype)
+    ref = reference_vote(xs, step=step)
+    mism = np.flatnonzero(got.reshape(-1).to(torch.float64).numpy() != ref)
+    assert mism.size == 0, f"{topology} {dtype} n={n}: {mism.size} wrong, first {mism[:5]}"
+    # Bit-identical on every rank.
+    everyone = comm.allgather(got.reshape(-1).to(torch.float64).numpy().tobytes())
+    assert all(b == everyone[0] for b in everyone), f"{topology} n={n}: ranks differ"
+    # Exact bytes on the wire: 8 bytes a word, tie mask only for even size.
+    w, k = n_words(n), (2 if size % 2 == 0 else 1)
+    sent = comm.allgather(stats["bytes_sent"])
+    recv = comm.allgather(stats["bytes_received"])
+    assert sum(sent) == sum(recv), (sent, recv)
+    if size > 1 and topology == "server":
+        assert sent[0] == 8 * w * k * (size - 1) and recv[0] == 8 * w * (size - 1)
+        assert all(s == 8 * w for s in sent[1:]), sent
+        assert all(r == 8 * w * k for r in recv[1:]), recv
+    if size > 1 and topology == "tree":
+        # Every rank but the root receives the result once and sends its count once.
+        assert all(r >= 8 * w * k for r in recv[1:]), recv
+        assert min(sent[1:]) == 8 * w, sent  # a leaf sends just its sign bits
+    if size > 1 and topology == "allgather":
+        assert sent == recv == [8 * w * (size - 1)] * size, (sent, recv)
+    if size > 1 and topology == "sharded":
+        # Shard r has w_r words: rank r sends the others (w - w_r) words of signs and
+        # k * w_r words of result each; it receives w_r words of signs from each and
+        # k * (w - w_r) words of result.
+        b = [j * w // size for j in range(size + 1)]
+        mine = [b[j + 1] - b[j] for j in range(size)]
+        assert sent == [8 * (w - mine[r] + k * mine[r] * (size - 1))
+                        for r in range(size)], sent
+        assert recv == [8 * (mine[r] * (size - 1) + k * (w - mine[r]))
+                        for r in range(size)], recv
+    if size == 1:
+        assert sent == [0] and recv == [0]
+
+
 step = 0
-for topology in sorted(mpisign.TOPOLOGIES):
+for topology in TOPOLOGIES:
     for dtype in DTYPES:
         for n in LENGTHS:
-            xs = [rank_data(n, r, seed=n * 7 + 1, dtype=dtype) for r in range(size)]
-            if n > 2:
-                xs[0][1] = float("nan")
-                xs[size - 1][2] = float("inf")
-            shape = (n,) if n % 2 else (2, n // 2)
-            x = xs[rank].reshape(shape)
-            stats = {}
-            got = mpisign.majority_vote(x, comm, topology, step=step, stats=stats)
-            assert got.shape == x.shape and got.dtype == x.dtype, (got.shape, got.dtype)
-            ref = reference_vote(xs, step=step)
-            mism = np.flatnonzero(got.reshape(-1).to(torch.float64).numpy() != ref)
-            assert mism.size == 0, f"{topology} {dtype} n={n}: {mism.size} wrong, first {mism[:5]}"
-            # Bit-identical on every rank.
-            everyone = comm.allgather(got.reshape(-1).to(torch.float64).numpy().tobytes())
-            assert all(b == everyone[0] for b in everyone), f"{topology} n={n}: ranks differ"
-            # Exact bytes on the wire: 8 bytes a word, tie mask only for even size.
-            w, k = n_words(n), (2 if size % 2 == 0 else 1)
-            sent = comm.allgather(stats["bytes_sent"])
-            recv = comm.allgather(stats["bytes_received"])
-            assert sum(sent) == sum(recv), (sent, recv)
-            if size > 1 and topology == "server":
-                assert sent[0] == 8 * w * k * (size - 1) and recv[0] == 8 * w * (size - 1)
-                assert all(s == 8 * w for s in sent[1:]), sent
-                assert all(r == 8 * w * k for r in recv[1:]), recv
-            if size > 1 and topology == "tree":
-                # Every rank but the root receives the result once and sends its count once.
-                assert all(r >= 8 * w * k for r in recv[1:]), recv
-                assert min(sent[1:]) == 8 * w, sent  # a leaf sends just its sign bits
-            if size > 1 and topology == "allgather":
-                assert sent == recv == [8 * w * (size - 1)] * size, (sent, recv)
-            if size > 1 and topology == "sharded":
-                # Shard r has w_r words: rank r sends the others (w - w_r) words of signs and
-                # k * w_r words of result each; it receives w_r words of signs from each and
-                # k * (w - w_r) words of result.
-                b = [j * w // size for j in range(size + 1)]
-                mine = [b[j + 1] - b[j] for j in range(size)]
-                assert sent == [8 * (w - mine[r] + k * mine[r] * (size - 1))
-                                for r in range(size)], sent
-                assert recv == [8 * (mine[r] * (size - 1) + k * (w - mine[r]))
-                                for r in range(size)], recv
-            if size == 1:
-                assert sent == [0] and recv == [0]
+            with case(f"{topology} {dtype} n={n}"):
+                check_case(topology, dtype, n, step)
             step += 1
             progress(step)
 
 # The sharded vote's ring allgather of the result (forced at every length, and by default at a
 # size whose shards pass costmodel.RING_MIN_BYTES): the server's bits, the model's exact bytes.
 server = collectives.ServerVote(comm)
-for n, ring_min in [(n, 0) for n in LENGTHS] + [(64 * 100_000 * max(1, size // 2), None)]:
-    rng = np.random.default_rng([n, rank])
-    words = rng.integers(0, 2**64, size=n_words(n), dtype=np.uint64, endpoint=False)
-    if n % 64:
-        words[-1] &= np.uint64((1 << (n % 64)) - 1)
-    kw = {} if ring_min is None else {"ring_min_bytes": ring_min}
-    sharded = collectives.ShardedVote(comm, **kw)
-    plus, tie = sharded.vote(words, n)
-    want_plus, want_tie = server.vote(words, n)
-    assert np.array_equal(plus, want_plus) and (tie is None or np.array_equal(tie, want_tie)), n
-    model = costmodel.traffic("sharded", n, size, **kw)[rank]
-    assert (sharded.traffic.sent, sharded.traffic.received) == model, (n, model)
-    if ring_min is None and size > 2:
-        assert costmodel.sharded_ring_gather(n, size), "the default size did not take the ring"
+RING_CASES = [(n, 0) for n in LENGTHS] + [(64 * 100_000 * max(1, size // 2), None)]
+for n, ring_min in RING_CASES if "sharded" in TOPOLOGIES else []:
+    with case(f"sharded ring n={n} ring_min_bytes={ring_min}"):
+        rng = np.random.default_rng([n, rank])
+        words = rng.integers(0, 2**64, size=n_words(n), dtype=np.uint64, endpoint=False)
+        if n % 64:
+            words[-1] &= np.uint64((1 << (n % 64)) - 1)
+        kw = {} if ring_min is None else {"ring_min_bytes": ring_min}
+        sharded = collectives.ShardedVote(comm, **kw)
+        plus, tie = sharded.vote(words, n)
+        want_plus, want_tie = server.vote(words, n)
+        assert np.array_equal(plus, want_plus), n
+        assert tie is None or np.array_equal(tie, want_tie), n
+        model = costmodel.traffic("sharded", n, size, **kw)[rank]
+        assert (sharded.traffic.sent, sharded.traffic.received) == model, (n, model)
+        if ring_min is None and size > 2:
+            assert costmodel.sharded_ring_gather(n, size), "the default size did not take the ring"
     step += 1
     progress(step)
 
