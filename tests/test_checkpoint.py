@@ -1,4 +1,4 @@
-"""Checkpoints are data, never code: what mpisign.checkpoint loads, refuses and restores.
+"""Checkpoints are data, never code: what mpisign.train.checkpoint loads, refuses and restores.
 
 A poisoned file is a pickle whose unpickling would call ``os.system`` (it would create a marker
 file): every loader must refuse it by name, and the marker must not appear.
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import mpirun
-from mpisign import checkpoint
+from mpisign.train import checkpoint
 
 
 class Poison:

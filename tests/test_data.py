@@ -1,4 +1,4 @@
-"""mpisign.data: the idx reader, the digits fallback, per-rank shards and the test-set split."""
+"""mpisign.train.data: the idx reader, the digits fallback, per-rank shards, the test-set split."""
 
 import gzip
 import logging
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from mpisign import data
-from mpisign.data import (DataNotFound, InMemory, batches_per_epoch, load_data, read_idx,
-                          eval_batches, train_batches)
+from mpisign.train import data
+from mpisign.train.data import (DataNotFound, InMemory, batches_per_epoch, load_data,
+                                read_idx, eval_batches, train_batches)
 
 
 def write_idx(path, array: np.ndarray) -> None:

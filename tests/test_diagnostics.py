@@ -13,7 +13,7 @@ from mpisign.diagnostics.cli import find_checkpoints, main
 from mpisign.diagnostics.gradients import (PerExampleGradients, _conv_patches, flat_gradient,
                                            minibatch_draws, per_example_draws,
                                            sample_coordinates, supports_per_example)
-from mpisign.models import build_model
+from mpisign.train.models import build_model
 
 N, K = 2000, 40
 needs_diptest = pytest.mark.skipif(not stats.have_diptest(), reason="pip install diptest")

@@ -1,9 +1,9 @@
-"""mpisign.models: every model takes the data sets' image shapes; nothing is downloaded."""
+"""mpisign.train.models: every model takes the data sets' image shapes; nothing is downloaded."""
 
 import pytest
 import torch
 
-from mpisign.models import MODELS, build_model, count_parameters
+from mpisign.train.models import MODELS, build_model, count_parameters
 
 
 @pytest.mark.parametrize("name", MODELS)

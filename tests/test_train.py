@@ -21,7 +21,7 @@ import torch
 
 import mpirun
 import mpisign
-from mpisign import checkpoint
+from mpisign.train import checkpoint
 from mpisign.train import (DEFAULT_LR, UsageError, build_parser, learning_rate,
                            load_checkpoint, main)
 
@@ -225,7 +225,7 @@ def test_missing_data_directory_gives_one_clear_error(tmp_path):
 def test_the_fallback_is_announced_once_and_runs_long_enough_to_learn(tmp_path):
     """No Fashion-MNIST in --data-dir: the banner and --resume's note come from rank 0 alone,
     and the default --epochs covers as many examples as the Fashion-MNIST default does."""
-    from mpisign.data import load_digits
+    from mpisign.train.data import load_digits
     from mpisign.train import DEFAULT_EXAMPLES
 
     empty, out_dir = tmp_path / "no-data", tmp_path / "run"

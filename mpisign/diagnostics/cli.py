@@ -21,10 +21,10 @@ import torch
 
 import mpisign
 
-from .. import checkpoint
-from ..data import DATASETS, DataNotFound, load_data
-from ..models import MODELS, build_model, count_parameters
-from ..train import nonnegative_int, positive_int
+from ..train import checkpoint
+from ..train.data import DATASETS, DataNotFound, load_data
+from ..train.models import MODELS, build_model, count_parameters
+from ..train.options import nonnegative_int, positive_int
 from . import figures, report, stats
 from .gradients import sample_coordinates, supports_per_example
 from .measure import Options, measure_point

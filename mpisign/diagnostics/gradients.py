@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import _loader
+from ..train.data import _loader
 
 __all__ = ["Coordinates", "sample_coordinates", "supports_per_example", "PerExampleGradients",
            "flat_gradient", "pool_gradient", "minibatch_draws", "per_example_draws",

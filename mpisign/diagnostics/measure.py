@@ -26,7 +26,7 @@ import torch
 from . import stats
 from .gradients import (Coordinates, PerExampleGradients, hessian_diagonal, minibatch_draws,
                         per_example_draws, pool_gradient, supports_per_example)
-from ..data import _loader
+from ..train.data import _loader
 
 __all__ = ["Options", "measure_point", "choose_method"]
 

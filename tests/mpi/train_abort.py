@@ -1,7 +1,7 @@
 """python -m mpisign.train where rank 1 fails mid-run: the whole job must abort, not hang.
 
 Rank 1 raises in its first evaluation while the other ranks wait for it in the evaluation's
-allreduce; mpisign.train.run must turn that into MPI_Abort. Run with plain ``python`` (not
+allreduce; mpisign.train.cli.run must turn that into MPI_Abort. Run with plain ``python`` (not
 ``-m mpi4py``) so that the abort comes from mpisign.train itself.
 """
 
@@ -9,9 +9,10 @@ import sys
 
 from mpi4py import MPI
 
-import mpisign.train as train
+import mpisign.train.loop as loop
+from mpisign.train.cli import run
 
-real_evaluate = train.evaluate
+real_evaluate = loop.evaluate
 
 
 def broken_evaluate(*args, **kwargs):
@@ -20,5 +21,5 @@ def broken_evaluate(*args, **kwargs):
     return real_evaluate(*args, **kwargs)
 
 
-train.evaluate = broken_evaluate
-sys.exit(train.run(sys.argv[1:]))
+loop.evaluate = broken_evaluate
+sys.exit(run(sys.argv[1:]))

@@ -8,9 +8,10 @@ import time
 
 from mpi4py import MPI
 
-import mpisign.train as train
+import mpisign.train.loop as loop
+from mpisign.train.cli import run
 
-real_evaluate = train.evaluate
+real_evaluate = loop.evaluate
 
 
 def stalled_evaluate(*args, **kwargs):
@@ -20,5 +21,5 @@ def stalled_evaluate(*args, **kwargs):
     return real_evaluate(*args, **kwargs)
 
 
-train.evaluate = stalled_evaluate
-sys.exit(train.run(sys.argv[1:]))
+loop.evaluate = stalled_evaluate
+sys.exit(run(sys.argv[1:]))

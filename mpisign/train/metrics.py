@@ -23,6 +23,7 @@ import math
 import os
 import sys
 from collections import Counter
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +32,60 @@ from mpi4py import MPI
 
 import mpisign
 
-from .comm import bounded
+from ..comm import bounded
 from .models import count_parameters
 
-__all__ = ["Metrics", "run_record", "log_interval", "INTERVAL_FIELDS"]
+__all__ = ["Metrics", "run_record", "log_interval", "Tally", "Interval", "Traffic"]
 
-#: What each rank adds up between two ``step`` records (``log_interval``'s ``interval``).
-INTERVAL_FIELDS = ("loss_sum", "correct", "count", "compute_s", "comm_s", "steps")
+
+@dataclass
+class Tally:
+    """Sums over some of this rank's training batches (an epoch's, or an interval's)."""
+
+    loss_sum: float = 0.0   # the batches' mean loss times their size
+    correct: float = 0.0
+    count: float = 0.0
+
+    def add(self, other: Tally) -> None:
+        self.loss_sum += other.loss_sum
+        self.correct += other.correct
+        self.count += other.count
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(1, self.count)
+
+    @property
+    def acc(self) -> float:
+        return self.correct / max(1, self.count)
+
+
+@dataclass
+class Interval:
+    """What one rank adds up between two ``step`` records."""
+
+    batches: Tally = field(default_factory=Tally)
+    compute_s: float = 0.0   # forward + backward (+ the attack)
+    comm_s: float = 0.0      # the optimizer step
+    steps: int = 0
+
+    def add(self, batch: Tally, compute_s: float, comm_s: float) -> None:
+        """One more step: its batch's sums and its times."""
+        self.batches.add(batch)
+        self.compute_s += compute_s
+        self.comm_s += comm_s
+        self.steps += 1
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """One rank's cumulative counters: bytes sent and received, the last vote's disagreement
+    with the majority and the non-finite gradient entries (NaN where the optimizer has none)."""
+
+    bytes_sent: float
+    bytes_received: float
+    disagreement: float
+    nonfinite: float
 
 
 class Metrics:
@@ -96,14 +144,18 @@ def run_record(args, comm, data, model, device, steps_per_epoch, total_steps, re
     }
 
 
-def log_interval(metrics: Metrics, comm, interval: np.ndarray, traffic: tuple, step: int,
-                 steps_per_epoch: int, lr: float, now: float,
+def log_interval(metrics: Metrics, comm, interval: Interval, traffic: Traffic, before: Traffic,
+                 step: int, steps_per_epoch: int, lr: float, now: float,
                  extra: dict | None = None, timeout: float | None = None) -> dict | None:
-    """Collective: gather every rank's ``interval`` sums (see :data:`INTERVAL_FIELDS`) and
-    ``traffic`` (bytes sent and received per step, disagreement, non-finite entries, or NaN
-    where the optimizer has none); rank 0 writes the ``step`` record, with rank 0's ``extra``
-    fields added, and returns it. Bounded by ``timeout`` (default ``$MPISIGN_TIMEOUT``)."""
-    mine = np.array([*interval, *traffic], dtype=np.float64)
+    """Collective: gather every rank's ``interval`` and its ``traffic`` since ``before`` (the
+    counters at the previous record); rank 0 writes the ``step`` record, with rank 0's
+    ``extra`` fields added, and returns it. Bounded by ``timeout`` (default
+    ``$MPISIGN_TIMEOUT``)."""
+    sent = (traffic.bytes_sent - before.bytes_sent) / interval.steps
+    received = (traffic.bytes_received - before.bytes_received) / interval.steps
+    mine = np.array([*astuple(interval.batches), interval.compute_s, interval.comm_s,
+                     interval.steps, sent, received, traffic.disagreement, traffic.nonfinite],
+                    dtype=np.float64)
     rank, world = comm.Get_rank(), comm.Get_size()
     every = np.empty((world, mine.size)) if rank == 0 else None
     # Wait on MPI: rank 0 needs every rank's figures to write the record.

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 __all__ = ["DATASETS", "FASHION_MNIST_DIR", "DataNotFound", "Data", "InMemory", "load_data",
            "batches_per_epoch", "train_batches", "eval_batches"]
 
-log = logging.getLogger(__name__)
+# The name its log lines carry, which loop.configure quiets on ranks other than 0.
+log = logging.getLogger("mpisign.data")
 
 DATASETS = ("fashion-mnist", "digits", "cifar10", "imagefolder")
 #: Where Debian's ``dataset-fashion-mnist`` package installs the files.

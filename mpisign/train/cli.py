@@ -1,0 +1,164 @@
+"""``python -m mpisign.train``'s command line: the options, and ``main`` that runs the loop."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import traceback
+
+from mpi4py import MPI
+
+import mpisign
+
+from ..adversary import ATTACKS, NON_BLIND_ATTACKS
+from ..world import SingletonWorld, check_world
+from .data import DATASETS
+from .loop import train
+from .models import MODELS
+from .options import (DEFAULT_EPOCHS, DEFAULT_EXAMPLES, DEFAULT_LR, UsageError, nonnegative_int,
+                      positive_int)
+
+__all__ = ["build_parser", "main", "run"]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose help and errors are printed by rank 0 only (all ranks parse and exit)."""
+
+    def _print_message(self, message, file=None):
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            super()._print_message(message, file)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options, in the groups that --help shows."""
+    p = Parser(prog="python -m mpisign.train",
+               description="Data-parallel training with Signum/signSGD majority vote over MPI "
+                           "(Bernstein et al., ICLR 2019), or the fp32 allreduce SGD baseline. "
+                           "Launch with mpirun/srun, one process per rank.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    _model_and_data_options(p.add_argument_group("model and data"))
+    _optimizer_options(p.add_argument_group("optimizer"))
+    _schedule_options(p.add_argument_group("schedule"))
+    _adversary_options(p.add_argument_group("adversaries (Byzantine workers)"))
+    _output_options(p.add_argument_group("output"))
+    return p
+
+
+def _model_and_data_options(g) -> None:
+    g.add_argument("--model", choices=MODELS, default="cnn",
+                   help="small CNN, or torchvision ResNet (no pretrained weights)")
+    g.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="default: fashion-mnist if installed, else digits (announced)")
+    g.add_argument("--data-dir", default=None,
+                   help="where the data lives (fashion-mnist default: "
+                        "/usr/share/datasets/fashion-mnist; required for cifar10, imagefolder)")
+    g.add_argument("--workers", type=nonnegative_int, default=None,
+                   help="DataLoader workers per rank (default: 0 in memory, a few for images)")
+
+
+def _optimizer_options(g) -> None:
+    g.add_argument("--optimizer", choices=("signum", "signsgd", "sgd"), default="signum",
+                   help="sgd: plain SGD on the fp32 allreduce mean of the gradients")
+    g.add_argument("--topology", choices=[*sorted(mpisign.TOPOLOGIES), "auto"],
+                   default="server", help="how the vote travels (signum, signsgd); auto: the "
+                   "cost model's choice for this model, rank count and measured link")
+    g.add_argument("--lr", type=_finite_float, default=None,
+                   help=f"learning rate (default: {DEFAULT_LR})")
+    g.add_argument("--momentum", type=_finite_float, default=None,
+                   help="momentum in [0, 1) (default 0.9 for signum and sgd; signsgd has none)")
+    g.add_argument("--weight-decay", type=_finite_float, default=0.0)
+    g.add_argument("--batch-size", type=positive_int, default=64, help="per rank")
+    g.add_argument("--vote-timeout", type=_finite_float, default=None,
+                   help="seconds a vote, or any other wait on the other ranks (evaluation, "
+                        "metrics, checkpoint, stop signal), waits before it raises "
+                        "VoteTimeout and the job aborts (default $MPISIGN_TIMEOUT or 300)")
+    g.add_argument("--monitor", action=argparse.BooleanOptionalAction, default=True,
+                   help="watch each rank's disagreement with the vote over 20 steps "
+                        "(mpisign.DisagreementMonitor): rank 0 warns about ranks that stand "
+                        "out, and step records list them as 'suspects'")
+    g.add_argument("--check-every", type=nonnegative_int, default=0,
+                   help="check every N steps that all ranks hold identical parameters "
+                        "(always checked at epoch ends); 0: epoch ends only")
+
+
+def _schedule_options(g) -> None:
+    g.add_argument("--epochs", type=positive_int, default=None,
+                   help=f"default {DEFAULT_EPOCHS}; when the default data set falls back to "
+                        f"digits, as many as see {DEFAULT_EXAMPLES:,} examples")
+    g.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop after this many steps in all (overrides --epochs)")
+    g.add_argument("--warmup-epochs", type=float, default=0.0,
+                   help="linear warmup of the learning rate over this many epochs")
+    g.add_argument("--lr-decay-epochs", type=float, nargs="*", default=[], metavar="EPOCH",
+                   help="step decay: multiply the learning rate by --lr-decay at these epochs")
+    g.add_argument("--lr-decay", type=_finite_float, default=0.1)
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _adversary_options(g) -> None:
+    g.add_argument("--adversaries", type=nonnegative_int, default=0, metavar="K",
+                   help="the first K ranks corrupt their gradients before the vote")
+    g.add_argument("--attack", choices=(*ATTACKS, *NON_BLIND_ATTACKS), default="invert",
+                   help="blind multiplicative attack, or omniscient: minus the honest ranks' "
+                        "majority (see mpisign.adversary)")
+    g.add_argument("--attack-factor", type=float, default=1e20,
+                   help="multiplier of --attack scale")
+
+
+def _output_options(g) -> None:
+    g.add_argument("--out", default=None,
+                   help="metrics, run.json and checkpoints (default runs/<date>-<optimizer>)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out (start afresh if it has none)")
+    g.add_argument("--checkpoint-every", type=nonnegative_int, default=0, metavar="N",
+                   help="also checkpoint every N steps (always at epoch ends, on SIGUSR1/"
+                        "SIGTERM and at the end)")
+    g.add_argument("--keep-checkpoints", type=positive_int, default=1, metavar="N",
+                   help="keep the newest N checkpoints (more give python -m mpisign.diagnostics "
+                        "a sequence over training)")
+    g.add_argument("--log-every", type=positive_int, default=20, metavar="N",
+                   help="a metrics record every N steps")
+    g.add_argument("--eval-batch-size", type=positive_int, default=1000)
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="tqdm progress bar on rank 0")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: one GPU per rank, chosen by node-local rank")
+
+
+def main(argv=None) -> int:
+    """Parse the options and train on ``COMM_WORLD``; a usage error makes every rank exit 2,
+    with rank 0's message."""
+    comm = MPI.COMM_WORLD
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        # Before anything is written: N tasks that each see a world of 1 must not share --out.
+        check_world(comm)
+        return train(args, comm)
+    except UsageError as e:
+        parser.error(str(e))  # rank 0 prints; every rank exits 2
+    except SingletonWorld as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")  # not a usage error: no usage text
+
+
+def run(argv=None) -> int:
+    """``main`` that turns an unhandled exception on any rank into ``MPI_Abort`` of the job."""
+    try:
+        return main(argv)
+    except SystemExit:
+        raise
+    except BaseException:
+        comm = MPI.COMM_WORLD
+        sys.stderr.write(f"[rank {comm.Get_rank()}] unhandled exception, aborting all "
+                         f"{comm.Get_size()} ranks:\n{traceback.format_exc()}")
+        sys.stderr.flush()
+        comm.Abort(1)
+        return 1
