@@ -381,9 +381,11 @@ class Signum(Optimizer):
             by_group.setdefault(slot.group, []).append(slot)
         for gi, slots in by_group.items():
             beta = _number(self.param_groups[gi]["momentum"])
-            sources = self._local_update([s.param for s in slots], beta)
-            for slot, src in zip(slots, sources):
-                self._signs.pack(src, zero_bit, packed[slot.word0: slot.word0 + slot.words])
+            params = [s.param for s in slots]
+            outs = [packed[s.word0: s.word0 + s.words] for s in slots]
+            if not self._update_and_pack(params, beta, zero_bit, outs):
+                for src, out in zip(self._local_update(params, beta), outs):
+                    self._signs.pack(src, zero_bit, out)
         words = packed[bucket.word0: bucket.word1]
         bucket.pending = self._voter.start(words, words.shape[0] * packing.WORD_BITS,
                                            step=step, bucket=bucket.index)
@@ -404,6 +406,41 @@ class Signum(Optimizer):
         bucket.pending, bucket.ready = None, set()
         return disagree
 
+    def _update_and_pack(self, params: list, beta: float, zero_bit: int, outs: list) -> bool:
+        """The local step and the pack in one pass of the backend, where it fuses them
+        (:meth:`mpisign.signs.CompiledSigns.update_and_pack`: the same bits as
+        :meth:`_local_update` then ``pack``) and every parameter has its gradient here. False:
+        nothing was done."""
+        fused = getattr(self._signs, "update_and_pack", None)
+        if fused is None or any(p.grad is None for p in params):
+            return False
+        bufs = [self._momentum_buffer(p) for p in params] if beta else [None] * len(params)
+        bad = fused([p.grad for p in params], bufs, beta, (1 - beta) * self._inv_scale(),
+                    zero_bit, outs)
+        if bad is None:
+            return False
+        if bad:
+            self._count_nonfinite(bad)
+        return True
+
+    def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        st = self.state[p]
+        if "momentum_buffer" not in st:
+            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return st["momentum_buffer"]
+
+    def _inv_scale(self) -> float:
+        """Under torch.amp.GradScaler, gradients arrive scaled (see _step_supports_amp_scaling):
+        the momentum takes them unscaled, as it would after scaler.unscale_(opt)."""
+        scale = getattr(self, "grad_scale", None)
+        return 1.0 if scale is None else 1.0 / float(scale)
+
+    def _count_nonfinite(self, count: int) -> None:
+        self.stats.nonfinite += count
+        self.stats.nonfinite_steps += 1
+        log.warning("rank %d: %d non-finite gradient entries at step %d, treated as 0",
+                    self.rank, count, self.param_groups[0]["step"])
+
     def _local_update(self, params: list, beta: float) -> list:
         """What each parameter votes with: its cleaned gradient, or the updated momentum.
 
@@ -419,21 +456,12 @@ class Signum(Optimizer):
         grads = self._scrub_nonfinite(grads)
         if not beta:
             return grads   # the sign of a scaled gradient is the sign of the gradient
-        # Under torch.amp.GradScaler, gradients arrive scaled (see _step_supports_amp_scaling):
-        # the momentum takes them unscaled, as it would after scaler.unscale_(opt).
-        scale = getattr(self, "grad_scale", None)
-        inv_scale = 1.0 if scale is None else 1.0 / float(scale)
-        bufs = []
-        for p in params:
-            st = self.state[p]
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            bufs.append(st["momentum_buffer"])
+        bufs = [self._momentum_buffer(p) for p in params]
         here = [i for i, a in enumerate(absent) if not a]
         if here:
             torch._foreach_mul_([bufs[i] for i in here], beta)
             torch._foreach_add_([bufs[i] for i in here], [grads[i] for i in here],
-                                alpha=(1 - beta) * inv_scale)
+                                alpha=(1 - beta) * self._inv_scale())
         # No gradient here: vote with beta * m, but decay m only once step() knows that some
         # rank has this gradient (if none has, the parameter and its momentum stay as they are).
         sources = list(bufs)
@@ -457,10 +485,7 @@ class Signum(Optimizer):
             g = grads[i] = grads[i].clone()
             count += int(g.numel() - torch.isfinite(g).sum())
             torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-        self.stats.nonfinite += count
-        self.stats.nonfinite_steps += 1
-        log.warning("rank %d: %d non-finite gradient entries at step %d, treated as 0",
-                    self.rank, count, self.param_groups[0]["step"])
+        self._count_nonfinite(count)
         return grads
 
     # -- consistency ------------------------------------------------------------------------

@@ -8,6 +8,8 @@ One small interface, :class:`Signs`, with one implementation per place the words
                           of :mod:`mpisign.cuda` with the words staged through pinned host
                           memory (:class:`mpisign.cuda.bridge.CudaSigns`), or, without working
                           kernels, the reference kernels on a host copy.
+:class:`CompiledSigns`    the same, with CPU tensors on the compiled kernels of
+                          :mod:`mpisign.native` (bit for bit the reference, near memory speed).
 :class:`~mpisign.cuda.bridge.ResidentSigns`
                           words on the GPU (torch int64), for a CUDA-aware MPI: pack, tally,
                           apply and disagreement all run there.
@@ -22,12 +24,15 @@ The operations, for ``n`` coordinates in ``ceil(n / 64)`` words (wire format: se
 
 * ``words(w)``: a zeroed buffer of ``w`` words where this backend's votes travel;
 * ``pack(src, zero_bit, out)``: the signs of ``src`` into ``out`` (0 and NaN as ``zero_bit``);
+  a backend may also offer ``update_and_pack``: Signum's momentum update fused with the pack
+  (:class:`CompiledSigns`);
 * ``tally(votes, n)``: the majority ``(plus, tie)`` of an M x W array of words, for the
   topologies that count raw votes (:class:`mpisign.collectives.SignVote`);
 * ``apply(p, plus, tie, lr, wd)``: ``p -= lr * (v + wd * p)`` in place, ``v`` the packed vote;
 * ``disagreement(words, plus, tie)``: coordinates where ``words`` lost the vote, ties excluded
   (an int, or a 1-element device tensor: read it once a step);
-* ``unpack(plus, tie, n, like)``: the vote as -1 / 0 / +1 in a new tensor of ``like``'s dtype and
+* ``unpack(plus, tie, n, like, out=None)``: the vote as -1 / 0 / +1, of ``like``'s dtype, in
+  ``out`` (``n`` elements of that dtype on ``like``'s device), or in a new tensor on ``like``'s
   device.
 """
 
@@ -36,9 +41,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import packing
+from . import native, packing
 
-__all__ = ["Signs", "HostSigns", "host_tally", "signs_for"]
+__all__ = ["Signs", "HostSigns", "CompiledSigns", "host_tally", "signs_for"]
 
 
 def host_tally(votes, n: int):
@@ -68,8 +73,23 @@ class Signs:
     def disagreement(self, words, plus, tie):
         raise NotImplementedError
 
-    def unpack(self, plus, tie, n: int, like: torch.Tensor) -> torch.Tensor:
+    def unpack(self, plus, tie, n: int, like: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _into(v: torch.Tensor, like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The unpacked vote ``v`` (flat, on the host) where the caller wants it: ``out`` if given
+    (``v`` may already be it), else ``v`` on ``like``'s device."""
+    if out is None:
+        return v.to(like.device)
+    if v is out:
+        return out
+    if out.is_contiguous():
+        out.view(-1).copy_(v)
+    else:
+        out.copy_(v.view_as(out))
+    return out
 
 
 def _staged(t: torch.Tensor):
@@ -113,7 +133,7 @@ class HostSigns(Signs):
                 packing.apply_signs(p, plus, tie, lr, wd, scratch=self._apply_scratch)
                 return
         # Other devices and layouts: unpack, then one fused update.
-        v = self.unpack(plus, tie, p.numel(), p).view_as(p)
+        v = self.unpack(plus, tie, p.numel(), p).view_as(p)   # a new tensor: no `out`
         if wd:
             v.add_(p, alpha=wd)
         p.add_(v, alpha=-lr)
@@ -121,9 +141,61 @@ class HostSigns(Signs):
     def disagreement(self, words: np.ndarray, plus: np.ndarray, tie: np.ndarray | None) -> int:
         return packing.disagreement(words, plus, tie)
 
-    def unpack(self, plus: np.ndarray, tie: np.ndarray | None, n: int,
-               like: torch.Tensor) -> torch.Tensor:
-        return packing.unpack_signs(plus, n, tie, dtype=like.dtype).to(like.device)
+    def unpack(self, plus: np.ndarray, tie: np.ndarray | None, n: int, like: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        gpu = _staged(like)
+        if gpu is not None:   # on the device: the apply kernel on zeros with lr = -1 is 0 + v
+            direct = out is not None and out.is_contiguous() and out.device == like.device
+            v = out.view(-1) if direct else torch.empty(n, dtype=like.dtype, device=like.device)
+            gpu.apply(v.zero_(), plus, tie, -1.0, 0.0)
+            return _into(v, like, out)
+        return _into(packing.unpack_signs(plus, n, tie, dtype=like.dtype), like, out)
+
+
+class CompiledSigns(HostSigns):
+    """:class:`HostSigns` with CPU tensors packed, applied and unpacked by the compiled kernels
+    (:mod:`mpisign.native`); what they do not take (CUDA tensors, half-precision apply,
+    non-contiguous parameters) goes to :class:`HostSigns`. It also fuses Signum's local step
+    (:meth:`update_and_pack`)."""
+
+    def update_and_pack(self, grads: list, bufs: list, beta: float, alpha: float,
+                        zero_bit: int, outs: list) -> int | None:
+        """Signum's local step for several parameters, one pass each: non-finite gradient
+        entries vote as 0 (returned: how many); with momentum (``bufs`` of tensors),
+        ``m = m * beta + alpha * g`` exactly as torch rounds it, then the signs of ``m``; without
+        (``bufs`` of None), the signs of ``g``. None, with nothing done, unless every tensor is a
+        contiguous float32/float64 CPU tensor whose update the kernel rounds as torch does."""
+        for g, m in zip(grads, bufs):
+            if not (g.device.type == "cpu" and g.dtype in native.UPDATE_DTYPES
+                    and g.is_contiguous() and not g.is_sparse):
+                return None
+            if m is not None and not (m.dtype == g.dtype and m.is_contiguous()
+                                      and native.momentum_form(g.dtype) is not None):
+                return None
+        return sum(native.update_pack(g, m, beta, alpha, zero_bit, out)
+                   for g, m, out in zip(grads, bufs, outs))
+
+    def pack(self, src: torch.Tensor, zero_bit: int, out: np.ndarray) -> None:
+        if src.device.type == "cpu" and src.dtype in native.DTYPES:
+            native.pack(src.detach().contiguous(), zero_bit, out)
+        else:
+            super().pack(src, zero_bit, out)
+
+    def apply(self, p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: float,
+              wd: float) -> None:
+        if p.device.type == "cpu" and p.dtype in native.APPLY_DTYPES and p.is_contiguous():
+            native.apply(p.data, plus, tie, lr, wd)
+        else:
+            super().apply(p, plus, tie, lr, wd)
+
+    def unpack(self, plus: np.ndarray, tie: np.ndarray | None, n: int, like: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        if like.dtype not in native.DTYPES:
+            return super().unpack(plus, tie, n, like, out)
+        direct = out is not None and out.device.type == "cpu" and out.is_contiguous()
+        host = out if direct else torch.empty(n, dtype=like.dtype)
+        native.unpack(plus, tie, host.view(-1))
+        return _into(host, like, out)
 
 
 def signs_for(tensors: list) -> Signs:
@@ -137,4 +209,4 @@ def signs_for(tensors: list) -> Signs:
         gpu = device_path(first.device)
         if gpu is not None and gpu.resident and all(gpu.handles(t) for t in tensors):
             return gpu
-    return HostSigns()
+    return CompiledSigns() if native.available() else HostSigns()

@@ -143,12 +143,18 @@ class ResidentSigns(Signs):
         on the device (read it once per step, not per bucket: reading it waits for the GPU)."""
         return self.kernels.disagreement(words.reshape(1, -1), plus, tie, n)
 
-    def unpack(self, plus: torch.Tensor, tie: torch.Tensor | None, n: int,
-               like: torch.Tensor) -> torch.Tensor:
-        """-1 / 0 / +1 of ``n`` coordinates, of ``like``'s dtype, on the device: the apply
-        kernel on zeros with lr = -1 gives ``0 + v`` exactly, so no unpack kernel is needed."""
-        out = torch.zeros(n, dtype=like.dtype, device=self.device)
-        self.apply(out, plus, tie, -1.0, 0.0)
+    def unpack(self, plus: torch.Tensor, tie: torch.Tensor | None, n: int, like: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """-1 / 0 / +1 of ``n`` coordinates, of ``like``'s dtype, on the device (in ``out`` if
+        given): the apply kernel on zeros with lr = -1 gives ``0 + v`` exactly, so no unpack
+        kernel is needed."""
+        direct = out is not None and out.device == self.device and out.is_contiguous()
+        v = out.view(-1) if direct else torch.empty(n, dtype=like.dtype, device=self.device)
+        v.zero_()
+        self.apply(v, plus, tie, -1.0, 0.0)
+        if out is None or direct:
+            return v if out is None else out
+        out.copy_(v.view_as(out))
         return out
 
 
