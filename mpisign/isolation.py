@@ -57,11 +57,25 @@ class OwnComm:
 
 
 class _VoteComm:
-    """What ``majority_vote`` keeps per user communicator."""
+    """What ``majority_vote`` keeps per user communicator: its duplicate, its call count, and
+    the collectives and word buffers of its recent calls (reused by calls of the same kind)."""
+
+    #: Kinds of call (topology, size, device, dtype, timeout) whose collective is kept.
+    KEPT = 8
 
     def __init__(self, comm: MPI.Intracomm):
         self.comm = comm
         self.step = 0   # calls so far: the step mixed into 0/NaN coordinates when none is given
+        self.kept: dict = {}   # kind -> what mpisign.vote built for it, oldest first
+
+    def keep(self, kind, build):
+        """What ``build()`` made the first time this ``kind`` of call was seen (then reused);
+        the oldest kind is dropped past :data:`KEPT`."""
+        if kind not in self.kept:
+            if len(self.kept) >= self.KEPT:
+                del self.kept[next(iter(self.kept))]
+            self.kept[kind] = build()
+        return self.kept[kind]
 
     def next_step(self) -> int:
         self.step += 1

@@ -29,7 +29,7 @@ __all__ = ["majority_vote"]
 
 def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server", *,
                   step: int | None = None, timeout: float | None = None,
-                  stats: dict | None = None) -> torch.Tensor:
+                  stats: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Elementwise majority of the signs of ``x`` over the ranks of ``comm``.
 
     Args:
@@ -44,10 +44,14 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
         timeout: seconds to wait on peers before raising ``VoteTimeout``
             (default ``$MPISIGN_TIMEOUT`` or 300).
         stats: if a dict, receives ``bytes_sent`` and ``bytes_received`` for this call.
+        out: a tensor of ``x``'s shape, dtype and device to hold the result (it may be ``x``).
 
     Returns:
-        A new tensor of ``x``'s shape, dtype and device holding -1, 0 (tie) or +1, the same on
-        every rank.
+        ``out``, or a new tensor of ``x``'s shape, dtype and device, holding -1, 0 (tie) or +1,
+        the same on every rank.
+
+    Calls of the same kind (communicator, topology, size, device, dtype) reuse one collective
+    and its buffers: in a loop, only the result is allocated, and with ``out`` nothing is.
     """
     # Validate everything before any communication, so every rank raises the same error.
     if not isinstance(x, torch.Tensor):
@@ -58,21 +62,42 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
     check_comm(comm)
     if step is not None and (not isinstance(step, int) or step < 0):
         raise ValueError(f"step must be an int >= 0 or None, got {step!r}")
-    n = x.numel()
-    rank, size = comm.Get_rank(), comm.Get_size()
-    if size == 1:   # no vote: the sign itself, 0 for 0 and NaN
+    if out is not None and not (isinstance(out, torch.Tensor) and out.shape == x.shape
+                                and out.dtype == x.dtype and out.device == x.device):
+        raise ValueError(f"out must be a tensor of x's shape {tuple(x.shape)}, dtype {x.dtype} "
+                         f"and device {x.device}, got {_describe(out)}")
+    if comm.Get_size() == 1:   # no vote: the sign itself, 0 for 0 and NaN
         if stats is not None:
             stats.update(bytes_sent=0, bytes_received=0)
-        return torch.nan_to_num(x.detach(), nan=0.0).sign()
+        result = torch.nan_to_num(x.detach(), nan=0.0, out=out)
+        return result.sign_()
     own = shared_vote_comm(comm, timeout)
     step = own.next_step() if step is None else step
-    zero_bit = (rank + step) % 2
     src = x.detach().contiguous()
-    backend = signs.signs_for([src])   # as the optimizer chooses, for this one tensor
-    words = backend.words(packing.n_words(n))
-    backend.pack(src, zero_bit, words)
-    voter = make_vote(topology, own.comm, timeout=timeout, n_coords=n, tally=backend.tally)
-    plus, tie = voter.vote(words, n, step=step)
+    n = src.numel()
+    call = own.keep((topology, n, src.device, src.dtype, timeout),
+                    lambda: _Call(topology, own.comm, timeout, src))
+    sent, received = call.voter.traffic.sent, call.voter.traffic.received
+    call.backend.pack(src, (comm.Get_rank() + step) % 2, call.words)
+    plus, tie = call.voter.vote(call.words, n, step=step)
     if stats is not None:
-        stats.update(bytes_sent=voter.traffic.sent, bytes_received=voter.traffic.received)
-    return backend.unpack(plus, tie, n, x).reshape(x.shape)
+        stats.update(bytes_sent=call.voter.traffic.sent - sent,
+                     bytes_received=call.voter.traffic.received - received)
+    result = call.backend.unpack(plus, tie, n, x, out)
+    return result if out is not None else result.view(x.shape)
+
+
+class _Call:
+    """One kind of call's signs backend, collective and word buffer, kept across calls."""
+
+    def __init__(self, topology: str, comm, timeout, like: torch.Tensor):
+        self.backend = signs.signs_for([like])   # as the optimizer chooses, for one tensor
+        self.words = self.backend.words(packing.n_words(like.numel()))
+        self.voter = make_vote(topology, comm, timeout=timeout, n_coords=like.numel(),
+                               tally=self.backend.tally)
+
+
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{tuple(t.shape)} {t.dtype} on {t.device}"
+    return type(t).__name__

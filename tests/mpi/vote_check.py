@@ -14,6 +14,7 @@ from common import WORLD, case, progress, rank_data, reference_vote
 
 import mpisign
 from mpisign import collectives, costmodel
+from mpisign.isolation import shared_vote_comm
 from mpisign.packing import n_words
 
 comm = WORLD
@@ -77,6 +78,37 @@ for topology in TOPOLOGIES:
                 check_case(topology, dtype, n, step)
             step += 1
             progress(step)
+
+# Calls of one kind reuse their collective and buffers; out= (a new tensor, or x itself) holds
+# the same bits as a fresh result, and stats count this call's bytes alone.
+for topology in TOPOLOGIES:
+    with case(f"{topology} reused, into out= and into x"):
+        n, kept = 4099, None
+        for k, dest in enumerate(["new", "out", "x", "new"]):
+            xs = [rank_data(n, r, seed=1000 + k) for r in range(size)]
+            x = xs[rank].clone()
+            out = {"new": None, "out": torch.full_like(x, 5.0), "x": x}[dest]
+            stats = {}
+            got = mpisign.majority_vote(x, comm, topology, step=step, stats=stats, out=out)
+            assert out is None or got is out, dest
+            ref = reference_vote(xs, step=step)
+            assert np.array_equal(got.to(torch.float64).numpy(), ref), dest
+            if size > 1:
+                calls = shared_vote_comm(comm).kept
+                call = calls[(topology, n, x.device, x.dtype, None)]
+                assert kept is None or call is kept, "the collective was built again"
+                kept = call
+                if topology == "allgather":
+                    assert stats == {"bytes_sent": 8 * n_words(n) * (size - 1),
+                                     "bytes_received": 8 * n_words(n) * (size - 1)}, stats
+            step += 1
+        try:
+            mpisign.majority_vote(torch.ones(5), comm, topology, out=torch.empty(4))
+        except ValueError as e:
+            assert "out must be" in str(e), e
+        else:
+            raise AssertionError("an out of the wrong shape was accepted")
+    progress(step)
 
 # The sharded vote's ring allgather of the result (forced at every length, and by default at a
 # size whose shards pass costmodel.RING_MIN_BYTES): the server's bits, the model's exact bytes.

@@ -1,0 +1,117 @@
+"""What a user's code calls, timed beside the baseline it replaces, in one process or one mpirun.
+
+    python benchmarks/bench_surface.py step              # Signum.step() vs SGD, one rank
+    python -m mpisign.launch -n 4 -- python benchmarks/bench_surface.py vote
+    # on the emulated 1 Gbit/s cluster (root):
+    benchmarks/netns_cluster.sh run -n 4 -- bash -c \\
+        '$NETNS_MPIRUN -n 4 python -m mpi4py benchmarks/bench_surface.py vote --label "netns 1gbit"'
+
+``step``: ``Signum(momentum=0.9).step()`` on one ``--n``-coordinate parameter (ResNet-50's
+25.6M by default) on ``COMM_SELF``, beside ``torch.optim.SGD(momentum=0.9).step()`` on the same,
+and Signum on the numpy reference kernels (``MPISIGN_KERNELS=reference`` when it is built):
+the same memory traffic is the target (SGD reads the gradient, momentum and parameter and writes
+momentum and parameter; so does Signum, plus one bit a coordinate).
+
+``vote``: ``mpisign.majority_vote(x, topology=...)`` on a float32 tensor, plain and with
+``out=``, beside ``comm.Allreduce`` of the same fp32 tensor (what the vote replaces), on every
+rank of ``COMM_WORLD``. Times are the slowest rank's.
+
+Each contender runs in turn, ``--rounds`` times interleaved, and the median of each is printed
+with its ratio to the baseline, so that a drift of the machine's speed hits all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+import mpisign
+from mpisign import native
+
+
+def interleaved(contenders: dict, rounds: int, comm=None) -> dict:
+    """Median seconds of each contender, run in turn ``rounds`` times (after one warm-up
+    each); with ``comm``, each time is the slowest rank's."""
+    for fn in contenders.values():
+        fn()
+    samples = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            if comm is not None:
+                comm.Barrier()
+            t = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t
+            samples[name].append(dt if comm is None else comm.allreduce(dt, op=MPI.MAX))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def report(title: str, times: dict, baseline: str) -> None:
+    print(title)
+    for name, t in times.items():
+        print(f"  {name:44s} {1e3 * t:9.2f} ms   x {t / times[baseline]:.2f} of {baseline}")
+
+
+def step_mode(args) -> None:
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+
+    def param():
+        p = torch.nn.Parameter(torch.randn(args.n, generator=gen))
+        p.grad = torch.randn(args.n, generator=gen)
+        return p
+
+    sgd = torch.optim.SGD([param()], lr=1e-4, momentum=0.9)
+    signum = mpisign.Signum([param()], lr=1e-4, momentum=0.9, comm=MPI.COMM_SELF)
+    contenders = {"torch SGD(momentum=0.9).step()": sgd.step,
+                  "mpisign Signum(momentum=0.9).step()": signum.step}
+    if native.available():   # the same step on the reference kernels, chosen at its first step
+        reference = mpisign.Signum([param()], lr=1e-4, momentum=0.9, comm=MPI.COMM_SELF)
+        os.environ["MPISIGN_KERNELS"] = "reference"
+        reference.step()
+        del os.environ["MPISIGN_KERNELS"]
+        contenders["mpisign Signum, numpy reference kernels"] = reference.step
+    times = interleaved(contenders, args.rounds)
+    report(f"one parameter of {args.n:,} coordinates, 1 rank, {args.threads} thread(s), "
+           f"kernels: {native.simd() if native.available() else 'reference'}, median of "
+           f"{args.rounds}", times, "torch SGD(momentum=0.9).step()")
+
+
+def vote_mode(args) -> None:
+    comm = MPI.COMM_WORLD
+    torch.set_num_threads(args.threads)
+    x = torch.randn(args.n, generator=torch.Generator().manual_seed(comm.Get_rank()))
+    out = torch.empty_like(x)
+    total = np.empty(args.n, dtype=np.float32)
+    contenders = {"comm.Allreduce fp32": lambda: comm.Allreduce(x.numpy(), total, op=MPI.SUM)}
+    for topology in args.topologies.split(","):
+        contenders[f"majority_vote {topology}"] = \
+            lambda t=topology: mpisign.majority_vote(x, comm, t)
+        contenders[f"majority_vote {topology}, out="] = \
+            lambda t=topology: mpisign.majority_vote(x, comm, t, out=out)
+    times = interleaved(contenders, args.rounds, comm)
+    if comm.Get_rank() == 0:
+        report(f"{args.n:,} float32 coordinates, {comm.Get_size()} ranks, {args.label}, "
+               f"median of {args.rounds}, slowest rank", times, "comm.Allreduce fp32")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("mode", choices=["step", "vote"])
+    ap.add_argument("--n", type=int, default=25_557_032, help="coordinates (ResNet-50: 25.6M)")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--topologies", default="sharded", help="comma-separated, for vote")
+    ap.add_argument("--label", default="shared memory")
+    args = ap.parse_args()
+    step_mode(args) if args.mode == "step" else vote_mode(args)
+
+
+if __name__ == "__main__":
+    main()
