@@ -2,6 +2,7 @@
 
     python benchmarks/bench_surface.py step              # Signum.step() vs SGD, one rank
     python -m mpisign.launch -n 4 -- python benchmarks/bench_surface.py vote
+    python -m mpisign.launch -n 4 -- python benchmarks/bench_surface.py train-step
     # on the emulated 1 Gbit/s cluster (root):
     benchmarks/netns_cluster.sh run -n 4 -- bash -c \\
         '$NETNS_MPIRUN -n 4 python -m mpi4py benchmarks/bench_surface.py vote --label "netns 1gbit"'
@@ -15,6 +16,12 @@ momentum and parameter; so does Signum, plus one bit a coordinate).
 ``vote``: ``mpisign.majority_vote(x, topology=...)`` on a float32 tensor, plain and with
 ``out=``, beside ``comm.Allreduce`` of the same fp32 tensor (what the vote replaces), on every
 rank of ``COMM_WORLD``. Times are the slowest rank's.
+
+``train-step``: the main job's optimizer step on its default model (the small CNN, 421,642
+parameters) as ``mpisign.train`` runs it: ``Signum(topology=..., monitor=DisagreementMonitor())
+.step()`` beside the fp32 baseline of ``--optimizer sgd`` (``AllreduceMean`` of the fused
+gradient, then ``SGD(momentum=0.9).step()``), on fixed random gradients; forward and backward
+are the same for both and left out.
 
 Each contender runs in turn, ``--rounds`` times interleaved, and the median of each is printed
 with its ratio to the baseline, so that a drift of the machine's speed hits all alike.
@@ -101,16 +108,48 @@ def vote_mode(args) -> None:
                f"median of {args.rounds}, slowest rank", times, "comm.Allreduce fp32")
 
 
+def train_step_mode(args) -> None:
+    from mpisign.train.baseline import AllreduceMean
+    from mpisign.train.models import build_model
+
+    comm = MPI.COMM_WORLD
+    torch.set_num_threads(args.threads)
+
+    def model_with_grads():
+        torch.manual_seed(0)
+        model = build_model("cnn", 1, 10, 28)   # Fashion-MNIST: 1 x 28 x 28, 10 classes
+        gen = torch.Generator().manual_seed(comm.Get_rank())
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        return model
+
+    sgd_model, signum_model = model_with_grads(), model_with_grads()
+    sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.01, momentum=0.9)
+    mean = AllreduceMean(sgd_model.parameters(), comm)
+    signum = mpisign.Signum(signum_model.parameters(), lr=1e-3, momentum=0.9, comm=comm,
+                            topology=args.topologies.split(",")[0],
+                            monitor=mpisign.DisagreementMonitor())
+    contenders = {"fp32 allreduce + SGD(momentum=0.9).step()": lambda: (mean(), sgd.step()),
+                  f"Signum({signum.topology}, monitor).step()": signum.step}
+    times = interleaved(contenders, args.rounds, comm)
+    if comm.Get_rank() == 0:
+        n = sum(p.numel() for p in signum_model.parameters())
+        report(f"small CNN ({n:,} parameters), {comm.Get_size()} ranks, {args.label}, median "
+               f"of {args.rounds}, slowest rank", times,
+               "fp32 allreduce + SGD(momentum=0.9).step()")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("mode", choices=["step", "vote"])
+    ap.add_argument("mode", choices=["step", "vote", "train-step"])
     ap.add_argument("--n", type=int, default=25_557_032, help="coordinates (ResNet-50: 25.6M)")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--topologies", default="sharded", help="comma-separated, for vote")
+    ap.add_argument("--topologies", default="sharded",
+                    help="comma-separated, for vote; the first one for train-step")
     ap.add_argument("--label", default="shared memory")
     args = ap.parse_args()
-    step_mode(args) if args.mode == "step" else vote_mode(args)
+    {"step": step_mode, "vote": vote_mode, "train-step": train_step_mode}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,13 @@ __all__ = ["ANY_RANK", "SPIN_SECONDS", "VoteTimeout", "bounded", "check_comm", "
 #: How long a wait polls without sleeping before it starts to nap (and yield the core).
 SPIN_SECONDS = 1e-4
 
+#: How long a wait then polls with ``sched_yield`` (the core goes to any runnable thread, and
+#: comes straight back when there is none) before it naps with a growing sleep: a sleep's
+#: timer granularity (50-100 us, then up to 1 ms) is longer than a small vote's round trip, and
+#: was a third of the main job's Signum step on oversubscribed ranks (measured with
+#: benchmarks/bench_surface.py train-step). Waits longer than this (a slow or dead peer) nap.
+YIELD_SECONDS = 5e-3
+
 #: The peer of a collective request in :func:`wait_all`: every rank, none in particular.
 ANY_RANK = "any rank"
 
@@ -60,12 +67,13 @@ def wait_all(requests: list[MPI.Request], peers: list, timeout: float, what: str
     ``peers[i]`` names who request ``i`` waits on: a rank, or :data:`ANY_RANK` for a collective
     request (which cannot tell which rank is missing).
 
-    Polls with ``Testsome`` and a short, growing sleep rather than blocking in ``Waitall``: an
-    oversubscribed rank then yields its core to the ranks it is waiting for, and the wait can
-    end with the names of the peers that never arrived.
+    Polls with ``Testsome`` rather than blocking in ``Waitall``, so that the wait can end with
+    the names of the peers that never arrived: it spins for :data:`SPIN_SECONDS`, then yields
+    the core between polls for :data:`YIELD_SECONDS` since the last progress (an oversubscribed
+    rank gives its core to the ranks it waits for), then naps with a growing sleep.
     """
     pending = dict(enumerate(peers))
-    start = time.monotonic()
+    start = since = time.monotonic()
     deadline = start + timeout
     nap = 0.0
     while pending:
@@ -73,10 +81,10 @@ def wait_all(requests: list[MPI.Request], peers: list, timeout: float, what: str
         if done:
             for i in done:
                 pending.pop(i, None)
-            nap = 0.0
+            nap, since = 0.0, time.monotonic()
             continue
         now = time.monotonic()
-        if now - start < SPIN_SECONDS:
+        if now - since < SPIN_SECONDS:
             continue  # small messages: answers come within microseconds, do not sleep yet
         if now > deadline:
             missing = sorted(set(pending.values()) - {ANY_RANK})
@@ -94,6 +102,9 @@ def wait_all(requests: list[MPI.Request], peers: list, timeout: float, what: str
             raise VoteTimeout(
                 f"{what}: {who} after {timeout:g} s (dead, stalled, or not calling the same "
                 f"collective; set MPISIGN_TIMEOUT to wait longer)")
+        if now - since < YIELD_SECONDS:
+            os.sched_yield()
+            continue
         time.sleep(nap)
         nap = min(1e-3, nap * 2 + 2e-5)
 

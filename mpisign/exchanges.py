@@ -1,6 +1,6 @@
 """The small exchanges beside the vote, each one bounded collective on the optimizer's own
-communicator: which parameters have a gradient on some rank, the monitor's disagreement figures,
-and the parameters' digests of the consistency check."""
+communicator: which parameters have a gradient on some rank, and the parameters' digests of the
+consistency check. (The monitor's figures ride in the step header: :mod:`mpisign.header`.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mpi4py import MPI
 
 from .comm import bounded
 
-__all__ = ["start_presence", "gather_floats", "params_digest", "ranks_differing"]
+__all__ = ["start_presence", "params_digest", "ranks_differing"]
 
 
 def start_presence(comm, present: list, timeout: float, what: str):
@@ -27,16 +27,6 @@ def start_presence(comm, present: list, timeout: float, what: str):
         bounded(req, what, timeout)
         return np.unpackbits(every, count=len(present), bitorder="little").astype(bool).tolist()
     return wait
-
-
-def gather_floats(comm, value: float, timeout: float, what: str) -> np.ndarray:
-    """Every rank's ``value``, in rank order (no exchange on one rank)."""
-    mine = np.array([value], dtype=np.float64)
-    if comm.Get_size() == 1:
-        return mine
-    every = np.empty(comm.Get_size())
-    bounded(comm.Iallgather(mine, every), what, timeout)
-    return every
 
 
 def params_digest(tensors) -> bytes:

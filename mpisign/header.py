@@ -12,12 +12,15 @@ word  what
 0     the step (``param_groups[0]["step"]``)
 1     a digest of the layout: parameter shapes, dtypes, groups, overlap, buckets
 2     a digest of every group's ``lr``, ``momentum`` and ``weight_decay``
-3     at step 0 only, a digest of the parameters' values (else 0)
+3     at step 0, a digest of the parameters' values; later, with a monitor, this rank's
+      disagreement with the previous step's vote (float64); else 0
 4-6   group 0's ``lr``, ``momentum``, ``weight_decay`` (float64), to name them in errors
 7     how many parameters have no gradient on this rank (all ones: not known yet)
 ====  ============================================================================
 
-Word 7 spares the usual step a second exchange: when every rank has every gradient, every
+Word 3 spares the monitor (:class:`mpisign.detection.DisagreementMonitor`) an exchange of its
+own, which cost a quarter of a small model's step: each rank's disagreement travels in the next
+step's header. Word 7 spares the usual step a second exchange: when every rank has every gradient, every
 parameter is updated. Otherwise one bit a parameter is OR-ed over the ranks
 (:func:`mpisign.optim`), and a parameter with no gradient anywhere is left alone.
 
@@ -78,7 +81,7 @@ class StepHeader:
     step: int
     layout: int
     hparams: int
-    params: int          # step 0 only: the parameters' values; else 0
+    params: int          # step 0: the parameters' values; later: the previous disagreement
     lr: float
     momentum: float
     weight_decay: float
@@ -90,6 +93,16 @@ class StepHeader:
         words[4:7] = np.array([self.lr, self.momentum, self.weight_decay]).view(np.uint64)
         words[7] = self.absent
         return words
+
+    @property
+    def previous_disagreement(self) -> float:
+        """Word 3 after step 0: the sender's disagreement with the previous step's vote."""
+        return float(np.array([self.params], dtype=np.uint64).view(np.float64)[0])
+
+    @staticmethod
+    def word(value: float) -> int:
+        """A float64 as word 3 carries it."""
+        return int(np.array([value], dtype=np.float64).view(np.uint64)[0])
 
     @classmethod
     def unpack(cls, words: np.ndarray) -> StepHeader:
@@ -164,8 +177,8 @@ def verdict(headers: list[StepHeader], rank: int, describe: str) -> None:
             f"differ from rank 0's (group 0 on each: {values}; other groups may differ too). "
             f"Set them alike on every rank: feed ReduceLROnPlateau a loss averaged over the "
             f"ranks, and write param_groups on every rank, not on one.")
-    checked = [h.params for h in headers]
-    if any(checked) and len(set(checked)) > 1:
+    checked = [h.params for h in headers]   # the parameters' digests, at step 0 only
+    if headers[0].step == 0 and any(checked) and len(set(checked)) > 1:
         differ = [r for r in range(len(headers)) if checked[r] != checked[0]]
         raise ParameterDivergence(
             f"at step {headers[rank].step}, rank(s) {differ} start from parameter values that "
@@ -188,6 +201,7 @@ class StepCheck:
     def reset(self) -> None:
         """A new step: nothing posted, nothing known."""
         self.pending: Exchange | None = None
+        self.headers: list[StepHeader] | None = None   # every rank's, once checked
         self.verified = False
         self.absent_known = False  # the headers count each rank's missing gradients
         self.all_present = False   # ... and every count is 0
@@ -208,5 +222,5 @@ class StepCheck:
         headers = finish(self.pending, timeout)
         self.pending = None
         verdict(headers, rank, describe())
-        self.verified, self.fresh = True, False
+        self.headers, self.verified, self.fresh = headers, True, False
         self.all_present = every_gradient_everywhere(headers)

@@ -65,7 +65,7 @@ class VoteStats:
     disagreement: float = 0.0    # last step: fraction of this rank's votes against the majority
     coordinates: int = 0         # coordinates voted on per step
     overlapped: int = 0          # bucket votes started from a gradient hook (overlap=True)
-    disagreement_by_rank: list = field(default_factory=list)  # last step, with a monitor
+    disagreement_by_rank: list = field(default_factory=list)  # see Signum's `monitor`
     suspects: list = field(default_factory=list)  # ranks the monitor flags (windowed mean)
 
     def as_dict(self) -> dict:
@@ -123,6 +123,9 @@ class Signum(Optimizer):
         monitor: a :class:`mpisign.detection.DisagreementMonitor`: every step, the ranks
             exchange their disagreement fractions (one float each) into
             ``stats.disagreement_by_rank``, and the monitor flags outliers (``stats.suspects``).
+            On several ranks the fractions travel in the next step's header, at no cost of
+            their own: after step k, ``disagreement_by_rank`` holds step k-1's (on one rank,
+            step k's).
     """
 
     #: torch.amp.GradScaler's protocol: ``scaler.step(opt)`` always calls :meth:`step`, which
@@ -267,7 +270,12 @@ class Signum(Optimizer):
         if self.world_size == 1 or self._check.posted:
             return
         step, g0 = self.param_groups[0]["step"], self.param_groups[0]
-        params = digest64(self.params_digest()) if step == 0 else 0
+        if step == 0:
+            params = digest64(self.params_digest())
+        else:   # the monitor's figure of the previous step rides along (see mpisign.header)
+            voted = self.stats.steps > 0   # a resumed optimizer has no previous figure: NaN
+            params = (StepHeader.word(self.stats.disagreement if voted else math.nan)
+                      if self.monitor is not None else 0)
         mine = StepHeader(step, self._layout.digest, self._hparams_digest(), params,
                           _number(g0["lr"]), _number(g0["momentum"]),
                           _number(g0["weight_decay"]), absent)
@@ -277,8 +285,13 @@ class Signum(Optimizer):
 
     def _check_header(self) -> None:
         """Every rank's header agrees with this one's, or every rank raises the same error."""
-        if self.world_size > 1:
-            self._check.check(self.timeout, self.rank, self._layout.summary)
+        if self.world_size == 1 or self._check.verified:
+            return
+        self._check.check(self.timeout, self.rank, self._layout.summary)
+        step = self._check.headers[0].step
+        every = [h.previous_disagreement for h in self._check.headers]
+        if self.monitor is not None and step > 0 and not any(map(math.isnan, every)):
+            self._record_disagreement(every, step - 1)
 
     # -- the step ---------------------------------------------------------------------------
     @torch.compiler.disable
@@ -325,8 +338,8 @@ class Signum(Optimizer):
         self.stats.bytes_received = self._voter.traffic.received
         # Step 4: the books.
         step = self.param_groups[0]["step"]
-        if self.monitor is not None:
-            self._exchange_disagreement(step)
+        if self.monitor is not None and self.world_size == 1:
+            self._record_disagreement([self.stats.disagreement], step)
         for group in self.param_groups:
             group["step"] = step + 1
         self._check.reset()
@@ -360,11 +373,10 @@ class Signum(Optimizer):
             return start_or()
         return lambda: (dict.fromkeys(ids, True) if self._check.all_present else start_or()())
 
-    def _exchange_disagreement(self, step: int) -> None:
-        every = exchanges.gather_floats(self._vote_comm(), self.stats.disagreement, self.timeout,
-                                        f"disagreement exchange at step {step}")
-        self.stats.disagreement_by_rank = every.tolist()
-        self.stats.suspects = self.monitor.record(every, step, verbose=self.rank == 0)
+    def _record_disagreement(self, every: list, step: int) -> None:
+        """Every rank's disagreement at ``step``, to the monitor and the statistics."""
+        self.stats.disagreement_by_rank = list(every)
+        self.stats.suspects = self.monitor.record(np.array(every), step, verbose=self.rank == 0)
 
     def _start_from_hook(self, bucket: Bucket) -> None:
         self._start_bucket(bucket)

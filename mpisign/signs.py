@@ -78,6 +78,14 @@ class Signs:
         raise NotImplementedError
 
 
+def _host_empty(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A new CPU tensor in numpy's memory, which asks the kernel for huge pages: a fresh
+    100 MB result then costs a few hundred page faults, not 25,000 (5x faster to fill)."""
+    if dtype == torch.bfloat16:   # no numpy bfloat16: the same two bytes as uint16
+        return torch.from_numpy(np.empty(n, dtype=np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.empty(n, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
+
+
 def _into(v: torch.Tensor, like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """The unpacked vote ``v`` (flat, on the host) where the caller wants it: ``out`` if given
     (``v`` may already be it), else ``v`` on ``like``'s device."""
@@ -190,10 +198,10 @@ class CompiledSigns(HostSigns):
 
     def unpack(self, plus: np.ndarray, tie: np.ndarray | None, n: int, like: torch.Tensor,
                out: torch.Tensor | None = None) -> torch.Tensor:
-        if like.dtype not in native.DTYPES:
+        if like.device.type != "cpu" or like.dtype not in native.DTYPES:
             return super().unpack(plus, tie, n, like, out)
         direct = out is not None and out.device.type == "cpu" and out.is_contiguous()
-        host = out if direct else torch.empty(n, dtype=like.dtype)
+        host = out if direct else _host_empty(n, like.dtype)
         native.unpack(plus, tie, host.view(-1))
         return _into(host, like, out)
 

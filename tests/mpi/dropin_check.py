@@ -299,6 +299,28 @@ def overlap_two_backwards():
                       lambda: model(xs[1]).sum().backward())   # ...and this would change them
 
 
+def monitor_in_header():
+    """With a monitor, every rank's disagreement reaches every rank in the next step's header:
+    after step k, stats.disagreement_by_rank is step k-1's figures, which an allgather of each
+    rank's own stats.disagreement confirms; the monitor records each step once."""
+    model, xs = model_and_batches(5)
+    monitor = mpisign.DisagreementMonitor(window=2)
+    opt = mpisign.Signum(model.parameters(), lr=0.01, comm=comm, monitor=monitor)
+    previous = None
+    for i, x in enumerate(xs):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+        mine = comm.allgather(opt.stats.disagreement)
+        if previous is not None:
+            assert opt.stats.disagreement_by_rank == previous, (opt.stats.disagreement_by_rank,
+                                                               previous)
+        previous = mine
+        progress(i)
+    assert len(monitor.history) == 2 and monitor.history[-1].tolist() == \
+        opt.stats.disagreement_by_rank
+
+
 case = sys.argv[1]
 globals()[case]()
 comm.Barrier()
