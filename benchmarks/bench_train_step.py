@@ -7,7 +7,11 @@
         '$NETNS_MPIRUN -n 4 python -m mpi4py benchmarks/bench_train_step.py --label "netns 1gbit"'
 
 torchvision's ResNet-18 (10 classes, 11.2M parameters) on CIFAR-shaped synthetic batches
-(3x32x32, fixed per rank). Each step is split, on every rank, into
+(3x32x32, fixed per rank), beside what a PyTorch user would pick instead to send less: DDP
+(gloo) with torch's own communication hooks, ``fp16_compress_hook`` and ``powerSGD_hook`` at
+ranks 1 and 4 (``--no-ddp`` leaves them out; DDP's ranks meet through a FileStore in /tmp, which
+the emulated cluster's namespaces share, and gloo talks over the interface MPI uses). Each step
+is split, on every rank, into
 
 * compute: forward and backward (with ``overlap=True`` this includes the packing and the start
   of the votes that the gradient hooks do);
@@ -15,6 +19,9 @@ torchvision's ResNet-18 (10 classes, 11.2M parameters) on CIFAR-shaped synthetic
   the vote's ``start`` + ``finish`` (send, wait, tally) for Signum;
 * other: the rest of ``step()``: copying gradients in and out and the SGD update, or Signum's
   momentum, packing and the fused apply of the vote.
+
+DDP runs its allreduce (and its hook's compression) inside the backward pass, so for DDP rows
+compute holds all of it and comm is 0: compare the step column.
 
 Figures are the slowest rank's, median over ``--steps`` steps after ``--warmup`` steps. On this
 2-core machine the ranks share the cores, so compute is M/2 times slower than on one core each;
@@ -98,6 +105,47 @@ class TimedVoter:
             self.finish_s += time.perf_counter() - t
 
 
+class DDPStep:
+    """DDP over gloo with one of torch's communication hooks, then torch SGD: the model to call
+    is ``net`` (the DDP wrapper), whose backward pass does the communication."""
+
+    def __init__(self, model, hook: str):
+        import torch.distributed as dist
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+        # PowerSGD's hook chains collectives in gloo's callback threads; with several buckets
+        # their order can differ between ranks (seen here: "Received data size doesn't match
+        # expected size"), so its models travel as one bucket.
+        cap = 1024 if hook.startswith("powersgd") else 25
+        self.net = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cap)
+        if hook == "fp16":
+            self.net.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        elif hook.startswith("powersgd"):
+            # Compress from the second step on (torch's default waits 1000 steps).
+            state = powersgd.PowerSGDState(process_group=dist.group.WORLD,
+                                           matrix_approximation_rank=int(hook[len("powersgd"):]),
+                                           start_powerSGD_iter=2)
+            self.net.register_comm_hook(state, powersgd.powerSGD_hook)
+        self.sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step(self):
+        self.sgd.step()
+
+
+def init_gloo(comm) -> None:
+    """torch.distributed over gloo for the DDP rows: ranks from MPI, a FileStore in /tmp, and
+    gloo on the interface the ranks reach each other by (the emulated cluster's ``mpi0``)."""
+    import socket
+    import tempfile
+
+    import torch.distributed as dist
+    path = comm.bcast(tempfile.mktemp(prefix="mpisign-gloo-") if comm.rank == 0 else None)
+    names = {name for _, name in socket.if_nameindex()}
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "mpi0" if "mpi0" in names else "lo")
+    dist.init_process_group("gloo", store=dist.FileStore(path, comm.Get_size()),
+                            rank=comm.rank, world_size=comm.Get_size())
+
+
 def run_config(comm, name, make_opt, args, batch):
     """Median over steps of the slowest rank's (step, compute, comm, other) seconds."""
     torch.manual_seed(0)  # the same initial model on every rank
@@ -120,7 +168,7 @@ def run_config(comm, name, make_opt, args, batch):
         comm.Barrier()
         t0 = time.perf_counter()
         model.zero_grad(set_to_none=False)
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(getattr(opt, "net", model)(x), y)
         loss.backward()
         t1 = time.perf_counter()
         before_step = comm_clock()[1]  # overlap: votes the hooks started count as compute
@@ -139,6 +187,9 @@ def run_config(comm, name, make_opt, args, batch):
             opt.check_consistency()  # every rank holds the same parameters
         sent = (opt.stats.bytes_sent - bytes0) / args.steps
         n_params = opt.stats.coordinates
+    elif isinstance(opt, DDPStep):
+        n_params = sum(p.numel() for p in model.parameters())
+        sent = float("nan")   # gloo does not count its bytes
     else:
         n_params = opt.flat.numel()
         sent = costmodel.traffic("ring_allreduce", n_params, comm.Get_size())[0][0]
@@ -156,6 +207,7 @@ def main() -> None:
     ap.add_argument("--topologies", default=",".join(sorted(TOPOLOGIES)),
                     help="comma-separated Signum topologies (default all)")
     ap.add_argument("--no-overlap", action="store_true", help="leave out the overlap=True runs")
+    ap.add_argument("--no-ddp", action="store_true", help="leave out DDP and its hooks")
     ap.add_argument("--label", default=os.environ.get("BENCH_LABEL", ""))
     ap.add_argument("--json", help="write the figures here (rank 0)")
     args = ap.parse_args()
@@ -181,6 +233,11 @@ def main() -> None:
             configs.append((f"Signum {topology} overlap", lambda mdl, t=topology: Signum(
                 mdl.parameters(), lr=1e-4, momentum=0.9, comm=comm, topology=t, overlap=True,
                 bucket_mb=8)))
+
+    if not args.no_ddp:
+        init_gloo(comm)
+        for hook in ("fp32", "fp16", "powersgd1", "powersgd4"):
+            configs.append((f"DDP gloo {hook}", lambda mdl, h=hook: DDPStep(mdl, h)))
 
     results = [run_config(comm, name, make, args, batch) for name, make in configs]
     if comm.rank == 0:
