@@ -14,6 +14,7 @@ addresses: a wrong size is a ValueError, never a write past a buffer.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -49,7 +50,9 @@ def why_not() -> str | None:
     if os.environ.get("MPISIGN_KERNELS", "compiled") == "reference":
         return "MPISIGN_KERNELS=reference"
     if _signs is None:
-        return f"the extension mpisign._signs was not built ({_error})"
+        if importlib.util.find_spec(f"{__package__}._signs") is None:
+            return "the extension mpisign._signs was not built (no C compiler at install?)"
+        return f"the extension mpisign._signs did not load ({_error})"
     return None
 
 
