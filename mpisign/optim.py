@@ -289,8 +289,10 @@ class Signum(Optimizer):
             return
         self._check.check(self.timeout, self.rank, self._layout.summary)
         step = self._check.headers[0].step
+        if self.monitor is None or step == 0:
+            return
         every = [h.previous_disagreement for h in self._check.headers]
-        if self.monitor is not None and step > 0 and not any(map(math.isnan, every)):
+        if not any(map(math.isnan, every)):   # NaN: a rank with no previous step (a resume)
             self._record_disagreement(every, step - 1)
 
     # -- the step ---------------------------------------------------------------------------

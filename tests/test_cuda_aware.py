@@ -258,3 +258,32 @@ def test_staged_path_on_cpu_stand_ins():
         assert gpu.staging.allocations == allocations == 3  # send, plus, tie
         assert gpu.staging.bytes_to_host == 8 * words_moved
         assert gpu.staging.bytes_to_device == 2 * 8 * words_moved
+
+
+def test_cupy_takes_torch_streams_by_what_each_library_has():
+    """CuPy >= 14's Stream.from_external needs torch >= 2.10's __cuda_stream__; with an older
+    torch the raw handle goes to ExternalStream, and with neither the error says what to do."""
+    from types import SimpleNamespace
+
+    from mpisign.cuda.kernels import _external_stream
+
+    calls = []
+    old_torch_stream = SimpleNamespace(cuda_stream=1234)
+    new_torch_stream = SimpleNamespace(cuda_stream=1234, __cuda_stream__=lambda: (0, 1234))
+
+    def cupy(from_external: bool, external: bool):
+        stream = type("Stream", (), {})
+        if from_external:
+            stream.from_external = staticmethod(lambda s: calls.append(("from_external", s)))
+        cuda = SimpleNamespace(Stream=stream)
+        if external:
+            cuda.ExternalStream = lambda handle, dev: calls.append(("ExternalStream", handle, dev))
+        return SimpleNamespace(cuda=cuda)
+
+    _external_stream(cupy(True, True), new_torch_stream, 0)
+    _external_stream(cupy(True, True), old_torch_stream, 1)      # CuPy 14, torch < 2.10
+    _external_stream(cupy(False, True), new_torch_stream, 2)     # CuPy < 14
+    assert calls == [("from_external", new_torch_stream), ("ExternalStream", 1234, 1),
+                     ("ExternalStream", 1234, 2)]
+    with pytest.raises(RuntimeError, match="torch >= 2.10"):
+        _external_stream(cupy(True, False), old_torch_stream, 0)

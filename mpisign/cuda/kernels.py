@@ -62,15 +62,24 @@ def _module(device_index: int):
         return cp.RawModule(code=SOURCE_PATH.read_text(), options=NVRTC_OPTIONS)
 
 
+def _external_stream(cp, stream, device_index: int):
+    """CuPy's view of torch's ``stream``. ``Stream.from_external`` (CuPy >= 14) takes an object
+    with ``__cuda_stream__``, which torch's streams have from 2.10 on; otherwise (older torch,
+    or older CuPy) ``ExternalStream`` takes the raw handle. Both ask for what each library has,
+    not for version numbers."""
+    if hasattr(cp.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
+        return cp.cuda.Stream.from_external(stream)
+    if hasattr(cp.cuda, "ExternalStream"):
+        return cp.cuda.ExternalStream(stream.cuda_stream, device_index)
+    raise RuntimeError("this CuPy has no ExternalStream and this torch's streams have no "
+                       "__cuda_stream__ (torch >= 2.10): upgrade torch, or use CuPy < 14")
+
+
 @contextlib.contextmanager
 def _on(device: torch.device):
     """CuPy on ``device``, queuing on torch's current stream there."""
     cp = _cupy()
-    stream = torch.cuda.current_stream(device)
-    if hasattr(cp.cuda.Stream, "from_external"):  # CuPy >= 14
-        cp_stream = cp.cuda.Stream.from_external(stream)
-    else:
-        cp_stream = cp.cuda.ExternalStream(stream.cuda_stream, device.index)
+    cp_stream = _external_stream(cp, torch.cuda.current_stream(device), device.index)
     with cp.cuda.Device(device.index), cp_stream:
         yield cp
 
