@@ -45,7 +45,7 @@ from .header import (HyperparameterMismatch, LayoutMismatch, ParameterDivergence
                      StepHeader, StepMismatch, digest64)
 from .isolation import OwnComm
 from .layout import Bucket, Layout, build_layout, signature, trainable
-from .overlap import BucketHooks
+from .overlap import BucketHooks, check_threads
 
 __all__ = ["Signum", "SignSGD", "LayoutMismatch", "ParameterDivergence",
            "HyperparameterMismatch", "StepMismatch", "VoteStats"]
@@ -252,6 +252,7 @@ class Signum(Optimizer):
             self._voter = make_vote(self.topology, self._own_comm.get(), timeout=self.timeout,
                                     n_coords=self._layout.coordinates, tally=self._signs.tally)
         if self.overlap:
+            check_threads([s.param for s in self._layout.slots])
             self._hooks.install(self._layout)
         log.debug("layout: %d parameters, %d coordinates, %d buckets, %d words per step",
                   len(self._layout.slots), self._layout.coordinates,

@@ -9,8 +9,32 @@ layers in the first buckets). ``step()`` then starts whatever no hook started an
 from __future__ import annotations
 
 import torch
+from mpi4py import MPI
 
-__all__ = ["BucketHooks"]
+__all__ = ["BucketHooks", "check_threads"]
+
+_LEVELS = {MPI.THREAD_SINGLE: "MPI_THREAD_SINGLE", MPI.THREAD_FUNNELED: "MPI_THREAD_FUNNELED",
+           MPI.THREAD_SERIALIZED: "MPI_THREAD_SERIALIZED",
+           MPI.THREAD_MULTIPLE: "MPI_THREAD_MULTIPLE"}
+
+
+def check_threads(params, query=None) -> None:
+    """Raise RuntimeError unless MPI may be called from another thread than the main one.
+
+    Gradient hooks of CUDA tensors run on autograd's worker thread for their device, so with
+    overlap a vote starts there, beside whatever the main thread does in MPI: that needs
+    ``MPI_THREAD_MULTIPLE`` (below it, undefined behaviour). CPU tensors' hooks run on the
+    thread that called ``backward()``. ``query`` stands in for ``MPI.Query_thread``."""
+    if not any(p.is_cuda for p in params):
+        return
+    level = (MPI.Query_thread if query is None else query)()
+    if level < MPI.THREAD_MULTIPLE:
+        raise RuntimeError(
+            f"Signum(overlap=True) with CUDA parameters starts votes from autograd's device "
+            f"thread, which needs MPI_THREAD_MULTIPLE; this MPI runs at "
+            f"{_LEVELS.get(level, level)}. Keep mpi4py's default (mpi4py.rc.thread_level = "
+            f"'multiple', set before importing mpi4py.MPI) with an MPI built for threads, or "
+            f"use overlap=False.")
 
 
 class BucketHooks:

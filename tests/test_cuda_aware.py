@@ -287,3 +287,40 @@ def test_cupy_takes_torch_streams_by_what_each_library_has():
                      ("ExternalStream", 1234, 2)]
     with pytest.raises(RuntimeError, match="torch >= 2.10"):
         _external_stream(cupy(True, False), old_torch_stream, 0)
+
+
+def test_device_buffers_go_to_mpi_under_their_own_device():
+    """A tensor on cuda:k is handed to mpi4py inside torch.cuda.device(k) (DLPack refuses to
+    export from another current device); host buffers under no context at all."""
+    import contextlib
+
+    from mpisign.collectives.base import device_of
+
+    class OnGpu3(torch.Tensor):   # a CPU stand-in that says it lives on cuda:3
+        is_cuda = property(lambda self: True)
+        device = property(lambda self: torch.device("cuda", 3))
+
+    ctx = device_of(torch.zeros(2).as_subclass(OnGpu3))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 3
+    assert isinstance(device_of(torch.zeros(2)), contextlib.nullcontext)
+    assert isinstance(device_of(np.zeros(2, np.uint64)), contextlib.nullcontext)
+
+
+def test_overlap_with_cuda_parameters_needs_mpi_thread_multiple():
+    """Hooks of CUDA tensors run on autograd's device thread: below MPI_THREAD_MULTIPLE the
+    first step refuses overlap with a clear error; CPU tensors (hooks on the caller's thread)
+    and MPI_THREAD_MULTIPLE pass."""
+    from mpi4py import MPI
+
+    from mpisign.overlap import check_threads
+
+    class OnGpu(torch.Tensor):
+        is_cuda = property(lambda self: True)
+
+    gpu = [torch.zeros(2).as_subclass(OnGpu)]
+    for level in (MPI.THREAD_SINGLE, MPI.THREAD_FUNNELED, MPI.THREAD_SERIALIZED):
+        with pytest.raises(RuntimeError, match="MPI_THREAD_MULTIPLE.*overlap=False"):
+            check_threads(gpu, query=lambda level=level: level)
+    check_threads(gpu, query=lambda: MPI.THREAD_MULTIPLE)
+    check_threads([torch.zeros(2)], query=lambda: MPI.THREAD_SINGLE)
+

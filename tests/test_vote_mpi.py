@@ -76,7 +76,7 @@ def test_device_resident_words_match_host_words(n, topology):
 DROPIN_CASES = ["compile", "grad_scaler", "isolation", "deepcopy", "vote_loop",
                 "signsgd_momentum", "initial_mismatch", "state_gather", "layout_one_rank",
                 "hparams_one_rank", "step_mismatch", "none_everywhere", "overlap_two_backwards",
-                "monitor_in_header"]
+                "monitor_in_header", "overlap_on_a_thread"]
 
 
 @pytest.mark.parametrize("case", DROPIN_CASES)

@@ -14,6 +14,7 @@ that device too. The CUDA stream is synchronized before MPI touches a device buf
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -26,7 +27,8 @@ from ..comm import (ANY_RANK, VoteTimeout, bounded, check_comm, default_timeout,
                     wait_all)
 
 __all__ = ["ANY_RANK", "Pending", "Traffic", "VoteTimeout", "SignVote", "bounded", "check_comm",
-           "check_words", "default_timeout", "host_tally", "ready_for_mpi", "wait_all"]
+           "check_words", "default_timeout", "device_of", "host_tally", "ready_for_mpi",
+           "wait_all"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,16 @@ def check_words(words) -> None:
         raise ValueError(f"words must be a contiguous 1-D uint64 array or int64 tensor, got "
                          f"{type(words).__name__} {getattr(words, 'dtype', '?')} "
                          f"{tuple(getattr(words, 'shape', ()))}")
+
+
+def device_of(buf):
+    """The device context of a CUDA buffer, else a no-op. mpi4py takes a tensor through DLPack,
+    and torch refuses to export one that is not on the current device ("Can't export tensors on
+    a different CUDA device index"): a user whose parameters are on ``cuda:k`` need not call
+    ``torch.cuda.set_device(k)`` first."""
+    if isinstance(buf, torch.Tensor) and buf.is_cuda:
+        return torch.cuda.device(buf.device)
+    return contextlib.nullcontext()
 
 
 def ready_for_mpi(buf) -> None:
@@ -166,13 +178,17 @@ class SignVote:
     def _isend(self, pending: Pending, buf, dest: int, phase: int) -> None:
         ready_for_mpi(buf)
         self.traffic.sent += buf.nbytes
-        pending.requests.append(self.comm.Isend(buf, dest=dest, tag=self._tag(pending, phase)))
+        with device_of(buf):
+            request = self.comm.Isend(buf, dest=dest, tag=self._tag(pending, phase))
+        pending.requests.append(request)
         pending.peers.append(dest)
 
     def _irecv(self, pending: Pending, buf, source: int, phase: int) -> None:
         ready_for_mpi(buf)
         self.traffic.received += buf.nbytes
-        pending.requests.append(self.comm.Irecv(buf, source=source, tag=self._tag(pending, phase)))
+        with device_of(buf):
+            request = self.comm.Irecv(buf, source=source, tag=self._tag(pending, phase))
+        pending.requests.append(request)
         pending.peers.append(source)
 
     def _wait(self, pending: Pending, what: str) -> None:

@@ -321,6 +321,34 @@ def monitor_in_header():
         opt.stats.disagreement_by_rank
 
 
+def overlap_on_a_thread():
+    """The CPU analogue of CUDA's backward thread: backward() (so the hooks that start the
+    votes, with their MPI calls) on a worker thread, under MPI_THREAD_MULTIPLE, gives the
+    parameters of overlap=False on the main thread."""
+    import threading
+
+    from mpi4py import MPI
+    assert MPI.Query_thread() == MPI.THREAD_MULTIPLE   # mpi4py's default
+    model, xs = model_and_batches(4)
+    twin = copy.deepcopy(model)
+    opt = mpisign.Signum(model.parameters(), lr=0.01, comm=comm, overlap=True, bucket_mb=1e-4)
+    ref = mpisign.Signum(twin.parameters(), lr=0.01, comm=comm)
+    for i, x in enumerate(xs):
+        worker = threading.Thread(target=lambda: model(x).square().sum().backward())
+        worker.start()
+        worker.join()
+        opt.step()
+        opt.zero_grad()
+        twin(x).square().sum().backward()
+        ref.step()
+        ref.zero_grad()
+        progress(i)
+    assert opt.stats.overlapped > 0
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    same_everywhere(model)
+
+
 case = sys.argv[1]
 globals()[case]()
 comm.Barrier()
