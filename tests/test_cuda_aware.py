@@ -14,9 +14,15 @@ import torch
 from mpisign.cuda import aware
 
 
-def fake_mpi(answer=None):
+VERSIONS = {"openmpi": "Open MPI v5.0.8, package: Open MPI", "mpich": "MPICH Version: 4.2.3",
+            "cray-mpich": "MPI VERSION    : CRAY MPICH version 8.1.30",
+            "mvapich": "MVAPICH2 Version      :\t2.3.7", "intel": "Intel(R) MPI Library 2021.13"}
+
+
+def fake_mpi(answer=None, library=None):
     """A stand-in for mpi4py.MPI: with Query_cuda_support() returning ``answer`` (an exception
-    to raise it), or without that function when ``answer`` is None."""
+    to raise it), or without that function when ``answer`` is None; Get_library_version()
+    naming ``library`` (a key of VERSIONS), or absent when None."""
     mod = types.SimpleNamespace(__name__="fake_mpi")
     if isinstance(answer, Exception):
         def query():
@@ -24,47 +30,75 @@ def fake_mpi(answer=None):
         mod.Query_cuda_support = query
     elif answer is not None:
         mod.Query_cuda_support = lambda: answer
+    if library is not None:
+        mod.Get_library_version = lambda: VERSIONS[library]
     return mod
 
 
-# (settings, library answer, expected decision, a word the reason must contain)
+# (settings, library answer, running library, UCX loaded, expected decision, a word the
+# reason must contain)
 CASES = [
-    ({}, None, False, "no setting"),
-    ({}, 0, False, "= 0"),
-    ({}, 1, True, "= 1"),
-    ({}, True, True, "= 1"),
-    ({}, -1, False, "no setting"),  # unknown
-    ({}, RuntimeError("binding"), False, "no setting"),
-    ({"MPISIGN_CUDA_AWARE": "1"}, 0, True, "override"),
-    ({"MPISIGN_CUDA_AWARE": "0"}, 1, False, "override"),
-    ({"MPISIGN_CUDA_AWARE": "0", "MPICH_GPU_SUPPORT_ENABLED": "1"}, None, False, "override"),
-    ({"MPISIGN_CUDA_AWARE": "true"}, None, True, "override"),
-    ({"MPICH_GPU_SUPPORT_ENABLED": "1"}, None, True, "MPICH_GPU_SUPPORT_ENABLED"),
-    ({"MPICH_GPU_SUPPORT_ENABLED": "1"}, 0, True, "MPICH_GPU_SUPPORT_ENABLED"),  # 0 is not final
-    ({"MPICH_GPU_SUPPORT_ENABLED": "0"}, None, False, "MPICH_GPU_SUPPORT_ENABLED"),
-    ({"MPIR_CVAR_ENABLE_GPU": "1"}, None, True, "MPIR_CVAR_ENABLE_GPU"),
-    ({"MV2_USE_CUDA": "1"}, None, True, "MV2_USE_CUDA"),
-    ({"OMPI_MCA_opal_cuda_support": "true"}, None, True, "OMPI_MCA_opal_cuda_support"),
-    ({"OMPI_MCA_opal_cuda_support": "false", "MV2_USE_CUDA": "1"}, None, False, "turns off"),
-    ({"UCX_TLS": "rc,sm,cuda_copy,cuda_ipc"}, None, True, "UCX_TLS"),
-    ({"UCX_TLS": "rc,sm"}, None, False, "UCX_TLS"),
-    ({"UCX_TLS": "rc,sm", "MPICH_GPU_SUPPORT_ENABLED": "1"}, None, False, "UCX_TLS"),  # off wins
-    ({"UCX_TLS": "rc,sm"}, 1, True, "= 1"),  # the library's yes wins
-    ({"UCX_TLS": "^cuda_ipc"}, None, False, "no setting"),  # cuda_copy still there: no word
-    ({"UCX_TLS": "^cuda"}, None, False, "UCX_TLS"),
-    ({"UCX_TLS": "all"}, None, False, "no setting"),
-    ({"UCX_TLS": "all", "UCX_MEMTYPE_CACHE": "n"}, None, True, "UCX_MEMTYPE_CACHE"),
-    ({"UCX_MEMTYPE_CACHE": "n"}, None, True, "UCX_MEMTYPE_CACHE"),
-    ({"UCX_MEMTYPE_CACHE": "y"}, None, False, "no setting"),
-    ({"UCX_MEMTYPE_CACHE": "n", "UCX_TLS": "tcp"}, None, False, "UCX_TLS"),
+    ({}, None, None, False, False, "no setting"),
+    ({}, 0, "openmpi", False, False, "= 0"),
+    ({}, 1, "openmpi", False, True, "= 1"),
+    ({}, True, None, False, True, "= 1"),
+    ({}, -1, None, False, False, "no setting"),  # unknown
+    ({}, RuntimeError("binding"), None, False, False, "no setting"),
+    ({"MPISIGN_CUDA_AWARE": "1"}, 0, "openmpi", True, True, "override"),
+    ({"MPISIGN_CUDA_AWARE": "0"}, 1, "openmpi", True, False, "override"),
+    ({"MPISIGN_CUDA_AWARE": "0", "MPICH_GPU_SUPPORT_ENABLED": "1"}, None, "cray-mpich", False,
+     False, "override"),
+    ({"MPISIGN_CUDA_AWARE": "true"}, None, None, False, True, "override"),
+    # The library's answer is final, whatever the settings say (the shipped multinode script
+    # exports Cray MPICH's and UCX's settings for every MPI).
+    ({"MPICH_GPU_SUPPORT_ENABLED": "1", "UCX_TLS": "rc,cuda_copy", "UCX_MEMTYPE_CACHE": "n"}, 0,
+     "openmpi", True, False, "= 0"),
+    ({"UCX_TLS": "rc,sm"}, 1, "openmpi", True, True, "= 1"),
+    # Settings count only for the library they belong to.
+    ({"MPICH_GPU_SUPPORT_ENABLED": "1"}, None, "cray-mpich", False, True,
+     "MPICH_GPU_SUPPORT_ENABLED"),
+    ({"MPICH_GPU_SUPPORT_ENABLED": "1"}, None, "openmpi", False, False, "no setting"),
+    ({"MPICH_GPU_SUPPORT_ENABLED": "1"}, None, None, False, False, "unknown MPI library"),
+    ({"MPICH_GPU_SUPPORT_ENABLED": "0"}, None, "cray-mpich", False, False,
+     "MPICH_GPU_SUPPORT_ENABLED"),
+    ({"MPIR_CVAR_ENABLE_GPU": "1"}, None, "mpich", False, False, "no setting"),  # the default
+    ({"MPIR_CVAR_ENABLE_GPU": "0"}, None, "mpich", False, False, "turns off"),
+    ({"MV2_USE_CUDA": "1"}, None, "mvapich", False, True, "MV2_USE_CUDA"),
+    ({"MV2_USE_CUDA": "1"}, None, "mpich", False, False, "no setting"),
+    ({"OMPI_MCA_opal_cuda_support": "true"}, None, "openmpi", False, True,
+     "OMPI_MCA_opal_cuda_support"),
+    ({"OMPI_MCA_opal_cuda_support": "false", "UCX_TLS": "cuda_copy"}, None, "openmpi", True,
+     False, "turns off"),
+    # UCX's settings only where MPI runs on UCX.
+    ({"UCX_TLS": "rc,sm,cuda_copy,cuda_ipc"}, None, "openmpi", True, True, "UCX_TLS"),
+    ({"UCX_TLS": "rc,sm,cuda_copy,cuda_ipc"}, None, "openmpi", False, False, "no setting"),
+    ({"UCX_TLS": "rc,sm"}, None, "openmpi", True, False, "UCX_TLS"),
+    ({"UCX_TLS": "rc,sm", "MPICH_GPU_SUPPORT_ENABLED": "1"}, None, "cray-mpich", True, False,
+     "UCX_TLS"),   # an off wins
+    ({"UCX_TLS": "^cuda_ipc"}, None, "mpich", True, False, "no setting"),  # cuda_copy still on
+    ({"UCX_TLS": "^cuda"}, None, "mpich", True, False, "UCX_TLS"),
+    ({"UCX_TLS": "all"}, None, "mpich", True, False, "no setting"),
+    ({"UCX_TLS": "all", "UCX_MEMTYPE_CACHE": "n"}, None, "mpich", True, True,
+     "UCX_MEMTYPE_CACHE"),
+    ({"UCX_MEMTYPE_CACHE": "n"}, None, "intel", False, False, "no setting"),
+    ({"UCX_MEMTYPE_CACHE": "y"}, None, "mpich", True, False, "no setting"),
+    ({"UCX_MEMTYPE_CACHE": "n", "UCX_TLS": "tcp"}, None, "mpich", True, False, "UCX_TLS"),
 ]
 
 
-@pytest.mark.parametrize("env, answer, expected, word", CASES)
-def test_detection(env, answer, expected, word):
-    got, reason = aware.detect_cuda_aware(fake_mpi(answer), env)
+@pytest.mark.parametrize("env, answer, library, ucx, expected, word", CASES)
+def test_detection(env, answer, library, ucx, expected, word):
+    got, reason = aware.detect_cuda_aware(fake_mpi(answer, library), env, ucx=ucx)
     assert got is expected, reason
     assert word in reason
+
+
+def test_the_running_library_is_named():
+    for library, version in VERSIONS.items():
+        assert aware.library_of(fake_mpi(library=library)) == library, version
+    assert aware.library_of(fake_mpi()) is None and aware.library_of(None) is None
+    from mpi4py import MPI
+    assert aware.library_of(MPI) in ("openmpi", "mpich")   # this machine's, before any init
 
 
 def test_override_must_be_a_boolean():
@@ -75,8 +109,9 @@ def test_override_must_be_a_boolean():
 def test_defaults_do_not_touch_mpi(monkeypatch):
     """With no module given and mpi4py.MPI not imported, detection reads only the environment."""
     monkeypatch.delitem(__import__("sys").modules, "mpi4py.MPI", raising=False)
-    assert aware.detect_cuda_aware(None, {"MV2_USE_CUDA": "1"})[0] is True
-    assert aware.detect_cuda_aware(None, {})[0] is False
+    assert aware.detect_cuda_aware(None, {"MPISIGN_CUDA_AWARE": "1"})[0] is True
+    aware_, reason = aware.detect_cuda_aware(None, {"MV2_USE_CUDA": "1"}, ucx=False)
+    assert aware_ is False and "unknown MPI library" in reason   # whose setting? none counts
 
 
 def test_symbol_lookup_in_loaded_libraries():
@@ -86,15 +121,15 @@ def test_symbol_lookup_in_loaded_libraries():
 
 
 def test_the_path_is_logged_once_and_loudly_when_staging(caplog):
-    env = {"UCX_TLS": "tcp,self"}  # a decision no other test logs
+    env = {"MV2_USE_CUDA": "no"}  # a decision no other test logs
     with caplog.at_level(logging.INFO, logger="mpisign.cuda.aware"):
         for _ in range(3):
-            assert aware.use_device_buffers(fake_mpi(), env) is False
+            assert aware.use_device_buffers(fake_mpi(library="mvapich"), env) is False
         for _ in range(2):
-            assert aware.use_device_buffers(fake_mpi(1), env) is True
+            assert aware.use_device_buffers(fake_mpi(1, "mvapich"), env) is True
     records = [r for r in caplog.records if r.name == "mpisign.cuda.aware"]
     assert [r.levelno for r in records] == [logging.WARNING, logging.INFO]
-    assert "staging" in records[0].getMessage() and "UCX_TLS" in records[0].getMessage()
+    assert "staging" in records[0].getMessage() and "MV2_USE_CUDA" in records[0].getMessage()
 
 
 # ---- staging ----------------------------------------------------------------------------------

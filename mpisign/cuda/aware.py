@@ -4,22 +4,32 @@
 rule that speaks wins:
 
 1. the user: ``MPISIGN_CUDA_AWARE=1`` or ``0``;
-2. the MPI library, if it says yes: ``MPIX_Query_cuda_support()`` (``MPI.Query_cuda_support()``
-   where mpi4py has it, else the symbol looked up in the libmpi this process has loaded). Its 0
-   is not final: Open MPI answers 0 for UCX builds that do move device memory
-   (open-mpi/ompi#7963, #11070);
-3. settings that turn GPU support off: ``MPICH_GPU_SUPPORT_ENABLED=0``, ``MPIR_CVAR_ENABLE_GPU=0``,
-   ``MV2_USE_CUDA=0``, ``OMPI_MCA_opal_cuda_support=false``, ``UCX_TLS`` without a cuda
-   transport or excluding ``cuda``/``cuda_copy``;
-4. settings that turn it on: the same variables set to 1/true (Cray MPICH, MPICH, MVAPICH2,
-   Open MPI smcuda), ``UCX_TLS`` naming a cuda transport, ``UCX_MEMTYPE_CACHE=n`` (set only for
-   CUDA-aware UCX);
-5. otherwise: not aware.
+2. the MPI library's own answer, final when there is one: ``MPIX_Query_cuda_support()``
+   (``MPI.Query_cuda_support()`` where mpi4py has it, else the symbol looked up in the libmpi
+   this process has loaded; Open MPI and MPICH 4.1+ have it). Open MPI answers 0 for some
+   UCX builds that do move device memory (open-mpi/ompi#7963, #11070): those take the staged
+   path unless the user says ``MPISIGN_CUDA_AWARE=1``, because a wrong yes crashes;
+3. settings of the library that is running, for libraries that do not answer (the library
+   from ``MPI.Get_library_version()``):
+
+   ============  ================================================================
+   Cray MPICH    ``MPICH_GPU_SUPPORT_ENABLED=1`` / ``0``
+   MVAPICH2      ``MV2_USE_CUDA=1`` / ``0``
+   Open MPI      ``OMPI_MCA_opal_cuda_support=true`` / ``false``
+   MPICH         ``MPIR_CVAR_ENABLE_GPU=0`` only (its default, 1, means nothing in a build
+                 without GPU support)
+   ============  ================================================================
+
+   and UCX's own (``UCX_TLS`` naming or excluding a cuda transport, ``UCX_MEMTYPE_CACHE=n``)
+   only when this process has loaded UCX (``libucp``), so a job script that exports every
+   MPI's settings (``slurm/multinode.sbatch``) does not make another MPI look CUDA-aware;
+4. otherwise: not aware.
 
 A wrong yes crashes (MPI dereferences a device pointer on the host), a wrong no only costs
-copies; hence only explicit settings count. :func:`use_device_buffers` logs the decision and its
-reason once, as a WARNING when staging, so a slow path is never silent. :class:`Staging` holds
-the host buffers, allocated once per slot and reused.
+copies; hence only the library's word and its own explicit settings count.
+:func:`use_device_buffers` logs the decision and its reason once, as a WARNING when staging, so
+a slow path is never silent. :class:`Staging` holds the host buffers, allocated once per slot
+and reused.
 """
 
 from __future__ import annotations
@@ -32,19 +42,20 @@ import sys
 import numpy as np
 import torch
 
-__all__ = ["OVERRIDE_ENV", "detect_cuda_aware", "use_device_buffers", "sync_for_mpi", "Staging"]
+__all__ = ["OVERRIDE_ENV", "detect_cuda_aware", "library_of", "use_device_buffers",
+           "sync_for_mpi", "Staging"]
 
 log = logging.getLogger(__name__)
 
 OVERRIDE_ENV = "MPISIGN_CUDA_AWARE"
 _TRUE = {"1", "true", "yes", "on", "y", "enabled"}
 _FALSE = {"0", "false", "no", "off", "n", "disabled"}
-# variable -> what it is; "1"/"true" turns GPU buffers on in that MPI, "0"/"false" off.
+# The running library -> its switch: (variable, what it is, whether its "on" counts).
 _SWITCHES = {
-    "MPICH_GPU_SUPPORT_ENABLED": "Cray MPICH GPU support",
-    "MPIR_CVAR_ENABLE_GPU": "MPICH GPU support",
-    "MV2_USE_CUDA": "MVAPICH2 CUDA support",
-    "OMPI_MCA_opal_cuda_support": "Open MPI CUDA support",
+    "cray-mpich": ("MPICH_GPU_SUPPORT_ENABLED", "Cray MPICH GPU support", True),
+    "mvapich": ("MV2_USE_CUDA", "MVAPICH2 CUDA support", True),
+    "openmpi": ("OMPI_MCA_opal_cuda_support", "Open MPI CUDA support", True),
+    "mpich": ("MPIR_CVAR_ENABLE_GPU", "MPICH GPU support", False),
 }
 _logged: set[tuple[bool, str]] = set()
 
@@ -94,11 +105,34 @@ def _ucx_tls(value: str) -> bool | None:
     return any(s.startswith("cuda") for s in items)
 
 
-def detect_cuda_aware(mpi_module=None, environ=None) -> tuple[bool, str]:
+def library_of(mpi) -> str | None:
+    """The MPI library mpi4py runs on: "openmpi", "cray-mpich", "mvapich", "mpich", "intel",
+    or None when there is no module or no answer (``MPI_Get_library_version`` needs no init)."""
+    try:
+        version = mpi.Get_library_version()
+    except Exception:   # no module, a stand-in without it, an odd binding
+        return None
+    for mark, name in (("Open MPI", "openmpi"), ("CRAY MPICH", "cray-mpich"),
+                       ("MVAPICH", "mvapich"), ("Intel(R) MPI", "intel"), ("MPICH", "mpich")):
+        if mark.lower() in version.lower():
+            return name
+    return None
+
+
+def _ucx_loaded() -> bool:
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("libucp" in line for line in maps)
+    except OSError:
+        return False
+
+
+def detect_cuda_aware(mpi_module=None, environ=None, ucx=None) -> tuple[bool, str]:
     """Whether MPI can take device buffers, and why (see the module docstring for the rules).
 
     ``mpi_module`` defaults to mpi4py.MPI if it is already imported (this never initializes
-    MPI); ``environ`` defaults to ``os.environ``.
+    MPI); ``environ`` defaults to ``os.environ``; ``ucx`` (whether MPI runs on UCX) to whether
+    this process has loaded ``libucp``.
     """
     env = os.environ if environ is None else environ
     # Step 1: the user's word.
@@ -107,29 +141,37 @@ def detect_cuda_aware(mpi_module=None, environ=None) -> tuple[bool, str]:
         if value not in _TRUE | _FALSE:
             raise ValueError(f"{OVERRIDE_ENV}={env[OVERRIDE_ENV]!r}: expected 1 or 0")
         return value in _TRUE, f"{OVERRIDE_ENV}={env[OVERRIDE_ENV]} (user override)"
-    # Step 2: the library's yes.
+    # Step 2: the library's answer.
     mpi = sys.modules.get("mpi4py.MPI") if mpi_module is None else mpi_module
     answer = _query_library(mpi)
-    if answer == 1:
-        return True, "MPIX_Query_cuda_support() = 1"
-    # Steps 3 and 4: explicit settings, the offs before the ons.
-    said = [(var, env[var].strip().lower(), what) for var, what in _SWITCHES.items() if var in env]
-    for var, value, what in said:
+    if answer in (0, 1):
+        return bool(answer), (f"MPIX_Query_cuda_support() = {answer}, the MPI library's own "
+                              f"answer" + ("" if answer else f" (set {OVERRIDE_ENV}=1 if it is "
+                                                             f"wrong)"))
+    # Step 3: the running library's settings, then UCX's if it runs on UCX; offs first.
+    library = library_of(mpi)
+    said = []
+    if library in _SWITCHES:
+        var, what, on_counts = _SWITCHES[library]
+        value = env.get(var, "").strip().lower()
         if value in _FALSE:
             return False, f"{var}={env[var]} turns off {what}"
-    tls = _ucx_tls(env.get("UCX_TLS", ""))
-    if tls is False:
-        return False, f"UCX_TLS={env['UCX_TLS']} leaves out UCX's cuda transports"
-    for var, value, what in said:
-        if value in _TRUE:
-            return True, f"{var}={env[var]} turns on {what}"
-    if tls:
-        return True, f"UCX_TLS={env['UCX_TLS']} names a cuda transport"
-    if env.get("UCX_MEMTYPE_CACHE", "").strip().lower() in _FALSE:
-        return True, f"UCX_MEMTYPE_CACHE={env['UCX_MEMTYPE_CACHE']} (a CUDA-aware UCX setting)"
-    # Step 5.
-    why = "MPIX_Query_cuda_support() = 0 and " if answer == 0 else ""
-    return False, why + f"no setting marks MPI as CUDA-aware (set {OVERRIDE_ENV}=1 if it is)"
+        if value in _TRUE and on_counts:
+            said.append((True, f"{var}={env[var]} turns on {what}"))
+    if _ucx_loaded() if ucx is None else ucx:
+        tls = _ucx_tls(env.get("UCX_TLS", ""))
+        if tls is False:
+            return False, f"UCX_TLS={env['UCX_TLS']} leaves out UCX's cuda transports"
+        if tls:
+            said.append((True, f"UCX_TLS={env['UCX_TLS']} names a cuda transport"))
+        if env.get("UCX_MEMTYPE_CACHE", "").strip().lower() in _FALSE:
+            said.append((True, f"UCX_MEMTYPE_CACHE={env['UCX_MEMTYPE_CACHE']} (a CUDA-aware "
+                               f"UCX setting)"))
+    if said:
+        return said[0]
+    # Step 4.
+    where = f"{library or 'an unknown MPI library'} gives no answer and "
+    return False, where + f"no setting of its own marks it CUDA-aware (set {OVERRIDE_ENV}=1 if it is)"
 
 
 def use_device_buffers(mpi_module=None, environ=None) -> bool:
