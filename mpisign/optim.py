@@ -96,6 +96,20 @@ def _check_hparams(lr, momentum, weight_decay, where: str = "") -> None:
                          f"{weight_decay!r}")
 
 
+def _all_finite_sums(tensors: list) -> list:
+    """Whether each tensor's sum is finite, with one read back per device (a GPU waits once
+    for all of its tensors, not once each)."""
+    by_device: dict = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    finite = [True] * len(tensors)
+    for indices in by_device.values():
+        sums = torch.stack([tensors[i].sum().float() for i in indices])
+        for i, ok in zip(indices, torch.isfinite(sums).tolist()):
+            finite[i] = ok
+    return finite
+
+
 class Signum(Optimizer):
     """Signum (momentum sign descent) with a majority vote of the signs over ``comm``.
 
@@ -489,8 +503,7 @@ class Signum(Optimizer):
         """``grads`` with NaN/inf entries replaced by 0 (in copies), counted in the stats."""
         # A sum is NaN/inf whenever an entry is (and, rarely, when finite values overflow: the
         # exact check below then finds nothing); it is about 10x cheaper than a max-norm.
-        sums = [g.sum() for g in grads]
-        suspect = [i for i, t in enumerate(sums) if not math.isfinite(float(t))]
+        suspect = [i for i, ok in enumerate(_all_finite_sums(grads)) if not ok]
         bad = [i for i in suspect if not bool(torch.isfinite(grads[i]).all())]
         if not bad:
             return grads
