@@ -91,3 +91,13 @@ def test_a_failing_launch_names_its_case():
     with pytest.raises(AssertionError) as err:
         mpirun.run(2, "case_check.py", timeout=60)
     assert "failed: rank 1 second: AssertionError: deliberate failure on rank 1" in str(err.value)
+
+
+def test_only_a_launch_that_never_started_is_tried_again():
+    """tests/mpirun.py relaunches once when the launcher failed before any rank ran, never when
+    a rank ran (that failure is the test's)."""
+    refused = "---\nThe PMIx server's listener thread failed to start. We cannot\ncontinue.\n"
+    assert mpirun.launch_failed(refused)
+    assert not mpirun.launch_failed("@progress rank=0 step=1\n" + refused)
+    assert not mpirun.launch_failed("@case rank=1 x\n" + refused)
+    assert not mpirun.launch_failed("Traceback ...\nAssertionError: wrong bits\n")
