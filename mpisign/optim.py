@@ -365,11 +365,6 @@ class Signum(Optimizer):
             self.check_consistency()
         return loss
 
-    def _vote_comm(self):
-        """The communicator the votes and their exchanges travel on (none is made for one
-        rank, which never communicates)."""
-        return self.comm if self.world_size == 1 else self._own_comm.get()
-
     def _presence(self, layout: Layout, present: list):
         """A function giving ``{id(param): has a gradient on some rank}``, to call after the
         header check. One rank: its own. Headers that counted the missing gradients: all
@@ -382,7 +377,7 @@ class Signum(Optimizer):
 
         def start_or():
             step = self.param_groups[0]["step"]
-            wait = exchanges.start_presence(self._vote_comm(), present, self.timeout,
+            wait = exchanges.start_presence(self._own_comm.get(), present, self.timeout,
                                             f"gradient presence at step {step} on rank "
                                             f"{self.rank}")
             return lambda: dict(zip(ids, wait()))
@@ -525,7 +520,7 @@ class Signum(Optimizer):
         """Raise :class:`ParameterDivergence` on every rank unless all hold identical parameters."""
         if self.world_size == 1:
             return
-        differ = exchanges.ranks_differing(self._vote_comm(), self.params_digest(),
+        differ = exchanges.ranks_differing(self._own_comm.get(), self.params_digest(),
                                            self.timeout, f"consistency check on rank {self.rank}")
         if differ:
             raise ParameterDivergence(

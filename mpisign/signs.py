@@ -43,7 +43,7 @@ import torch
 
 from . import native, packing
 
-__all__ = ["Signs", "HostSigns", "CompiledSigns", "host_tally", "signs_for"]
+__all__ = ["Signs", "HostSigns", "CompiledSigns", "host_tally", "signs_for", "unpack_by_apply"]
 
 
 def host_tally(votes, n: int):
@@ -100,6 +100,19 @@ def _into(v: torch.Tensor, like: torch.Tensor, out: torch.Tensor | None) -> torc
     return out
 
 
+def unpack_by_apply(apply, plus, tie, n: int, like: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """The GPU paths' unpack: ``apply`` (a kernel's ``p -= lr * (v + wd * p)``) on zeros with
+    lr = -1 gives ``0 + v`` exactly, so no unpack kernel is needed; into ``out`` where it can
+    take the kernel's writes (contiguous, on ``like``'s device), else a new tensor there."""
+    if out is not None and out.is_contiguous() and out.device == like.device:
+        apply(out.view(-1).zero_(), plus, tie, -1.0, 0.0)
+        return out
+    v = torch.zeros(n, dtype=like.dtype, device=like.device)
+    apply(v, plus, tie, -1.0, 0.0)
+    return _into(v, like, out)
+
+
 def _staged(t: torch.Tensor):
     """The staged GPU kernels for a CUDA tensor they take, or None (the reference path)."""
     if not t.is_cuda:
@@ -152,11 +165,8 @@ class HostSigns(Signs):
     def unpack(self, plus: np.ndarray, tie: np.ndarray | None, n: int, like: torch.Tensor,
                out: torch.Tensor | None = None) -> torch.Tensor:
         gpu = _staged(like)
-        if gpu is not None:   # on the device: the apply kernel on zeros with lr = -1 is 0 + v
-            direct = out is not None and out.is_contiguous() and out.device == like.device
-            v = out.view(-1) if direct else torch.empty(n, dtype=like.dtype, device=like.device)
-            gpu.apply(v.zero_(), plus, tie, -1.0, 0.0)
-            return _into(v, like, out)
+        if gpu is not None:   # on the device
+            return unpack_by_apply(gpu.apply, plus, tie, n, like, out)
         return _into(packing.unpack_signs(plus, n, tie, dtype=like.dtype), like, out)
 
 

@@ -60,14 +60,19 @@ _SWITCHES = {
 _logged: set[tuple[bool, str]] = set()
 
 
-def _loaded_symbol(library_part: str, symbol: str):
-    """``symbol`` from an already loaded shared library whose path contains ``library_part``."""
+def _loaded_libraries(library_part: str) -> set[str]:
+    """Paths of the shared libraries this process has loaded whose path contains
+    ``library_part`` (empty where /proc/self/maps cannot be read)."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if library_part in line and "/" in line}
+            return {line.split()[-1] for line in maps if library_part in line and "/" in line}
     except OSError:
-        return None
-    for path in sorted(paths):
+        return set()
+
+
+def _loaded_symbol(library_part: str, symbol: str):
+    """``symbol`` from an already loaded shared library whose path contains ``library_part``."""
+    for path in sorted(_loaded_libraries(library_part)):
         try:
             return getattr(ctypes.CDLL(path), symbol)
         except (OSError, AttributeError):
@@ -120,11 +125,7 @@ def library_of(mpi) -> str | None:
 
 
 def _ucx_loaded() -> bool:
-    try:
-        with open("/proc/self/maps") as maps:
-            return any("libucp" in line for line in maps)
-    except OSError:
-        return False
+    return bool(_loaded_libraries("libucp"))
 
 
 def detect_cuda_aware(mpi_module=None, environ=None, ucx=None) -> tuple[bool, str]:

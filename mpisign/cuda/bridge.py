@@ -26,7 +26,7 @@ import logging
 import numpy as np
 import torch
 
-from ..signs import Signs
+from ..signs import Signs, unpack_by_apply
 
 __all__ = ["CudaSigns", "ResidentSigns", "device_path", "staged_path"]
 
@@ -146,16 +146,8 @@ class ResidentSigns(Signs):
     def unpack(self, plus: torch.Tensor, tie: torch.Tensor | None, n: int, like: torch.Tensor,
                out: torch.Tensor | None = None) -> torch.Tensor:
         """-1 / 0 / +1 of ``n`` coordinates, of ``like``'s dtype, on the device (in ``out`` if
-        given): the apply kernel on zeros with lr = -1 gives ``0 + v`` exactly, so no unpack
-        kernel is needed."""
-        direct = out is not None and out.device == self.device and out.is_contiguous()
-        v = out.view(-1) if direct else torch.empty(n, dtype=like.dtype, device=self.device)
-        v.zero_()
-        self.apply(v, plus, tie, -1.0, 0.0)
-        if out is None or direct:
-            return v if out is None else out
-        out.copy_(v.view_as(out))
-        return out
+        given), by the apply kernel (:func:`mpisign.signs.unpack_by_apply`)."""
+        return unpack_by_apply(self.apply, plus, tie, n, like, out)
 
 
 def _kernels_work(device: torch.device) -> bool:
