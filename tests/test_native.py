@@ -174,7 +174,7 @@ def test_the_portable_bodies_too():
     env = dict(os.environ, MPISIGN_SIMD="portable")
     code = "import sys; from mpisign import native; print(native.simd())"
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True).stdout.strip() == "portable"
+                          text=True, timeout=120).stdout.strip() == "portable"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            __file__, "-k", "is_the_reference or nan_parameters"],
                           env=env, capture_output=True, text=True, timeout=600,
