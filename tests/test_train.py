@@ -179,9 +179,14 @@ def test_sigterm_to_one_rank_stops_every_rank_and_the_inverter_is_seen(tmp_path)
     os.kill(pids[2], signal.SIGTERM)
     out = finish(proc, 60, 0, "SIGTERM to rank 2")
     _check_stopped(tmp_path, "SIGTERM")
-    # Rank 0 inverts: it votes against the majority on most coordinates, the others rarely.
-    d = records(tmp_path, "step")[-1]["disagreement"]
-    assert d[0] > 0.5 > max(d[1:]), d
+    # Rank 0 inverts: it votes against the majority on most coordinates, the others rarely, in
+    # every record from the full window (step 28) to step 56. Not in whichever record the stop
+    # lands on: later in training single steps come near 1/2 (this run's step 77: 0.4947), and
+    # where the stop lands depends on the machine's speed.
+    early = [r["disagreement"] for r in records(tmp_path, "step") if 28 <= r["step"] <= 56]
+    assert early
+    for d in early:
+        assert d[0] > 0.5 > max(d[1:]), d
     # The monitor (on by default) names it, and only it, once its window is full.
     assert records(tmp_path, "step")[-1]["suspects"] == [0]
     assert "rank 0 voted against the majority" in out
