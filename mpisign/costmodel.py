@@ -51,7 +51,9 @@ import numpy as np
 from .packing import count_planes
 
 __all__ = [
-    "RING_MIN_BYTES", "sharded_ring_gather", "Link", "Cost", "TOPOLOGIES", "FP32_ALLREDUCES",
+    "RING_MIN_BYTES", "sharded_ring_gather", "Link", "Cost", "FLAT_TOPOLOGIES", "TOPOLOGIES",
+    "FP32_ALLREDUCES", "HierarchicalPlan", "hierarchical_plan", "between_nodes", "predict_nodes",
+    "choose_nodes",
     "BASELINES", "ALGORITHMS", "packed_bytes", "result_planes", "count_planes", "tally_passes",
     "tree_children", "tree_subtree", "shard_bounds",
     "add_counts_passes", "cost", "predict", "choose", "traffic", "measure_link",
@@ -71,8 +73,10 @@ def sharded_ring_gather(n_coords: int, ranks: int, min_bytes: int = RING_MIN_BYT
     return ranks > 2 and shard >= min_bytes
 
 
-#: The vote topologies of :mod:`mpisign.collectives`, in the order ``choose`` breaks ties.
-TOPOLOGIES = ("sharded", "allgather", "tree", "server")
+#: The flat vote topologies of :mod:`mpisign.collectives`, in the order ``choose`` breaks ties.
+FLAT_TOPOLOGIES = ("sharded", "allgather", "tree", "server")
+#: All vote topologies: the flat ones and the one that knows the nodes (see :func:`choose_nodes`).
+TOPOLOGIES = FLAT_TOPOLOGIES + ("hierarchical",)
 #: fp32 sum allreduces (the baseline a vote is measured against).
 FP32_ALLREDUCES = ("ring_allreduce", "rabenseifner_allreduce", "rd_allreduce")
 #: Other ways to move signs: GRACE's 8-bit allgather, the paper's code (broadcast gather).
@@ -194,6 +198,31 @@ def shard_bounds(w: int, m: int) -> list[int]:
     return [j * w // m for j in range(m + 1)]
 
 
+@dataclass(frozen=True)
+class HierarchicalPlan:
+    """Where the hierarchical vote cuts W packed words: S shards (S: the largest node's ranks),
+    each cut again in N pieces (N nodes). Word offsets, as :func:`shard_bounds` gives them."""
+
+    shards: tuple[int, ...]                # S + 1 offsets
+    pieces: tuple[tuple[int, ...], ...]    # per shard, N + 1 offsets (absolute)
+
+    def shard(self, s: int) -> tuple[int, int]:
+        """Words ``[lo, hi)`` of shard ``s``."""
+        return self.shards[s], self.shards[s + 1]
+
+    def piece(self, s: int, j: int) -> tuple[int, int]:
+        """Words ``[lo, hi)`` of piece ``j`` of shard ``s`` (decided on node ``j``)."""
+        return self.pieces[s][j], self.pieces[s][j + 1]
+
+
+def hierarchical_plan(w: int, node_sizes) -> HierarchicalPlan:
+    """The hierarchical vote's cut of ``w`` words over nodes of ``node_sizes`` ranks."""
+    bounds = shard_bounds(w, max(node_sizes))
+    return HierarchicalPlan(tuple(bounds), tuple(
+        tuple(lo + x for x in shard_bounds(hi - lo, len(node_sizes)))
+        for lo, hi in zip(bounds, bounds[1:])))
+
+
 def _tree_cost(n: int, m: int) -> Cost:
     w, k = packed_bytes(n), result_planes(m)
     up_msgs = up_bytes = compute = down_msgs = 0
@@ -223,13 +252,19 @@ def _shard_bytes(n: int, m: int) -> list[int]:
 
 # -- the model ---------------------------------------------------------------------------------
 
-def cost(algorithm: str, n_coords: int, ranks: int) -> Cost:
-    """Messages, wire bytes and compute bytes on the critical path (see the module table)."""
+def cost(algorithm: str, n_coords: int, ranks: int, nodes=None) -> Cost:
+    """Messages, wire bytes and compute bytes on the critical path (see the module table).
+
+    ``nodes``: ranks per node, for ``"hierarchical"`` (default: all ``ranks`` on one node);
+    its cost here prices every message on one link, see :func:`predict_nodes` for two."""
     _check(n_coords, ranks)
     n, m = int(n_coords), int(ranks)
     w, k, f = packed_bytes(n), result_planes(m), 4 * n
     if m == 1:
         return Cost(0, 0, 0)
+    if algorithm == "hierarchical":
+        inside, between = _hierarchical_cost(n, _node_sizes(nodes, m))
+        return inside + between
     lg = (m - 1).bit_length()  # ceil(log2 m)
     pow2 = 1 << (m.bit_length() - 1)  # largest power of 2 <= m
     extra = 0 if pow2 == m else 1  # non-power-of-2: fold the extra ranks in and out
@@ -266,7 +301,7 @@ def predict(algorithm: str, n_coords: int, ranks: int, link: Link) -> float:
     return cost(algorithm, n_coords, ranks).seconds(link)
 
 
-def choose(n_coords: int, ranks: int, link: Link, candidates=TOPOLOGIES) -> str:
+def choose(n_coords: int, ranks: int, link: Link, candidates=FLAT_TOPOLOGIES) -> str:
     """The candidate topology the model predicts fastest (ties: the earlier in ``candidates``)."""
     candidates = tuple(candidates)
     if not candidates:
@@ -275,15 +310,20 @@ def choose(n_coords: int, ranks: int, link: Link, candidates=TOPOLOGIES) -> str:
 
 
 def traffic(algorithm: str, n_coords: int, ranks: int,
-            ring_min_bytes: int = RING_MIN_BYTES) -> list[tuple[int, int]]:
+            ring_min_bytes: int = RING_MIN_BYTES, nodes=None) -> list[tuple[int, int]]:
     """``(bytes sent, bytes received)`` of each rank in one operation.
 
     Exactly what :class:`mpisign.collectives.SignVote.traffic` counts for the vote topologies
     (``ring_min_bytes``: the sharded vote's, see :func:`sharded_ring_gather`);
     for the MPI collectives, the textbook algorithm's figures (``ring_allreduce``: within one
     element per block of Open MPI's split; ``bcast_gather``: a binomial broadcast).
+    ``nodes``: ranks per node, consecutive ranks node by node, for ``"hierarchical"`` (default:
+    one node).
     """
     _check(n_coords, ranks)
+    if algorithm == "hierarchical":
+        return [(i_s + b_s, i_r + b_r) for i_s, i_r, b_s, b_r
+                in _hierarchical_bytes(n_coords, _node_sizes(nodes, ranks))]
     n, m = int(n_coords), int(ranks)
     w, k = packed_bytes(n), result_planes(m)
     if m == 1:
@@ -317,15 +357,151 @@ def traffic(algorithm: str, n_coords: int, ranks: int,
     raise ValueError(f"algorithm must be one of {list(ALGORITHMS)}, got {algorithm!r}")
 
 
+# -- nodes: the hierarchical vote, and what crosses between nodes ----------------------------
+
+def _node_sizes(nodes, ranks: int) -> list[int]:
+    sizes = [ranks] if nodes is None else [int(x) for x in nodes]
+    if not sizes or min(sizes) < 1 or sum(sizes) != ranks:
+        raise ValueError(f"nodes must be ranks per node (each >= 1) adding up to {ranks}, "
+                         f"got {nodes!r}")
+    return sizes
+
+
+def _hierarchical_bytes(n: int, sizes: list[int]) -> list[tuple[int, int, int, int]]:
+    """Per rank (consecutive ranks, node by node): bytes sent and received inside its node,
+    then sent and received between nodes, by the per-phase table of
+    :mod:`mpisign.collectives.hierarchical`."""
+    w, k = packed_bytes(n) // 8, result_planes(sum(sizes))
+    plan, planes = hierarchical_plan(w, sizes), [count_planes(size) for size in sizes]
+    out = []
+    for i, size in enumerate(sizes):
+        for local in range(size):
+            in_s = in_r = out_s = out_r = 0
+            for s in range(len(plan.shards) - 1):
+                ws = plan.shard(s)[1] - plan.shard(s)[0]
+                if s % size != local:   # another rank of the node owns shard s
+                    in_s, in_r = in_s + ws, in_r + k * ws
+                    continue
+                in_s, in_r = in_s + k * ws * (size - 1), in_r + (size - 1) * ws
+                wi = plan.piece(s, i)[1] - plan.piece(s, i)[0]
+                for j in range(len(sizes)):
+                    if j != i:
+                        wj = plan.piece(s, j)[1] - plan.piece(s, j)[0]
+                        out_s += planes[i] * wj + k * wi
+                        out_r += planes[j] * wi + k * wj
+            out.append((8 * in_s, 8 * in_r, 8 * out_s, 8 * out_r))
+    return out
+
+
+def _hierarchical_cost(n: int, sizes: list[int]) -> tuple[Cost, Cost]:
+    """The critical path inside the nodes (phases 1 and 4, and the compute) and between them
+    (phases 2 and 3), taking the busiest rank of each phase."""
+    m, big_n, w = sum(sizes), len(sizes), packed_bytes(n)
+    per_rank = _hierarchical_bytes(n, sizes)
+    owned = max(-(-max(sizes) // size) for size in sizes)   # shards a rank owns, at most
+    inside_msgs = 2 * max(-(-max(sizes) // size) * (size - 1) for size in sizes)
+    shard = owned * -(-w // max(sizes))
+    compute = (tally_passes(max(sizes)) * shard
+               + (big_n - 1) * add_counts_passes(count_planes(m)) * shard // big_n
+               + (_majority_passes(m) + result_planes(m)) * shard // big_n
+               + 2 * result_planes(m) * w)   # de-interleave the W x k result
+    inside = Cost(inside_msgs, max(max(r[0], r[1]) for r in per_rank), compute)
+    between = Cost(2 * owned * (big_n - 1), max(max(r[2], r[3]) for r in per_rank))
+    return inside, between
+
+
+def between_nodes(algorithm: str, n_coords: int, nodes) -> list[tuple[int, int]]:
+    """``(bytes sent, bytes received)`` between nodes by each node in one operation, with
+    consecutive ranks on each node of ``nodes`` ranks; exactly what the topologies count in
+    ``Traffic.sent_between_nodes`` for the vote topologies (not the tree), and for
+    ``ring_allreduce`` the ring's one crossing per node."""
+    sizes = _node_sizes(nodes, sum(int(x) for x in nodes))
+    n, m = int(n_coords), sum(sizes)
+    _check(n, m)
+    node_of = [i for i, size in enumerate(sizes) for _ in range(size)]
+    w, k = packed_bytes(n), result_planes(m)
+    sent, received = [0] * len(sizes), [0] * len(sizes)
+
+    def move(src: int, dst: int, nbytes: int) -> None:
+        if node_of[src] != node_of[dst]:
+            sent[node_of[src]] += nbytes
+            received[node_of[dst]] += nbytes
+
+    if algorithm == "hierarchical":
+        for r, (_, _, b_s, b_r) in enumerate(_hierarchical_bytes(n, sizes)):
+            sent[node_of[r]] += b_s
+            received[node_of[r]] += b_r
+    elif algorithm == "sharded":
+        shards = _shard_bytes(n, m)
+        ring = sharded_ring_gather(n, m)
+        for r in range(m):
+            for j in range(m):
+                if j != r:
+                    move(r, j, shards[j])
+                    if not ring:
+                        move(r, j, k * shards[r])
+            if ring:
+                move(r, (r + 1) % m, k * (w - shards[(r + 1) % m]))
+    elif algorithm == "allgather":
+        for r in range(m):
+            for j in range(m):
+                if j != r:
+                    move(r, j, w)
+    elif algorithm == "server":
+        for r in range(1, m):
+            move(r, 0, w)
+            move(0, r, k * w)
+    elif algorithm == "ring_allreduce":
+        for r in range(m):
+            move(r, (r + 1) % m, round(2 * 4 * n * (m - 1) / m))
+    else:
+        raise ValueError(f"between_nodes knows hierarchical, sharded, allgather, server and "
+                         f"ring_allreduce, got {algorithm!r}")
+    return list(zip(sent, received))
+
+
+def predict_nodes(algorithm: str, n_coords: int, nodes, inside: Link, between: Link) -> float:
+    """Seconds for one ``algorithm`` on nodes of ``nodes`` ranks, with ``inside`` the link
+    between two ranks of a node and ``between`` a node's link to the others (all of a node's
+    traffic to other nodes shares it: the emulated cluster, or one NIC a node).
+
+    The hierarchical vote: its phases inside the nodes on ``inside``, its 2 (N-1) messages
+    between nodes on ``between``'s alpha and the busiest node's bytes between nodes on its beta.
+    A flat algorithm: its single-link cost on ``inside``, plus ``between``'s alpha for every
+    message of its critical path and the busiest node's bytes between nodes on its beta."""
+    sizes = _node_sizes(nodes, sum(int(x) for x in nodes))
+    m = sum(sizes)
+    if len(sizes) == 1:
+        return cost(algorithm, n_coords, m, nodes=sizes if algorithm == "hierarchical" else None
+                    ).seconds(inside)
+    crossing = max(max(s, r) for s, r in between_nodes(algorithm, n_coords, sizes))
+    if algorithm == "hierarchical":
+        part_inside, part_between = _hierarchical_cost(n_coords, sizes)
+        return (part_inside.seconds(inside) + between.alpha * part_between.messages
+                + between.beta * crossing)
+    flat = cost(algorithm, n_coords, m)
+    return flat.seconds(inside) + between.alpha * flat.messages + between.beta * crossing
+
+
+def choose_nodes(n_coords: int, nodes, inside: Link, between: Link,
+                 candidates=("hierarchical", "sharded", "allgather", "server")) -> str:
+    """The candidate :func:`predict_nodes` finds fastest (ties: the earlier in ``candidates``)."""
+    candidates = tuple(candidates)
+    if not candidates:
+        raise ValueError("choose_nodes needs at least one candidate topology")
+    return min(candidates, key=lambda a: (predict_nodes(a, n_coords, nodes, inside, between),
+                                          candidates.index(a)))
+
+
 # -- measuring the figures ---------------------------------------------------------------------
 
-def _pingpong(comm, nbytes: int, repeat: int, concurrent: bool) -> float:
-    """Best half round trip of ``nbytes`` between ranks 0 and 1 (the others only wait), or,
-    ``concurrent``, between every pair (2i, 2i+1) at once, as seen by the slowest pair."""
+def _pingpong(comm, nbytes: int, repeat: int, concurrent: bool, pair=(0, 1)) -> float:
+    """Best half round trip of ``nbytes`` between the ranks of ``pair`` (the others only wait),
+    or, ``concurrent``, between every pair (2i, 2i+1) at once, as seen by the slowest pair."""
     from mpi4py import MPI  # here, not at import: the model itself needs no MPI
 
     rank, size = comm.Get_rank(), comm.Get_size()
-    peer = rank ^ 1 if concurrent else {0: 1, 1: 0}.get(rank)
+    peer = rank ^ 1 if concurrent else {pair[0]: pair[1], pair[1]: pair[0]}.get(rank)
     if peer is not None and peer >= size:
         peer = None  # odd M: the last rank has no partner
     buf = np.zeros(max(1, nbytes), dtype=np.uint8)
@@ -363,8 +539,9 @@ def _pass_seconds_per_byte(nbytes: int, repeat: int) -> float:
 
 
 def measure_link(comm, small: int = 8, large: int = 8 << 20, repeat: int = 5,
-                 compute_bytes: int = 32 << 20, concurrent: bool = False) -> Link:
-    """Fit ``alpha`` and ``beta`` by a ping-pong between ranks 0 and 1, ``gamma`` by a numpy pass.
+                 compute_bytes: int = 32 << 20, concurrent: bool = False, pair=(0, 1)) -> Link:
+    """Fit ``alpha`` and ``beta`` by a ping-pong between ranks 0 and 1 (or the two ranks of
+    ``pair``: two ranks of one node, or of two nodes), ``gamma`` by a numpy pass.
 
     Collective over ``comm``: every rank must call it, and every rank gets the same figures.
     ``alpha`` is the half round trip of ``small`` bytes; ``beta`` the slope between ``small``
@@ -386,8 +563,8 @@ def measure_link(comm, small: int = 8, large: int = 8 << 20, repeat: int = 5,
     bounded(comm.Ibarrier(), f"measure_link on rank {comm.Get_rank()}")
     alpha = beta = gamma = 0.0
     if comm.Get_size() > 1:
-        t_small = _pingpong(comm, small, repeat, concurrent)
-        t_large = _pingpong(comm, large, repeat, concurrent)
+        t_small = _pingpong(comm, small, repeat, concurrent, pair)
+        t_large = _pingpong(comm, large, repeat, concurrent, pair)
         beta = max(0.0, (t_large - t_small) / (large - small))
         alpha = max(0.0, t_small - beta * small)
     if concurrent:

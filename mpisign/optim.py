@@ -60,6 +60,8 @@ class VoteStats:
     steps: int = 0
     bytes_sent: int = 0          # payload bytes this rank posted to MPI
     bytes_received: int = 0
+    bytes_sent_between_nodes: int | None = None      # the part that crossed between nodes, for
+    bytes_received_between_nodes: int | None = None  # topologies that know the nodes, else None
     nonfinite: int = 0           # gradient entries that were NaN or inf, replaced by 0
     nonfinite_steps: int = 0     # steps in which at least one such entry was seen
     disagreement: float = 0.0    # last step: fraction of this rank's votes against the majority
@@ -121,7 +123,8 @@ class Signum(Optimizer):
         comm: mpi4py intracommunicator; None means ``MPI.COMM_WORLD``. On a communicator of
             size 1 this is plain single-worker Signum with no MPI traffic.
         topology: how the vote travels, a key of :data:`mpisign.TOPOLOGIES`: ``"server"`` (the
-            paper's), ``"tree"``, ``"sharded"``, ``"allgather"``; or ``"auto"``: the cost
+            paper's), ``"tree"``, ``"sharded"``, ``"allgather"``, ``"hierarchical"`` (exact
+            counts inside each node, far fewer bytes between nodes); or ``"auto"``: the cost
             model's choice for this model's size, the number of ranks and the measured link
             (measured at the first step, logged once; see ``topology_used``).
         timeout: seconds a vote waits on its peers before raising ``VoteTimeout``
@@ -353,6 +356,8 @@ class Signum(Optimizer):
         self.stats.disagreement = int(disagree) / max(1, layout.coordinates)
         self.stats.bytes_sent = self._voter.traffic.sent   # the collective is this optimizer's
         self.stats.bytes_received = self._voter.traffic.received
+        self.stats.bytes_sent_between_nodes = self._voter.traffic.sent_between_nodes
+        self.stats.bytes_received_between_nodes = self._voter.traffic.received_between_nodes
         # Step 4: the books.
         step = self.param_groups[0]["step"]
         if self.monitor is not None and self.world_size == 1:

@@ -36,14 +36,17 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
         x: floating tensor of any shape, different on each rank (same shape on all).
         comm: an mpi4py intracommunicator.
         topology: a key of ``mpisign.TOPOLOGIES`` (``"server"``: gather to rank 0, ``"tree"``,
-            ``"sharded"``, ``"allgather"``) or ``"auto"`` (the cost model's choice; the link is
+            ``"sharded"``, ``"allgather"``, ``"hierarchical"``: exact counts inside each node,
+            see :mod:`mpisign.collectives.hierarchical`) or ``"auto"`` (the cost model's choice; the link is
             measured, collectively, the first time a communicator is seen).
         step: mixes into the bit sent for 0/NaN coordinates, ``(rank + step) % 2``. None:
             the number of earlier calls on ``comm`` (the same on every rank), so that
             coordinates that are 0 everywhere alternate from call to call instead of drifting.
         timeout: seconds to wait on peers before raising ``VoteTimeout``
             (default ``$MPISIGN_TIMEOUT`` or 300).
-        stats: if a dict, receives ``bytes_sent`` and ``bytes_received`` for this call.
+        stats: if a dict, receives ``bytes_sent`` and ``bytes_received`` for this call; with
+            ``"hierarchical"`` also ``bytes_sent_between_nodes`` and
+            ``bytes_received_between_nodes``, the part of those that crossed between nodes.
         out: a tensor of ``x``'s shape, dtype and device to hold the result (it may be ``x``).
 
     Returns:
@@ -77,12 +80,12 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
     n = src.numel()
     call = own.keep((topology, n, src.device, src.dtype, timeout),
                     lambda: _Call(topology, own.comm, timeout, src))
-    sent, received = call.voter.traffic.sent, call.voter.traffic.received
+    before = _counted(call.voter.traffic)
     call.backend.pack(src, (comm.Get_rank() + step) % 2, call.words)
     plus, tie = call.voter.vote(call.words, n, step=step)
     if stats is not None:
-        stats.update(bytes_sent=call.voter.traffic.sent - sent,
-                     bytes_received=call.voter.traffic.received - received)
+        after = _counted(call.voter.traffic)
+        stats.update({k: v - before[k] for k, v in after.items()})
     result = call.backend.unpack(plus, tie, n, x, out)
     return result if out is not None else result.view(x.shape)
 
@@ -95,6 +98,15 @@ class _Call:
         self.words = self.backend.words(packing.n_words(like.numel()))
         self.voter = make_vote(topology, comm, timeout=timeout, n_coords=like.numel(),
                                tally=self.backend.tally)
+
+
+def _counted(traffic) -> dict:
+    """The byte counts ``stats`` reports: those between nodes where the topology knows them."""
+    counted = {"bytes_sent": traffic.sent, "bytes_received": traffic.received}
+    if traffic.sent_between_nodes is not None:
+        counted.update(bytes_sent_between_nodes=traffic.sent_between_nodes,
+                       bytes_received_between_nodes=traffic.received_between_nodes)
+    return counted
 
 
 def _describe(t) -> str:

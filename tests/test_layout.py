@@ -46,7 +46,7 @@ def test_python_m_mpisign_train_help():
 #: The library's layers, bottom up: a module may import its own layer and those below, never
 #: one above (application -> optim/vote -> collectives -> backends -> MPI helpers -> mpi4py).
 LAYERS = [
-    ("MPI helpers", {"mpisign.world", "mpisign.comm"}),
+    ("MPI helpers", {"mpisign.world", "mpisign.comm", "mpisign.nodes"}),
     ("backends", {"mpisign.packing", "mpisign._signs", "mpisign.native", "mpisign.signs",
                   "mpisign.cuda"}),
     ("collectives", {"mpisign.costmodel", "mpisign.collectives"}),

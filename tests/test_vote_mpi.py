@@ -24,6 +24,15 @@ def test_majority_vote_matches_numpy_reference(n, topology):
     assert f"vote_check OK on {n} ranks" in out
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6, 7, 8])
+def test_hierarchical_vote_over_groupings_matches_numpy(n):
+    """Every grouping of n ranks into nodes that the script knows (one node, one rank a node,
+    3+3, 2+3, 1+2+3, 4+4, interleaved, ...): numpy's bits, the documented bytes inside and
+    between nodes, and majority_vote and Signum with nodes named by $MPISIGN_NODE."""
+    out = mpirun.run(n, "hierarchical_check.py", timeout=300)
+    assert f"hierarchical_check OK on {n} ranks" in out
+
+
 # The paper's topologies on every size; the newer ones on one odd and one even size (the
 # collective-level test above already runs them on every size).
 OPTIM_CASES = ([(n, t) for t in ("server", "tree") for n in SIZES]

@@ -3,7 +3,10 @@
 ``make_vote(topology, comm)`` returns an object whose ``vote(words, n)`` gives every rank the
 packed majority ``(plus, tie)`` of all ranks' packed signs, the same bits whatever the topology.
 ``topology="auto"`` picks one with :mod:`mpisign.costmodel` from the message size, the number of
-ranks and the link's latency and bandwidth, measured once per communicator.
+ranks and the link's latency and bandwidth, measured once per communicator; when the ranks span
+several nodes with more than one rank on some node (:mod:`mpisign.nodes`), from the node layout
+and the links inside and between nodes, measured separately, with the hierarchical vote among
+the candidates.
 """
 
 from __future__ import annotations
@@ -11,15 +14,18 @@ from __future__ import annotations
 import logging
 
 from .. import costmodel
+from ..nodes import discover
 from .base import SignVote, Traffic, VoteTimeout, bounded, check_comm, default_timeout, wait_all
 from .allgather import AllgatherVote
+from .hierarchical import HierarchicalVote
 from .local import LocalVote
 from .server import ServerVote
 from .sharded import ShardedVote
 from .tree import TreeVote
 
 __all__ = ["TOPOLOGIES", "AUTO", "make_vote", "check_topology", "resolve_topology", "SignVote",
-           "ServerVote", "TreeVote", "ShardedVote", "AllgatherVote", "LocalVote", "Traffic",
+           "ServerVote", "TreeVote", "ShardedVote", "AllgatherVote", "HierarchicalVote", "LocalVote",
+           "Traffic",
            "VoteTimeout", "bounded", "check_comm", "default_timeout", "wait_all"]
 
 #: Topology name -> class. Every entry gives the same answer bit for bit.
@@ -28,6 +34,7 @@ TOPOLOGIES: dict[str, type[SignVote]] = {
     "tree": TreeVote,
     "sharded": ShardedVote,
     "allgather": AllgatherVote,
+    "hierarchical": HierarchicalVote,
 }
 
 
@@ -35,7 +42,7 @@ TOPOLOGIES: dict[str, type[SignVote]] = {
 AUTO = "auto"
 
 log = logging.getLogger(__name__)
-_links: dict = {}     # communicator handle -> measured costmodel.Link
+_links: dict = {}     # communicator handle -> _Measured
 _announced: set = set()
 
 
@@ -50,9 +57,10 @@ def check_topology(topology) -> str:
 def resolve_topology(topology: str, comm, n_coords: int) -> str:
     """``topology`` itself, or for "auto" the cost model's choice for ``n_coords`` on ``comm``.
 
-    Collective the first time "auto" meets a communicator: the ranks measure the link (a short
-    ping-pong between ranks 0 and 1) and every rank gets rank 0's figures, so all choose alike.
-    The choice is logged once on rank 0.
+    Collective the first time "auto" meets a communicator: the ranks find the nodes and measure
+    the link (a short ping-pong between ranks 0 and 1; on several nodes, one inside a node and
+    one between two nodes) and every rank gets rank 0's figures, so all choose alike. The
+    choice is logged once on rank 0.
     """
     check_topology(topology)
     if topology != AUTO:
@@ -61,15 +69,41 @@ def resolve_topology(topology: str, comm, n_coords: int) -> str:
         return "server"  # nothing travels on one rank
     key = comm.py2f()
     if key not in _links:
-        _links[key] = costmodel.measure_link(comm)
-    link = _links[key]
-    choice = costmodel.choose(n_coords, comm.Get_size(), link)
+        _links[key] = _Measured(comm)
+    measured = _links[key]
+    choice = measured.choose(n_coords)
     if comm.Get_rank() == 0 and (key, n_coords, choice) not in _announced:
         _announced.add((key, n_coords, choice))
-        log.info("topology=auto: %s for %d coordinates on %d ranks (link: alpha %.1f us, "
-                 "%.2f Gbit/s)", choice, n_coords, comm.Get_size(), 1e6 * link.alpha,
-                 link.gbit_per_s)
+        log.info("topology=auto: %s for %d coordinates on %d ranks (%s)", choice, n_coords,
+                 comm.Get_size(), measured)
     return choice
+
+
+class _Measured:
+    """A communicator's nodes and links, measured once (collective), and the choice they give."""
+
+    def __init__(self, comm):
+        self.nodes = discover(comm)
+        members = self.nodes.members
+        self.hierarchical = 1 < len(members) < comm.Get_size()
+        if not self.hierarchical:   # one node, or one rank a node: one kind of link
+            self.link, self.between = costmodel.measure_link(comm), None
+            return
+        inside = max(members, key=len)[:2]
+        self.link = costmodel.measure_link(comm, pair=tuple(inside))
+        self.between = costmodel.measure_link(comm, pair=(members[0][0], members[1][0]))
+
+    def choose(self, n_coords: int) -> str:
+        if not self.hierarchical:
+            return costmodel.choose(n_coords, len(self.nodes.node_of), self.link)
+        return costmodel.choose_nodes(n_coords, self.nodes.sizes, self.link, self.between)
+
+    def __str__(self) -> str:
+        text = f"link: alpha {1e6 * self.link.alpha:.1f} us, {self.link.gbit_per_s:.2f} Gbit/s"
+        if self.between is not None:
+            text = (f"{self.nodes.describe()}; inside a node {text}; between nodes: alpha "
+                    f"{1e6 * self.between.alpha:.1f} us, {self.between.gbit_per_s:.2f} Gbit/s")
+        return text
 
 
 def make_vote(topology: str, comm, timeout: float | None = None, n_coords: int = 0,

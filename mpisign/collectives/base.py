@@ -38,11 +38,17 @@ TAG_BASE = 0x1000
 
 @dataclass
 class Traffic:
-    """Bytes this rank moved in votes (payload only, as posted to MPI)."""
+    """Bytes this rank moved in votes (payload only, as posted to MPI).
+
+    ``sent_between_nodes`` and ``received_between_nodes``: the part of those that went to or
+    came from another node, counted when the topology knows the nodes (:attr:`SignVote.nodes`),
+    else None."""
 
     sent: int = 0
     received: int = 0
     votes: int = 0
+    sent_between_nodes: int | None = None
+    received_between_nodes: int | None = None
 
 
 def check_words(words) -> None:
@@ -120,6 +126,7 @@ class SignVote:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         self.tally = host_tally if tally is None else tally
         self.traffic = Traffic()
+        self.nodes = None   # a mpisign.nodes.Nodes: see count_nodes
         self._buffers: dict = {}  # (bucket, name) -> array, allocated once per shape
 
     def vote(self, words, n: int, step: int | None = None):
@@ -153,6 +160,16 @@ class SignVote:
     def _finish(self, pending: Pending):
         raise NotImplementedError
 
+    def count_nodes(self, nodes) -> None:
+        """Count from now on which bytes cross between the nodes of ``nodes`` (a
+        :class:`mpisign.nodes.Nodes` of this communicator), in :attr:`traffic`."""
+        if len(nodes.node_of) != self.size:
+            raise ValueError(f"nodes group {len(nodes.node_of)} ranks, the communicator has "
+                             f"{self.size}")
+        self.nodes = nodes
+        self.traffic.sent_between_nodes = self.traffic.sent_between_nodes or 0
+        self.traffic.received_between_nodes = self.traffic.received_between_nodes or 0
+
     # -- helpers for the topologies ----------------------------------------------------------
     @property
     def tie_possible(self) -> bool:
@@ -172,12 +189,29 @@ class SignVote:
             buf = self._buffers[key] = np.empty(shape, dtype=np.uint64)
         return buf
 
+    def _split(self, p: Pending, result):
+        """``(plus, tie)`` as contiguous word vectors, from a W x k result (row i holds word i's
+        plus and tie, so that any run of words is one contiguous message)."""
+        w = p.words.shape[0]
+        plus = self._buffer(p, "plus", (w,))
+        plus[:] = result[:, 0]
+        if not self.tie_possible:
+            return plus, None
+        tie = self._buffer(p, "tie", (w,))
+        tie[:] = result[:, 1]
+        return plus, tie
+
     def _tag(self, pending: Pending, phase: int) -> int:
         return TAG_BASE + 4 * pending.bucket + phase
+
+    def _crosses(self, peer: int) -> bool:
+        return self.nodes is not None and self.nodes.node_of[peer] != self.nodes.node_of[self.rank]
 
     def _isend(self, pending: Pending, buf, dest: int, phase: int) -> None:
         ready_for_mpi(buf)
         self.traffic.sent += buf.nbytes
+        if self._crosses(dest):
+            self.traffic.sent_between_nodes += buf.nbytes
         with device_of(buf):
             request = self.comm.Isend(buf, dest=dest, tag=self._tag(pending, phase))
         pending.requests.append(request)
@@ -186,6 +220,8 @@ class SignVote:
     def _irecv(self, pending: Pending, buf, source: int, phase: int) -> None:
         ready_for_mpi(buf)
         self.traffic.received += buf.nbytes
+        if self._crosses(source):
+            self.traffic.received_between_nodes += buf.nbytes
         with device_of(buf):
             request = self.comm.Irecv(buf, source=source, tag=self._tag(pending, phase))
         pending.requests.append(request)

@@ -94,14 +94,3 @@ class ShardedVote(SignVote):
                 self._irecv(p, result[b[q]: b[q + 1]], q, RESULT)
                 self._isend(p, mine, q, RESULT)
         self._wait(p, "allgather of the voted shards")
-
-    def _split(self, p, result):
-        """``(plus, tie)`` as contiguous word vectors, from the W x k result."""
-        w = p.words.shape[0]
-        plus = self._buffer(p, "plus", (w,))
-        plus[:] = result[:, 0]
-        if not self.tie_possible:
-            return plus, None
-        tie = self._buffer(p, "tie", (w,))
-        tie[:] = result[:, 1]
-        return plus, tie

@@ -66,6 +66,10 @@ def check_case(topology: str, dtype, n: int, step: int) -> None:
                         for r in range(size)], sent
         assert recv == [8 * (mine[r] * (size - 1) + k * (w - mine[r]))
                         for r in range(size)], recv
+    if size > 1 and topology == "hierarchical":
+        # One node here (the ranks share memory): the model's exact bytes, none between nodes.
+        assert list(zip(sent, recv)) == costmodel.traffic("hierarchical", n, size), (sent, recv)
+        assert stats["bytes_sent_between_nodes"] == stats["bytes_received_between_nodes"] == 0
     if size == 1:
         assert sent == [0] and recv == [0]
 

@@ -1,0 +1,163 @@
+"""Hierarchical vote: exact counts inside each node, counts added between nodes, the flat vote's bits.
+
+The ranks are grouped into N nodes (:mod:`mpisign.nodes`: shared memory, or ``$MPISIGN_NODE``);
+node ``i`` has ``L_i`` ranks, and ``S = max L_i``. The packed words are cut into S shards. On
+node ``i``, shard ``s`` belongs to its local rank ``s mod L_i``: each rank of the largest nodes
+owns one shard, a rank of a smaller node may own several. The owners of shard ``s`` (one per
+node) form its *rail*. Each shard is cut again into N pieces, piece ``j`` decided on node ``j``.
+
+1. Inside each node (an alltoall): every rank sends each shard of its signs to the node's owner
+   of that shard, which counts the node's ``L_i`` votes exactly, bit-sliced, in
+   ``P_i = bit_length(L_i)`` planes (:mod:`mpisign.packing`).
+2. Between nodes, along each rail: the owner on node ``i`` sends piece ``j`` of its count to the
+   owner on node ``j``, and receives piece ``i`` of every other node's count.
+3. It adds the N counts (exact and associative: the flat vote's count), compares the sum with
+   the global threshold ("+" above M/2, tie at M/2 for even M) and sends its piece of the result
+   (``k`` planes: 2 with the tie mask for even M, else 1) to the rail's other owners.
+4. Inside each node (an allgather): each owner sends its shards' results to the node's others.
+
+Every rank gets the server's bits, whatever the grouping. Bytes per rank, with ``w_s`` the words
+of shard s and ``w_sj`` of its piece j (:func:`mpisign.costmodel.traffic` counts them exactly):
+
+======================== ============================================ ===========================
+phase                    sent                                         received
+======================== ============================================ ===========================
+1 signs (inside)         ``w_s`` for each shard s it does not own     ``(L_i - 1) w_s`` per owned s
+2 counts (between)       ``P_i w_sj`` per owned s, per node j != i    ``P_j w_si`` likewise
+3 result (between)       ``k w_si (N - 1)`` per owned s               ``k (w_s - w_si)`` per owned s
+4 result (inside)        ``k w_s (L_i - 1)`` per owned s              ``k w_s`` per shard not owned
+======================== ============================================ ===========================
+
+Between nodes a node sends about ``(P_i + k) W (N-1)/N`` bytes (W: the packed words' bytes)
+where the flat sharded vote sends ``L_i (1 + k) W (N-1)/N``: 4x less for 8 ranks a node, 2.4x
+for 4. That traffic leaves the node from all of its ranks, one rail each, so a node with a NIC
+per GPU uses every NIC; the tally of each shard runs on its owner, in parallel.
+"""
+
+from __future__ import annotations
+
+from .. import packing
+from ..costmodel import hierarchical_plan
+from ..nodes import discover
+from .base import Pending, SignVote
+
+__all__ = ["HierarchicalVote"]
+
+SIGNS, COUNTS, RESULT, SHARE = 0, 1, 2, 3  # message phases
+
+
+class _Pending(Pending):
+    # The plan for these words; shard -> the node's votes (L x w_s); (shard, node) -> a count
+    # of that piece (this node's, or received); the W x k result.
+    __slots__ = ("plan", "rows", "counts", "result")
+
+
+class HierarchicalVote(SignVote):
+    """Counts inside each node, a sharded exchange of counts between nodes along rails, the
+    1-bit result back inside each node. ``nodes``: a :class:`mpisign.nodes.Nodes` of ``comm``
+    (default: :func:`mpisign.nodes.discover`, a collective)."""
+
+    name = "hierarchical"
+    pending_type = _Pending
+
+    def __init__(self, comm, timeout=None, tally=None, nodes=None):
+        super().__init__(comm, timeout, tally)
+        self.count_nodes(discover(comm, timeout=self.timeout) if nodes is None else nodes)
+        self.node = self.nodes.node_of[self.rank]
+        self.local = self.nodes.members[self.node]
+        self.shards = max(self.nodes.sizes)
+        self.owned = [s for s in range(self.shards) if self.owner(self.node, s) == self.rank]
+        self._plans: dict = {}
+
+    def owner(self, node: int, shard: int) -> int:
+        """The rank of ``node`` that owns ``shard``."""
+        members = self.nodes.members[node]
+        return members[shard % len(members)]
+
+    def _plan(self, w: int):
+        if w not in self._plans:
+            self._plans[w] = hierarchical_plan(w, self.nodes.sizes)
+        return self._plans[w]
+
+    def _start(self, p):
+        # Step 1: post the node's alltoall: each shard of this rank's signs to its owner here,
+        # and for each shard this rank owns, a row for every local rank's signs.
+        p.plan = self._plan(p.words.shape[0])
+        p.rows, p.counts = {}, {}
+        me = self.local.index(self.rank)
+        for s in range(self.shards):
+            lo, hi = p.plan.shard(s)
+            owner = self.owner(self.node, s)
+            if owner != self.rank:
+                self._isend(p, p.words[lo:hi], owner, SIGNS)
+                continue
+            rows = p.rows[s] = self._buffer(p, f"rows{s}", (len(self.local), hi - lo))
+            rows[me] = p.words[lo:hi]
+            for i, r in enumerate(self.local):
+                if r != self.rank:
+                    self._irecv(p, rows[i], r, SIGNS)
+
+    def _finish(self, p):
+        self._wait(p, "the node's signs (inside the node)")
+        self._exchange_counts(p)
+        self._wait(p, "the other nodes' counts")
+        p.result = self._buffer(p, "result", (p.words.shape[0], 2 if self.tie_possible else 1))
+        self._decide(p)
+        self._wait(p, "the other nodes' results")
+        self._share(p)
+        self._wait(p, "the node's results (inside the node)")
+        return self._split(p, p.result)
+
+    def _exchange_counts(self, p) -> None:
+        """Step 2: count the node's votes on each owned shard, piece by piece; send piece j to
+        node j's owner of the shard and receive every other node's count of this node's piece."""
+        sizes = self.nodes.sizes
+        for s in self.owned:
+            lo = p.plan.shard(s)[0]
+            a, b = p.plan.piece(s, self.node)
+            for j in range(len(sizes)):
+                c, d = p.plan.piece(s, j)
+                count = packing.tally(p.rows[s][:, c - lo: d - lo])
+                if j == self.node:
+                    p.counts[s, j] = count
+                    continue
+                p.counts[s, j, "sent"] = count   # alive until the send completes
+                self._isend(p, count, self.owner(j, s), COUNTS)
+                theirs = self._buffer(p, f"count{s}.{j}", (packing.count_planes(sizes[j]), b - a))
+                self._irecv(p, theirs, self.owner(j, s), COUNTS)
+                p.counts[s, j] = theirs
+
+    def _decide(self, p) -> None:
+        """Step 3: add the nodes' counts of each owned piece, take the global majority, and
+        trade the pieces' results along the rail."""
+        sizes = self.nodes.sizes
+        for s in self.owned:
+            a, b = p.plan.piece(s, self.node)
+            total, voters = p.counts[s, self.node], sizes[self.node]
+            for j in range(len(sizes)):
+                if j != self.node:
+                    voters += sizes[j]
+                    total = packing.add_counts(total, p.counts[s, j],
+                                               packing.count_planes(voters))
+            plus, tie = packing.majority(total, self.size, max(0, min(p.n - 64 * a, 64 * (b - a))))
+            p.result[a:b, 0] = plus
+            if tie is not None:
+                p.result[a:b, 1] = tie
+            for j in range(len(sizes)):
+                if j != self.node:
+                    other = self.owner(j, s)
+                    self._isend(p, p.result[a:b], other, RESULT)
+                    c, d = p.plan.piece(s, j)
+                    self._irecv(p, p.result[c:d], other, RESULT)
+
+    def _share(self, p) -> None:
+        """Step 4: each shard's result from its owner to the node's other ranks."""
+        for s in range(self.shards):
+            lo, hi = p.plan.shard(s)
+            owner = self.owner(self.node, s)
+            if owner != self.rank:
+                self._irecv(p, p.result[lo:hi], owner, SHARE)
+                continue
+            for r in self.local:
+                if r != self.rank:
+                    self._isend(p, p.result[lo:hi], r, SHARE)
