@@ -467,8 +467,9 @@ def predict_nodes(algorithm: str, n_coords: int, nodes, inside: Link, between: L
 
     The hierarchical vote: its phases inside the nodes on ``inside``, its 2 (N-1) messages
     between nodes on ``between``'s alpha and the busiest node's bytes between nodes on its beta.
-    A flat algorithm: its single-link cost on ``inside``, plus ``between``'s alpha for every
-    message of its critical path and the busiest node's bytes between nodes on its beta."""
+    A flat algorithm: ``between``'s alpha for every message of its critical path (it crosses
+    nodes), its wire bytes on ``inside``'s beta and compute on its gamma, plus the busiest
+    node's bytes between nodes on ``between``'s beta."""
     sizes = _node_sizes(nodes, sum(int(x) for x in nodes))
     m = sum(sizes)
     if len(sizes) == 1:
@@ -480,7 +481,8 @@ def predict_nodes(algorithm: str, n_coords: int, nodes, inside: Link, between: L
         return (part_inside.seconds(inside) + between.alpha * part_between.messages
                 + between.beta * crossing)
     flat = cost(algorithm, n_coords, m)
-    return flat.seconds(inside) + between.alpha * flat.messages + between.beta * crossing
+    return (between.alpha * flat.messages + inside.beta * flat.wire_bytes
+            + inside.gamma * flat.compute_bytes + between.beta * crossing)
 
 
 def choose_nodes(n_coords: int, nodes, inside: Link, between: Link,

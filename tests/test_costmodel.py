@@ -175,3 +175,66 @@ def test_names_match_the_collectives():
     from mpisign.collectives import TOPOLOGIES
 
     assert set(cm.TOPOLOGIES) == set(TOPOLOGIES)
+
+
+def test_hierarchical_bytes_reduce_to_the_sharded_vote_at_the_extremes():
+    """One node: the node's alltoall and allgather are the sharded vote's (messages posted at
+    once). One rank a node: the counts between nodes are one plane, the raw signs: again the
+    sharded vote. Two independent derivations of the same bytes."""
+    never_ring = 1 << 62
+    for n in (0, 1, 64 * 7 + 3, 100_003):
+        for m in (2, 3, 4, 5, 8):
+            flat = cm.traffic("sharded", n, m, ring_min_bytes=never_ring)
+            assert cm.traffic("hierarchical", n, m) == flat, (n, m)
+            assert cm.traffic("hierarchical", n, m, nodes=[1] * m) == flat, (n, m)
+            assert cm.between_nodes("hierarchical", n, [m]) == [(0, 0)]
+
+
+def test_hierarchical_between_nodes_is_p_plus_k_planes():
+    """Equal nodes of L ranks, N nodes: each node sends and receives (P(L) + k) W (N-1)/N
+    between nodes, where the flat sharded vote (messages at once) sends L (1 + k) W (N-1)/N."""
+    n = 64 * 8 * 4 * 100   # words divide evenly into shards and pieces
+    w = cm.packed_bytes(n)
+    for sizes in ([2, 2], [4, 4], [8, 8], [4, 4, 4, 4]):
+        big_n, L = len(sizes), sizes[0]
+        k = cm.result_planes(sum(sizes))
+        want = (cm.count_planes(L) + k) * w * (big_n - 1) // big_n
+        assert cm.between_nodes("hierarchical", n, sizes) == [(want, want)] * big_n, sizes
+    # Uneven nodes: what one node sends, the others receive.
+    for sizes in ([1, 2, 3], [3, 1], [5, 2]):
+        moved = cm.between_nodes("hierarchical", 100_003, sizes)
+        assert sum(s for s, _ in moved) == sum(r for _, r in moved)
+        per_rank = cm.traffic("hierarchical", 100_003, sum(sizes), nodes=sizes)
+        assert sum(s for s, _ in per_rank) == sum(r for _, r in per_rank)
+
+
+def test_between_nodes_of_the_flat_topologies():
+    n, sizes = 64 * 800, [2, 2]
+    w, k = cm.packed_bytes(n), 2
+    # allgather: every rank sends W to each of the 2 ranks of the other node.
+    assert cm.between_nodes("allgather", n, sizes) == [(2 * 2 * w, 2 * 2 * w)] * 2
+    # server: the other node's 2 workers send W up and receive k W.
+    assert cm.between_nodes("server", n, sizes) == [(2 * k * w, 2 * w), (2 * w, 2 * k * w)]
+    # ring allreduce: one crossing each way per node.
+    f = 4 * n
+    assert cm.between_nodes("ring_allreduce", n, sizes) == [(2 * f * 3 // 4,) * 2] * 2
+    with pytest.raises(ValueError, match="between_nodes knows"):
+        cm.between_nodes("tree", n, sizes)
+
+
+def test_choose_nodes():
+    n = 25_557_032
+    fast = Link.from_bandwidth(2000, alpha=2e-6)
+    slow = Link.from_bandwidth(100, alpha=5e-6)
+    # Bandwidth-bound between nodes, 8 ranks a node: the hierarchical vote.
+    assert cm.choose_nodes(n, [8] * 16, fast, slow) == "hierarchical"
+    assert cm.predict_nodes("hierarchical", n, [8] * 16, fast, slow) < \
+        cm.predict_nodes("sharded", n, [8] * 16, fast, slow)
+    # One node: the single-link model, priced on the link inside.
+    assert cm.predict_nodes("sharded", n, [4], fast, slow) == cm.predict("sharded", n, 4, fast)
+    # Latency only between nodes and few coordinates: fewer messages win over fewer bytes.
+    assert cm.choose_nodes(64, [2, 2], MSG, MSG) == "allgather"
+    with pytest.raises(ValueError, match="nodes must be"):
+        cm.predict_nodes("sharded", n, [4, 0], fast, slow)
+    with pytest.raises(ValueError, match="nodes must be"):
+        cm.traffic("hierarchical", n, 5, nodes=[2, 2])

@@ -52,6 +52,12 @@ def test_overlap_is_bit_identical_to_blocking(topology):
     assert f"overlap_check {topology} OK on 4 ranks" in out
 
 
+def test_overlap_with_the_hierarchical_vote_over_two_nodes():
+    """Nodes of 1 and 3 ranks: buckets' votes in flight at once, each with its four phases."""
+    out = mpirun.run(4, "overlap_check.py", "hierarchical", "1,3")
+    assert "overlap_check hierarchical OK on 4 ranks" in out
+
+
 @pytest.mark.parametrize("topology", ["server", "tree"])
 def test_missing_rank_ends_in_timeout_naming_it(topology):
     out = mpirun.run(3, "stall_check.py", "skip", topology, timeout=90,

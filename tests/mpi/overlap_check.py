@@ -1,7 +1,10 @@
 """overlap=True (votes started from gradient hooks, several buckets) gives the same bits as the
-blocking path, with a parameter whose .grad is None on some ranks.  Usage: overlap_check.py TOPOLOGY
+blocking path, with a parameter whose .grad is None on some ranks.
+Usage: overlap_check.py TOPOLOGY [NODE_SIZES], e.g. "hierarchical 1,3": ranks in nodes of 1 and
+3 ranks, named by $MPISIGN_NODE on each rank.
 """
 
+import os
 import sys
 
 import torch
@@ -12,6 +15,9 @@ import mpisign
 comm = WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
 topology = sys.argv[1]
+if len(sys.argv) > 2:
+    sizes = [int(x) for x in sys.argv[2].split(",")]
+    os.environ["MPISIGN_NODE"] = str([i for i, s in enumerate(sizes) for _ in range(s)][rank])
 
 
 def make_model():
