@@ -17,6 +17,10 @@ In one run, on the same vector sizes (default 1M, ResNet-18's 11.7M and ResNet-5
 * ``local pack`` / ``local apply``: pack_signs of the fp32 gradient and apply_signs of a vote,
   the local work a vote adds around the collective.
 
+On several nodes (``$MPISIGN_NODE``, as ``netns_cluster.sh mpirun -p R`` sets it, or shared
+memory), ``between MB`` is what the busiest node sent to other nodes: every vote counts it
+(``SignVote.count_nodes``); for MPI's collectives the PML's per-peer counts give it.
+
 Each figure is the slowest rank's time of one call (barrier first), best and median of
 ``--repeat`` after a warm-up; ``x fp32`` divides the best time by the best fp32 allreduce of the
 same run. Bytes per rank (largest over ranks): mpisign's own counters for the votes (and checked
@@ -47,6 +51,7 @@ import torch  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 from mpisign import costmodel, packing  # noqa: E402
+from mpisign.nodes import discover  # noqa: E402
 from mpisign.collectives import TOPOLOGIES, make_vote  # noqa: E402
 import ompi_tool  # noqa: E402
 from vote_variants import (BlockingWaitShardedVote, ConcurrentGatherShardedVote,  # noqa: E402
@@ -86,8 +91,15 @@ def per_rank(comm, sent: int, received: int) -> tuple[list[int], list[int]]:
     return [s for s, _ in rows], [r for _, r in rows]
 
 
-def pml_bytes(comm, monitor, op) -> tuple[list[int], list[int]] | None:
-    """Bytes each rank sent and received in one call of ``op``, as Open MPI's PML counted them."""
+def node_bytes(comm, nodes, sent_between: int) -> int:
+    """The most bytes one node sent to other nodes, from each rank's count."""
+    per_rank = comm.allgather(int(sent_between))
+    return max(sum(per_rank[r] for r in members) for members in nodes.members)
+
+
+def pml_bytes(comm, monitor, op, nodes=None) -> tuple | None:
+    """Bytes each rank sent and received in one call of ``op``, as Open MPI's PML counted them,
+    and on several ``nodes`` the most bytes a node sent to other nodes (else None)."""
     if monitor is None:
         return None
     comm.Barrier()
@@ -99,7 +111,11 @@ def pml_bytes(comm, monitor, op) -> tuple[list[int], list[int]] | None:
                                              MPI.COMM_WORLD.Get_group())
     matrix = matrix[:, world]
     comm.Barrier()
-    return matrix.sum(axis=1).tolist(), matrix.sum(axis=0).tolist()
+    between = None
+    if nodes is not None and len(nodes) > 1:
+        of = np.array(nodes.node_of)
+        between = max(int(matrix[np.ix_(of == i, of != i)].sum()) for i in range(len(nodes)))
+    return matrix.sum(axis=1).tolist(), matrix.sum(axis=0).tolist(), between
 
 
 # -- torch.distributed (gloo) -----------------------------------------------------------------
@@ -224,22 +240,27 @@ def check_identical(comm, cases: Cases, results: dict) -> bool:
     return bool(comm.allreduce(bool(ok), op=MPI.LAND))
 
 
-def run_size(comm, n: int, args, ring, gloo, pairs, monitor) -> tuple[list[dict], bool]:
+def run_size(comm, n: int, args, ring, gloo, pairs, monitor, nodes) -> tuple[list[dict], bool]:
     m = comm.Get_size()
     cases = Cases(comm, n, ring, gloo, pairs)
     rows, results = [], {}
 
-    def record(key, name, kind, model, times, sent=None, received=None, source=None):
+    def record(key, name, kind, model, times, sent=None, received=None, source=None,
+               between=None):
         rows.append(dict(n=n, key=key, name=name, kind=kind, model=model, times_s=times,
                          best_s=min(times), median_s=float(np.median(times)), sent=sent,
-                         received=received, bytes_source=source))
+                         received=received, bytes_source=source, between_node_bytes=between))
 
     def mpi_bytes(op, model):
-        measured = pml_bytes(comm, monitor, op)
+        measured = pml_bytes(comm, monitor, op, nodes)
         if measured is not None:
-            return (*measured, "pml")
+            sent, received, between = measured
+            return sent, received, "pml", between
         formula = costmodel.traffic(model, n, m)
         return [s for s, _ in formula], [r for _, r in formula], "formula"
+
+    # The cost model's figures need the nodes as consecutive ranks (netns_cluster.sh's -p).
+    sizes = nodes.sizes if list(nodes.node_of) == sorted(nodes.node_of) else None
 
     # The votes, each with its own counters, checked against the model's byte counts.
     votes = {t: (lambda t=t: make_vote(t, comm)) for t in sorted(TOPOLOGIES)}
@@ -249,19 +270,24 @@ def run_size(comm, n: int, args, ring, gloo, pairs, monitor) -> tuple[list[dict]
         votes["sharded-concurrent"] = lambda: ConcurrentGatherShardedVote(comm)
     for topology, make in votes.items():
         vote = make()
+        if vote.nodes is None:
+            vote.count_nodes(nodes)
         model = topology.split("-")[0]
-        before = (vote.traffic.sent, vote.traffic.received)
+        t = vote.traffic
+        before = (t.sent, t.received, t.sent_between_nodes)
         results[topology] = tuple(None if a is None else a.copy()
                                   for a in vote.vote(cases.words, n))
-        sent, received = per_rank(comm, vote.traffic.sent - before[0],
-                                  vote.traffic.received - before[1])
-        if topology in TOPOLOGIES and list(zip(sent, received)) != costmodel.traffic(model, n, m) \
-                and comm.rank == 0:
-            print(f"# WARNING: {topology} moved {list(zip(sent, received))} bytes, the cost "
-                  f"model says {costmodel.traffic(model, n, m)}", file=sys.stderr)
+        sent, received = per_rank(comm, t.sent - before[0], t.received - before[1])
+        between = node_bytes(comm, nodes, t.sent_between_nodes - before[2])
+        if topology in TOPOLOGIES and (model != "hierarchical" or sizes is not None):
+            want = costmodel.traffic(model, n, m, **({"nodes": sizes} if model == "hierarchical"
+                                                      else {}))
+            if list(zip(sent, received)) != want and comm.rank == 0:
+                print(f"# WARNING: {topology} moved {list(zip(sent, received))} bytes, the cost "
+                      f"model says {want}", file=sys.stderr)
         times = timed(comm, lambda: vote.vote(cases.words, n), args.vote_repeat)
         record(topology, f"mpisign {topology}", "vote" if topology in TOPOLOGIES else "variant",
-               model, times, sent, received, "counted")
+               model, times, sent, received, "counted", between)
 
     # fp32 allreduces.
     record("mpi_default", "MPI_Allreduce fp32 (default)", "fp32", "fp32_best",
@@ -300,7 +326,8 @@ def run_size(comm, n: int, args, ring, gloo, pairs, monitor) -> tuple[list[dict]
 def print_table(run: dict, file=sys.stdout) -> None:
     link = costmodel.Link(**run["link"])
     loaded = costmodel.Link(**run["link_loaded"])
-    print(f"\n## M = {run['ranks']} ranks, {run.get('label') or 'local'}; link (ping-pong fit): "
+    print(f"\n## M = {run['ranks']} ranks on nodes of {run.get('nodes')} ranks, "
+          f"{run.get('label') or 'local'}; link (ping-pong fit): "
           f"alpha {1e6 * link.alpha:.1f} us, {link.gbit_per_s:.2f} Gbit/s, "
           f"gamma {1e12 * link.gamma:.0f} ps/B (all pairs at once: {loaded.gbit_per_s:.2f} "
           f"Gbit/s, gamma {1e12 * loaded.gamma:.0f} ps/B); ring forced: {run['ring']['forced']}, "
@@ -313,12 +340,14 @@ def print_table(run: dict, file=sys.stdout) -> None:
         print(f"\nn = {n:,} coordinates: fp32 {4 * n / 1e6:.1f} MB, packed {w / 1e6:.2f} MB; "
               f"votes identical to the server's: {run['identical'][str(n)]}", file=file)
         print(f"{'':34s}{'best ms':>10s}{'median ms':>11s}{'x fp32':>9s}{'sent MB':>10s}"
-              f"{'recv MB':>10s}  bytes", file=file)
+              f"{'recv MB':>10s}{'between MB':>12s}  bytes", file=file)
         for r in rows:
             sent = "" if r["sent"] is None else f"{max(r['sent']) / 1e6:10.2f}"
             recv = "" if r["received"] is None else f"{max(r['received']) / 1e6:10.2f}"
+            between = r.get("between_node_bytes")
+            between = "" if between is None else f"{between / 1e6:12.2f}"
             print(f"{r['name']:34s}{1e3 * r['best_s']:10.2f}{1e3 * r['median_s']:11.2f}"
-                  f"{r['ratio_to_best_fp32']:9.4f}{sent:>10s}{recv:>10s}  "
+                  f"{r['ratio_to_best_fp32']:9.4f}{sent:>10s}{recv:>10s}{between:>12s}  "
                   f"{r['bytes_source'] or ''}", file=file)
 
 
@@ -347,6 +376,7 @@ def main() -> None:
                          "python -m mpisign.launch -n 4 -- python benchmarks/bench_collectives.py")
 
     monitor = ompi_tool.PmlMonitor.open(comm)
+    nodes = discover(comm)
     link = costmodel.measure_link(comm)
     loaded = costmodel.measure_link(comm, concurrent=True)  # every pair at once
     ring = ompi_tool.forced_allreduce_comm(comm, ompi_tool.ALLREDUCE_RING)
@@ -368,7 +398,7 @@ def main() -> None:
         if sub != MPI.COMM_NULL:
             pairs[i] = sub
 
-    run = dict(ranks=m, label=args.label, hostname=socket.gethostname(),
+    run = dict(ranks=m, nodes=nodes.sizes, node_of=list(nodes.node_of), label=args.label, hostname=socket.gethostname(),
                mpi=MPI.Get_library_version().splitlines()[0], repeat=args.repeat,
                vote_repeat=args.vote_repeat,
                env={k: v for k, v in os.environ.items()
@@ -380,7 +410,7 @@ def main() -> None:
                          why=ompi_tool.why.get("lib")),
                pml_monitoring=monitor is not None, identical={}, results=[])
     for n in args.sizes:
-        rows, identical = run_size(comm, n, args, ring, gloo, pairs, monitor)
+        rows, identical = run_size(comm, n, args, ring, gloo, pairs, monitor, nodes)
         run["results"] += rows
         run["identical"][str(n)] = identical
         if comm.rank == 0:

@@ -5,7 +5,8 @@
 #
 #   benchmarks/netns_cluster.sh run [-n 8] [-r 1gbit] -- COMMAND...   # up, COMMAND, down (trap)
 #   benchmarks/netns_cluster.sh up [-n 8] [-r 1gbit]                  # build it and leave it up
-#   benchmarks/netns_cluster.sh mpirun -n M [MPIRUN ARGS] PROGRAM...  # mpirun on its first M ranks
+#   benchmarks/netns_cluster.sh mpirun -n M [-p R] [MPIRUN ARGS] PROGRAM...
+#                                         # mpirun on its first M ranks, or R ranks a namespace
 #   benchmarks/netns_cluster.sh down                                  # remove all of it
 #   benchmarks/netns_cluster.sh status
 #
@@ -16,7 +17,10 @@
 #
 # Layout (addresses only inside namespaces made here; nothing in the root namespace changes):
 #   $PREFIX-hub   bridge br0 with $SUBNET.254 (mpirun's own address), veth v0..v{N-1}
-#   $PREFIX-rI    veth "mpi0" with $SUBNET.(I+1)/24, one rank
+#   $PREFIX-rI    veth "mpi0" with $SUBNET.(I+1)/24, one rank (or, with `mpirun -p R`, R ranks:
+#                 a host of R ranks that talk to each other unshaped, over TCP inside it)
+# Each namespace is a node: its ranks get MPISIGN_NODE=netns-rI, since all namespaces share one
+# hostname and one /dev/shm, and MPI's shared-memory split would take them for one node.
 # Each veth end carries `tc qdisc ... root tbf rate RATE burst 256kb latency 50ms`, so every rank
 # has a RATE full-duplex link to the switch. netem is not in this kernel: no delay emulation.
 #
@@ -70,7 +74,7 @@ case "\$host" in
     $SUBNET.*) i=\$((\${host##*.} - 1)) ;;
     *) echo "netns agent: unknown host \$host" >&2; exit 1 ;;
 esac
-exec ip netns exec $PREFIX-r\$i /bin/sh -c "\$*"
+exec ip netns exec $PREFIX-r\$i env MPISIGN_NODE=netns-r\$i /bin/sh -c "\$*"
 EOF
     chmod +x "$STATE/agent.sh"
     # Wait until every link is up (a veth comes up within milliseconds; be sure anyway).
@@ -95,12 +99,15 @@ down() {
 }
 
 mpirun_in_hub() {
-    [ "$1" = "-n" ] || die "usage: $0 mpirun -n M PROGRAM..."
-    local m=$2; shift 2
+    [ "$1" = "-n" ] || die "usage: $0 mpirun -n M [-p R] PROGRAM..."
+    local m=$2 per=1; shift 2
+    if [ "${1:-}" = "-p" ]; then per=$2; shift 2; fi
+    [ "$per" -ge 1 ] || die "-p must be >= 1, got $per"
     local n; n=$(ranks_up)
-    [ "$m" -ge 1 ] && [ "$m" -le "$n" ] || die "-n $m: the cluster has $n ranks up"
+    local used=$(((m + per - 1) / per))
+    [ "$m" -ge 1 ] && [ "$used" -le "$n" ] || die "-n $m -p $per: the cluster has $n namespaces up"
     local hosts=""
-    for i in $(seq 0 $((m - 1))); do hosts="$hosts${hosts:+,}$SUBNET.$((i + 1)):1"; done
+    for i in $(seq 0 $((used - 1))); do hosts="$hosts${hosts:+,}$SUBNET.$((i + 1)):$per"; done
     local pml=ob1
     case "${OMPI_MCA_pml_monitoring_enable:-0}" in 0) ;; *) pml=ob1,monitoring ;; esac
     local mpirun; mpirun=$(dirname "$(command -v python)")/mpirun
@@ -135,8 +142,9 @@ mpirun_in_hub() {
         PYTHONUNBUFFERED=1
     )
     # The daemons inherit this environment through the agent, and the ranks through them.
+    # Ranks fill one namespace's slots before the next: ranks 0..R-1 on the first, and so on.
     exec ip netns exec "$HUB" env "${settings[@]}" "$mpirun" --host "$hosts" -n "$m" \
-        --bind-to none "$@"
+        --map-by slot --bind-to none "$@"
 }
 
 parse_up_args() {
@@ -169,5 +177,5 @@ case "$cmd" in
         export NETNS_MPIRUN="$SELF mpirun" NETNS_RATE="$RATE" NETNS_RANKS="$N"
         "${REST[@]}"
         ;;
-    *) sed -n '2,25p' "$SELF" >&2; exit 2 ;;
+    *) sed -n '2,30p' "$SELF" >&2; exit 2 ;;
 esac

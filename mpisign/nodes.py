@@ -64,23 +64,27 @@ class Nodes:
 
 
 def _key(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    """A nonzero 64-bit digest of ``text`` (0 stands for "no name")."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") | 1
 
 
 def discover(comm: MPI.Intracomm, name: str | None = None,
              timeout: float | None = None) -> Nodes:
     """Collective over ``comm``: every rank's node (see the module's rules).
 
-    ``name``, if given, names this rank's node (overriding ``$MPISIGN_NODE``). Bounded: a rank
-    that never joins raises :class:`mpisign.comm.VoteTimeout` instead of hanging (every rank is
-    seen at a barrier before the blocking shared-memory split)."""
+    ``name``, if given, names this rank's node (overriding ``$MPISIGN_NODE``). The ranks first
+    trade names; only if some rank has none do they all split by shared memory. Bounded: a rank
+    that never joins raises :class:`mpisign.comm.VoteTimeout` instead of hanging, and every rank
+    has been seen before the split, which blocks. (On the emulated cluster, where every rank
+    has a name, Open MPI's shared-memory split hung on one namespace's ranks.)"""
     check_comm(comm)
     timeout = default_timeout() if timeout is None else timeout
-    rank = comm.Get_rank()
     if name is None:
         name = os.environ.get(NODE_VAR) or None
-    bounded(comm.Ibarrier(), f"finding the nodes on rank {rank}", timeout)
-    shared = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    keys = _trade(comm, 0 if name is None else _key(f"name:{name}"), timeout, "names")
+    if keys.all():
+        return Nodes.from_keys(keys.tolist())
+    shared = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     groups = shared.Get_group(), comm.Get_group()
     try:   # the node's lowest rank names a shared-memory node: shared rank 0, as key=rank orders
         lowest = groups[0].Translate_ranks([0], groups[1])[0]
@@ -88,8 +92,13 @@ def discover(comm: MPI.Intracomm, name: str | None = None,
         for group in groups:
             group.Free()
         shared.Free()
-    mine = np.array([_key(f"name:{name}" if name is not None else f"shared:{lowest}")],
-                    dtype=np.uint64)
+    mine = _key(f"shared:{lowest}") if name is None else _key(f"name:{name}")
+    return Nodes.from_keys(_trade(comm, mine, timeout, "shared-memory nodes").tolist())
+
+
+def _trade(comm, key: int, timeout: float, what: str) -> np.ndarray:
+    """Every rank's ``key`` (nonzero), or 0 where a rank has none; bounded."""
     keys = np.empty(comm.Get_size(), dtype=np.uint64)
-    bounded(comm.Iallgather(mine, keys), f"exchanging the node names on rank {rank}", timeout)
-    return Nodes.from_keys(keys.tolist())
+    bounded(comm.Iallgather(np.array([key], dtype=np.uint64), keys),
+            f"exchanging the {what} on rank {comm.Get_rank()}", timeout)
+    return keys
