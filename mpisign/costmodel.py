@@ -19,6 +19,9 @@ tree               chain of largest subtrees: ``L`` up,  up: ``sum_r P(s_r) W`` 
                    ``sum c_v`` down (concurrent sends)   subtree), down: ``sum c_v * k W``
 sharded            ``2 (M-1)``                           ``(1 + k) W (M-1)/M`` (any M: flat per rank)
 allgather          ``M-1``                               ``(M-1) W``
+hierarchical       ``2 (R-1)`` inside, ``2 (N-1)``       inside: ``(R-1) W/R`` in, ``k (R-1) W/R`` out;
+                   between nodes (R ranks a node, N      between: ``(P(R) + k) W/R (N-1)/N`` a rank,
+                   nodes)                                ``(P(R) + k) W (N-1)/N`` a node
 ring_allreduce     ``2 (M-1)``                           ``2 F (M-1)/M``
 rd_allreduce       ``L`` (+2 if M is not a power of 2)   ``L F`` (+2F)
 rabenseifner       ``2 L`` (+2)                          ``2 F (M'-1)/M'`` (+2F), M' = 2^floor(log2 M)
@@ -37,7 +40,9 @@ The model assumes that each rank has its own full-duplex link to a non-blocking 
 emulated cluster, InfiniBand fat trees); on one shared-memory machine the ranks share memory
 bandwidth and cores, and the model is optimistic there. :func:`measure_link` fits ``alpha`` and
 ``beta`` by a ping-pong and ``gamma`` by timing a numpy pass; :func:`choose` is what
-``topology="auto"`` uses.
+``topology="auto"`` uses. On several nodes, :func:`predict_nodes` prices the traffic inside a node
+and between nodes on two links, and :func:`choose_nodes` weighs the hierarchical vote against the
+flat topologies with them; :func:`between_nodes` counts the bytes that cross between nodes.
 """
 
 from __future__ import annotations

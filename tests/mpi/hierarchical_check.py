@@ -146,6 +146,17 @@ for dtype in (torch.float32, torch.float64):
                 assert sum(sent_between) > 0 and sent_between[0] > 0, sent_between
         step += 1
 
+with case("auto on two nodes: the links inside and between measured apart, one choice"):
+    from mpisign import collectives
+    dup = comm.Dup()
+    choice = collectives.resolve_topology("auto", dup, 1 << 20)
+    assert choice in mpisign.TOPOLOGIES, choice
+    assert len(set(comm.allgather(choice))) == 1, "ranks chose differently"
+    measured = collectives._links[dup.py2f()]
+    assert measured.nodes.sizes == ([1, size - 1] if size > 1 else [1]), measured.nodes
+    assert (measured.between is not None) == (size > 2), "a link between nodes measured or not"
+    dup.Free()
+
 with case("Signum hierarchical == server after 5 steps"):
     finals = {}
     for topology in ("server", "hierarchical"):
