@@ -88,6 +88,14 @@ def test_device_resident_words_match_host_words(n, topology):
     assert f"resident_check {topology} OK on {n} ranks" in out
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and not os.environ.get("CXX"),
+                    reason="the emulated kernels need a C++ compiler")
+def test_device_resident_words_through_the_hierarchical_vote_over_two_nodes():
+    """Counts of device words added across nodes of 1 and 3 ranks (torch ops on the device)."""
+    out = mpirun.run(4, "resident_check.py", "hierarchical", "1,3")
+    assert "resident_check hierarchical OK on 4 ranks" in out
+
+
 DROPIN_CASES = ["compile", "grad_scaler", "isolation", "deepcopy", "vote_loop",
                 "signsgd_momentum", "initial_mismatch", "state_gather", "layout_one_rank",
                 "hparams_one_rank", "step_mismatch", "none_everywhere", "overlap_two_backwards",

@@ -16,7 +16,10 @@ node) form its *rail*. Each shard is cut again into N pieces, piece ``j`` decide
    (``k`` planes: 2 with the tie mask for even M, else 1) to the rail's other owners.
 4. Inside each node (an allgather): each owner sends its shards' results to the node's others.
 
-Every rank gets the server's bits, whatever the grouping. Bytes per rank, with ``w_s`` the words
+Every rank gets the server's bits, whatever the grouping. On one node, step 3 takes the majority
+of the node's rows with the signs backend's tally (the CUDA kernel on the GPU path), as the
+sharded vote does; across nodes the counts are added with :mod:`mpisign.packing`'s bitwise ops,
+which run on the words' device, as the tree's do. Bytes per rank, with ``w_s`` the words
 of shard s and ``w_sj`` of its piece j (:func:`mpisign.costmodel.traffic` counts them exactly):
 
 ======================== ============================================ ===========================
@@ -112,6 +115,8 @@ class HierarchicalVote(SignVote):
         """Step 2: count the node's votes on each owned shard, piece by piece; send piece j to
         node j's owner of the shard and receive every other node's count of this node's piece."""
         sizes = self.nodes.sizes
+        if len(sizes) == 1:
+            return   # one node: no counts to trade; step 3 tallies the rows
         for s in self.owned:
             lo = p.plan.shard(s)[0]
             a, b = p.plan.piece(s, self.node)
@@ -133,22 +138,30 @@ class HierarchicalVote(SignVote):
         sizes = self.nodes.sizes
         for s in self.owned:
             a, b = p.plan.piece(s, self.node)
+            n_here = max(0, min(p.n - 64 * a, 64 * (b - a)))
+            if len(sizes) == 1:   # one node: its rows are all the votes; the backend's tally
+                plus, tie = self.tally(p.rows[s], n_here)
+                self._set_result(p, a, b, plus, tie)
+                continue
             total, voters = p.counts[s, self.node], sizes[self.node]
             for j in range(len(sizes)):
                 if j != self.node:
                     voters += sizes[j]
                     total = packing.add_counts(total, p.counts[s, j],
                                                packing.count_planes(voters))
-            plus, tie = packing.majority(total, self.size, max(0, min(p.n - 64 * a, 64 * (b - a))))
-            p.result[a:b, 0] = plus
-            if tie is not None:
-                p.result[a:b, 1] = tie
+            self._set_result(p, a, b, *packing.majority(total, self.size, n_here))
             for j in range(len(sizes)):
                 if j != self.node:
                     other = self.owner(j, s)
                     self._isend(p, p.result[a:b], other, RESULT)
                     c, d = p.plan.piece(s, j)
                     self._irecv(p, p.result[c:d], other, RESULT)
+
+    @staticmethod
+    def _set_result(p, a: int, b: int, plus, tie) -> None:
+        p.result[a:b, 0] = plus
+        if tie is not None:
+            p.result[a:b, 1] = tie
 
     def _share(self, p) -> None:
         """Step 4: each shard's result from its owner to the node's other ranks."""

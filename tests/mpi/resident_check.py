@@ -5,9 +5,11 @@ mpisign.cuda.kernels runs for real, its launches executed by the host shim (the 
 through DLPack, as it takes CUDA tensors from a CUDA-aware MPI. Checked on real ranks, for every
 topology: majority_vote against the numpy reference; every buffer MPI touched was a tensor; and
 Signum on the resident path bit-identical to Signum on the host path, with and without overlap.
-Usage: resident_check.py TOPOLOGY
+Usage: resident_check.py TOPOLOGY [NODE_SIZES], e.g. "hierarchical 1,3": nodes of 1 and 3 ranks
+named by $MPISIGN_NODE.
 """
 
+import os
 import sys
 
 import numpy as np
@@ -23,6 +25,8 @@ from mpisign.cuda.bridge import ResidentSigns
 comm = WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
 topology = sys.argv[1]
+nodes = [int(x) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else [size]
+os.environ["MPISIGN_NODE"] = str([i for i, s in enumerate(nodes) for _ in range(s)][rank])
 
 touched = []  # the type of every buffer handed to MPI by the collectives
 _ready = base.ready_for_mpi
@@ -60,7 +64,9 @@ with emulate.kernels_on_cpu() as kernels:
                 assert touched and all(t is torch.Tensor for t in touched), set(touched)
             step += 1
             progress(step)
-    if size > 1 and topology != "tree":  # the tree adds counts with torch ops, not the kernel
+    # The tree adds counts with torch ops, not the kernel; the hierarchical vote too, across
+    # nodes (on one node it tallies with the kernel).
+    if size > 1 and topology != "tree" and len(nodes) == 1:
         assert any(comm.allgather(bool(kernel_tallies))), "the tally kernel never ran"
 
     # ---- Signum: resident words vs host words, bit for bit -------------------------------------
