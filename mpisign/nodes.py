@@ -42,13 +42,6 @@ class Nodes:
                         for n in range(len(index)))
         return cls(node_of, members)
 
-    @classmethod
-    def from_sizes(cls, sizes) -> "Nodes":
-        """Consecutive ranks in nodes of ``sizes`` ranks each (e.g. ``[4, 4]``)."""
-        if not sizes or any(int(s) < 1 for s in sizes):
-            raise ValueError(f"node sizes must be a non-empty list of ints >= 1, got {sizes!r}")
-        return cls.from_keys([i for i, s in enumerate(sizes) for _ in range(int(s))])
-
     @property
     def sizes(self) -> list[int]:
         """Ranks in each node."""
