@@ -1,6 +1,7 @@
 """Shared by the MPI test scripts: progress lines for the launcher, and rank-seeded data."""
 
 import contextlib
+import os
 
 import numpy as np
 import torch
@@ -49,3 +50,12 @@ def reference_vote(xs: list[torch.Tensor], step: int = 0) -> np.ndarray:
         s[undecided] = 1 if (r + step) % 2 else -1
         total += s
     return np.sign(total)
+
+
+def name_nodes(sizes_arg: str | None, comm=WORLD) -> list[int]:
+    """Group the ranks in nodes of the sizes "1,3" names (consecutive ranks; None: one node of
+    all ranks) by setting $MPISIGN_NODE on this rank; returns the sizes."""
+    sizes = [int(x) for x in sizes_arg.split(",")] if sizes_arg else [comm.Get_size()]
+    os.environ["MPISIGN_NODE"] = str([i for i, s in enumerate(sizes) for _ in range(s)]
+                                     [comm.Get_rank()])
+    return sizes

@@ -4,20 +4,17 @@ Usage: overlap_check.py TOPOLOGY [NODE_SIZES], e.g. "hierarchical 1,3": ranks in
 3 ranks, named by $MPISIGN_NODE on each rank.
 """
 
-import os
 import sys
 
 import torch
-from common import WORLD, progress
+from common import WORLD, name_nodes, progress
 
 import mpisign
 
 comm = WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
 topology = sys.argv[1]
-if len(sys.argv) > 2:
-    sizes = [int(x) for x in sys.argv[2].split(",")]
-    os.environ["MPISIGN_NODE"] = str([i for i, s in enumerate(sizes) for _ in range(s)][rank])
+name_nodes(sys.argv[2] if len(sys.argv) > 2 else None)
 
 
 def make_model():

@@ -9,12 +9,11 @@ Usage: resident_check.py TOPOLOGY [NODE_SIZES], e.g. "hierarchical 1,3": nodes o
 named by $MPISIGN_NODE.
 """
 
-import os
 import sys
 
 import numpy as np
 import torch
-from common import WORLD, progress, rank_data, reference_vote
+from common import WORLD, name_nodes, progress, rank_data, reference_vote
 
 import mpisign
 from mpisign import signs
@@ -25,8 +24,7 @@ from mpisign.cuda.bridge import ResidentSigns
 comm = WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
 topology = sys.argv[1]
-nodes = [int(x) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else [size]
-os.environ["MPISIGN_NODE"] = str([i for i, s in enumerate(nodes) for _ in range(s)][rank])
+nodes = name_nodes(sys.argv[2] if len(sys.argv) > 2 else None)
 
 touched = []  # the type of every buffer handed to MPI by the collectives
 _ready = base.ready_for_mpi
