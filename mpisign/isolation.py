@@ -21,10 +21,10 @@ from mpi4py import MPI
 
 from .comm import bounded
 
-__all__ = ["OwnComm", "shared_vote_comm"]
+__all__ = ["OwnComm", "duplicate", "shared_vote_comm"]
 
 
-def _duplicate(comm: MPI.Intracomm, timeout: float | None, what: str) -> MPI.Intracomm:
+def duplicate(comm: MPI.Intracomm, timeout: float | None, what: str) -> MPI.Intracomm:
     dup, request = comm.Idup()
     # Wait on MPI: duplicating is collective; a rank that never joins must not hang the others.
     bounded(request, f"{what}: duplicating the communicator on rank {comm.Get_rank()} "
@@ -49,11 +49,22 @@ class OwnComm:
 
     def get(self) -> MPI.Intracomm:
         if self._dup is None:
-            self._dup = _duplicate(self.user, self.timeout, self.what)
+            self._dup = duplicate(self.user, self.timeout, self.what)
             owner = self._owner()
             if owner is not None:
                 weakref.finalize(owner, _free, self._dup)
         return self._dup
+
+    def current(self) -> MPI.Intracomm:
+        """The duplicate if it was made, else the user's communicator (local: never makes one)."""
+        return self.user if self._dup is None else self._dup
+
+    def adopt(self, user: MPI.Intracomm, dup: MPI.Intracomm) -> None:
+        """Move to ``user`` with ``dup`` as its own, already made (after a shrink)."""
+        self.user, self._dup = user, dup
+        owner = self._owner()
+        if owner is not None:
+            weakref.finalize(owner, _free, dup)
 
 
 class _VoteComm:
@@ -97,6 +108,6 @@ def shared_vote_comm(comm: MPI.Intracomm, timeout: float | None = None) -> _Vote
         _KEYVAL = MPI.Comm.Create_keyval(delete_fn=_delete)
     state = comm.Get_attr(_KEYVAL)
     if state is None:
-        state = _VoteComm(_duplicate(comm, timeout, "majority_vote"))
+        state = _VoteComm(duplicate(comm, timeout, "majority_vote"))
         comm.Set_attr(_KEYVAL, state)
     return state

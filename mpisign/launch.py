@@ -3,12 +3,15 @@
     python -m mpisign.launch -n 4                          # = python -m mpisign.train on 4 ranks
     python -m mpisign.launch -n 4 -- python -m mpisign.train --epochs 2
     python -m mpisign.launch -n 3 -- python my_script.py
+    python -m mpisign.launch -n 4 --elastic -- python -m mpisign.train ...   # survive dead ranks
 
 It runs the ``mpiexec`` beside this Python (the PyPI MPI wheels put it there) or on PATH, with:
 oversubscription allowed and ranks yielding instead of busy-polling (more ranks than cores), one
 compute thread per rank, Open MPI allowed to run as root (containers, CI), and
-``python -m mpi4py`` so that an exception on any rank aborts the whole job. On a cluster use
-``srun`` (see slurm/) or the site's mpirun instead.
+``python -m mpi4py`` so that an exception on any rank aborts the whole job. ``--elastic`` adds
+Open MPI's ``--with-ft ulfm``: a rank that dies no longer ends the job, so that an elastic
+optimizer (``Signum(..., elastic=True)``) can carry on without it. On a cluster use ``srun``
+(see slurm/) or the site's mpirun instead.
 """
 
 from __future__ import annotations
@@ -60,12 +63,19 @@ def local_env(base: dict | None = None) -> dict:
     return env
 
 
-def mpiexec_command(n: int, command: list[str], mpiexec: str | None = None) -> list[str]:
-    """``mpiexec -n n [oversubscribe flags] command``, with ``python`` run under mpi4py."""
+def mpiexec_command(n: int, command: list[str], mpiexec: str | None = None,
+                    elastic: bool = False) -> list[str]:
+    """``mpiexec -n n [oversubscribe flags] command``, with ``python`` run under mpi4py;
+    ``elastic``: with fault tolerance on (Open MPI's ULFM), else RuntimeError."""
     exe = mpiexec or find_mpiexec()
     cmd = [exe, "-n", str(n)]
     if is_open_mpi(exe):
         cmd += ["--oversubscribe", "--bind-to", "none"]
+        if elastic:
+            cmd += ["--with-ft", "ulfm"]
+    elif elastic:
+        raise RuntimeError(f"--elastic needs Open MPI 5 (its ULFM fault tolerance); {exe} is "
+                           f"another MPI's launcher")
     if command and Path(command[0]).name.startswith("python"):
         command = [sys.executable if command[0] == "python" else command[0], "-m", "mpi4py",
                    *command[1:]]
@@ -77,12 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", "--np", type=int, default=4, help="number of ranks (default 4)")
     ap.add_argument("command", nargs=argparse.REMAINDER,
                     help="command after --, default: python -m mpisign.train")
+    ap.add_argument("--elastic", action="store_true",
+                    help="start the ranks with fault tolerance (Open MPI's --with-ft ulfm), so "
+                         "that elastic optimizers survive a rank's death")
     args = ap.parse_args(argv)
     if args.np < 1:
         ap.error(f"-n must be >= 1, got {args.np}")
     command = [c for c in args.command if c != "--"] if args.command else []
     command = command or ["python", "-m", "mpisign.train"]
-    cmd = mpiexec_command(args.np, command)
+    cmd = mpiexec_command(args.np, command, elastic=args.elastic)
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     return subprocess.call(cmd, env=local_env())
 

@@ -41,6 +41,14 @@ class Bucket:
     word1: int
     ready: set = field(default_factory=set)  # ids of params whose gradient hook fired
     pending: object = None                   # the vote in flight (collectives.Pending)
+    packed: bool = False     # this step: this rank's signs are in the layout's words
+    applied: bool = False    # this step: the vote's result is in the parameters
+    disagree: int = 0        # this step: this rank's votes against the majority
+
+    def next_step(self) -> None:
+        self.pending, self.ready = None, set()
+        self.packed = self.applied = False
+        self.disagree = 0
 
 
 @dataclass

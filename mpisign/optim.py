@@ -46,9 +46,10 @@ from .header import (HyperparameterMismatch, LayoutMismatch, ParameterDivergence
 from .isolation import OwnComm
 from .layout import Bucket, Layout, build_layout, signature, trainable
 from .overlap import BucketHooks, check_threads
+from .recovery import Recovery, TooFewRanks, Unrecovered
 
 __all__ = ["Signum", "SignSGD", "LayoutMismatch", "ParameterDivergence",
-           "HyperparameterMismatch", "StepMismatch", "VoteStats"]
+           "HyperparameterMismatch", "StepMismatch", "TooFewRanks", "VoteStats"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class VoteStats:
     overlapped: int = 0          # bucket votes started from a gradient hook (overlap=True)
     disagreement_by_rank: list = field(default_factory=list)  # see Signum's `monitor`
     suspects: list = field(default_factory=list)  # ranks the monitor flags (windowed mean)
+    lost_ranks: list = field(default_factory=list)  # elastic: dead ranks, by their rank in
+                                                    # the communicator the optimizer was given
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -143,6 +146,14 @@ class Signum(Optimizer):
             On several ranks the fractions travel in the next step's header, at no cost of
             their own: after step k, ``disagreement_by_rank`` holds step k-1's (on one rank,
             step k's).
+        elastic: survive dead ranks (needs ULFM: Open MPI 5 started with ``mpirun --with-ft
+            ulfm``; else :class:`mpisign.elastic.ElasticUnavailable` here). When a rank dies
+            during a vote, the survivors shrink the communicator, agree on what each of them
+            already applied, and redo the step's vote among themselves: no step is lost and
+            their parameters stay bit-identical. ``opt.comm`` becomes the survivors'
+            communicator and ``stats.lost_ranks`` names the dead (see :mod:`mpisign.recovery`).
+        min_ranks: with ``elastic``, the fewest survivors to carry on with (default 1: a vote
+            has no quorum); below it every survivor raises :class:`TooFewRanks`.
     """
 
     #: torch.amp.GradScaler's protocol: ``scaler.step(opt)`` always calls :meth:`step`, which
@@ -154,7 +165,8 @@ class Signum(Optimizer):
     def __init__(self, params, lr: float = 1e-4, momentum: float = 0.9,
                  weight_decay: float = 0.0, comm=None, topology: str = "server", *,
                  timeout: float | None = None, check_every: int = 0, overlap: bool = False,
-                 bucket_mb: float = 25.0, monitor: DisagreementMonitor | None = None):
+                 bucket_mb: float = 25.0, monitor: DisagreementMonitor | None = None,
+                 elastic: bool = False, min_ranks: int = 1):
         # Validate everything before any communication, so every rank raises the same error.
         _check_hparams(lr, momentum, weight_decay)
         check_topology(topology)
@@ -167,6 +179,8 @@ class Signum(Optimizer):
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
         if monitor is not None and not isinstance(monitor, DisagreementMonitor):
             raise ValueError(f"monitor must be a DisagreementMonitor, got {monitor!r}")
+        if not isinstance(min_ranks, int) or min_ranks < 1:
+            raise ValueError(f"min_ranks must be an int >= 1, got {min_ranks!r}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         # What users tune.
         self.comm = comm
@@ -186,6 +200,9 @@ class Signum(Optimizer):
         self._forget_layout()
         self._check = StepCheck()  # this step's header (see mpisign.header)
         self._deferred: list = []  # momentum decays waiting for the gradient-presence OR
+        # What a dead rank does to a step: ends it (Unrecovered), or is survived (Recovery).
+        self.elastic, self.min_ranks = bool(elastic), min_ranks
+        self._recovery = Recovery(self) if self.elastic else Unrecovered()
 
     def _forget_layout(self) -> None:
         self._layout: Layout | None = None
@@ -202,7 +219,7 @@ class Signum(Optimizer):
 
     #: Left out of a copy: the collective, the layout and the hooks belong to the original.
     _NOT_COPIED = ("comm", "_own_comm", "_layout", "_signs", "_voter", "_hooks", "_check",
-                   "_deferred")
+                   "_deferred", "_recovery")
 
     def __deepcopy__(self, memo):
         """A working optimizer over copies of the parameters (or of the model copied with it:
@@ -218,6 +235,7 @@ class Signum(Optimizer):
         new._own_comm = OwnComm(self.comm, new, self.timeout, type(self).__name__)
         new._forget_layout()
         new._check, new._deferred = StepCheck(), []
+        new._recovery = Recovery(new) if new.elastic else Unrecovered()
         return new
 
     def __getstate__(self):
@@ -262,12 +280,8 @@ class Signum(Optimizer):
                                     self._signs)
         self._check.fresh = True   # its header is checked before any sign is sent
         self.stats.coordinates = self._layout.coordinates
-        if self.world_size == 1:
-            self._voter = LocalVote(self.comm)
-        elif self._voter is None or self._voter.tally != self._signs.tally:
-            # The tally runs where the words are: the device's kernel, or the host reference.
-            self._voter = make_vote(self.topology, self._own_comm.get(), timeout=self.timeout,
-                                    n_coords=self._layout.coordinates, tally=self._signs.tally)
+        if self.world_size == 1 or self._voter is None or self._voter.tally != self._signs.tally:
+            self._voter = self._make_voter(self.topology)
         if self.overlap:
             check_threads([s.param for s in self._layout.slots])
             self._hooks.install(self._layout)
@@ -275,6 +289,32 @@ class Signum(Optimizer):
                   len(self._layout.slots), self._layout.coordinates,
                   len(self._layout.buckets), self._layout.words)
         return self._layout
+
+    def _make_voter(self, topology: str):
+        if self.world_size == 1:
+            return LocalVote(self.comm)
+        # The tally runs where the words are: the device's kernel, or the host reference.
+        return make_vote(topology, self._own_comm.get(), timeout=self.timeout,
+                         n_coords=self._layout.coordinates, tally=self._signs.tally)
+
+    def _move_to(self, comm, own) -> None:
+        """After a recovery (:mod:`mpisign.recovery`): go on over the survivors' ``comm``,
+        voting over ``own``, a duplicate of it, with a collective of the same topology (and
+        the same byte counters); the step's unapplied votes are to be started again."""
+        old = self._voter
+        self.comm, self.rank, self.world_size = comm, comm.Get_rank(), comm.Get_size()
+        self._own_comm.adopt(comm, own)
+        if self._layout is None:
+            self._voter = None
+            return
+        self._voter = self._make_voter(self.topology if old is None else old.name)
+        if old is not None:
+            self._voter.traffic = old.traffic
+        self._check.reset()
+        self._check.fresh = True   # the survivors check their layouts again, once
+        for bucket in self._layout.buckets:
+            if not bucket.applied:
+                bucket.pending = None
 
     # -- the step header (mpisign.header) ----------------------------------------------------
     def _hparams_digest(self) -> int:
@@ -328,32 +368,14 @@ class Signum(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        layout = self._ensure_layout()
+        layout = self._recovery.run(self._ensure_layout)
         if all(bucket.pending is None for bucket in layout.buckets):
             self._check.reset()   # no hook began this step: its header is still to come
         present = [s.param.grad is not None for s in layout.slots]
-        self._post_header(absent=present.count(False))
-        # Step 1: which parameters have a gradient on any rank: one that has none anywhere is
-        # not updated, as in torch.optim. The headers say when every rank has every gradient;
-        # when a hook began the step they cannot, and an OR of one bit each goes with the votes.
-        anywhere = self._presence(layout, present)
-        # Step 2: pack and start every bucket's vote that a gradient hook has not started yet
-        # (all of them without overlap; those with a parameter whose .grad is None with it).
-        for bucket in layout.buckets:
-            if bucket.pending is None:
-                self._start_bucket(bucket)
-        # Step 3: finish each vote and apply it: p <- p - lr * (v + weight_decay * p), once
-        # every rank's header is known to agree.
-        self._check_header()
-        has_grad = anywhere()
-        for slot_param, buf, beta in self._deferred:   # see _local_update
-            if has_grad[id(slot_param)]:
-                buf.mul_(beta)
-        self._deferred = []
-        disagree = 0
-        for bucket in layout.buckets:
-            disagree = disagree + self._finish_bucket(bucket, has_grad)
-        self.stats.disagreement = int(disagree) / max(1, layout.coordinates)
+        # Steps 1-3, done again among the survivors where an elastic optimizer lost a rank.
+        self._recovery.run(self._vote, layout, present)
+        disagree = sum(int(bucket.disagree) for bucket in layout.buckets)
+        self.stats.disagreement = disagree / max(1, layout.coordinates)
         self.stats.bytes_sent = self._voter.traffic.sent   # the collective is this optimizer's
         self.stats.bytes_received = self._voter.traffic.received
         self.stats.bytes_sent_between_nodes = self._voter.traffic.sent_between_nodes
@@ -364,11 +386,51 @@ class Signum(Optimizer):
             self._record_disagreement([self.stats.disagreement], step)
         for group in self.param_groups:
             group["step"] = step + 1
+        for bucket in layout.buckets:
+            bucket.next_step()
         self._check.reset()
         self.stats.steps += 1
         if self.check_every and self.stats.steps % self.check_every == 0:
-            self.check_consistency()
+            # Not redone after a recovery: the recovery compares the survivors' parameters.
+            self._recovery.run(self.check_consistency, redo=False)
         return loss
+
+    def _vote(self, layout: Layout, present: list) -> None:
+        """Steps 1-3 of :meth:`step`: the header, the votes and their application, for the
+        buckets whose result is not yet in the parameters (all of them, unless a recovery
+        has brought some in)."""
+        if all(bucket.applied for bucket in layout.buckets):
+            # A recovery handed this rank the whole step: nothing left to vote on. (A decay of
+            # momentum waiting on the presence OR is dropped: it is this rank's alone.)
+            self._deferred = []
+            return
+        # The local step first, so that a failure in the exchanges below never leaves a
+        # bucket's momentum without this step's update (see mpisign.recovery).
+        step = self.param_groups[0]["step"]
+        for bucket in layout.buckets:
+            if not (bucket.packed or bucket.applied):
+                self._pack_bucket(bucket, (self.rank + step) % 2)
+        self._post_header(absent=present.count(False))
+        # Step 1: which parameters have a gradient on any rank: one that has none anywhere is
+        # not updated, as in torch.optim. The headers say when every rank has every gradient;
+        # when a hook began the step they cannot, and an OR of one bit each goes with the votes.
+        anywhere = self._presence(layout, present)
+        # Step 2: pack and start every bucket's vote that a gradient hook has not started yet
+        # (all of them without overlap; those with a parameter whose .grad is None with it).
+        for bucket in layout.buckets:
+            if bucket.pending is None and not bucket.applied:
+                self._start_bucket(bucket)
+        # Step 3: finish each vote and apply it: p <- p - lr * (v + weight_decay * p), once
+        # every rank's header is known to agree.
+        self._check_header()
+        has_grad = anywhere()
+        for slot_param, buf, beta in self._deferred:   # see _local_update
+            if has_grad[id(slot_param)]:
+                buf.mul_(beta)
+        self._deferred = []
+        for bucket in layout.buckets:
+            if not bucket.applied:
+                self._finish_bucket(bucket, has_grad)
 
     def _presence(self, layout: Layout, present: list):
         """A function giving ``{id(param): has a gradient on some rank}``, to call after the
@@ -396,14 +458,22 @@ class Signum(Optimizer):
         self.stats.suspects = self.monitor.record(np.array(every), step, verbose=self.rank == 0)
 
     def _start_from_hook(self, bucket: Bucket) -> None:
-        self._start_bucket(bucket)
+        self._recovery.attempt(self._start_bucket, bucket)
         self.stats.overlapped += 1
 
     def _start_bucket(self, bucket: Bucket) -> None:
-        """Momentum update and packing of one bucket's parameters, then start its vote."""
-        self._post_header()   # the step header, once a step, beside the first vote
+        """Momentum update and packing of one bucket's parameters (once a step), then start
+        its vote."""
         step = self.param_groups[0]["step"]
-        zero_bit = (self.rank + step) % 2
+        if not bucket.packed:
+            self._pack_bucket(bucket, (self.rank + step) % 2)
+        self._post_header()   # the step header, once a step, beside the first vote
+        words = self._layout.packed[bucket.word0: bucket.word1]
+        bucket.pending = self._voter.start(words, words.shape[0] * packing.WORD_BITS,
+                                           step=step, bucket=bucket.index)
+
+    def _pack_bucket(self, bucket: Bucket, zero_bit: int) -> None:
+        """The local step of one bucket's parameters, packed into the layout's words."""
         packed = self._layout.packed
         by_group: dict = {}
         for slot in bucket.slots:
@@ -415,16 +485,14 @@ class Signum(Optimizer):
             if not self._update_and_pack(params, beta, zero_bit, outs):
                 for src, out in zip(self._local_update(params, beta), outs):
                     self._signs.pack(src, zero_bit, out)
-        words = packed[bucket.word0: bucket.word1]
-        bucket.pending = self._voter.start(words, words.shape[0] * packing.WORD_BITS,
-                                           step=step, bucket=bucket.index)
+        bucket.packed = True
 
-    def _finish_bucket(self, bucket: Bucket, has_grad: dict):
+    def _finish_bucket(self, bucket: Bucket, has_grad: dict) -> None:
         """Finish one bucket's vote and apply it to each parameter that has a gradient
-        somewhere; returns this rank's disagreement count on the bucket."""
+        somewhere; keeps this rank's disagreement count on the bucket."""
         plus, tie = self._voter.finish(bucket.pending)
         mine = self._layout.packed[bucket.word0: bucket.word1]
-        disagree = self._signs.disagreement(mine, plus, tie)
+        bucket.disagree = self._signs.disagreement(mine, plus, tie)
         for slot in bucket.slots:
             if not has_grad[id(slot.param)]:
                 continue
@@ -432,8 +500,7 @@ class Signum(Optimizer):
             lo, hi = slot.word0 - bucket.word0, slot.word0 - bucket.word0 + slot.words
             self._signs.apply(slot.param, plus[lo:hi], None if tie is None else tie[lo:hi],
                               _number(group["lr"]), _number(group["weight_decay"]))
-        bucket.pending, bucket.ready = None, set()
-        return disagree
+        bucket.pending, bucket.applied = None, True
 
     def _update_and_pack(self, params: list, beta: float, zero_bit: int, outs: list) -> bool:
         """The local step and the pack in one pass of the backend, where it fuses them

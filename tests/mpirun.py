@@ -43,13 +43,14 @@ def mpi_env(extra: dict | None = None) -> dict:
 
 
 def run(n: int, script: str, *args: str, timeout: float = 180, env: dict | None = None,
-        expect_fail: bool = False) -> str:
+        expect_fail: bool = False, elastic: bool = False) -> str:
     """Run ``script`` (a file under tests/mpi/) on ``n`` ranks; return its output.
+    ``elastic``: with Open MPI's fault tolerance on (``--with-ft ulfm``).
 
     Fails the test if the job does not end in ``timeout`` seconds (naming each rank's last
     step), or if it exits non-zero (unless ``expect_fail``).
     """
-    cmd = mpiexec_command(n, [sys.executable, str(SCRIPTS / script), *args])
+    cmd = mpiexec_command(n, [sys.executable, str(SCRIPTS / script), *args], elastic=elastic)
     for attempt in (1, 2):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=mpi_env(env), start_new_session=True)

@@ -46,13 +46,13 @@ def test_python_m_mpisign_train_help():
 #: The library's layers, bottom up: a module may import its own layer and those below, never
 #: one above (application -> optim/vote -> collectives -> backends -> MPI helpers -> mpi4py).
 LAYERS = [
-    ("MPI helpers", {"mpisign.world", "mpisign.comm", "mpisign.nodes"}),
+    ("MPI helpers", {"mpisign.world", "mpisign.comm", "mpisign.nodes", "mpisign.elastic"}),
     ("backends", {"mpisign.packing", "mpisign._signs", "mpisign.native", "mpisign.signs",
                   "mpisign.cuda"}),
     ("collectives", {"mpisign.costmodel", "mpisign.collectives"}),
     ("the optimizer's books", {"mpisign.header", "mpisign.isolation", "mpisign.layout",
                                "mpisign.exchanges", "mpisign.overlap", "mpisign.detection",
-                               "mpisign.state"}),
+                               "mpisign.state", "mpisign.recovery"}),
     ("optim and vote", {"mpisign.optim", "mpisign.vote"}),
     ("applications", {"mpisign.adversary", "mpisign.train", "mpisign.plot", "mpisign.launch",
                       "mpisign.diagnostics", "mpisign"}),

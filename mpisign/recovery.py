@@ -1,0 +1,189 @@
+"""An elastic optimizer's recovery: the survivors of a dead rank finish the step together.
+
+A majority vote needs no particular voter: a dead rank only changes M. What it breaks is the
+communicator, and the survivors' agreement on where they are. When a rank dies in the middle
+of step s, each survivor is in one of three places:
+
+* it has not had step s's result (its vote waited on the dead rank, or on one that did);
+* it has had the result of some of step s's buckets (with ``overlap``, each bucket is a vote);
+* it has finished step s and has begun step s+1: the dead rank's last vote reached a server,
+  or an owner of a shard, that answered this survivor before the others. No survivor can be
+  further ahead: step s+1's votes need every survivor's signs.
+
+The recovery (:meth:`Recovery.recover`, on every survivor, after ULFM's revoke and shrink in
+:mod:`mpisign.elastic`):
+
+1. the survivors exchange their step and which buckets of it they have applied;
+2. for each bucket of the earliest step that some survivor has applied and another has not, the
+   lowest such survivor broadcasts the bucket's parameters, and the others take them. The
+   result is not voted again: a survivor already stepped with it, and every survivor must hold
+   what that one holds. A survivor's momentum is its own: it was updated when it packed;
+3. every survivor's parameters are compared (a digest each): identical, or every survivor
+   raises :class:`mpisign.ParameterDivergence`;
+4. the optimizer moves to the survivors' communicator (``opt.comm``, a duplicate of it for its
+   own votes, a collective of the same topology), and the step goes on: the buckets that no
+   survivor has applied are voted again among the survivors, from the signs each one packed
+   before the failure (its momentum is not updated twice).
+
+A rank that dies during the recovery is survived the same way: the survivors shrink again.
+Nothing of this runs while no rank fails: the step's calls run inside one ``try``.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from . import exchanges
+from .comm import bounded
+from .elastic import is_failure, ranks_in, require_ulfm, shrink
+from .header import ParameterDivergence
+from .isolation import duplicate
+
+__all__ = ["Recovery", "TooFewRanks", "Unrecovered"]
+
+log = logging.getLogger(__name__)
+
+
+class TooFewRanks(RuntimeError):
+    """Fewer ranks survive than an elastic optimizer's ``min_ranks``."""
+
+
+class Unrecovered:
+    """What a failure does to an optimizer without ``elastic``: it propagates (and every
+    survivor's bounded wait, or MPI itself, ends the job)."""
+
+    def run(self, fn, *args, redo: bool = True):
+        return fn(*args)
+
+    def attempt(self, fn, *args) -> None:
+        fn(*args)
+
+
+class Recovery:
+    """An elastic optimizer's guard: runs the step's communication, and on a dead rank
+    recovers (see the module's docstring) and runs it again among the survivors."""
+
+    def __init__(self, opt):
+        require_ulfm()
+        self._opt = weakref.ref(opt)
+        self.original = opt.comm.Get_group()       # ranks are named by their place in it
+        self.members = list(range(opt.comm.Get_size()))   # the current ranks, so named
+        self.failure: MPI.Exception | None = None  # met in a gradient hook, raised at step()
+
+    def run(self, fn, *args, redo: bool = True):
+        """``fn(*args)``; after a failure, recover and (with ``redo``) call it again."""
+        while True:
+            try:
+                if self.failure is not None:
+                    failure, self.failure = self.failure, None
+                    raise failure
+                return fn(*args)
+            except MPI.Exception as error:
+                if not is_failure(error, self._opt()._own_comm.current()):
+                    raise
+                self.recover()
+                if not redo:
+                    return None
+
+    def attempt(self, fn, *args) -> None:
+        """``fn(*args)`` from a gradient hook: a failure there is remembered and revoked (so the
+        others learn of it), and recovered from at ``step()``, outside autograd's thread."""
+        try:
+            fn(*args)
+        except MPI.Exception as error:
+            comm = self._opt()._own_comm.current()
+            if not is_failure(error, comm):
+                raise
+            self.failure = error
+            try:
+                comm.Revoke()
+            except MPI.Exception:
+                pass
+
+    def recover(self) -> None:
+        """Shrink to the survivors, bring every survivor to the same parameters, and move the
+        optimizer onto the survivors' communicator (collective over the survivors)."""
+        opt = self._opt()
+        step = opt.param_groups[0]["step"]
+        what = f"recovering at step {step} on rank {opt.rank}"
+        comm = opt._own_comm.current()
+        while True:
+            new = shrink(comm, opt.timeout, what)
+            new.Set_errhandler(MPI.ERRORS_RETURN)
+            try:
+                members = ranks_in(new, self.original)
+                if len(members) < opt.min_ranks:
+                    raise TooFewRanks(
+                        f"at step {step}, {len(members)} rank(s) survive ({members}, ranks of "
+                        f"the communicator the optimizer was given), fewer than min_ranks="
+                        f"{opt.min_ranks}")
+                handed, step = self._catch_up(opt, new, what)
+                user = duplicate(new, opt.timeout, what)
+                opt._move_to(user, new)
+                break
+            except MPI.Exception as error:
+                if not is_failure(error, new):
+                    raise
+                comm = new   # another rank died while we recovered: shrink again
+        lost = sorted(set(self.members) - set(members))
+        self.members = members
+        opt.stats.lost_ranks = sorted(set(opt.stats.lost_ranks) | set(lost))
+        if opt.rank == 0:
+            log.warning("rank(s) %s lost in step %d: carrying on with %d rank(s), topology %s%s",
+                        lost, step, opt.world_size, opt.topology_used,
+                        f"; {handed} bucket(s) of the step handed on by a survivor that had "
+                        f"applied them" if handed else "")
+
+    def _catch_up(self, opt, comm: MPI.Intracomm, what: str) -> tuple[int, int]:
+        """Steps 1-3 of the module's docstring, on the survivors' ``comm``; returns how many
+        buckets were handed on, and the step the failure interrupted (the earliest)."""
+        layout = opt._layout
+        buckets = layout.buckets if layout is not None else []
+        n, me = comm.Get_size(), comm.Get_rank()
+        mine = np.array([opt.param_groups[0]["step"]] + [b.applied for b in buckets],
+                        dtype=np.int64)
+        every = np.empty((n, mine.size), dtype=np.int64)
+        bounded(comm.Iallgather(mine, every), f"{what}: where each survivor is", opt.timeout)
+        steps = every[:, 0]
+        if steps.max() - steps.min() > 1:
+            raise RuntimeError(f"{what}: survivors are more than one step apart "
+                               f"({steps.tolist()}), which a vote cannot allow")
+        holds = (steps > steps.min())[:, None] | every[:, 1:].astype(bool)
+        handed = 0
+        for b, bucket in enumerate(buckets):
+            holders = np.flatnonzero(holds[:, b])
+            if 0 < holders.size < n:
+                handed += 1
+                params = [slot.param for slot in bucket.slots]
+                _broadcast(comm, params, int(holders[0]), opt.timeout,
+                           f"{what}: bucket {b}'s parameters from a survivor that applied it")
+                if not holds[me, b]:
+                    bucket.pending, bucket.applied = None, True
+        differ = exchanges.ranks_differing(comm, opt.params_digest(), opt.timeout,
+                                           f"{what}: comparing the survivors' parameters")
+        if differ:
+            raise ParameterDivergence(
+                f"{what}: survivor(s) {differ} hold parameters that differ from survivor 0's "
+                f"after the recovery")
+        return handed, int(steps.min())
+
+
+def _broadcast(comm, params: list, root: int, timeout: float, what: str) -> None:
+    """Every rank's ``params`` take ``root``'s values, bit for bit (through host memory)."""
+    chunks = [p.detach().contiguous().reshape(-1).view(torch.uint8).cpu() for p in params]
+    flat = torch.cat(chunks).numpy() if chunks else np.empty(0, dtype=np.uint8)
+    bounded(comm.Ibcast(flat, root=root), what, timeout)
+    if comm.Get_rank() == root:
+        return
+    offset = 0
+    with torch.no_grad():
+        for p, chunk in zip(params, chunks):
+            size = chunk.numel()
+            values = torch.from_numpy(flat[offset: offset + size]).view(p.dtype)
+            p.copy_(values.view(p.shape).to(p.device))
+            offset += size

@@ -1,0 +1,190 @@
+"""Elastic optimizers on real ranks that really die (``mpirun --with-ft ulfm``, SIGKILL).
+
+Usage: elastic_check.py TOPOLOGY KILLS [--mid] [--overlap] [--nodes 2,2]
+       elastic_check.py unavailable
+
+  KILLS      who dies when: "2@3" (rank 2 kills itself at the start of step 3), "1@2,3@5", ...
+  --mid      the first victim dies in the middle of its step: it is the server (rank 0) and it
+             kills itself after sending that step's result to rank 1 alone, so rank 1 has
+             finished the step and the other survivors have not
+  --in-check the first victim dies in the consistency check after its step (check_every=1):
+             its step is voted with it, and the survivors meet its death in their check
+  --overlap  votes start from gradient hooks, one bucket per parameter
+  --nodes    name the ranks' nodes ($MPISIGN_NODE), for the hierarchical vote
+
+Every survivor trains to the end, then checks, against a single-process reference that replays
+every rank's momentum and the majority of the ranks alive at each step (torch on one process,
+not the package's vote), that its parameters equal the reference's bit for bit; that the
+survivors hold identical parameters; that ``stats.lost_ranks`` names the victims and
+``opt.comm`` holds the survivors; and that the loss fell about as far as in a clean run.
+
+``unavailable``: ``elastic=True`` in a launch without fault tolerance raises
+``ElasticUnavailable`` at construction, on every rank, saying how to enable it.
+"""
+
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+from common import WORLD, case, progress
+
+import mpisign
+from mpisign.collectives import server
+from mpisign.elastic import ElasticUnavailable
+
+rank, size = WORLD.Get_rank(), WORLD.Get_size()
+SHAPES = [(300,), (7, 11)]
+STEPS, LR, BETA = 10, 0.05, 0.9
+
+
+def targets():
+    g = torch.Generator().manual_seed(11)
+    return [torch.randn(s, generator=g) for s in SHAPES]
+
+
+def gradient(r: int, step: int, params: list) -> list:
+    """Rank r's gradient at ``step``: of 0.5 |x - T|^2 plus noise of its own (autograd on
+    copies, so the reference computes exactly what the ranks compute)."""
+    g = torch.Generator().manual_seed(1000 * step + r)
+    xs = [p.detach().clone().requires_grad_(True) for p in params]
+    loss = sum(0.5 * ((x - t) ** 2).sum() + (torch.randn(x.shape, generator=g) * x).sum()
+               for x, t in zip(xs, targets()))
+    loss.backward()
+    return [x.grad for x in xs]
+
+
+def loss_of(params: list) -> float:
+    return float(sum(((p.detach() - t) ** 2).sum() for p, t in zip(params, targets())))
+
+
+def reference(voters_at) -> list:
+    """The parameters after STEPS steps when ``voters_at(step)`` ranks vote at each step."""
+    params = [torch.zeros(s) for s in SHAPES]
+    momenta = {r: [torch.zeros(s) for s in SHAPES] for r in range(size)}
+    for step in range(STEPS):
+        total = [torch.zeros(s) for s in SHAPES]
+        for r in voters_at(step):
+            m = momenta[r]
+            torch._foreach_mul_(m, BETA)
+            torch._foreach_add_(m, gradient(r, step, params), alpha=1 - BETA)
+            for t, mi in zip(total, m):
+                t.add_(torch.sign(mi))
+        for p, t in zip(params, total):
+            p.sub_(torch.sign(t) * LR)
+    return params
+
+
+def die() -> None:
+    print(f"@victim rank={rank} dies at {time.time():.6f}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_mid_broadcast(at: int) -> None:
+    """Make this rank (the server) answer rank 1 alone at step ``at``, then die."""
+    finish = server.ServerVote._finish
+
+    def answer_one_then_die(self, p):
+        if p.step != at:
+            return finish(self, p)
+        self._wait(p, "waiting for the workers' signs")
+        plus, tie = self.tally(p.gathered, p.n)
+        p.result[0] = plus
+        if tie is not None:
+            p.result[1] = tie
+        self._isend(p, p.result, 1, server.RESULT)
+        self._wait(p, "sending the result to rank 1")
+        time.sleep(0.5)   # rank 1 takes the message before the sender is gone
+        die()
+    server.ServerVote._finish = answer_one_then_die
+
+
+def run(topology: str, kills: dict, mid: bool, in_check: bool, overlap: bool) -> None:
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+    opt = mpisign.Signum(params, lr=LR, momentum=BETA, comm=WORLD, topology=topology,
+                         elastic=True, overlap=overlap, bucket_mb=1e-6,
+                         check_every=1 if in_check else 0)
+    first = min(kills, key=kills.get)
+    late = mid or in_check   # the first victim votes in its last step, and dies after
+    if mid:
+        assert first == 0 and topology == "server", "--mid: the server, rank 0, dies"
+        if rank == 0:
+            die_mid_broadcast(kills[0])
+    if in_check and rank == first:
+        check = opt.check_consistency
+        opt.check_consistency = lambda: die() if opt.stats.steps == kills[first] + 1 else check()
+    before = loss_of(params)
+    times = []
+    for step in range(STEPS):
+        progress(step)
+        if kills.get(rank) == step and not (late and rank == first):
+            die()
+        grads = gradient(rank, step, params)
+        if overlap:   # the gradients arrive through autograd, so that the hooks fire
+            loss = sum((p * g).sum() for p, g in zip(params, grads))
+            loss.backward()
+        else:
+            for p, g in zip(params, grads):
+                p.grad = g
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+        opt.zero_grad(set_to_none=True)
+
+    # The survivors: who they are, and what they hold.
+    victims = sorted(kills)
+    assert opt.stats.lost_ranks == victims, (opt.stats.lost_ranks, victims)
+    assert opt.comm.Get_size() == size - len(victims), opt.comm.Get_size()
+    assert opt.world_size == opt.comm.Get_size() and opt.rank == opt.comm.Get_rank()
+    every = opt.comm.allgather(opt.params_digest())
+    assert len(set(every)) == 1, "the survivors' parameters differ"
+
+    def voters_at(step):   # a victim votes until it dies; a late one in its last step too
+        return [r for r in range(size)
+                if r not in kills or step < kills[r] or (late and r == first and step == kills[r])]
+    expected = reference(voters_at)
+    for p, e in zip(params, expected):
+        assert torch.equal(p.detach(), e), f"differs from the reference in " \
+            f"{int((p.detach() != e).sum())} of {e.numel()} coordinates"
+    if late:   # the test can fail: had the step been voted again without the victim's vote,
+        # the parameters would differ
+        again = reference(lambda s: [r for r in voters_at(s) if not (r == first and s == kills[r])])
+        assert any(not torch.equal(a, e) for a, e in zip(again, expected))
+    clean = reference(lambda s: range(size))
+    after, clean_after = loss_of(params), loss_of(clean)
+    assert after < 0.6 * before, (before, after)
+    assert after < 1.25 * clean_after, (after, clean_after)
+    slowest = max(times)
+    print(f"@elastic rank={rank} now={opt.rank} size={opt.comm.Get_size()} lost={victims} "
+          f"loss {before:.2f}->{after:.2f} (clean {clean_after:.2f}) "
+          f"slowest step {1e3 * slowest:.1f} ms (the recovery), median "
+          f"{1e3 * float(np.median(times)):.2f} ms", flush=True)
+
+
+def unavailable() -> None:
+    try:
+        mpisign.Signum([torch.nn.Parameter(torch.zeros(3))], comm=WORLD, elastic=True)
+    except ElasticUnavailable as e:
+        assert "--with-ft ulfm" in str(e), e
+        print(f"@unavailable rank={rank}: {e}", flush=True)
+    else:
+        raise AssertionError("elastic=True was accepted without ULFM")
+
+
+def main(argv: list) -> None:
+    if argv[0] == "unavailable":
+        with case("unavailable"):
+            unavailable()
+        return
+    topology, kills = argv[0], dict(tuple(int(x) for x in k.split("@")) for k in argv[1].split(","))
+    if "--nodes" in argv:
+        from common import name_nodes
+        name_nodes(argv[argv.index("--nodes") + 1])
+    with case(f"elastic {topology} kills {kills}"):
+        run(topology, kills, "--mid" in argv, "--in-check" in argv, "--overlap" in argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

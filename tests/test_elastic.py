@@ -1,0 +1,51 @@
+"""Elastic optimizers: ranks really die (SIGKILL) under `mpirun --with-ft ulfm`, and the
+survivors finish every step with the parameters a single-process reference computes (see
+tests/mpi/elastic_check.py); without fault tolerance, elastic=True is refused clearly."""
+
+import re
+
+import pytest
+
+import mpirun
+from mpisign import elastic, launch
+
+
+def survivors(out: str) -> list[str]:
+    return re.findall(r"@elastic rank=(\d+) now=\d+ size=(\d+) lost=(\[[\d, ]*\])", out)
+
+
+@pytest.mark.parametrize("n, args, lost", [
+    (4, ["sharded", "2@3"], [2]),
+    (4, ["tree", "3@3"], [3]),
+    (4, ["allgather", "1@3"], [1]),
+    (4, ["hierarchical", "3@3", "--nodes", "2,2"], [3]),
+    (4, ["server", "0@3"], [0]),                   # the server dies between steps
+    (4, ["server", "0@3", "--mid"], [0]),          # ... after answering one worker only
+    (4, ["tree", "1@3", "--in-check"], [1]),       # in the consistency check
+    (4, ["sharded", "0@3", "--in-check", "--overlap"], [0]),   # from gradient hooks
+    (5, ["sharded", "1@2,3@5"], [1, 3]),           # two of five, at different steps
+], ids=lambda v: v if isinstance(v, int) else "-".join(map(str, v)).replace("--", ""))
+def test_survivors_finish_every_step_identically(n, args, lost):
+    out = mpirun.run(n, "elastic_check.py", *args, elastic=True, timeout=180)
+    found = survivors(out)
+    assert sorted(int(r) for r, _, _ in found) == sorted(set(range(n)) - set(lost)), out[-3000:]
+    assert all(int(size) == n - len(lost) and seen == str(lost) for _, size, seen in found)
+    assert f"rank(s) {lost[:1]} lost in step" in out
+
+
+def test_elastic_without_fault_tolerance_is_refused_on_every_rank():
+    out = mpirun.run(2, "elastic_check.py", "unavailable")
+    assert len(re.findall(r"@unavailable rank=\d+: .*--with-ft ulfm", out)) == 2, out[-2000:]
+
+
+@pytest.mark.parametrize("environ", [{}, {"OMPI_MCA_mpi_ft_enable": "0"}])
+def test_the_verdict_is_local_and_says_how(environ):
+    with pytest.raises(elastic.ElasticUnavailable, match="--with-ft ulfm"):
+        elastic.require_ulfm(environ)
+    elastic.require_ulfm({"OMPI_MCA_mpi_ft_enable": "1"})   # Open MPI 5 here: accepted
+
+
+def test_the_launcher_turns_fault_tolerance_on():
+    cmd = launch.mpiexec_command(3, ["python", "x.py"], elastic=True)
+    assert cmd[cmd.index("--with-ft") + 1] == "ulfm"
+    assert "--with-ft" not in launch.mpiexec_command(3, ["python", "x.py"])
