@@ -21,7 +21,7 @@ from mpi4py import MPI
 
 from .comm import bounded
 
-__all__ = ["OwnComm", "duplicate", "shared_vote_comm"]
+__all__ = ["OwnComm", "duplicate", "shared_vote_comm", "vote_state"]
 
 
 def duplicate(comm: MPI.Intracomm, timeout: float | None, what: str) -> MPI.Intracomm:
@@ -75,9 +75,17 @@ class _VoteComm:
     KEPT = 8
 
     def __init__(self, comm: MPI.Intracomm):
-        self.comm = comm
+        self.comm = comm        # the user's, until shared_vote_comm makes a duplicate
+        self.private = False    # comm is mpisign's own
         self.step = 0   # calls so far: the step mixed into 0/NaN coordinates when none is given
         self.kept: dict = {}   # kind -> what mpisign.vote built for it, oldest first
+        # Elastic calls (see mpisign.recovery.recover_vote): how many have completed here, the
+        # last one's packed result, and the ranks of the user's communicator lost so far.
+        self.calls = 0
+        self.last = None
+        self.lost: list[int] = []
+        self.members = list(range(comm.Get_size()))
+        self.original = comm.Get_group()
 
     def keep(self, kind, build):
         """What ``build()`` made the first time this ``kind`` of call was seen (then reused);
@@ -94,20 +102,31 @@ class _VoteComm:
 
 
 def _delete(comm, keyval, value) -> None:
-    _free(value.comm)
+    if value.private:
+        _free(value.comm)
 
 
 _KEYVAL: int | None = None
 
 
-def shared_vote_comm(comm: MPI.Intracomm, timeout: float | None = None) -> _VoteComm:
-    """``majority_vote``'s own duplicate of ``comm`` and its call counter (collective the first
-    time on each communicator: every rank must call)."""
+def vote_state(comm: MPI.Intracomm) -> _VoteComm:
+    """What ``majority_vote`` keeps on ``comm`` (local: made on first sight, without its
+    duplicate, which :func:`shared_vote_comm` makes)."""
     global _KEYVAL
     if _KEYVAL is None:
         _KEYVAL = MPI.Comm.Create_keyval(delete_fn=_delete)
     state = comm.Get_attr(_KEYVAL)
     if state is None:
-        state = _VoteComm(duplicate(comm, timeout, "majority_vote"))
+        state = _VoteComm(comm)
         comm.Set_attr(_KEYVAL, state)
+    return state
+
+
+def shared_vote_comm(comm: MPI.Intracomm, timeout: float | None = None) -> _VoteComm:
+    """``majority_vote``'s own duplicate of ``comm`` and its call counter (collective the first
+    time on each communicator: every rank must call)."""
+    state = vote_state(comm)
+    if not state.private:
+        state.comm = duplicate(comm, timeout, "majority_vote")
+        state.private = True
     return state

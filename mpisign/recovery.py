@@ -44,7 +44,7 @@ from .elastic import is_failure, ranks_in, require_ulfm, shrink
 from .header import ParameterDivergence
 from .isolation import duplicate
 
-__all__ = ["Recovery", "TooFewRanks", "Unrecovered"]
+__all__ = ["Recovery", "TooFewRanks", "Unrecovered", "recover_vote"]
 
 log = logging.getLogger(__name__)
 
@@ -187,3 +187,78 @@ def _broadcast(comm, params: list, root: int, timeout: float, what: str) -> None
             values = torch.from_numpy(flat[offset: offset + size]).view(p.dtype)
             p.copy_(values.view(p.shape).to(p.device))
             offset += size
+
+
+def recover_vote(own, words, timeout: float):
+    """``majority_vote(elastic=True)``'s recovery, on every survivor of ``own`` (the state
+    :func:`mpisign.isolation.shared_vote_comm` keeps): shrink its communicator, then agree on
+    the interrupted call. A survivor that already returned that call's result (it is in the
+    next call now) hands it on, and the others return it: ``(plus, tie)`` of ``words``' kind.
+    Otherwise no survivor had it, and this returns None: the call is voted again among the
+    survivors. ``own`` then votes over the survivors, and names the dead in ``own.lost``."""
+    comm = own.comm
+    what = f"majority_vote recovering at call {own.calls} on rank {comm.Get_rank()}"
+    tie_possible = comm.Get_size() % 2 == 0   # of the interrupted call's voters
+    while True:
+        new = shrink(comm, timeout, what)
+        new.Set_errhandler(MPI.ERRORS_RETURN)
+        try:
+            members = ranks_in(new, own.original)
+            calls = np.empty(new.Get_size(), dtype=np.int64)
+            bounded(new.Iallgather(np.array([own.calls], dtype=np.int64), calls),
+                    f"{what}: where each survivor is", timeout)
+            if calls.max() - calls.min() > 1:
+                raise RuntimeError(f"{what}: survivors are more than one call apart "
+                                   f"({calls.tolist()}), which a vote cannot allow")
+            ahead = np.flatnonzero(calls > calls.min())
+            handed = None
+            if ahead.size:
+                handed = _hand_on(new, int(ahead[0]), own, words, own.calls == calls.min(),
+                                  tie_possible, timeout,
+                                  f"{what}: the result of call {int(calls.min())}")
+            break
+        except MPI.Exception as error:
+            if not is_failure(error, new):
+                raise
+            comm = new   # another rank died while we recovered: shrink again
+    lost = sorted(set(own.members) - set(members))
+    own.comm, own.private, own.members, own.kept = new, True, members, {}
+    own.lost = sorted(set(own.lost) | set(lost))
+    if new.Get_rank() == 0:
+        log.warning("majority_vote: rank(s) %s lost in call %d: carrying on with %d rank(s)%s",
+                    lost, int(calls.min()), new.Get_size(),
+                    "; its result handed on by a survivor that had it" if ahead.size else "")
+    return handed
+
+
+def _hand_on(comm, root: int, own, words, behind: bool, tie_possible: bool, timeout: float,
+             what: str):
+    """Broadcast ``root``'s last result (``own.last``) to every survivor; on those
+    ``behind``, return it as ``(plus, tie)`` of ``words``' kind (their call's size)."""
+    if behind and words is None:
+        raise RuntimeError(f"{what}: a survivor that never voted is behind one that has the "
+                           f"result, which a vote cannot allow")
+    w = words.shape[0] if behind else own.last[0].shape[0]
+    payload = np.empty((2 if tie_possible else 1, w), dtype=np.uint64)
+    if comm.Get_rank() == root:
+        for row, part in zip(payload, own.last):
+            row[:] = _host(part)
+    bounded(comm.Ibcast(payload, root=root), what, timeout)
+    if not behind:
+        return None
+    parts = [_like(words, row) for row in payload]
+    return parts[0], (parts[1] if tie_possible else None)
+
+
+def _host(words) -> np.ndarray:
+    """Packed words as numpy uint64 in host memory."""
+    if isinstance(words, torch.Tensor):
+        return words.cpu().numpy().view(np.uint64)
+    return words
+
+
+def _like(words, host: np.ndarray):
+    """``host`` (numpy uint64) as words of ``words``' kind."""
+    if isinstance(words, torch.Tensor):
+        return torch.from_numpy(host.view(np.int64).copy()).to(words.device)
+    return host.copy()

@@ -18,18 +18,22 @@ at the first call on a communicator, freed with it), so it never meets the user'
 from __future__ import annotations
 
 import torch
+
 from mpi4py import MPI
 
 from . import packing, signs
 from .collectives import check_comm, check_topology, make_vote
-from .isolation import shared_vote_comm
+from .elastic import is_failure, require_ulfm
+from .isolation import shared_vote_comm, vote_state
+from .recovery import recover_vote
 
 __all__ = ["majority_vote"]
 
 
 def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server", *,
                   step: int | None = None, timeout: float | None = None,
-                  stats: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                  stats: dict | None = None, out: torch.Tensor | None = None,
+                  elastic: bool = False) -> torch.Tensor:
     """Elementwise majority of the signs of ``x`` over the ranks of ``comm``.
 
     Args:
@@ -48,6 +52,12 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
             ``"hierarchical"`` also ``bytes_sent_between_nodes`` and
             ``bytes_received_between_nodes``, the part of those that crossed between nodes.
         out: a tensor of ``x``'s shape, dtype and device to hold the result (it may be ``x``).
+        elastic: survive dead ranks (needs ULFM: Open MPI 5 started with ``mpirun --with-ft
+            ulfm``; else :class:`mpisign.elastic.ElasticUnavailable`). A call that meets a dead
+            rank returns what the survivors agree on: the result that one of them already had
+            from the full vote, else their own vote. Later calls on ``comm`` vote among the
+            survivors; ``stats["lost_ranks"]`` names the dead by their rank in ``comm``. Every
+            rank must pass the same ``elastic``.
 
     Returns:
         ``out``, or a new tensor of ``x``'s shape, dtype and device, holding -1, 0 (tie) or +1,
@@ -63,6 +73,8 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
         raise ValueError(f"x must have a floating dtype, got {x.dtype}")
     check_topology(topology)
     check_comm(comm)
+    if elastic:
+        require_ulfm()
     if step is not None and (not isinstance(step, int) or step < 0):
         raise ValueError(f"step must be an int >= 0 or None, got {step!r}")
     if out is not None and not (isinstance(out, torch.Tensor) and out.shape == x.shape
@@ -74,20 +86,57 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
             stats.update(bytes_sent=0, bytes_received=0)
         result = torch.nan_to_num(x.detach(), nan=0.0, out=out)
         return result.sign_()
-    own = shared_vote_comm(comm, timeout)
+    own = vote_state(comm)
     step = own.next_step() if step is None else step
     src = x.detach().contiguous()
     n = src.numel()
-    call = own.keep((topology, n, src.device, src.dtype, timeout),
-                    lambda: _Call(topology, own.comm, timeout, src))
-    before = _counted(call.voter.traffic)
-    call.backend.pack(src, (comm.Get_rank() + step) % 2, call.words)
-    plus, tie = call.voter.vote(call.words, n, step=step)
+    kind = (topology, n, src.device, src.dtype, timeout)
+    zero_bit = (comm.Get_rank() + step) % 2
+    if elastic:
+        plus, tie, call, before = _survived(comm, own, kind, src, zero_bit, step, timeout)
+    else:
+        call, before = _prepared(comm, own, kind, src, zero_bit, timeout)
+        plus, tie = call.voter.vote(call.words, n, step=step)
     if stats is not None:
         after = _counted(call.voter.traffic)
-        stats.update({k: v - before[k] for k, v in after.items()})
+        stats.update({k: v - before.get(k, 0) for k, v in after.items()})
+        if elastic:
+            stats["lost_ranks"] = list(own.lost)
     result = call.backend.unpack(plus, tie, n, x, out)
     return result if out is not None else result.view(x.shape)
+
+
+def _prepared(comm, own, kind, src: torch.Tensor, zero_bit: int, timeout):
+    """This kind of call's collective over majority_vote's own duplicate of ``comm`` (both
+    made the first time: collective), with ``src``'s signs packed into its words; and its
+    byte counts so far."""
+    shared_vote_comm(comm, timeout)
+    call = own.keep(kind, lambda: _Call(kind[0], own.comm, timeout, src))
+    call.backend.pack(src, zero_bit, call.words)
+    return call, _counted(call.voter.traffic)
+
+
+def _survived(comm, own, kind, src: torch.Tensor, zero_bit: int, step: int, timeout):
+    """An elastic call: ``(plus, tie, call, before)`` as the plain path gives them, after as
+    many recoveries (:func:`mpisign.recovery.recover_vote`) as dead ranks need. Consecutive
+    calls alternate between two sets of result buffers, so that a rank that has finished call
+    k still holds its result while it votes in call k+1, and can hand it on."""
+    call = None
+    while True:
+        try:
+            call, before = _prepared(comm, own, kind, src, zero_bit, timeout)
+            plus, tie = call.voter.vote(call.words, src.numel(), step=step,
+                                        bucket=own.calls % 2)
+            break
+        except MPI.Exception as error:
+            if not is_failure(error, own.comm):
+                raise
+            handed = recover_vote(own, None if call is None else call.words, timeout)
+            if handed is not None:
+                plus, tie = handed
+                break
+    own.last, own.calls = (plus, tie), own.calls + 1
+    return plus, tie, call, before
 
 
 class _Call:

@@ -129,13 +129,15 @@ class SignVote:
         self.nodes = None   # a mpisign.nodes.Nodes: see count_nodes
         self._buffers: dict = {}  # (bucket, name) -> array, allocated once per shape
 
-    def vote(self, words, n: int, step: int | None = None):
+    def vote(self, words, n: int, step: int | None = None, bucket: int = 0):
         """Majority of every rank's ``words`` (packed ``n`` bits): ``(plus, tie)`` on every rank.
 
         ``tie`` is None when the communicator size is odd (no tie is possible). ``step`` is the
         caller's step number, for error messages (default: this object's count of votes).
+        ``bucket``: see :meth:`start`; the result lives in that bucket's buffers until the next
+        vote of the same bucket.
         """
-        return self.finish(self.start(words, n, step))
+        return self.finish(self.start(words, n, step, bucket))
 
     def start(self, words, n: int, step: int | None = None, bucket: int = 0) -> Pending:
         """Post the first phase of a vote; ``words`` must not change until :meth:`finish`.

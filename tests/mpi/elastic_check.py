@@ -1,6 +1,7 @@
 """Elastic optimizers on real ranks that really die (``mpirun --with-ft ulfm``, SIGKILL).
 
 Usage: elastic_check.py TOPOLOGY KILLS [--mid] [--overlap] [--nodes 2,2]
+       elastic_check.py vote TOPOLOGY KILLS [--mid]
        elastic_check.py unavailable
 
   KILLS      who dies when: "2@3" (rank 2 kills itself at the start of step 3), "1@2,3@5", ...
@@ -18,6 +19,10 @@ not the package's vote), that its parameters equal the reference's bit for bit; 
 survivors hold identical parameters; that ``stats.lost_ranks`` names the victims and
 ``opt.comm`` holds the survivors; and that the loss fell about as far as in a clean run.
 
+``vote``: the same deaths during calls of ``majority_vote(elastic=True)``: every survivor's
+result of every call equals a numpy majority of the ranks alive in that call (of all of them
+in the call where the server answered one worker before it died).
+
 ``unavailable``: ``elastic=True`` in a launch without fault tolerance raises
 ``ElasticUnavailable`` at construction, on every rank, saying how to enable it.
 """
@@ -29,7 +34,7 @@ import time
 
 import numpy as np
 import torch
-from common import WORLD, case, progress
+from common import WORLD, case, progress, rank_data, reference_vote
 
 import mpisign
 from mpisign.collectives import server
@@ -163,6 +168,34 @@ def run(topology: str, kills: dict, mid: bool, in_check: bool, overlap: bool) ->
           f"{1e3 * float(np.median(times)):.2f} ms", flush=True)
 
 
+def votes(topology: str, kills: dict, mid: bool) -> None:
+    first = min(kills, key=kills.get)
+    if mid:
+        assert first == 0 and topology == "server", "--mid: the server, rank 0, dies"
+        if rank == 0:
+            die_mid_broadcast(kills[0])
+    for call in range(STEPS):
+        progress(call)
+        if kills.get(rank) == call and not (mid and rank == first):
+            die()
+        stats = {}
+        n = 1000 + 37 * call   # every call of another size: a new collective each time
+        got = mpisign.majority_vote(rank_data(n, rank, call, zeros=0.0), WORLD, topology,
+                                    elastic=True, stats=stats)
+        voters = [r for r in range(size) if r not in kills or call < kills[r]
+                  or (mid and r == first and call == kills[r])]
+        want = reference_vote([rank_data(n, r, call, zeros=0.0) for r in voters])
+        assert np.array_equal(got.numpy(), want), f"call {call}: differs from the majority " \
+            f"of {voters} in {int((got.numpy() != want).sum())} of {n}"
+        lost = sorted(r for r in kills if kills[r] <= call)
+        if mid and call == kills[first]:   # the worker that the server answered lost no one
+            assert stats["lost_ranks"] in (lost, lost[1:]), stats
+        else:
+            assert stats["lost_ranks"] == lost, stats
+    print(f"@elastic rank={rank} now=? size={size - len(kills)} lost={sorted(kills)}",
+          flush=True)
+
+
 def unavailable() -> None:
     try:
         mpisign.Signum([torch.nn.Parameter(torch.zeros(3))], comm=WORLD, elastic=True)
@@ -177,6 +210,11 @@ def main(argv: list) -> None:
     if argv[0] == "unavailable":
         with case("unavailable"):
             unavailable()
+        return
+    if argv[0] == "vote":
+        kills = dict(tuple(int(x) for x in k.split("@")) for k in argv[2].split(","))
+        with case(f"majority_vote {argv[1]} kills {kills}"):
+            votes(argv[1], kills, "--mid" in argv)
         return
     topology, kills = argv[0], dict(tuple(int(x) for x in k.split("@")) for k in argv[1].split(","))
     if "--nodes" in argv:
