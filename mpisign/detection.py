@@ -144,6 +144,13 @@ class DisagreementMonitor:
         self.flagged = set(rules)
         return sorted(rules)
 
+    def forget(self) -> None:
+        """Start afresh: the ranks were renumbered (an elastic optimizer lost some), so the
+        window's figures no longer belong to the ranks they name."""
+        self.history.clear()
+        self.flagged, self.rules = set(), {}
+        self.median = self.margin_used = None
+
     def means(self) -> np.ndarray:
         """Each rank's mean disagreement over the window so far."""
         return np.mean(np.stack(self.history), axis=0) if self.history else np.zeros(0)

@@ -304,6 +304,9 @@ class Signum(Optimizer):
         old = self._voter
         self.comm, self.rank, self.world_size = comm, comm.Get_rank(), comm.Get_size()
         self._own_comm.adopt(comm, own)
+        if self.monitor is not None:
+            self.monitor.forget()
+            self.stats.disagreement_by_rank, self.stats.suspects = [], []
         if self._layout is None:
             self._voter = None
             return
@@ -391,8 +394,7 @@ class Signum(Optimizer):
         self._check.reset()
         self.stats.steps += 1
         if self.check_every and self.stats.steps % self.check_every == 0:
-            # Not redone after a recovery: the recovery compares the survivors' parameters.
-            self._recovery.run(self.check_consistency, redo=False)
+            self.check_consistency()
         return loss
 
     def _vote(self, layout: Layout, present: list) -> None:
@@ -589,7 +591,12 @@ class Signum(Optimizer):
         return exchanges.params_digest(p for g in self.param_groups for p in g["params"])
 
     def check_consistency(self) -> None:
-        """Raise :class:`ParameterDivergence` on every rank unless all hold identical parameters."""
+        """Raise :class:`ParameterDivergence` on every rank unless all hold identical parameters.
+        With ``elastic``, a dead rank met here is recovered from, and the recovery's own
+        comparison of the survivors' parameters stands in for this one."""
+        self._recovery.run(self._check_consistency, redo=False)
+
+    def _check_consistency(self) -> None:
         if self.world_size == 1:
             return
         differ = exchanges.ranks_differing(self._own_comm.get(), self.params_digest(),

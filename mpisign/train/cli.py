@@ -87,6 +87,10 @@ def _optimizer_options(g) -> None:
     g.add_argument("--check-every", type=nonnegative_int, default=0,
                    help="check every N steps that all ranks hold identical parameters "
                         "(always checked at epoch ends); 0: epoch ends only")
+    g.add_argument("--elastic", action="store_true",
+                   help="keep training when ranks die: the survivors redo the step's vote and "
+                        "carry on (needs Open MPI's ULFM: launch with `mpirun --with-ft ulfm` or "
+                        "`python -m mpisign.launch --elastic`); see README, Elastic")
 
 
 def _schedule_options(g) -> None:

@@ -249,13 +249,23 @@ def _loader(dataset: Dataset, batches: list, workers: int):
 
 
 def train_batches(dataset: Dataset, *, rank: int, world: int, batch_size: int, seed: int,
-                  epoch: int, start: int = 0, workers: int = 0):
-    """This rank's batches of ``epoch``, from batch ``start`` on (to resume mid-epoch)."""
+                  epoch: int, start: int = 0, workers: int = 0, count: int | None = None):
+    """This rank's batches of ``epoch``, from batch ``start`` on (to resume mid-epoch), up to
+    batch ``count`` (default: the shard's full batches). A run whose epochs have more steps
+    than this world's shards have batches (resumed on more ranks than it began with) goes
+    round the shard again, in the next epoch's order."""
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                  seed=seed, drop_last=False)
-    sampler.set_epoch(epoch)
-    idx = list(sampler)
-    n = len(idx) // batch_size
+    idx: list = []
+    rounds = 0
+    while True:
+        sampler.set_epoch(epoch + rounds)
+        idx += list(sampler)
+        rounds += 1
+        n = len(idx) // batch_size
+        if count is None or n >= count:
+            break
+    n = n if count is None else count
     batches = [idx[b * batch_size: (b + 1) * batch_size] for b in range(start, n)]
     return _loader(dataset, batches, workers)
 

@@ -42,6 +42,7 @@ from .data import (Data, DataNotFound, batches_per_epoch, default_workers, eval_
 from .metrics import Interval, Metrics, Tally, Traffic, log_interval, run_record
 from .models import build_model
 from .options import DEFAULT_EPOCHS, DEFAULT_EXAMPLES, DEFAULT_LR, UsageError
+from .survivors import check_elastic, follow, survive
 
 __all__ = ["Run", "train", "learning_rate", "evaluate", "load_checkpoint"]
 
@@ -161,6 +162,7 @@ def check_args(args, world: int) -> None:
         raise UsageError("--resume needs --out: the directory of the run to continue")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA device on this node")
+    check_elastic(args)
 
 
 # -- 2. setup -------------------------------------------------------------------------------------
@@ -249,7 +251,8 @@ def _build_optimizer(args, comm, model):
         opt = mpisign.Signum(model.parameters(), lr=args.lr, momentum=args.momentum,
                              weight_decay=args.weight_decay, comm=comm, topology=args.topology,
                              timeout=args.vote_timeout, check_every=args.check_every,
-                             monitor=mpisign.DisagreementMonitor() if args.monitor else None)
+                             monitor=mpisign.DisagreementMonitor() if args.monitor else None,
+                             elastic=args.elastic)
     omniscient = (Omniscient(comm, args.adversaries, topology=args.topology,
                              timeout=args.vote_timeout)
                   if args.attack in NON_BLIND_ATTACKS and args.adversaries else None)
@@ -266,9 +269,17 @@ def resume(run: Run) -> None:
     common, own = collectively(run.comm, load_checkpoint, where, run.args, run.data, run.comm)
     run.model.load_state_dict(common["model"])
     run.opt.load_state_dict(own["optimizer"])
-    checkpoint.restore_rng(own["rng"])
-    run.attack_rng.set_state(own["attack_rng"])
-    run.epoch_tally = Tally(*own["epoch_sums"])
+    if own.get("rank") != run.rank:   # a rank new to the run (see load_checkpoint)
+        run.opt.state.clear()          # its momentum starts at zero
+    else:
+        checkpoint.restore_rng(own["rng"])
+        run.attack_rng.set_state(own["attack_rng"])
+        run.epoch_tally = Tally(*own["epoch_sums"])
+    if common["world_size"] != run.world:
+        # The schedule stays the first launch's: steps per epoch and in all.
+        run.steps_per_epoch = common.get("steps_per_epoch", run.steps_per_epoch)
+        if not run.args.max_steps:
+            run.total_steps = run.args.epochs * run.steps_per_epoch
     run.step, run.evaluated = common["step"], common["evaluated_epochs"]
     run.elapsed_before, run.epoch_started = common["elapsed"], common["epoch_started_at"]
     run.resumed_from = where
@@ -288,11 +299,23 @@ def find_checkpoint(args, out: Path) -> Path | None:
 
 def load_checkpoint(where: Path, args, data, comm) -> tuple[dict, dict]:
     """This rank's part of the checkpoint, after checking it belongs to a run like this one."""
-    common, own = checkpoint.load(where, comm.Get_rank())
+    common = checkpoint.load_file(where / "common.pt")
+    rank = comm.Get_rank()
+    # A different number of ranks: those the checkpoint has load their own state; a new rank
+    # takes rank 0's optimizer state (hyperparameters, step) without its momentum.
+    own = checkpoint.load_file(where / f"rank-{rank if rank < common['world_size'] else 0:05d}.pt")
     if common["world_size"] != comm.Get_size():
-        raise UsageError(f"{where} was written by {common['world_size']} ranks, this job has "
-                         f"{comm.Get_size()}: resume with the same number of ranks (each "
-                         f"rank's Signum momentum is its own)")
+        if args.optimizer == "sgd":
+            raise UsageError(f"{where} was written by {common['world_size']} ranks, this job "
+                             f"has {comm.Get_size()}: --optimizer sgd resumes on as many ranks")
+        if rank == 0:
+            log.warning("resuming %d ranks' checkpoint on %d ranks: %s", common["world_size"],
+                        comm.Get_size(),
+                        f"ranks {common['world_size']}..{comm.Get_size() - 1} start with zero "
+                        f"momentum (about 1/(1-momentum) steps to warm up)"
+                        if comm.Get_size() > common["world_size"] else
+                        f"the momentum of ranks {comm.Get_size()}..{common['world_size'] - 1} "
+                        f"is dropped")
     saved = common["config"]
     differ = [k for k in FIXED_ON_RESUME if saved.get(k) != getattr(args, k)]
     if common["dataset"] != data.name:
@@ -362,7 +385,7 @@ def train_epoch(run: Run, epoch: int, first: int) -> None:
     bar = _progress(args, run.rank, epoch, run.epochs, first, run.steps_per_epoch)
     for x, y in train_batches(run.data.train, rank=run.rank, world=run.world,
                               batch_size=args.batch_size, seed=args.seed, epoch=epoch,
-                              start=first, workers=args.workers):
+                              start=first, workers=args.workers, count=run.steps_per_epoch):
         train_step(run, x, y)
         if bar is not None:
             bar.update(1)
@@ -402,8 +425,9 @@ def train_step(run: Run, x, y) -> None:
     run.opt.step()
     _sync(run.device)
     t2 = time.perf_counter()
-    run.caught = run.stop.wait()
+    run.caught = survive(run, run.stop.wait, default=0, what="the stop-signal agreement")
     run.step += 1
+    follow(run)   # --elastic: onto the survivors, if the optimizer lost ranks
     batch = Tally(loss.item() * len(y), (out.argmax(1) == y).sum().item(), len(y))
     run.epoch_tally.add(batch)
     run.interval.add(batch, compute_s=t1 - t0, comm_s=t2 - t1)
@@ -413,10 +437,10 @@ def log_step(run: Run, bar) -> None:
     """Collective: the ``step`` record of the steps since the last one."""
     traffic = _traffic(run)
     watched = run.baseline is None and run.opt.monitor is not None
-    record = log_interval(run.metrics, run.comm, run.interval, traffic, run.last_traffic,
-                          run.step, run.steps_per_epoch, run.lr, run.elapsed(),
-                          {"suspects": run.opt.stats.suspects} if watched else None,
-                          timeout=run.args.vote_timeout)
+    record = survive(run, log_interval, run.metrics, run.comm, run.interval, traffic,
+                     run.last_traffic, run.step, run.steps_per_epoch, run.lr, run.elapsed(),
+                     {"suspects": run.opt.stats.suspects} if watched else None,
+                     timeout=run.args.vote_timeout, what="the step record's sums")
     if bar is not None and record is not None:
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}",
                         ms=f"{1e3 * record['step_s']:.0f}", refresh=False)
@@ -427,10 +451,14 @@ def end_epoch(run: Run, epoch: int) -> None:
     """Collective, once ``epoch`` has ended: its training figures over all ranks, the test
     set's, the check that every rank holds the same parameters, the ``epoch`` record and a
     checkpoint."""
-    totals = _summed(run.comm, run.epoch_tally, run.args.vote_timeout)
-    test_loss, test_acc = evaluate(run.model, run.data, run.args, run.comm, run.device)
+    nan = Tally(math.nan, math.nan, 1.0)
+    totals = survive(run, _summed, run.comm, run.epoch_tally, run.args.vote_timeout,
+                     default=nan, what="the epoch's sums")
+    test_loss, test_acc = survive(run, evaluate, run.model, run.data, run.args, run.comm,
+                                  run.device, default=(math.nan, math.nan), what="evaluation")
     if run.baseline is None:
         run.opt.check_consistency()
+        follow(run)   # --elastic: a dead rank that the check met
     run.evaluated = epoch
     now = run.elapsed()
     run.metrics.write(type="epoch", epoch=epoch, step=run.step, train_loss=totals.loss,
@@ -451,11 +479,15 @@ def save(run: Run, why: str) -> None:
     common = {"model": run.model.state_dict(), "step": run.step,
               "evaluated_epochs": run.evaluated, "elapsed": run.elapsed(),
               "epoch_started_at": run.epoch_started, "config": vars(run.args),
-              "world_size": run.world, "dataset": run.data.name, "mpisign": mpisign.__version__}
+              "world_size": run.world, "steps_per_epoch": run.steps_per_epoch,
+              "dataset": run.data.name, "mpisign": mpisign.__version__}
     own = {"rank": run.rank, "optimizer": run.opt.state_dict(), "rng": checkpoint.capture_rng(),
            "attack_rng": run.attack_rng.get_state(), "epoch_sums": list(astuple(run.epoch_tally))}
-    where = checkpoint.save(run.out, run.step, common, own, run.comm,
-                            keep=run.args.keep_checkpoints, timeout=run.args.vote_timeout)
+    where = survive(run, checkpoint.save, run.out, run.step, common, own, run.comm,
+                    keep=run.args.keep_checkpoints, timeout=run.args.vote_timeout,
+                    what="the checkpoint")
+    if where is None:
+        return
     run.metrics.write(type="checkpoint", step=run.step, why=why, path=str(where),
                       time=run.elapsed())
     run.saved_at = run.step

@@ -1,0 +1,93 @@
+"""``mpisign.train --elastic``: the run carries on when ranks die.
+
+The optimizer survives a dead rank on its own (``Signum(elastic=True)``, see
+:mod:`mpisign.recovery`): at the next vote the survivors shrink their communicator, agree on
+the step and finish it together. The rest of the run follows it here:
+
+* the run's own collectives (the stop-signal agreement, the step records' and the epoch's
+  sums, the evaluation, the checkpoint) go through :func:`survive`: one that meets a dead rank
+  revokes the run's communicator, so that every survivor's next collective on it fails too, and
+  is skipped (no stop, no record, figures of NaN, no checkpoint this time), on every survivor.
+  The optimizer's next vote, or its consistency check at an epoch's end, then finds the
+  dead rank itself and recovers;
+* after each step, :func:`follow` moves the run onto the optimizer's new communicator: the
+  stop-signal agreement, the metrics file (rank 0 may be a new rank), and from the next epoch
+  the data, which is resharded over the survivors. An ``elastic`` record in ``metrics.jsonl``
+  names the lost ranks (as ranks of the launch), the step and the new world size, and the
+  checkpoints written after it record that world size.
+
+The run's schedule stays as the first launch set it: the steps in an epoch and in all, so the
+learning rate, the checkpoints and ``--max-steps`` mean what they meant. With fewer ranks a
+step sees fewer examples, and an epoch of the same steps covers that much less of the data.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mpi4py import MPI
+
+from ..elastic import ElasticUnavailable, is_failure, require_ulfm
+from .checkpoint import StopRequest
+from .metrics import Metrics
+from .options import UsageError
+
+__all__ = ["check_elastic", "survive", "follow"]
+
+log = logging.getLogger("mpisign.train")
+
+
+def check_elastic(args) -> None:
+    """--elastic's requirements, the same verdict on every rank (before any collective)."""
+    if not args.elastic:
+        return
+    if args.optimizer == "sgd":
+        raise UsageError("--elastic needs --optimizer signum or signsgd: the allreduce of "
+                         "--optimizer sgd cannot lose a rank")
+    if args.attack in ("omniscient", "mimic") and args.adversaries:
+        raise UsageError(f"--elastic does not support --attack {args.attack}: its collective "
+                         f"of all ranks cannot lose one")
+    try:
+        require_ulfm()
+    except ElasticUnavailable as e:
+        raise UsageError(str(e)) from None
+
+
+def survive(run, fn, *args, default=None, what: str = "", **kwargs):
+    """``fn(*args, **kwargs)``; in an --elastic run, a collective that meets a dead rank is
+    skipped: the run's communicator is revoked (every survivor's collective on it then fails
+    too) and ``default`` is returned."""
+    try:
+        return fn(*args, **kwargs)
+    except MPI.Exception as error:
+        # Once the optimizer has lost ranks, the run's collectives that were in flight on the
+        # old communicator may fail in any way (a survivor ahead of the others can even send
+        # a message that another one takes for a different collective's: ERR_TRUNCATE).
+        recovered = run.opt.comm is not run.comm
+        if not (run.args.elastic and (recovered or is_failure(error, run.comm))):
+            raise
+        try:
+            run.comm.Revoke()
+        except MPI.Exception:
+            pass
+        log.warning("rank %d: %s met a dead rank at step %d: skipped (the optimizer's next "
+                    "vote finds it and the survivors carry on)", run.rank, what or fn.__name__,
+                    run.step)
+        return default
+
+
+def follow(run) -> None:
+    """After the optimizer has lost ranks: move the run onto its survivors' communicator."""
+    comm = run.opt.comm
+    if comm is run.comm:
+        return
+    lost = list(run.opt.stats.lost_ranks)
+    run.comm = comm
+    run.stop = StopRequest(comm, timeout=run.args.vote_timeout)
+    if run.rank == 0 and run.metrics.f is None:   # rank 0 of the launch is gone
+        run.metrics = Metrics(run.out / "metrics.jsonl", append=True)
+    run.metrics.write(type="elastic", step=run.step, lost_ranks=lost, world_size=run.world,
+                      time=run.elapsed())
+    if run.rank == 0:
+        log.warning("step %d: rank(s) %s of the launch lost; %d rank(s) carry on, data "
+                    "resharded from the next epoch", run.step, lost, run.world)
