@@ -10,8 +10,9 @@ its gradient (or momentum); every worker steps by the majority of the signs.
 
 from .collectives import TOPOLOGIES, VoteTimeout
 from .detection import DisagreementMonitor
+from .elastic import ElasticUnavailable
 from .optim import (HyperparameterMismatch, LayoutMismatch, ParameterDivergence, SignSGD,
-                    Signum, StepMismatch, VoteStats)
+                    Signum, StepMismatch, TooFewRanks, VoteStats)
 from .packing import n_words, pack_signs, unpack_signs
 from .vote import majority_vote
 from .state import broadcast_parameters, gather_state_dict, scatter_state_dict
@@ -34,6 +35,8 @@ __all__ = [
     "StepMismatch",
     "VoteStats",
     "SingletonWorld",
+    "ElasticUnavailable",
+    "TooFewRanks",
     "broadcast_parameters",
     "gather_state_dict",
     "scatter_state_dict",

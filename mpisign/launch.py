@@ -46,7 +46,7 @@ def is_open_mpi(mpiexec: str) -> bool:
 
 
 #: The transports of an elastic launch. Over shared memory, ULFM in the wheel's Open MPI 5.0.11
-#: missed a rank SIGKILLed at a random instant in about 1 run of 4 here: no survivor heard of
+#: missed a rank SIGKILLed at a random instant in 5 runs of 27 here: no survivor heard of
 #: it, and all of them waited out their timeout. Over TCP it was noticed in 10 runs of 10.
 ELASTIC_BTL = "self,tcp"
 

@@ -111,25 +111,19 @@ class Recovery:
         opt = self._opt()
         step = opt.param_groups[0]["step"]
         what = f"recovering at step {step} on rank {opt.rank}"
-        comm = opt._own_comm.current()
-        while True:
-            new = shrink(comm, opt.timeout, what)
-            new.Set_errhandler(MPI.ERRORS_RETURN)
-            try:
-                members = ranks_in(new, self.original)
-                if len(members) < opt.min_ranks:
-                    raise TooFewRanks(
-                        f"at step {step}, {len(members)} rank(s) survive ({members}, ranks of "
-                        f"the communicator the optimizer was given), fewer than min_ranks="
-                        f"{opt.min_ranks}")
-                handed, step = self._catch_up(opt, new, what)
-                user = duplicate(new, opt.timeout, what)
-                opt._move_to(user, new)
-                break
-            except MPI.Exception as error:
-                if not is_failure(error, new):
-                    raise
-                comm = new   # another rank died while we recovered: shrink again
+
+        def agree(new):
+            members = ranks_in(new, self.original)
+            if len(members) < opt.min_ranks:
+                raise TooFewRanks(
+                    f"at step {step}, {len(members)} rank(s) survive ({members}, ranks of "
+                    f"the communicator the optimizer was given), fewer than min_ranks="
+                    f"{opt.min_ranks}")
+            handed, interrupted = self._catch_up(opt, new, what)
+            opt._move_to(duplicate(new, opt.timeout, what), new)
+            return members, handed, interrupted
+        members, handed, step = _among_survivors(opt._own_comm.current(), opt.timeout, what,
+                                                 agree)
         lost = sorted(set(self.members) - set(members))
         self.members = members
         opt.stats.lost_ranks = sorted(set(opt.stats.lost_ranks) | set(lost))
@@ -196,31 +190,24 @@ def recover_vote(own, words, timeout: float):
     next call now) hands it on, and the others return it: ``(plus, tie)`` of ``words``' kind.
     Otherwise no survivor had it, and this returns None: the call is voted again among the
     survivors. ``own`` then votes over the survivors, and names the dead in ``own.lost``."""
-    comm = own.comm
-    what = f"majority_vote recovering at call {own.calls} on rank {comm.Get_rank()}"
-    tie_possible = comm.Get_size() % 2 == 0   # of the interrupted call's voters
-    while True:
-        new = shrink(comm, timeout, what)
-        new.Set_errhandler(MPI.ERRORS_RETURN)
-        try:
-            members = ranks_in(new, own.original)
-            calls = np.empty(new.Get_size(), dtype=np.int64)
-            bounded(new.Iallgather(np.array([own.calls], dtype=np.int64), calls),
-                    f"{what}: where each survivor is", timeout)
-            if calls.max() - calls.min() > 1:
-                raise RuntimeError(f"{what}: survivors are more than one call apart "
-                                   f"({calls.tolist()}), which a vote cannot allow")
-            ahead = np.flatnonzero(calls > calls.min())
-            handed = None
-            if ahead.size:
-                handed = _hand_on(new, int(ahead[0]), own, words, own.calls == calls.min(),
-                                  tie_possible, timeout,
-                                  f"{what}: the result of call {int(calls.min())}")
-            break
-        except MPI.Exception as error:
-            if not is_failure(error, new):
-                raise
-            comm = new   # another rank died while we recovered: shrink again
+    what = f"majority_vote recovering at call {own.calls} on rank {own.comm.Get_rank()}"
+    tie_possible = own.comm.Get_size() % 2 == 0   # of the interrupted call's voters
+
+    def agree(new):
+        calls = np.empty(new.Get_size(), dtype=np.int64)
+        bounded(new.Iallgather(np.array([own.calls], dtype=np.int64), calls),
+                f"{what}: where each survivor is", timeout)
+        if calls.max() - calls.min() > 1:
+            raise RuntimeError(f"{what}: survivors are more than one call apart "
+                               f"({calls.tolist()}), which a vote cannot allow")
+        ahead = np.flatnonzero(calls > calls.min())
+        handed = None
+        if ahead.size:
+            handed = _hand_on(new, int(ahead[0]), own, words, own.calls == calls.min(),
+                              tie_possible, timeout,
+                              f"{what}: the result of call {int(calls.min())}")
+        return new, ranks_in(new, own.original), calls, ahead, handed
+    new, members, calls, ahead, handed = _among_survivors(own.comm, timeout, what, agree)
     lost = sorted(set(own.members) - set(members))
     own.comm, own.private, own.members, own.kept = new, True, members, {}
     own.lost = sorted(set(own.lost) | set(lost))
@@ -229,6 +216,20 @@ def recover_vote(own, words, timeout: float):
                     lost, int(calls.min()), new.Get_size(),
                     "; its result handed on by a survivor that had it" if ahead.size else "")
     return handed
+
+
+def _among_survivors(comm, timeout: float, what: str, agree):
+    """Shrink ``comm`` to its survivors and return ``agree(new)``, collective over them. A
+    rank that dies meanwhile is survived the same way: the survivors shrink again."""
+    while True:
+        new = shrink(comm, timeout, what)
+        new.Set_errhandler(MPI.ERRORS_RETURN)
+        try:
+            return agree(new)
+        except MPI.Exception as error:
+            if not is_failure(error, new):
+                raise
+            comm = new
 
 
 def _hand_on(comm, root: int, own, words, behind: bool, tie_possible: bool, timeout: float,

@@ -18,7 +18,6 @@ at the first call on a communicator, freed with it), so it never meets the user'
 from __future__ import annotations
 
 import torch
-
 from mpi4py import MPI
 
 from . import packing, signs

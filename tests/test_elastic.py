@@ -37,6 +37,11 @@ def test_survivors_finish_every_step_identically(n, args, lost):
     assert f"rank(s) {lost[:1]} lost in " in out
 
 
+def test_below_min_ranks_every_survivor_stops_with_a_clear_error():
+    out = mpirun.run(4, "elastic_check.py", "quorum", elastic=True)
+    assert sorted(re.findall(r"@toofew rank=(\d+) at step 2", out)) == ["0", "1", "2"], out[-2000:]
+
+
 def test_elastic_without_fault_tolerance_is_refused_on_every_rank():
     out = mpirun.run(2, "elastic_check.py", "unavailable")
     assert len(re.findall(r"@unavailable rank=\d+: .*--with-ft ulfm", out)) == 2, out[-2000:]

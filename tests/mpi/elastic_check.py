@@ -2,6 +2,7 @@
 
 Usage: elastic_check.py TOPOLOGY KILLS [--mid] [--overlap] [--nodes 2,2]
        elastic_check.py vote TOPOLOGY KILLS [--mid]
+       elastic_check.py quorum
        elastic_check.py unavailable
 
   KILLS      who dies when: "2@3" (rank 2 kills itself at the start of step 3), "1@2,3@5", ...
@@ -22,6 +23,9 @@ survivors hold identical parameters; that ``stats.lost_ranks`` names the victims
 ``vote``: the same deaths during calls of ``majority_vote(elastic=True)``: every survivor's
 result of every call equals a numpy majority of the ranks alive in that call (of all of them
 in the call where the server answered one worker before it died).
+
+``quorum``: with ``min_ranks`` equal to the world, the last rank dies at step 2: every survivor
+raises ``TooFewRanks`` naming the survivors, instead of carrying on.
 
 ``unavailable``: ``elastic=True`` in a launch without fault tolerance raises
 ``ElasticUnavailable`` at construction, on every rank, saying how to enable it.
@@ -196,6 +200,25 @@ def votes(topology: str, kills: dict, mid: bool) -> None:
           flush=True)
 
 
+def quorum() -> None:
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+    opt = mpisign.Signum(params, lr=LR, comm=WORLD, topology="tree", elastic=True,
+                         min_ranks=size)
+    for step in range(STEPS):
+        progress(step)
+        if step == 2 and rank == size - 1:
+            die()
+        for p, g in zip(params, gradient(rank, step, params)):
+            p.grad = g
+        try:
+            opt.step()
+        except mpisign.TooFewRanks as e:
+            assert f"{size - 1} rank(s) survive ({list(range(size - 1))}" in str(e), e
+            print(f"@toofew rank={rank} at step {step}: {e}", flush=True)
+            return
+    raise AssertionError("carried on below min_ranks")
+
+
 def unavailable() -> None:
     try:
         mpisign.Signum([torch.nn.Parameter(torch.zeros(3))], comm=WORLD, elastic=True)
@@ -207,6 +230,10 @@ def unavailable() -> None:
 
 
 def main(argv: list) -> None:
+    if argv[0] == "quorum":
+        with case("quorum"):
+            quorum()
+        return
     if argv[0] == "unavailable":
         with case("unavailable"):
             unavailable()
