@@ -352,6 +352,8 @@ def test_help_lists_every_choice(capsys):
     (["--resume"], "--resume needs --out"),
     (["--vote-timeout", "0"], "--vote-timeout must be > 0"),
     (["--attack", "flip"], "--attack: invalid choice"),
+    (["--elastic", "--optimizer", "sgd"], "--elastic needs --optimizer signum or signsgd"),
+    (["--elastic"], "mpirun --with-ft ulfm"),   # this process was not launched with ULFM
 ])
 def test_bad_options_exit_2_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -63,8 +63,8 @@ def survive(run, fn, *args, default=None, what: str = "", **kwargs):
         # Once the optimizer has lost ranks, the run's collectives that were in flight on the
         # old communicator may fail in any way (a survivor ahead of the others can even send
         # a message that another one takes for a different collective's: ERR_TRUNCATE).
-        recovered = run.opt.comm is not run.comm
-        if not (run.args.elastic and (recovered or is_failure(error, run.comm))):
+        if not (run.args.elastic and (run.opt.comm is not run.comm
+                                      or is_failure(error, run.comm))):
             raise
         try:
             run.comm.Revoke()
@@ -78,9 +78,9 @@ def survive(run, fn, *args, default=None, what: str = "", **kwargs):
 
 def follow(run) -> None:
     """After the optimizer has lost ranks: move the run onto its survivors' communicator."""
-    comm = run.opt.comm
-    if comm is run.comm:
+    if not run.args.elastic or run.opt.comm is run.comm:
         return
+    comm = run.opt.comm
     lost = list(run.opt.stats.lost_ranks)
     run.comm = comm
     run.stop = StopRequest(comm, timeout=run.args.vote_timeout)
