@@ -209,6 +209,10 @@ def test_elastic_run_survives_a_rank_killed_mid_epoch(reference, tmp_path, victi
     common, owns = load_state(tmp_path, 3)
     assert common["world_size"] == 3 and [own["rank"] for own in owns] == [0, 1, 2]
     assert not (checkpoint.latest(tmp_path) / "rank-00003.pt").exists()
+    if victim == 2:   # a requeue on the 3 survivors keeps the first launch's 11 steps an epoch
+        launch(3, *DIGITS, "--epochs", "9", "--out", str(tmp_path), "--resume")
+        last = records(tmp_path, "epoch")[-1]
+        assert (last["epoch"], last["step"]) == (9, 99), last
 
 
 @pytest.mark.parametrize("n", [3, 5])

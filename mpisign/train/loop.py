@@ -275,11 +275,12 @@ def resume(run: Run) -> None:
         checkpoint.restore_rng(own["rng"])
         run.attack_rng.set_state(own["attack_rng"])
         run.epoch_tally = Tally(*own["epoch_sums"])
-    if common["world_size"] != run.world:
-        # The schedule stays the first launch's: steps per epoch and in all.
-        run.steps_per_epoch = common.get("steps_per_epoch", run.steps_per_epoch)
-        if not run.args.max_steps:
-            run.total_steps = run.args.epochs * run.steps_per_epoch
+    saved_spe = common.get("steps_per_epoch")   # in checkpoints since elastic runs
+    if saved_spe and saved_spe != run.steps_per_epoch:
+        # The schedule stays the first launch's (steps per epoch and in all), whatever the
+        # number of ranks now or when the checkpoint was written (after an elastic shrink).
+        run.steps_per_epoch = saved_spe
+        run.total_steps = run.args.max_steps or run.args.epochs * saved_spe
     run.step, run.evaluated = common["step"], common["evaluated_epochs"]
     run.elapsed_before, run.epoch_started = common["elapsed"], common["epoch_started_at"]
     run.resumed_from = where
