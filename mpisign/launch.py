@@ -11,8 +11,8 @@ compute thread per rank, Open MPI allowed to run as root (containers, CI), and
 ``python -m mpi4py`` so that an exception on any rank aborts the whole job. ``--elastic`` adds
 Open MPI's ``--with-ft ulfm``: a rank that dies no longer ends the job, so that an elastic
 optimizer (``Signum(..., elastic=True)``) can carry on without it; and, unless
-``$OMPI_MCA_btl`` says otherwise, TCP between local ranks (see :data:`ELASTIC_BTL`). On a cluster use ``srun``
-(see slurm/) or the site's mpirun instead.
+``$OMPI_MCA_btl`` says otherwise, TCP between local ranks (see :data:`ELASTIC_BTL`). On a
+cluster use ``srun`` (see slurm/) or the site's mpirun instead.
 """
 
 from __future__ import annotations

@@ -408,10 +408,9 @@ class Signum(Optimizer):
             return
         # The local step first, so that a failure in the exchanges below never leaves a
         # bucket's momentum without this step's update (see mpisign.recovery).
-        step = self.param_groups[0]["step"]
         for bucket in layout.buckets:
-            if not (bucket.packed or bucket.applied):
-                self._pack_bucket(bucket, (self.rank + step) % 2)
+            if not bucket.applied:
+                self._pack_bucket(bucket)
         self._post_header(absent=present.count(False))
         # Step 1: which parameters have a gradient on any rank: one that has none anywhere is
         # not updated, as in torch.optim. The headers say when every rank has every gradient;
@@ -467,15 +466,18 @@ class Signum(Optimizer):
         """Momentum update and packing of one bucket's parameters (once a step), then start
         its vote."""
         step = self.param_groups[0]["step"]
-        if not bucket.packed:
-            self._pack_bucket(bucket, (self.rank + step) % 2)
+        self._pack_bucket(bucket)
         self._post_header()   # the step header, once a step, beside the first vote
         words = self._layout.packed[bucket.word0: bucket.word1]
         bucket.pending = self._voter.start(words, words.shape[0] * packing.WORD_BITS,
                                            step=step, bucket=bucket.index)
 
-    def _pack_bucket(self, bucket: Bucket, zero_bit: int) -> None:
-        """The local step of one bucket's parameters, packed into the layout's words."""
+    def _pack_bucket(self, bucket: Bucket) -> None:
+        """The local step of one bucket's parameters, packed into the layout's words: once a
+        step (a gradient hook, or the step itself, may come first)."""
+        if bucket.packed:
+            return
+        zero_bit = (self.rank + self.param_groups[0]["step"]) % 2
         packed = self._layout.packed
         by_group: dict = {}
         for slot in bucket.slots:

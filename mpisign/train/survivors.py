@@ -27,6 +27,7 @@ import logging
 
 from mpi4py import MPI
 
+from ..adversary import NON_BLIND_ATTACKS
 from ..elastic import ElasticUnavailable, is_failure, require_ulfm
 from .checkpoint import StopRequest
 from .metrics import Metrics
@@ -44,7 +45,7 @@ def check_elastic(args) -> None:
     if args.optimizer == "sgd":
         raise UsageError("--elastic needs --optimizer signum or signsgd: the allreduce of "
                          "--optimizer sgd cannot lose a rank")
-    if args.attack in ("omniscient", "mimic") and args.adversaries:
+    if args.attack in NON_BLIND_ATTACKS and args.adversaries:
         raise UsageError(f"--elastic does not support --attack {args.attack}: its collective "
                          f"of all ranks cannot lose one")
     try:
