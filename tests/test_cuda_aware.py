@@ -191,6 +191,32 @@ def test_sync_for_mpi_on_cpu_is_a_no_op():
     aware.sync_for_mpi(torch.device("cpu"))
 
 
+def test_sync_for_mpi_synchronizes_once_a_phase(monkeypatch):
+    """The first post of a phase synchronizes the stream; a later one (settled) only queries it,
+    and synchronizes again only when work was queued since."""
+    calls = []
+
+    class Stream:
+        busy = True
+
+        def query(self):
+            calls.append("query")
+            return not self.busy
+
+        def synchronize(self):
+            calls.append("synchronize")
+            self.busy = False
+
+    stream = Stream()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: stream)
+    aware.sync_for_mpi("cuda:0")
+    aware.sync_for_mpi("cuda:0", settled=True)
+    assert calls == ["synchronize", "query"]
+    stream.busy = True   # a kernel queued mid-phase: waited for, not skipped
+    aware.sync_for_mpi("cuda:0", settled=True)
+    assert calls[2:] == ["query", "synchronize"]
+
+
 # ---- which GPU path the optimizer and majority_vote take ---------------------------------------
 
 @pytest.mark.parametrize("setting, resident", [("1", True), ("0", False)])

@@ -9,7 +9,9 @@ naming the ranks that are missing instead of a hang.
 Words are a numpy uint64 array in host memory, or a torch int64 tensor (the same 64 bits per
 word) on any device: with a CUDA-aware MPI the GPU path hands device tensors straight to mpi4py
 (DLPack / CUDA array interface), and the work buffers, the tally and the result then live on
-that device too. The CUDA stream is synchronized before MPI touches a device buffer.
+that device too. Before MPI touches device buffers the CUDA stream is synchronized once per
+phase (the posts between two waits), not once per message: a topology queues its device work
+(copies, tallies) for a phase before the phase's first post.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from ..comm import (ANY_RANK, VoteTimeout, bounded, check_comm, default_timeout,
                     wait_all)
 
 __all__ = ["ANY_RANK", "Pending", "Traffic", "VoteTimeout", "SignVote", "bounded", "check_comm",
-           "check_words", "default_timeout", "device_of", "host_tally", "ready_for_mpi",
-           "wait_all"]
+           "check_words", "default_timeout", "device_of", "host_tally", "on_device",
+           "ready_for_mpi", "wait_all"]
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +76,21 @@ def device_of(buf):
     return contextlib.nullcontext()
 
 
-def ready_for_mpi(buf) -> None:
-    """Before MPI reads or writes ``buf``: finish the CUDA work queued on it (no-op on the host).
+def on_device(buf) -> bool:
+    """Whether MPI will touch ``buf`` in device memory (a CUDA tensor)."""
+    return isinstance(buf, torch.Tensor) and buf.is_cuda
+
+
+def ready_for_mpi(buf, settled: bool = False) -> None:
+    """Before MPI reads or writes device buffer ``buf``: finish the CUDA work queued on its
+    stream. ``settled``: the stream was synchronized earlier in this phase, so only work queued
+    since then (none, in a topology that queues its device work before a phase's first post) is
+    waited for (:func:`mpisign.cuda.aware.sync_for_mpi`).
 
     MPI works outside CUDA streams: a buffer that a kernel or copy is still producing (or still
     reading, as the apply kernel reads last step's result) must be finished first."""
-    if isinstance(buf, torch.Tensor) and buf.is_cuda:
-        from ..cuda.aware import sync_for_mpi  # late: the host path never needs mpisign.cuda
-        sync_for_mpi(buf.device)
+    from ..cuda.aware import sync_for_mpi  # late: the host path never needs mpisign.cuda
+    sync_for_mpi(buf.device, settled)
 
 
 class Pending:
@@ -90,12 +99,14 @@ class Pending:
     A topology that keeps state between the two declares it in a subclass's ``__slots__`` and
     names that subclass in :attr:`SignVote.pending_type`; nothing else can be hung on it."""
 
-    __slots__ = ("words", "n", "step", "bucket", "requests", "peers")
+    __slots__ = ("words", "n", "step", "bucket", "requests", "peers", "settled")
 
     def __init__(self, words, n: int, step: int, bucket: int):
         self.words, self.n, self.step, self.bucket = words, n, step, bucket
         self.requests: list[MPI.Request] = []
         self.peers: list = []
+        # The device's stream was synchronized since the last wait (see SignVote._ready).
+        self.settled = False
 
 
 class SignVote:
@@ -209,8 +220,17 @@ class SignVote:
     def _crosses(self, peer: int) -> bool:
         return self.nodes is not None and self.nodes.node_of[peer] != self.nodes.node_of[self.rank]
 
+    def _ready(self, pending: Pending, buf) -> None:
+        """Before MPI touches ``buf``: a device buffer's stream is synchronized at the first
+        post of each phase (the posts between two waits) and only checked at the others, so a
+        phase costs one synchronization, not one per message. Topologies queue a phase's device
+        work (copies, tallies) before its first post."""
+        if on_device(buf):
+            ready_for_mpi(buf, pending.settled)
+            pending.settled = True
+
     def _isend(self, pending: Pending, buf, dest: int, phase: int) -> None:
-        ready_for_mpi(buf)
+        self._ready(pending, buf)
         self.traffic.sent += buf.nbytes
         if self._crosses(dest):
             self.traffic.sent_between_nodes += buf.nbytes
@@ -220,7 +240,7 @@ class SignVote:
         pending.peers.append(dest)
 
     def _irecv(self, pending: Pending, buf, source: int, phase: int) -> None:
-        ready_for_mpi(buf)
+        self._ready(pending, buf)
         self.traffic.received += buf.nbytes
         if self._crosses(source):
             self.traffic.received_between_nodes += buf.nbytes
@@ -232,6 +252,6 @@ class SignVote:
     def _wait(self, pending: Pending, what: str) -> None:
         """Wait on MPI for everything ``pending`` has posted so far (bounded, see wait_all)."""
         requests, peers = pending.requests, pending.peers
-        pending.requests, pending.peers = [], []
+        pending.requests, pending.peers, pending.settled = [], [], False
         wait_all(requests, peers, self.timeout,
                  f"{self.name} vote at step {pending.step} on rank {self.rank}: {what}")

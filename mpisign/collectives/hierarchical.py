@@ -84,21 +84,24 @@ class HierarchicalVote(SignVote):
 
     def _start(self, p):
         # Step 1: post the node's alltoall: each shard of this rank's signs to its owner here,
-        # and for each shard this rank owns, a row for every local rank's signs.
+        # and for each shard this rank owns, a row for every local rank's signs. This rank's
+        # own rows first: device work goes before a phase's first post (SignVote._ready).
         p.plan = self._plan(p.words.shape[0])
         p.rows, p.counts = {}, {}
         me = self.local.index(self.rank)
+        for s in self.owned:
+            lo, hi = p.plan.shard(s)
+            rows = p.rows[s] = self._buffer(p, f"rows{s}", (len(self.local), hi - lo))
+            rows[me] = p.words[lo:hi]
         for s in range(self.shards):
             lo, hi = p.plan.shard(s)
             owner = self.owner(self.node, s)
             if owner != self.rank:
                 self._isend(p, p.words[lo:hi], owner, SIGNS)
                 continue
-            rows = p.rows[s] = self._buffer(p, f"rows{s}", (len(self.local), hi - lo))
-            rows[me] = p.words[lo:hi]
             for i, r in enumerate(self.local):
                 if r != self.rank:
-                    self._irecv(p, rows[i], r, SIGNS)
+                    self._irecv(p, p.rows[s][i], r, SIGNS)
 
     def _finish(self, p):
         self._wait(p, "the node's signs (inside the node)")
@@ -113,35 +116,38 @@ class HierarchicalVote(SignVote):
 
     def _exchange_counts(self, p) -> None:
         """Step 2: count the node's votes on each owned shard, piece by piece; send piece j to
-        node j's owner of the shard and receive every other node's count of this node's piece."""
+        node j's owner of the shard and receive every other node's count of this node's piece.
+        Every count is made before the first post (SignVote._ready)."""
         sizes = self.nodes.sizes
         if len(sizes) == 1:
             return   # one node: no counts to trade; step 3 tallies the rows
         for s in self.owned:
             lo = p.plan.shard(s)[0]
-            a, b = p.plan.piece(s, self.node)
             for j in range(len(sizes)):
                 c, d = p.plan.piece(s, j)
-                count = packing.tally(p.rows[s][:, c - lo: d - lo])
+                # Piece j's count: this node's own in counts[s, node]; the others' are sent
+                # from counts[s, j, "sent"], alive until the sends complete.
+                key = (s, j) if j == self.node else (s, j, "sent")
+                p.counts[key] = packing.tally(p.rows[s][:, c - lo: d - lo])
+        for s in self.owned:
+            a, b = p.plan.piece(s, self.node)
+            for j in range(len(sizes)):
                 if j == self.node:
-                    p.counts[s, j] = count
                     continue
-                p.counts[s, j, "sent"] = count   # alive until the send completes
-                self._isend(p, count, self.owner(j, s), COUNTS)
+                self._isend(p, p.counts[s, j, "sent"], self.owner(j, s), COUNTS)
                 theirs = self._buffer(p, f"count{s}.{j}", (packing.count_planes(sizes[j]), b - a))
                 self._irecv(p, theirs, self.owner(j, s), COUNTS)
                 p.counts[s, j] = theirs
 
     def _decide(self, p) -> None:
         """Step 3: add the nodes' counts of each owned piece, take the global majority, and
-        trade the pieces' results along the rail."""
+        trade the pieces' results along the rail (every piece decided before the first post)."""
         sizes = self.nodes.sizes
         for s in self.owned:
             a, b = p.plan.piece(s, self.node)
             n_here = max(0, min(p.n - 64 * a, 64 * (b - a)))
             if len(sizes) == 1:   # one node: its rows are all the votes; the backend's tally
-                plus, tie = self.tally(p.rows[s], n_here)
-                self._set_result(p, a, b, plus, tie)
+                self._set_result(p, a, b, *self.tally(p.rows[s], n_here))
                 continue
             total, voters = p.counts[s, self.node], sizes[self.node]
             for j in range(len(sizes)):
@@ -150,6 +156,8 @@ class HierarchicalVote(SignVote):
                     total = packing.add_counts(total, p.counts[s, j],
                                                packing.count_planes(voters))
             self._set_result(p, a, b, *packing.majority(total, self.size, n_here))
+        for s in self.owned:
+            a, b = p.plan.piece(s, self.node)
             for j in range(len(sizes)):
                 if j != self.node:
                     other = self.owner(j, s)

@@ -188,15 +188,20 @@ def use_device_buffers(mpi_module=None, environ=None) -> bool:
     return aware
 
 
-def sync_for_mpi(device) -> None:
+def sync_for_mpi(device, settled: bool = False) -> None:
     """Wait for the work queued on ``device``'s current CUDA stream (no-op for the CPU).
 
     MPI reads and writes device memory outside any CUDA stream, so a buffer that a kernel is
-    still producing must be finished before it is handed to MPI.
+    still producing must be finished before it is handed to MPI. ``settled``: the stream was
+    synchronized earlier in the same phase of a vote; then a query, which does not block,
+    decides, and the stream is synchronized again only if work was queued since.
     """
     device = torch.device(device)
     if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()  # SYNC: MPI is about to touch the buffer
+        stream = torch.cuda.current_stream(device)
+        if settled and stream.query():
+            return
+        stream.synchronize()  # SYNC: MPI is about to touch the buffer
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

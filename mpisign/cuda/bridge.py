@@ -7,8 +7,8 @@ while the vote travels, which :func:`mpisign.cuda.aware.use_device_buffers` deci
 * :class:`ResidentSigns`, when MPI is CUDA-aware: the packed words, the topologies' work
   buffers, the tally (the ``tally`` kernel, or torch bitwise ops for the tree's counts) and the
   result stay on the device; mpi4py is handed device tensors (CUDA array interface / DLPack) and
-  the stream is synchronized before MPI touches each one
-  (:func:`mpisign.collectives.base.ready_for_mpi`). Nothing crosses the PCIe bus but what MPI
+  the stream is synchronized once per phase of a vote before MPI touches them
+  (:meth:`mpisign.collectives.base.SignVote._ready`). Nothing crosses the PCIe bus but what MPI
   moves itself (GPUDirect RDMA where the fabric has it).
 * :class:`CudaSigns`, when it is not: the packed words (1/32 of an fp32 gradient) are staged
   through host memory, where the topologies move and tally them, and the packed result is

@@ -3,8 +3,10 @@
 mpisign.cuda.kernels runs for real, its launches executed by the host shim (the same signs.cu);
 "device" tensors are CPU tensors. The collectives are handed torch tensors, which mpi4py takes
 through DLPack, as it takes CUDA tensors from a CUDA-aware MPI. Checked on real ranks, for every
-topology: majority_vote against the numpy reference; every buffer MPI touched was a tensor; and
-Signum on the resident path bit-identical to Signum on the host path, with and without overlap.
+topology: majority_vote against the numpy reference; every buffer MPI touched was a tensor; the
+stream is synchronized once per phase of a vote (the posts between two waits), not once per
+message; and Signum on the resident path bit-identical to Signum on the host path, with and
+without overlap.
 Usage: resident_check.py TOPOLOGY [NODE_SIZES], e.g. "hierarchical 1,3": nodes of 1 and 3 ranks
 named by $MPISIGN_NODE.
 """
@@ -27,15 +29,37 @@ topology = sys.argv[1]
 nodes = name_nodes(sys.argv[2] if len(sys.argv) > 2 else None)
 
 touched = []  # the type of every buffer handed to MPI by the collectives
-_ready = base.ready_for_mpi
+syncs = []    # the stream synchronizations before MPI touches device buffers
+phases = []   # the waits that completed posted messages: one per phase of a vote
 
 
-def spy_ready(buf):
+def stand_in_device(buf):
+    """A torch tensor stands for a CUDA buffer here."""
     touched.append(type(buf))
-    _ready(buf)
+    return isinstance(buf, torch.Tensor)
 
 
-base.ready_for_mpi = spy_ready
+def count_sync(buf, settled=False):
+    if not settled:   # settled: the stream is only queried (a GPU sync only if work is new)
+        syncs.append(buf.device)
+
+
+_wait = base.SignVote._wait
+
+
+def count_phases(self, pending, what):
+    if pending.requests:
+        phases.append(what)
+    _wait(self, pending, what)
+
+
+base.on_device, base.ready_for_mpi, base.SignVote._wait = stand_in_device, count_sync, count_phases
+
+
+def clear():
+    for seen in (touched, syncs, phases):
+        seen.clear()
+
 
 with emulate.kernels_on_cpu() as kernels:
     gpu = ResidentSigns("cpu", kernels)
@@ -52,7 +76,7 @@ with emulate.kernels_on_cpu() as kernels:
             if n > 2:
                 xs[0][1] = float("nan")
                 xs[size - 1][2] = float("inf")
-            touched.clear()
+            clear()
             got = mpisign.majority_vote(xs[rank], comm, topology, step=step)
             assert got.dtype == dtype and got.shape == xs[rank].shape
             ref = reference_vote(xs, step=step)
@@ -60,6 +84,10 @@ with emulate.kernels_on_cpu() as kernels:
             assert bad.size == 0, f"{topology} {dtype} n={n}: {bad.size} wrong, first {bad[:5]}"
             if size > 1:
                 assert touched and all(t is torch.Tensor for t in touched), set(touched)
+                # One synchronization per phase, however many messages the phase posts.
+                assert len(syncs) == len(phases) >= 1, (len(syncs), phases)
+                if size > 2 and topology in ("sharded", "allgather"):
+                    assert len(syncs) < len(touched), (len(syncs), len(touched))
             step += 1
             progress(step)
     # The tree adds counts with torch ops, not the kernel; the hierarchical vote too, across
@@ -82,13 +110,14 @@ with emulate.kernels_on_cpu() as kernels:
         for k in range(5):
             g = torch.Generator().manual_seed(100 * k + rank)
             x, y = torch.randn(8, 20, generator=g), torch.randn(8, 5, generator=g)
-            touched.clear()  # before backward: with overlap, the hooks start the votes
+            clear()  # before backward: with overlap, the hooks start the votes
             opt.zero_grad(set_to_none=True)
             out = model(x) * model.scale.float()
             torch.nn.functional.mse_loss(out, y).backward()
             opt.step()
             if resident and size > 1:
                 assert touched and all(t is torch.Tensor for t in touched), set(touched)
+                assert len(syncs) == len(phases) >= 1, (len(syncs), phases)
             progress(f"{'resident' if resident else 'host'}-{overlap}-{k}")
         assert isinstance(opt._layout.packed, torch.Tensor) == resident
         return model, opt
