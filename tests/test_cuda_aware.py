@@ -246,6 +246,28 @@ def test_no_gpu_path_when_the_kernels_fail(monkeypatch, caplog):
     assert "CPU reference path" in caplog.text
 
 
+def test_a_device_left_unusable_by_the_self_check_is_a_fault_not_a_fallback(monkeypatch, caplog):
+    """After a sticky fault the CPU fallback would itself fail on the dead context (its copies
+    to the host): the level says FAULTED, which stops every rank (startup.agree), and the log
+    says why; a device that still works falls back to the host reference."""
+    from mpisign.cuda import bridge, kernels, startup
+    monkeypatch.setattr(bridge, "_paths", {})
+    monkeypatch.setattr(kernels, "available", lambda device: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def dead(device=None):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", dead)
+    with caplog.at_level(logging.ERROR, logger="mpisign.cuda"):
+        assert bridge.local_level(torch.device("cuda", 0)) == startup.FAULTED
+    assert "unusable" in caplog.text and "illegal memory access" in caplog.text
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: torch.empty(0))   # stand-in allocation
+    assert bridge.local_level(torch.device("cuda", 1)) == startup.HOST
+    assert bridge.agreed_level([]) is None   # no CUDA tensors, no communicator: no opinion
+
+
 def test_resident_words_on_cpu_stand_ins():
     """ResidentSigns with the kernels run by the host shim: pack into a slice of device words,
     the tally kernel as a collective's tally, unpack (+0 at ties), disagreement."""
@@ -385,3 +407,12 @@ def test_overlap_with_cuda_parameters_needs_mpi_thread_multiple():
     check_threads(gpu, query=lambda: MPI.THREAD_MULTIPLE)
     check_threads([torch.zeros(2)], query=lambda: MPI.THREAD_SINGLE)
 
+
+
+def test_the_ranks_agree_on_one_gpu_path_and_prove_device_words():
+    """On 3 real ranks with CPU stand-ins for device words (startup_check.py): the most
+    conservative level wins everywhere, a faulted device stops every rank, and the resident path
+    is proven by a checked transfer between ranks; wrong bits put every rank on staging."""
+    import mpirun
+    out = mpirun.run(3, "startup_check.py", timeout=120)
+    assert "startup_check OK on 3 ranks" in out

@@ -16,7 +16,9 @@ while the vote travels, which :func:`mpisign.cuda.aware.use_device_buffers` deci
 
 :func:`device_path` runs the kernels' self-check once per device and returns None when CuPy is
 missing or the check fails (logged as an error by the check): callers then take the CPU
-reference path, which moves the tensor to the host first.
+reference path, which moves the tensor to the host first. Given the communicator, the ranks
+first agree on one path, the most conservative any of them can take, and prove device words on
+the wire before the first vote (:mod:`mpisign.cuda.startup`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import torch
 
 from ..signs import Signs, unpack_by_apply
 
-__all__ = ["CudaSigns", "ResidentSigns", "device_path", "staged_path"]
+__all__ = ["CudaSigns", "ResidentSigns", "agreed_level", "device_path", "local_level",
+           "staged_path"]
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +164,23 @@ def _kernels_work(device: torch.device) -> bool:
     return _paths[key]
 
 
+def local_level(device: torch.device) -> int:
+    """What ``device`` allows on this rank alone (once each): a :mod:`.startup` level."""
+    key = ("level", str(device))
+    if key not in _paths:
+        from mpi4py import MPI
+
+        from . import aware, startup
+        if not _kernels_work(device):
+            usable = not torch.cuda.is_available() or startup.device_usable(device)
+            _paths[key] = startup.HOST if usable else startup.FAULTED
+        elif aware.use_device_buffers(MPI):  # logs, once, which path and why
+            _paths[key] = startup.RESIDENT
+        else:
+            _paths[key] = startup.STAGED
+    return _paths[key]
+
+
 def staged_path(device: torch.device) -> CudaSigns | None:
     """:class:`CudaSigns` for ``device`` (words in host memory), or None without kernels."""
     key = ("staged", str(device))
@@ -169,18 +189,43 @@ def staged_path(device: torch.device) -> CudaSigns | None:
     return _paths[key]
 
 
-def device_path(device: torch.device):
-    """The GPU path for ``device`` (once each): :class:`ResidentSigns` if MPI is CUDA-aware,
-    else :class:`CudaSigns`; None if the kernels are unavailable or fail their self-check."""
-    key = ("path", str(device))
+def _resident_path(device: torch.device) -> ResidentSigns:
+    key = ("resident", str(device))
     if key not in _paths:
-        from mpi4py import MPI
-
-        from . import aware
-        if not _kernels_work(device):
-            _paths[key] = None
-        elif aware.use_device_buffers(MPI):  # logs, once, which path and why
-            _paths[key] = ResidentSigns(device)
-        else:
-            _paths[key] = staged_path(device)
+        _paths[key] = ResidentSigns(device)
     return _paths[key]
+
+
+def agreed_level(devices, comm=None, timeout: float = 300.0) -> int | None:
+    """The level this rank votes at: what its CUDA ``devices`` allow (resident words only on
+    one device), and with ``comm`` (a collective on every rank of it, those without CUDA
+    tensors included, with ``devices`` empty) the most conservative level of every rank's,
+    proven on the wire (:func:`mpisign.cuda.startup.agree`). None: no devices, no comm."""
+    from . import startup
+    devices = sorted(set(devices), key=str)
+    level = None
+    if devices:
+        level = min(local_level(d) for d in devices)
+        if len(devices) > 1:
+            level = min(level, startup.STAGED)
+    if comm is None or comm.Get_size() == 1:
+        return level
+    if level == startup.RESIDENT:
+        device = devices[0]
+        key = ("proven", str(device))
+        level = startup.agree(comm, level, _paths.get(key, False),
+                              _resident_path(device).words, timeout)
+        _paths[key] = _paths.get(key, False) or level == startup.RESIDENT
+        return level
+    return startup.agree(comm, level, True, CudaSigns.words, timeout)
+
+
+def device_path(device: torch.device, comm=None, timeout: float = 300.0):
+    """The GPU path for ``device``: :class:`ResidentSigns` if MPI is CUDA-aware, else
+    :class:`CudaSigns`; None if the kernels are unavailable or fail their self-check. With
+    ``comm``: the path every rank of it agreed on (collective, see :func:`agreed_level`)."""
+    from . import startup
+    level = agreed_level([device], comm, timeout)
+    if level == startup.RESIDENT:
+        return _resident_path(device)
+    return staged_path(device) if level == startup.STAGED else None
