@@ -114,7 +114,8 @@ def unpack(plus: np.ndarray, tie: np.ndarray | None, out: torch.Tensor) -> torch
 
 def apply(p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: float,
           weight_decay: float = 0.0) -> None:
-    """:func:`mpisign.packing.apply_signs` in place, for float32 and float64 parameters."""
+    """:func:`mpisign.packing.apply_signs` in place, for float32 and float64 parameters: the same
+    bits, every NaN written as :data:`mpisign.packing.CANONICAL_NAN`."""
     p = _flat(p, "p")
     if p.dtype not in APPLY_DTYPES:
         raise ValueError(f"apply takes {APPLY_DTYPES}, got {p.dtype}")

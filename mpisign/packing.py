@@ -41,6 +41,8 @@ __all__ = [
     "majority",
     "disagreement",
     "apply_signs",
+    "CANONICAL_NAN",
+    "canonicalize_nan_",
 ]
 
 WORD_BITS = 64
@@ -178,6 +180,27 @@ def unpack_signs(words: np.ndarray, n: int, tie: np.ndarray | None = None,
 #: Coordinates unpacked at a time by apply_signs: a 1 MiB float32 scratch, cache-resident.
 APPLY_CHUNK = 1 << 18
 
+#: The one NaN that apply writes, as the bits of a signed integer of the dtype's size: sign 0,
+#: exponent and mantissa all ones. It is what the GPU's float32 arithmetic returns for any NaN
+#: result; x86 would keep an input NaN's sign and payload, and makes 0xffc00000 of inf - inf.
+CANONICAL_NAN = {torch.float32: 0x7FFF_FFFF, torch.float64: 0x7FFF_FFFF_FFFF_FFFF,
+                 torch.float16: 0x7FFF, torch.bfloat16: 0x7FFF}
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def canonicalize_nan_(t: torch.Tensor) -> torch.Tensor:
+    """Every NaN of ``t``, in place, as its dtype's :data:`CANONICAL_NAN`; returns ``t``.
+
+    On the CPU, ``t.sum()`` screens first: a NaN anywhere makes the sum NaN, and the sum is one
+    read pass, 20x cheaper than ``isnan(t).any()`` (a NaN sum without a NaN in ``t``, from
+    inf - inf, only costs the exact pass). On a device the masked write is queued as is, since
+    asking whether there is a NaN would wait on the device.
+    """
+    if t.device.type == "cpu" and not bool(t.sum().isnan()):
+        return t
+    t.view(_INT_OF_SIZE[t.element_size()]).masked_fill_(torch.isnan(t), CANONICAL_NAN[t.dtype])
+    return t
+
 
 def apply_signs(p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: float,
                 weight_decay: float = 0.0, scratch: dict | None = None) -> None:
@@ -190,8 +213,10 @@ def apply_signs(p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: f
 
     Rounding is the GPU ``apply`` kernel's, bit for bit: float32 arithmetic (float64 for float64
     parameters), ``lr`` and ``weight_decay`` rounded to float32, each operation rounded on its
-    own (no fused multiply-add), half-precision parameters rounded once at the end. So ranks on
-    CPUs and ranks on GPUs hold the same bits after every step.
+    own (no fused multiply-add), half-precision parameters rounded once at the end, every NaN
+    written as :data:`CANONICAL_NAN` (whatever the input NaN's sign and payload, and however
+    torch rounds NaN to half precision). So ranks on CPUs and ranks on GPUs hold the same bits
+    after every step.
     """
     if not p.is_contiguous():
         raise ValueError("apply_signs needs a contiguous parameter")
@@ -228,6 +253,7 @@ def apply_signs(p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: f
         x.sub_(v)                           # p - lr * (v + wd * p)
         if x is not chunk:
             chunk.copy_(x)
+        canonicalize_nan_(chunk)            # the kernel's NaN, not the input's or x86's
 
 
 def count_planes(m: int) -> int:

@@ -1,7 +1,7 @@
 """The compiled CPU kernels (mpisign/_signs.c via mpisign.native) against the numpy reference
-(mpisign.packing), bit for bit: every dtype, ragged lengths, zeros, NaN and +-inf, both zero
-bits, ties, weight decay, unaligned slices of larger buffers; on the AVX2 bodies and, in a
-second interpreter, on the portable ones (MPISIGN_SIMD=portable)."""
+(mpisign.packing), bit for bit: every dtype, ragged lengths, zeros, NaN (of any sign and
+payload) and +-inf, both zero bits, ties, weight decay, unaligned slices of larger buffers; on
+the AVX2 bodies and, in a second interpreter, on the portable ones (MPISIGN_SIMD=portable)."""
 
 import logging
 import os
@@ -34,6 +34,29 @@ def special_values(n: int, dtype, seed: int) -> torch.Tensor:
     x[(pick >= 0.09) & (pick < 0.10)] = -np.inf
     x[(pick >= 0.10) & (pick < 0.11)] = 1e-40   # float32 subnormal; 0 in half precision
     return torch.from_numpy(x).to(dtype)
+
+
+#: Mantissa bits of each dtype, and the canonical NaN, the one NaN apply writes.
+MANTISSA = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}
+CANONICAL_NAN = {torch.float16: 0x7FFF, torch.bfloat16: 0x7FFF, torch.float32: 0x7FFF_FFFF,
+                 torch.float64: 0x7FFF_FFFF_FFFF_FFFF}
+
+
+def with_nan_payloads(x: torch.Tensor, seed: int, share: float = 0.05) -> torch.Tensor:
+    """A copy of ``x`` with NaNs at about ``share`` of its coordinates: random sign and payload,
+    so both quiet (top mantissa bit set) and signalling NaNs."""
+    size, m = x.element_size(), MANTISSA[x.dtype]
+    unsigned = {2: np.uint16, 4: np.uint32, 8: np.uint64}[size]
+    raw = x.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[size]).numpy()
+    raw = raw.view(unsigned).copy()
+    rng = np.random.default_rng([seed, x.numel()])
+    hit = rng.random(raw.size) < share
+    k = int(hit.sum())
+    payload = rng.integers(1, 2**m, size=k, dtype=np.uint64)
+    sign = rng.integers(0, 2, size=k, dtype=np.uint64) << np.uint64(8 * size - 1)
+    exponent = np.uint64((1 << (8 * size - 1)) - (1 << m))
+    raw[hit] = (sign | exponent | payload).astype(unsigned)
+    return torch.from_numpy(raw.view(f"i{size}")).view(x.dtype)
 
 
 def bits(t: torch.Tensor) -> np.ndarray:
@@ -87,9 +110,10 @@ def test_unpack_is_the_reference(n, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", LENGTHS)
 def test_apply_is_the_reference(n, dtype):
-    """Finite, zero and infinite parameters (NaN parameters: see test_apply_on_nan_parameters),
-    with and without weight decay and ties, lr and wd that float32 rounds."""
-    p0 = torch.nan_to_num(special_values(n, dtype, seed=4), nan=0.5)
+    """Finite, zero, infinite and NaN parameters (NaNs of every sign and payload, quiet and
+    signalling: both write the canonical NaN), with and without weight decay and ties, lr and
+    wd that float32 rounds."""
+    p0 = with_nan_payloads(special_values(n, dtype, seed=4), seed=4)
     plus, tie = random_words(n, 5), random_words(n, 6)
     for t in (None, tie):
         for lr, wd in [(1e-3, 0.0), (0.1, 1e-4), (1 / 3, 0.1), (7e-5, 1e-60)]:
@@ -101,10 +125,25 @@ def test_apply_is_the_reference(n, dtype):
 
 
 @built
-def test_apply_on_nan_parameters_stays_nan():
-    p = torch.tensor([float("nan")] * 70)
-    native.apply(p, random_words(70, 1), None, 0.1, 0.01)
-    assert torch.isnan(p).all()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_apply_on_nan_parameters_writes_the_canonical_nan(dtype):
+    """NaN in (any sign and payload, quiet or signalling), or NaN made (inf - inf under weight
+    decay): the compiled kernel and the reference both write exactly the canonical NaN."""
+    n = 1000
+    x = torch.full((n,), float("inf"), dtype=dtype)
+    x[1::2] = -float("inf")
+    p0 = with_nan_payloads(x, seed=12, share=0.5)
+    canonical = torch.tensor(CANONICAL_NAN[dtype]).numpy().astype(bits(p0).dtype)
+    for t in (None, random_words(n, 3)):
+        for lr, wd in [(0.1, 0.0), (0.1, 0.01), (0.0, 0.01)]:
+            want = p0.clone()
+            packing.apply_signs(want, random_words(n, 1), t, lr, wd)
+            got = unaligned(p0, 1)
+            native.apply(got, random_words(n, 1), t, lr, wd)
+            nan = torch.isnan(p0) | (torch.isinf(p0) & (wd != 0))
+            assert torch.equal(torch.isnan(got), nan), (dtype, lr, wd)
+            assert (bits(got)[nan.numpy()] == canonical).all(), (dtype, lr, wd)
+            assert np.array_equal(bits(got), bits(want)), (dtype, lr, wd)
 
 
 @built
@@ -135,7 +174,7 @@ def test_the_compiled_backend_is_the_host_backend(dtype):
     compiled.pack(x, 1, b)
     assert np.array_equal(a, b)
     plus, tie = random_words(n, 8), random_words(n, 9)
-    p = torch.nan_to_num(special_values(n, dtype, seed=10), nan=1.0)
+    p = with_nan_payloads(special_values(n, dtype, seed=10), seed=10)
     q = p.clone()
     host.apply(p, plus, tie, 0.01, 0.001)
     compiled.apply(q, plus, tie, 0.01, 0.001)

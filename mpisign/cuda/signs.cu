@@ -11,6 +11,8 @@
 //   * no #include: NVRTC (CuPy) has no system headers; fp16/bf16 are handled as raw bits;
 //   * signs are read from the bits (no float compare), so FTZ/DAZ modes cannot change a vote;
 //   * arithmetic in apply uses __fadd_rn/__fmul_rn/__fsub_rn, which are never fused into FMA;
+//   * every NaN apply writes is the canonical NaN of the output dtype (f32 0x7fffffff, f16 and
+//     bf16 0x7fff), chosen here explicitly rather than left to the hardware or the conversions;
 //   * warp primitives only in warp_ballot()/warp_sum(), reached by all 32 lanes of a warp
 //     (loops around them have warp-uniform bounds); blockDim.x must be a multiple of 32.
 
@@ -151,20 +153,29 @@ __device__ __forceinline__ u16 f32_to_bf16_rn(float f) {
     return (u16)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 
+// The canonical NaN of each dtype: sign 0, exponent and mantissa all ones. NVIDIA GPUs' fp32
+// arithmetic already returns it for every NaN result (one canonical NaN, 0x7fffffff, and no NaN
+// payload in single precision: forums.developer.nvidia.com/t/68266 and /t/57047; the PTX ISA
+// text itself was not at hand), while x86 keeps an input NaN's sign and payload and makes
+// 0xffc00000 of inf - inf. apply writes it explicitly, so the rule does not rest on the
+// hardware, on the host shim's CPU or on the float -> half conversions below.
 struct F32 {
     typedef float T;
     __device__ static float load(float p) { return p; }
     __device__ static float store(float x) { return x; }
+    __device__ static float nan() { return bits_f32(0x7fffffffu); }
 };
 struct F16 {
     typedef u16 T;
     __device__ static float load(u16 p) { return f16_to_f32(p); }
     __device__ static u16 store(float x) { return f32_to_f16_rn(x); }
+    __device__ static u16 nan() { return (u16)0x7fffu; }
 };
 struct BF16 {
     typedef u16 T;
     __device__ static float load(u16 p) { return bf16_to_f32(p); }
     __device__ static u16 store(float x) { return f32_to_bf16_rn(x); }
+    __device__ static u16 nan() { return (u16)0x7fffu; }
 };
 
 template <typename D>
@@ -180,7 +191,10 @@ __device__ __forceinline__ void apply_impl(typename D::T* __restrict__ p, const 
         // wd = 0 leaves wd * x out (0 * inf would turn an inf parameter into NaN); the CPU
         // path, mpisign.packing.apply_signs, rounds the same operations the same way.
         const float d = wd == 0.0f ? v : __fadd_rn(v, __fmul_rn(wd, x));
-        p[i] = D::store(__fsub_rn(x, __fmul_rn(lr, d)));
+        const float r = __fsub_rn(x, __fmul_rn(lr, d));
+        // NaN tested on the bits (exponent all ones, mantissa not 0): no float compare to fold.
+        const bool nan = (__float_as_uint(r) & 0x7fffffffu) > 0x7f800000u;
+        p[i] = nan ? D::nan() : D::store(r);
     }
 }
 
