@@ -200,6 +200,7 @@ class Signum(Optimizer):
         self._forget_layout()
         self._check = StepCheck()  # this step's header (see mpisign.header)
         self._deferred: list = []  # momentum decays waiting for the gradient-presence OR
+        self._waiting: list = []   # (bucket, marker): packed by a hook, its device work queued
         # What a dead rank does to a step: ends it (Unrecovered), or is survived (Recovery).
         self.elastic, self.min_ranks = bool(elastic), min_ranks
         self._recovery = Recovery(self) if self.elastic else Unrecovered()
@@ -275,7 +276,10 @@ class Signum(Optimizer):
     def _ensure_layout(self) -> Layout:
         if self._layout is not None and self._layout.signature == signature(self.param_groups):
             return self._layout
-        self._signs = signs.signs_for([p for _, p in trainable(self.param_groups)])
+        # Collective beyond one rank: the ranks agree on one GPU path (mpisign.cuda.startup).
+        self._signs = signs.signs_for([p for _, p in trainable(self.param_groups)],
+                                      None if self.world_size == 1 else self._own_comm.get(),
+                                      self.timeout)
         self._layout = build_layout(self.param_groups, self.overlap, self.bucket_words,
                                     self._signs)
         self._check.fresh = True   # its header is checked before any sign is sent
@@ -418,6 +422,7 @@ class Signum(Optimizer):
         anywhere = self._presence(layout, present)
         # Step 2: pack and start every bucket's vote that a gradient hook has not started yet
         # (all of them without overlap; those with a parameter whose .grad is None with it).
+        self._waiting = []   # packed by hooks, their device work maybe queued: started here
         for bucket in layout.buckets:
             if bucket.pending is None and not bucket.applied:
                 self._start_bucket(bucket)
@@ -459,8 +464,23 @@ class Signum(Optimizer):
         self.stats.suspects = self.monitor.record(np.array(every), step, verbose=self.rank == 0)
 
     def _start_from_hook(self, bucket: Bucket) -> None:
-        self._recovery.attempt(self._start_bucket, bucket)
-        self.stats.overlapped += 1
+        """A bucket whose gradients are all in: its local step and pack now; its vote too,
+        unless the pack is still queued on a device (``mark()`` of the backend): then from a
+        later hook, or from step(), once the device has done it. MPI needs the words finished,
+        and waiting for them here would stall autograd's thread, which launches the backward
+        kernels of the layers still to come."""
+        self._recovery.attempt(self._pack_from_hook, bucket)
+
+    def _pack_from_hook(self, bucket: Bucket) -> None:
+        self._pack_bucket(bucket)
+        self._waiting.append((bucket, self._signs.mark()))
+        for waiting in list(self._waiting):
+            done = waiting[1]
+            if done is not None and not done.query():
+                continue   # its device work is still running: a later hook looks again
+            self._waiting.remove(waiting)
+            self._start_bucket(waiting[0])
+            self.stats.overlapped += 1
 
     def _start_bucket(self, bucket: Bucket) -> None:
         """Momentum update and packing of one bucket's parameters (once a step), then start
@@ -468,6 +488,7 @@ class Signum(Optimizer):
         step = self.param_groups[0]["step"]
         self._pack_bucket(bucket)
         self._post_header()   # the step header, once a step, beside the first vote
+        self._signs.settle()  # queued packs (staged GPU path) into the words: one wait for all
         words = self._layout.packed[bucket.word0: bucket.word1]
         bucket.pending = self._voter.start(words, words.shape[0] * packing.WORD_BITS,
                                            step=step, bucket=bucket.index)

@@ -60,7 +60,7 @@ class BucketHooks:
 
     def _hook(self, bucket, param: torch.Tensor):
         def hook(_):
-            if bucket.pending is not None:
+            if bucket.pending is not None or bucket.packed:
                 rank, step = self._where()
                 raise RuntimeError(
                     f"Signum(overlap=True) on rank {rank}: a second backward pass accumulated "

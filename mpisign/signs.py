@@ -25,10 +25,12 @@ The operations, for ``n`` coordinates in ``ceil(n / 64)`` words (wire format: se
 * ``words(w)``: a zeroed buffer of ``w`` words where this backend's votes travel;
 * ``pack(src, zero_bit, out)``: the signs of ``src`` into ``out`` (0 and NaN as ``zero_bit``);
   a backend may also offer ``update_and_pack``: Signum's momentum update fused with the pack
-  (:class:`CompiledSigns`);
+  (:class:`CompiledSigns`). A pack may only be queued (the GPU paths): ``mark()`` says, without
+  waiting, when queued packs are done, and ``settle()`` finishes them into their ``out``s;
 * ``tally(votes, n)``: the majority ``(plus, tie)`` of an M x W array of words, for the
   topologies that count raw votes (:class:`mpisign.collectives.SignVote`);
 * ``apply(p, plus, tie, lr, wd)``: ``p -= lr * (v + wd * p)`` in place, ``v`` the packed vote;
+  every NaN it writes is :data:`mpisign.packing.CANONICAL_NAN`, on every path;
 * ``disagreement(words, plus, tie)``: coordinates where ``words`` lost the vote, ties excluded
   (an int, or a 1-element device tensor: read it once a step);
 * ``unpack(plus, tie, n, like, out=None)``: the vote as -1 / 0 / +1, of ``like``'s dtype, in
@@ -63,6 +65,15 @@ class Signs:
 
     def pack(self, src: torch.Tensor, zero_bit: int, out) -> None:
         raise NotImplementedError
+
+    def mark(self):
+        """Something whose ``query()`` says, without waiting, whether the packs queued so far
+        are done; None when a pack is done on return (host words: MPI may take them at once)."""
+        return None
+
+    def settle(self) -> None:
+        """Finish the packs queued so far into their ``out`` words, before MPI reads them (a
+        backend whose pack is done on return has nothing to do)."""
 
     def tally(self, votes, n: int):
         raise NotImplementedError
@@ -121,50 +132,83 @@ def _staged(t: torch.Tensor):
     return staged_path(t.device) if CudaSigns.handles(t) else None
 
 
+class _AllDone:
+    """Several devices' marks as one: done when each is."""
+
+    def __init__(self, marks: list):
+        self.marks = [m for m in marks if m is not None]
+
+    def query(self) -> bool:
+        return all(m.query() for m in self.marks)
+
+
 class HostSigns(Signs):
-    """Words in host memory; scratch buffers kept across calls (one object per owner)."""
+    """Words in host memory; scratch buffers kept across calls (one object per owner).
+    ``gpu_kernels``: CUDA tensors take the staged GPU kernels where they work (False: the CPU
+    reference on host copies, as every rank agreed when one rank's kernels failed)."""
 
     tally = staticmethod(host_tally)
+    gpu_kernels = True
+
+    def _staged(self, t: torch.Tensor):
+        return _staged(t) if self.gpu_kernels else None
 
     def __init__(self):
         self._pack_scratch: torch.Tensor | None = None   # bool, the largest tensor packed
         self._apply_scratch: dict = {}                   # chunk buffers of packing.apply_signs
+        self._queued_on: list = []   # staged GPU paths holding packs not yet on the host
 
     def words(self, n_words: int) -> np.ndarray:
         return np.zeros(n_words, dtype=np.uint64)
 
     def pack(self, src: torch.Tensor, zero_bit: int, out: np.ndarray) -> None:
-        gpu = _staged(src)
+        gpu = self._staged(src)
         if gpu is not None:
             gpu.pack(src.contiguous(), zero_bit, out)
+            if gpu not in self._queued_on:
+                self._queued_on.append(gpu)
             return
         src = src.detach().cpu()
         if self._pack_scratch is None or self._pack_scratch.numel() < src.numel():
             self._pack_scratch = torch.empty(src.numel(), dtype=torch.bool)
         packing.pack_signs(src, zero_bit, out=out, scratch=self._pack_scratch)
 
+    def mark(self):
+        marks = [gpu.mark() for gpu in self._queued_on]
+        return _AllDone(marks) if any(m is not None for m in marks) else None
+
+    def settle(self) -> None:
+        for gpu in self._queued_on:
+            gpu.settle()
+        self._queued_on = []
+
     def apply(self, p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: float,
               wd: float) -> None:
         if p.is_contiguous():
-            gpu = _staged(p)
+            gpu = self._staged(p)
             if gpu is not None:
                 gpu.apply(p, plus, tie, lr, wd)
                 return
-            if p.device.type == "cpu":
-                packing.apply_signs(p, plus, tie, lr, wd, scratch=self._apply_scratch)
-                return
-        # Other devices and layouts: unpack, then one fused update.
+        if p.device.type == "cpu":   # the reference; a non-contiguous p through a copy
+            flat = p if p.is_contiguous() else p.contiguous()
+            packing.apply_signs(flat, plus, tie, lr, wd, scratch=self._apply_scratch)
+            if flat is not p:
+                p.copy_(flat)
+            return
+        # Other devices (no kernels there, or a non-contiguous p): unpack, then one fused update,
+        # rounded as torch rounds it, not as the kernel does; the kernel's NaN rule is kept.
         v = self.unpack(plus, tie, p.numel(), p).view_as(p)   # a new tensor: no `out`
         if wd:
             v.add_(p, alpha=wd)
         p.add_(v, alpha=-lr)
+        packing.canonicalize_nan_(p)
 
     def disagreement(self, words: np.ndarray, plus: np.ndarray, tie: np.ndarray | None) -> int:
         return packing.disagreement(words, plus, tie)
 
     def unpack(self, plus: np.ndarray, tie: np.ndarray | None, n: int, like: torch.Tensor,
                out: torch.Tensor | None = None) -> torch.Tensor:
-        gpu = _staged(like)
+        gpu = self._staged(like)
         if gpu is not None:   # on the device
             return unpack_by_apply(gpu.apply, plus, tie, n, like, out)
         return _into(packing.unpack_signs(plus, n, tie, dtype=like.dtype), like, out)
@@ -216,15 +260,30 @@ class CompiledSigns(HostSigns):
         return _into(host, like, out)
 
 
-def signs_for(tensors: list) -> Signs:
+def signs_for(tensors: list, comm=None, timeout: float | None = None) -> Signs:
     """The backend for a layout of ``tensors``, chosen once: device-resident words when every
     tensor is contiguous, of a kernel dtype, on one CUDA device whose MPI is CUDA-aware (and
-    whose kernels passed their self-check); else words in host memory."""
-    first = tensors[0] if tensors else None
-    if first is not None and all(t.is_cuda and t.device == first.device and t.is_contiguous()
-                                 for t in tensors):
-        from .cuda.bridge import device_path
-        gpu = device_path(first.device)
-        if gpu is not None and gpu.resident and all(gpu.handles(t) for t in tensors):
+    whose kernels passed their self-check); else words in host memory, with the GPU kernels
+    for CUDA tensors where they work.
+
+    With ``comm`` (more than one rank), a collective on every rank of it, with CUDA tensors or
+    not: the ranks take the most conservative GPU path any of them can, proven on the wire
+    before the first vote (:func:`mpisign.cuda.bridge.agreed_level`)."""
+    devices = {t.device for t in tensors if t.is_cuda}
+    if not devices and (comm is None or comm.Get_size() == 1):
+        return _host_signs()
+    from .cuda import bridge, startup   # late: a CPU-only job loads no CUDA module before this
+    level = bridge.agreed_level(devices, comm, timeout)
+    one_device = len(devices) == 1 and all(t.is_cuda and t.is_contiguous() for t in tensors)
+    if level == startup.RESIDENT and one_device:
+        gpu = bridge.device_path(tensors[0].device)
+        if gpu.resident and all(gpu.handles(t) for t in tensors):
             return gpu
+    host = _host_signs()
+    # Some rank's kernels failed their self-check: the CPU reference on every rank.
+    host.gpu_kernels = level is None or level >= startup.STAGED
+    return host
+
+
+def _host_signs() -> HostSigns:
     return CompiledSigns() if native.available() else HostSigns()

@@ -112,6 +112,7 @@ def _prepared(comm, own, kind, src: torch.Tensor, zero_bit: int, timeout):
     shared_vote_comm(comm, timeout)
     call = own.keep(kind, lambda: _Call(kind[0], own.comm, timeout, src))
     call.backend.pack(src, zero_bit, call.words)
+    call.backend.settle()
     return call, _counted(call.voter.traffic)
 
 
@@ -142,7 +143,8 @@ class _Call:
     """One kind of call's signs backend, collective and word buffer, kept across calls."""
 
     def __init__(self, topology: str, comm, timeout, like: torch.Tensor):
-        self.backend = signs.signs_for([like])   # as the optimizer chooses, for one tensor
+        # As the optimizer chooses, for one tensor (collective: the ranks agree on a GPU path).
+        self.backend = signs.signs_for([like], comm, timeout)
         self.words = self.backend.words(packing.n_words(like.numel()))
         self.voter = make_vote(topology, comm, timeout=timeout, n_coords=like.numel(),
                                tally=self.backend.tally)

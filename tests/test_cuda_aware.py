@@ -311,8 +311,9 @@ def test_collectives_take_only_word_arrays():
 
 def test_staged_path_on_cpu_stand_ins():
     """CudaSigns (MPI not CUDA-aware) with the kernels run by the host shim: pack and apply give
-    the CPU reference's bits, and the staging buffers are allocated once, whatever the order of
-    parameter sizes, with exactly the packed words staged each way."""
+    the CPU reference's bits; a bucket's packs reach the host in one copy and one wait
+    (settle), and nothing before it; the staging buffers are allocated once, whatever the order
+    of parameter sizes, with exactly the packed words staged each way."""
     from mpisign import packing
     from mpisign.cuda import emulate
     from mpisign.cuda.bridge import CudaSigns
@@ -321,13 +322,26 @@ def test_staged_path_on_cpu_stand_ins():
     gen = torch.Generator().manual_seed(9)
     with emulate.kernels_on_cpu() as kernels:
         gpu = CudaSigns("cpu", kernels, pin_memory=False)
+        copies = []
+        to_host = gpu.staging.to_host
+        gpu.staging.to_host = lambda t, slot="send": copies.append(t.numel()) or to_host(t, slot)
         words_moved = 0
-        for step in range(3):
-            for n in (5000, 70, 1):  # largest first: the buffers never grow after step 0
-                x = torch.randn(n, generator=gen)
-                out = np.empty(packing.n_words(n), np.uint64)
+        for step in range(5):
+            sizes = (5000, 70, 1) if step < 2 else (1, 5000, 70, 9000)  # larger: it grows
+            xs = [torch.randn(n, generator=gen) for n in sizes]
+            outs = [np.zeros(packing.n_words(n), np.uint64) for n in sizes]
+            copies.clear()
+            for x, out in zip(xs, outs):
                 gpu.pack(x, step % 2, out)
+            assert gpu.mark() is None   # nothing is queued on a CPU stand-in's stream
+            if step in (1, 3, 4):   # the device buffer has grown to fit a step (doubling)
+                assert copies == [] and not any(out.any() for out in outs)   # queued only
+            gpu.settle()
+            if step in (1, 3, 4):
+                assert len(copies) == 1, copies   # one copy, one wait, for all the packs
+            for x, out in zip(xs, outs):
                 assert np.array_equal(out, packing.pack_signs(x, step % 2))
+                n = x.numel()
                 plus, tie = packing.majority(packing.tally(np.stack([out, ~out, out, out])), 4, n)
                 tie[0] |= np.uint64(0b1010)  # some ties, to stage the tie mask too
                 p = torch.randn(n, generator=gen)
@@ -336,9 +350,10 @@ def test_staged_path_on_cpu_stand_ins():
                 gpu.apply(p, plus, tie, 0.01, 0.001)
                 assert torch.equal(p, want), n
                 words_moved += out.size
-            if step == 0:
+            if step == 3:   # every rotating slot has seen its size by now
                 allocations = gpu.staging.allocations
-        assert gpu.staging.allocations == allocations == 3  # send, plus, tie
+        # send, and plus and tie in each of the rotating slots; then only the larger ones.
+        assert gpu.staging.allocations == allocations
         assert gpu.staging.bytes_to_host == 8 * words_moved
         assert gpu.staging.bytes_to_device == 2 * 8 * words_moved
 
@@ -370,6 +385,32 @@ def test_cupy_takes_torch_streams_by_what_each_library_has():
                      ("ExternalStream", 1234, 2)]
     with pytest.raises(RuntimeError, match="torch >= 2.10"):
         _external_stream(cupy(True, False), old_torch_stream, 0)
+
+
+def test_cupy_views_of_streams_and_kernels_are_made_once(monkeypatch):
+    """A kernel call builds no stream wrapper and looks up no kernel: one wrapper per torch
+    stream (by handle), one lookup per kernel and device."""
+    from types import SimpleNamespace
+
+    from mpisign.cuda import kernels
+
+    made, looked_up = [], []
+    cupy = SimpleNamespace(cuda=SimpleNamespace(
+        Stream=type("Stream", (), {}),
+        ExternalStream=lambda handle, dev: made.append((handle, dev)) or ("stream", handle)))
+    monkeypatch.setattr(kernels, "_streams", {})
+    for handle in (11, 11, 12, 11):
+        kernels._cupy_stream(cupy, SimpleNamespace(cuda_stream=handle), 0)
+    assert made == [(11, 0), (12, 0)]
+    module = SimpleNamespace(get_function=lambda name: looked_up.append(name) or name)
+    monkeypatch.setattr(kernels, "_module", lambda index: module)
+    kernels._function.cache_clear()
+    try:
+        for _ in range(3):
+            assert kernels._function(0, "pack_f32") == "pack_f32"
+        assert looked_up == ["pack_f32"]
+    finally:
+        kernels._function.cache_clear()
 
 
 def test_device_buffers_go_to_mpi_under_their_own_device():

@@ -1,7 +1,8 @@
 """The CUDA kernels' logic, run on the CPU through the host shim (mpisign.cuda.emulate).
 
 Every result is compared with mpisign.packing and with a plain numpy reference on unpacked signs
-(counted coordinate by coordinate), on random inputs with ragged lengths, zeros, NaN and inf.
+(counted coordinate by coordinate), on random inputs with ragged lengths, zeros, NaN and inf;
+floats bit for bit, NaN included (apply writes one canonical NaN: test_apply_nan_rule).
 """
 
 import logging
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpisign import packing
+from mpisign import native, packing, signs
 from mpisign.cuda import emulate, kernels
 
 pytestmark = pytest.mark.skipif(emulate.compiler() is None, reason="no C++ compiler (g++)")
@@ -169,6 +170,16 @@ def test_tally_rejects_bad_input():
 
 # ---- apply ------------------------------------------------------------------------------------
 
+#: The one NaN apply writes, as the bits of each dtype: sign 0, exponent and mantissa all ones.
+CANONICAL_NAN = {torch.float32: 0x7FFF_FFFF, torch.float64: 0x7FFF_FFFF_FFFF_FFFF,
+                 torch.float16: 0x7FFF, torch.bfloat16: 0x7FFF}
+INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def int_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(INT[t.element_size()])
+
+
 def apply_reference(p: torch.Tensor, plus, tie, lr, wd) -> torch.Tensor:
     n = p.numel()
     v = unpack_bits(plus, n).astype(np.float32) * 2 - 1
@@ -177,14 +188,14 @@ def apply_reference(p: torch.Tensor, plus, tie, lr, wd) -> torch.Tensor:
     x = p.float().numpy()
     with np.errstate(all="ignore"):
         new = x - np.float32(lr) * (v.astype(np.float32) + np.float32(wd) * x if wd else v)
-    return torch.from_numpy(new).to(p.dtype)
+    out = torch.from_numpy(new).to(p.dtype)
+    int_bits(out)[torch.from_numpy(np.isnan(new))] = CANONICAL_NAN[p.dtype]
+    return out
 
 
 def same_floats(a: torch.Tensor, b: torch.Tensor) -> bool:
-    nan = torch.isnan(a.float()) & torch.isnan(b.float())
-    ia = a.view({4: torch.int32, 2: torch.int16}[a.element_size()])
-    ib = b.view(ia.dtype)
-    return bool(((ia == ib) | nan).all())
+    """Bit for bit, NaN and -0 included."""
+    return a.dtype == b.dtype and torch.equal(int_bits(a), int_bits(b))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -236,6 +247,66 @@ def test_apply_every_half_precision_value(dtype):
         p = p0.clone()
         emulate.apply(p, plus, tie, lr, wd, threads=256, blocks=16)
         assert same_floats(p, apply_reference(p0, plus, tie, lr, wd)), (lr, wd)
+
+
+#: NaN inputs of each dtype, as unsigned bits: quiet and signalling, both signs, small and large
+#: payloads, numpy's NaN (0x7fc00000 in float32) and x86's default NaN (0xffc00000).
+NAN_INPUTS = {
+    torch.float32: [0x7FC0_0000, 0xFFC0_0000, 0x7FFF_FFFF, 0xFFFF_FFFF, 0x7FC1_2345,
+                    0xFFF0_0001, 0x7F80_0001, 0xFF80_0001, 0x7FBF_FFFF, 0x7FA0_0000],
+    torch.float64: [0x7FF8 << 48, 0xFFF8 << 48, 2**63 - 1, 2**64 - 1, (0x7FF8 << 48) | 0x12345,
+                    (0xFFF0 << 48) | 1, (0x7FF0 << 48) | 1, (0x7FF0 << 48) | (2**51 - 1),
+                    0x7FF4 << 48, (0xFFF4 << 48) | 77],
+    torch.float16: [0x7E00, 0xFE00, 0x7FFF, 0xFFFF, 0x7E55, 0xFE01, 0x7C01, 0xFC01, 0x7DFF,
+                    0x7D00],
+    torch.bfloat16: [0x7FC0, 0xFFC0, 0x7FFF, 0xFFFF, 0x7FC5, 0xFFD1, 0x7F81, 0xFF81, 0x7FBF,
+                     0x7FA0],
+}
+
+
+def nan_inputs(dtype, n: int) -> torch.Tensor:
+    """``n`` parameters: :data:`NAN_INPUTS`, +-inf and a few finite values, repeated."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    unsigned = {2: np.uint16, 4: np.uint32, 8: np.uint64}[size]
+    nans = torch.from_numpy(np.array(NAN_INPUTS[dtype], dtype=unsigned).view(f"i{size}"))
+    others = torch.tensor([float("inf"), -float("inf"), 1.5, -2.0, 0.0, -0.0], dtype=dtype)
+    pattern = torch.cat([nans.view(dtype), others])
+    return pattern.repeat(-(-n // pattern.numel()))[:n].clone()
+
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,))
+def test_apply_nan_rule(dtype):
+    """The rule: every NaN that apply writes is the canonical NaN (0x7fffffff, 0x7ff...f, 0x7fff),
+    whatever NaN came in (sign, payload, quiet or signalling) or arose (inf - inf under weight
+    decay, 0 * inf at lr = 0): on the emulated GPU kernel, the CPU reference (contiguous or not),
+    the compiled CPU kernel (this CPU's body; test_native runs the portable one) and the backend
+    Signum calls, all bit for bit the same. float64 has no GPU kernel: CPU paths only."""
+    n = 3 * 64 + 5   # whole words for the SIMD bodies, a ragged tail for the scalar one
+    p0 = nan_inputs(dtype, n)
+    rng = np.random.default_rng(17)
+    plus, tie = pack_bits(rng.random(n) < 0.5), pack_bits(rng.random(n) < 0.25)
+    canonical = torch.tensor(CANONICAL_NAN[dtype], dtype=INT[p0.element_size()])
+    for lr, wd in ((0.01, 0.0), (0.01, 0.5), (0.0, 0.5), (3.0, 1e-3)):
+        want_nan = torch.isnan(p0) | (torch.isinf(p0) & (wd != 0))
+        got = {}
+        got["cpu reference"] = p0.clone()
+        packing.apply_signs(got["cpu reference"], plus, tie, lr, wd)
+        strided = torch.empty(n, 2, dtype=dtype)[:, 0]   # not contiguous: through a copy
+        strided.copy_(p0)
+        signs.HostSigns().apply(strided, plus, tie, lr, wd)
+        got["host backend, strided"] = strided
+        got["backend"] = p0.clone()
+        signs.signs_for([got["backend"]]).apply(got["backend"], plus, tie, lr, wd)
+        if dtype in native.APPLY_DTYPES and native.why_not() is None:
+            got["compiled"] = p0.clone()
+            native.apply(got["compiled"], plus, tie, lr, wd)
+        if dtype in DTYPES:
+            got["emulated GPU"] = p0.clone()
+            emulate.apply(got["emulated GPU"], plus, tie, lr, wd, threads=64, blocks=2)
+        for path, p in got.items():
+            assert torch.equal(torch.isnan(p), want_nan), (path, lr, wd)
+            assert (int_bits(p)[want_nan] == canonical).all(), (path, lr, wd)
+            assert same_floats(p, got["cpu reference"]), (path, lr, wd)
 
 
 def test_apply_numpy_in_place_and_rejects_copies():
@@ -332,6 +403,28 @@ def test_self_check_fails_loudly_on_a_wrong_bit(caplog):
 
 
 # ---- kernels.py's glue, with a stand-in for CuPy that launches the emulated kernels -----------
+
+def test_self_check_covers_what_training_runs(monkeypatch):
+    """The start-up check through mpisign.cuda.kernels itself (launches run by the host shim):
+    every kernel on a 3-block grid (grid-stride loops), a pack and an apply one grid past the
+    block cap, words and parameters at offsets of larger buffers, wd = 0 and > 0, the unpack;
+    and it catches a kernel that ignores a slice's offset."""
+    monkeypatch.setattr(kernels, "_MAX_BLOCKS", 5)   # the full-grid case at a size the shim runs
+    with emulate.kernels_on_cpu():
+        assert kernels.compare_real_paths("cpu") == []
+        assert kernels.self_check("cpu", backend=kernels)
+        honest = kernels._view
+
+        def offset_lost(cp, t, dtype):   # a DLPack exchange that drops the storage offset
+            base = t.view(-1)
+            if t.storage_offset():
+                base = torch.as_strided(t, t.shape, t.stride(), 0)
+            return honest(cp, base, dtype)
+
+        monkeypatch.setattr(kernels, "_view", offset_lost)
+        bad = kernels.compare_real_paths("cpu")
+    assert any("offset" in b for b in bad), bad
+
 
 def test_kernels_glue_on_emulated_kernels():
     with emulate.kernels_on_cpu():

@@ -28,6 +28,7 @@ import logging
 import numpy as np
 import torch
 
+from ..comm import default_timeout
 from ..signs import Signs, unpack_by_apply
 
 __all__ = ["CudaSigns", "ResidentSigns", "agreed_level", "device_path", "local_level",
@@ -54,9 +55,16 @@ class CudaSigns:
 
     Device word buffers and the pinned host buffers (:class:`mpisign.cuda.aware.Staging`) are
     allocated once, at the largest size asked for, and reused for every parameter and step.
-    ``kernels`` and ``pin_memory`` are for the tests' CPU stand-ins."""
+    ``kernels`` and ``pin_memory`` are for the tests' CPU stand-ins.
+
+    Synchronizations: packs only queue their kernels, into consecutive device words;
+    :meth:`settle` copies them all to the host at once and waits once, before a vote starts (one
+    wait a step when the step packs every bucket first). The result goes back to the device
+    through :data:`APPLY_SLOTS` rotating buffers, so a parameter's copy waits only for the copy
+    :data:`APPLY_SLOTS` parameters back, not for the previous parameter's apply."""
 
     resident = False
+    APPLY_SLOTS = 4
 
     def __init__(self, device: torch.device, kernels=None, pin_memory: bool | None = None):
         from .aware import Staging
@@ -64,6 +72,9 @@ class CudaSigns:
         self.kernels = _kernels() if kernels is None else kernels
         self.staging = Staging(pin_memory)
         self._device_words: dict[str, torch.Tensor] = {}
+        self._queued: list = []   # (device words, host out) of packs not yet on the host
+        self._queued_words = 0
+        self._applies = 0
         log.info("GPU path on %s: CuPy kernels pack and apply; packed signs are staged through "
                  "pinned host memory for the vote (the tally runs on the host)", self.device)
 
@@ -84,24 +95,63 @@ class CudaSigns:
         return buf[:w]
 
     def pack(self, src: torch.Tensor, zero_bit: int, out: np.ndarray) -> None:
-        """Sign words of ``src`` into ``out``, host uint64 words that MPI reads next."""
-        words = self._on_device("pack", out.size)
+        """Queue the signs of ``src`` for ``out`` (host uint64 words): they are there after
+        :meth:`settle`, which the caller runs before MPI reads ``out``."""
+        start, end = self._queued_words, self._queued_words + out.size
+        buf = self._device_words.get("pack")
+        if buf is None or buf.numel() < end:
+            self.settle()   # growing the buffer would drop the queued words: take them first
+            # Doubled: a step's packs fit after a few steps, however their sizes come.
+            self._on_device("pack", max(end, 2 * (0 if buf is None else buf.numel())))
+            start, end = 0, out.size
+        words = self._on_device("pack", end)[start:end]
         self.kernels.pack(src, zero_bit, out=words)
-        # to_host synchronizes the stream: the pack kernel is done and the words are on the host.
-        out[:] = self.staging.to_host(words, "send").view(np.uint64)
+        self._queued.append(out)
+        self._queued_words = end
+
+    def mark(self):
+        """A CUDA event after the queued packs (None on CPU stand-ins)."""
+        return _event_after(self.device)
+
+    def settle(self) -> None:
+        """The queued packs' words into their ``out``s: one copy to pinned host memory and one
+        wait for all of them."""
+        if not self._queued:
+            return
+        # to_host synchronizes the stream: the pack kernels are done, the words on the host.
+        host = self.staging.to_host(self._on_device("pack", self._queued_words), "send")
+        start = 0
+        for out in self._queued:
+            out[:] = host[start: start + out.size].view(np.uint64)
+            start += out.size
+        self._queued, self._queued_words = [], 0
 
     def apply(self, p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: float,
               wd: float) -> None:
         """The host vote ``(plus, tie)`` to the device through pinned buffers, then the apply
-        kernel: copies and kernel queued in order on the current stream, nothing waited for."""
+        kernel: copies and kernel queued in order on the current stream, nothing waited for
+        but the copy that last used this call's buffers."""
+        k = self._applies % self.APPLY_SLOTS
+        self._applies += 1
         device_words = []
-        for slot, words in (("plus", plus), ("tie", tie)):
+        for name, words in (("plus", plus), ("tie", tie)):
             if words is None:
                 device_words.append(None)
                 continue
+            slot = f"{name}{k}"
             self.staging.host(slot, words.size, torch.int64)[:] = words.view(np.int64)
             device_words.append(self.staging.to_device(slot, self._on_device(slot, words.size)))
         self.kernels.apply(p.data, *device_words, lr, wd)
+
+
+def _event_after(device: torch.device):
+    """A CUDA event after the work queued so far on ``device``'s current stream: its
+    ``query()`` says, without waiting, whether that work is done. None for a CPU stand-in."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 class ResidentSigns(Signs):
@@ -130,6 +180,12 @@ class ResidentSigns(Signs):
     def pack(self, src: torch.Tensor, zero_bit: int, out: torch.Tensor) -> None:
         """Sign words of ``src`` into ``out`` (a slice of device words), on the current stream."""
         self.kernels.pack(src.contiguous(), zero_bit, out=out)
+
+    def mark(self):
+        """A CUDA event after the packs queued so far (None on CPU stand-ins): MPI may take
+        the words once it is done. Nothing to settle: the collectives synchronize the stream
+        once per phase before MPI touches device words."""
+        return _event_after(self.device)
 
     def tally(self, votes: torch.Tensor, n: int):
         """The ``tally`` kernel as a :class:`mpisign.collectives.SignVote` tally."""
@@ -196,7 +252,7 @@ def _resident_path(device: torch.device) -> ResidentSigns:
     return _paths[key]
 
 
-def agreed_level(devices, comm=None, timeout: float = 300.0) -> int | None:
+def agreed_level(devices, comm=None, timeout: float | None = None) -> int | None:
     """The level this rank votes at: what its CUDA ``devices`` allow (resident words only on
     one device), and with ``comm`` (a collective on every rank of it, those without CUDA
     tensors included, with ``devices`` empty) the most conservative level of every rank's,
@@ -210,6 +266,7 @@ def agreed_level(devices, comm=None, timeout: float = 300.0) -> int | None:
             level = min(level, startup.STAGED)
     if comm is None or comm.Get_size() == 1:
         return level
+    timeout = default_timeout() if timeout is None else timeout
     if level == startup.RESIDENT:
         device = devices[0]
         key = ("proven", str(device))
@@ -220,7 +277,7 @@ def agreed_level(devices, comm=None, timeout: float = 300.0) -> int | None:
     return startup.agree(comm, level, True, CudaSigns.words, timeout)
 
 
-def device_path(device: torch.device, comm=None, timeout: float = 300.0):
+def device_path(device: torch.device, comm=None, timeout: float | None = None):
     """The GPU path for ``device``: :class:`ResidentSigns` if MPI is CUDA-aware, else
     :class:`CudaSigns`; None if the kernels are unavailable or fail their self-check. With
     ``comm``: the path every rank of it agreed on (collective, see :func:`agreed_level`)."""

@@ -75,12 +75,35 @@ def _external_stream(cp, stream, device_index: int):
                        "__cuda_stream__ (torch >= 2.10): upgrade torch, or use CuPy < 14")
 
 
+_streams: dict = {}   # (device index, torch stream handle) -> CuPy's view of that stream
+_MAX_STREAMS = 256    # torch's pools hold 32 streams per priority per device
+
+
+def _cupy_stream(cp, stream, device_index: int):
+    """:func:`_external_stream`, made once per torch stream (by its handle) and reused: a
+    kernel call builds no wrapper. A wrapper owns nothing, so a handle torch reuses for a new
+    stream is still that stream."""
+    key = (device_index, stream.cuda_stream)
+    cached = _streams.get(key)
+    if cached is None:
+        if len(_streams) >= _MAX_STREAMS:
+            _streams.clear()
+        cached = _streams[key] = _external_stream(cp, stream, device_index)
+    return cached
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_device(device_index: int):
+    return _cupy().cuda.Device(device_index)
+
+
 @contextlib.contextmanager
 def _on(device: torch.device):
-    """CuPy on ``device``, queuing on torch's current stream there."""
+    """CuPy on ``device``, queuing on torch's current stream there (device and stream objects
+    made once each)."""
     cp = _cupy()
-    cp_stream = _external_stream(cp, torch.cuda.current_stream(device), device.index)
-    with cp.cuda.Device(device.index), cp_stream:
+    with _cupy_device(device.index), _cupy_stream(cp, torch.cuda.current_stream(device),
+                                                  device.index):
         yield cp
 
 
@@ -92,9 +115,14 @@ def _view(cp, t: torch.Tensor, dtype):
     return a
 
 
+@functools.lru_cache(maxsize=None)
+def _function(device_index: int, name: str):
+    """The compiled kernel ``name`` on a device, looked up once."""
+    return _module(device_index).get_function(name)
+
+
 def _launch(device: torch.device, name: str, grid: tuple, args: tuple) -> None:
-    fn = _module(device.index).get_function(name)
-    fn(grid, (_THREADS,), args)
+    _function(device.index, name)(grid, (_THREADS,), args)
 
 
 def _blocks(work_threads: int) -> int:
@@ -210,9 +238,13 @@ def disagreement(votes: torch.Tensor, plus: torch.Tensor, tie: torch.Tensor | No
 # ---- checking against the CPU reference -----------------------------------------------------
 
 def _special_floats(n: int, gen: torch.Generator) -> torch.Tensor:
-    """Random float32 with zeros, -0, NaN, +-inf and subnormals mixed in."""
+    """Random float32 with zeros, -0, NaN (either sign, with payloads, quiet and signalling),
+    +-inf and subnormals mixed in."""
     x = torch.randn(n, generator=gen)
-    specials = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-40, -1e-40])
+    nans = torch.tensor([0x7FC0_0000, 0x7FC0_1234, -0x0040_0001, 0x7F80_0001],   # -: 0xffbfffff
+                        dtype=torch.int32).view(torch.float32)
+    specials = torch.cat([torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-40]),
+                          nans])
     pick = torch.randint(0, 4 * len(specials), (n,), generator=gen)
     hit = pick < len(specials)
     x[hit] = specials[pick[hit]]
@@ -224,10 +256,11 @@ def _host(a) -> np.ndarray:
 
 
 def _same_floats(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-identical, except that any NaN equals any NaN."""
-    both_nan = torch.isnan(a.float()) & torch.isnan(b.float())
+    """Bit-identical, NaN included: apply writes one NaN (:data:`packing.CANONICAL_NAN`)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
     ia, ib = (t.view(_INT_OF_SIZE[t.element_size()]) for t in (a, b))
-    return bool(((ia == ib) | both_nan).all())
+    return torch.equal(ia, ib)
 
 
 def _reference_apply(p: torch.Tensor, plus, tie, lr: float, wd: float) -> torch.Tensor:
@@ -237,7 +270,10 @@ def _reference_apply(p: torch.Tensor, plus, tie, lr: float, wd: float) -> torch.
     x = p.float().numpy()
     with np.errstate(all="ignore"):
         new = x - np.float32(lr) * (v + np.float32(wd) * x if wd else v)
-    return torch.from_numpy(new).to(p.dtype)
+    out = torch.from_numpy(new).to(p.dtype)
+    nan = torch.from_numpy(np.isnan(new))  # whatever NaN numpy made: the kernel writes just one
+    out.view(_INT_OF_SIZE[out.element_size()])[nan] = packing.CANONICAL_NAN[p.dtype]
+    return out
 
 
 def compare_with_reference(backend=None, device="cuda", seed: int = 0) -> list[str]:
@@ -275,6 +311,89 @@ def compare_with_reference(backend=None, device="cuda", seed: int = 0) -> list[s
     return bad
 
 
+@contextlib.contextmanager
+def _side_stream(device: torch.device):
+    """A non-default stream of ``device`` as torch's current one (nothing for CPU stand-ins):
+    the optimizer runs wherever the caller's stream is, so the check must too."""
+    if device.type != "cuda":
+        yield
+        return
+    with torch.cuda.stream(torch.cuda.Stream(device)):
+        yield
+
+
+@contextlib.contextmanager
+def _grid_cap(blocks: int):
+    """Launch at most ``blocks`` blocks, so every kernel's grid-stride loop takes turns."""
+    global _MAX_BLOCKS
+    saved, _MAX_BLOCKS = _MAX_BLOCKS, blocks
+    try:
+        yield
+    finally:
+        _MAX_BLOCKS = saved
+
+
+def _poisoned(n: int, device) -> torch.Tensor:
+    return torch.full((n,), -0x5A5A_A5A5_0BAD_F00D, dtype=torch.int64, device=device)
+
+
+def _compare_offsets(device: torch.device, gen: torch.Generator, n: int) -> list[str]:
+    """As the optimizer lays them out: words packed into, and read from, slices at non-zero
+    offsets of larger buffers; parameters that are slices of a larger tensor; ``wd`` = 0 and
+    > 0; and the unpack (:func:`mpisign.signs.unpack_by_apply`, apply on zeros)."""
+    from mpisign.signs import unpack_by_apply   # the GPU paths' unpack
+    bad, w = [], packing.n_words(n)
+    x = _special_floats(n, gen)
+    votes = np.stack([packing.pack_signs(_special_floats(n, gen), r % 2) for r in range(4)])
+    plus, tie = packing.majority(packing.tally(votes), 4, n)
+    words = _poisoned(3 * w + 8, device)   # [3: 3+w] plus, [w+5: 2w+5] tie, [2w+7:] packed
+    words[3:3 + w] = torch.from_numpy(plus.view(np.int64)).to(device)
+    words[w + 5: 2 * w + 5] = torch.from_numpy(tie.view(np.int64)).to(device)
+    dev_plus, dev_tie = words[3:3 + w], words[w + 5: 2 * w + 5]
+    for dtype in _SUFFIX:
+        packed = words[2 * w + 7: 3 * w + 7]
+        pack(x.to(dtype).to(device), 1, out=packed)
+        if not np.array_equal(_host(packed).view(np.uint64), packing.pack_signs(x.to(dtype), 1)):
+            bad.append(f"pack into words at an offset, {dtype} n={n}")
+        for wd in (0.0, 0.1):
+            big = torch.cat([torch.full((5,), 7.0), x, torch.full((3,), 9.0)]).to(dtype)
+            dev = big.to(device, copy=True)
+            apply(dev[5:5 + n], dev_plus, dev_tie, 0.01, wd)
+            want = big.clone()
+            want[5:5 + n] = _reference_apply(big[5:5 + n], plus, tie, 0.01, wd)
+            if not _same_floats(dev.cpu(), want):
+                bad.append(f"apply at an offset, {dtype} n={n} wd={wd}")
+        got = unpack_by_apply(apply, dev_plus, dev_tie, n, x.to(dtype).to(device))
+        if not _same_floats(got.cpu(), packing.unpack_signs(plus, n, tie, dtype=dtype)):
+            bad.append(f"unpack {dtype} n={n}")
+    guards = [*range(3), 3 + w, 4 + w, 2 * w + 5, 2 * w + 6, 3 * w + 7]
+    if set(_host(words[guards]).tolist()) != {-0x5A5A_A5A5_0BAD_F00D}:
+        bad.append("a kernel wrote outside its words")
+    return bad
+
+
+def compare_real_paths(device="cuda", seed: int = 1) -> list[str]:
+    """What training runs beyond :func:`compare_with_reference`'s small cases, all on a side
+    stream: every kernel with a grid of 3 blocks (their grid-stride loops), a pack and an apply
+    past the full grid of ``_THREADS * _MAX_BLOCKS`` threads, and words and parameters at
+    offsets with the unpack (:func:`_compare_offsets`). Empty: all agree."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    with _side_stream(device):
+        with _grid_cap(3):
+            bad = [f"3 blocks: {b}" for b in compare_with_reference(None, device, seed)]
+        bad += _compare_offsets(device, gen, 4099)
+        n = _THREADS * _MAX_BLOCKS + 65   # one grid of threads, and a ragged word past it
+        x = torch.randn(n, generator=gen)
+        if not np.array_equal(_host(pack(x.to(device))), packing.pack_signs(x)):
+            bad.append(f"pack n={n}")
+        plus = packing.pack_signs(torch.randn(n, generator=gen))
+        got = apply(x.to(device, copy=True), torch.from_numpy(plus.view(np.int64)).to(device), None, 0.5)
+        if not _same_floats(got.cpu(), _reference_apply(x, plus, None, 0.5, 0.0)):
+            bad.append(f"apply n={n}")
+    return bad
+
+
 def self_check(device=None, *, backend=None) -> bool:
     """Compare the kernels with the CPU reference on ``device`` (once per CUDA device); on any
     mismatch or error log an ERROR and return False, so the caller falls back to the CPU path.
@@ -288,6 +407,8 @@ def self_check(device=None, *, backend=None) -> bool:
         return _checked[device.index]
     try:
         bad = compare_with_reference(backend, device)
+        if backend is None or backend is sys.modules[__name__]:
+            bad += compare_real_paths(device)
     except Exception as exc:  # a compile or launch error is a failed check, not a crash
         bad = [f"{type(exc).__name__}: {exc}"]
     if bad:
