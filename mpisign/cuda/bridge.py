@@ -14,6 +14,26 @@ while the vote travels, which :func:`mpisign.cuda.aware.use_device_buffers` deci
   through host memory, where the topologies move and tally them, and the packed result is
   copied back for the apply kernel. Only packed words cross the bus.
 
+The budget of host-device waits a step, for a vote of k phases (the posts between two waits:
+1 for allgather, 2 for sharded (M with its ring gather), at most 3 for server and tree, 4 for
+hierarchical), counted by tests/mpi/resident_check.py and tests/test_cuda_aware.py:
+
+==========================  ===========================  ====================================
+                            resident words               staged words
+==========================  ===========================  ====================================
+non-finite check            1 per bucket's group         1 per bucket's group
+                            (the sums read back once)
+before MPI                  1 per phase: k per vote      1 (:meth:`CudaSigns.settle`) per
+                            (later posts of a phase      vote start, all queued packs at once
+                            only query the stream)       (1 a step without overlap)
+result back to the device   none                         none (copies queued; a staging slot's
+                                                         reuse waits on the copy 4 applies back)
+monitor                     1 per step                   none (host words)
+overlap hooks               none (CUDA events queried)   none (CUDA events queried)
+==========================  ===========================  ====================================
+
+Kernels are looked up and CuPy's view of torch's stream is made once each, not per call.
+
 :func:`device_path` runs the kernels' self-check once per device and returns None when CuPy is
 missing or the check fails (logged as an error by the check): callers then take the CPU
 reference path, which moves the tensor to the host first. Given the communicator, the ranks

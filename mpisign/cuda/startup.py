@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from ..comm import ANY_RANK, bounded, wait_all
+from ..comm import bounded, wait_all
 
 __all__ = ["FAULTED", "HOST", "STAGED", "RESIDENT", "NAMES", "DeviceFault", "agree",
            "ring_transfer", "device_usable"]
