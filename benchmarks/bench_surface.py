@@ -13,9 +13,10 @@ and Signum on the numpy reference kernels (``MPISIGN_KERNELS=reference`` when it
 the same memory traffic is the target (SGD reads the gradient, momentum and parameter and writes
 momentum and parameter; so does Signum, plus one bit a coordinate).
 
-``vote``: ``mpisign.majority_vote(x, topology=...)`` on a float32 tensor, plain and with
-``out=``, beside ``comm.Allreduce`` of the same fp32 tensor (what the vote replaces), on every
-rank of ``COMM_WORLD``. Times are the slowest rank's.
+``vote``: ``mpisign.majority_vote(x, topology=...)`` on a float32 tensor, plain (the last
+result held during the call, as in a loop ``y = majority_vote(x)``) and with ``out=``, beside
+``comm.Allreduce`` of the same fp32 tensor (what the vote replaces), on every rank of
+``COMM_WORLD``. Times are the slowest rank's.
 
 ``train-step``: the main job's optimizer step on its default model (the small CNN, 421,642
 parameters) as ``mpisign.train`` runs it: ``Signum(topology=..., monitor=DisagreementMonitor())
@@ -97,9 +98,10 @@ def vote_mode(args) -> None:
     out = torch.empty_like(x)
     total = np.empty(args.n, dtype=np.float32)
     contenders = {"comm.Allreduce fp32": lambda: comm.Allreduce(x.numpy(), total, op=MPI.SUM)}
+    last = {}   # as a loop `y = majority_vote(x)` does, the last result is held during a call
     for topology in args.topologies.split(","):
         contenders[f"majority_vote {topology}"] = \
-            lambda t=topology: mpisign.majority_vote(x, comm, t)
+            lambda t=topology: last.__setitem__(t, mpisign.majority_vote(x, comm, t))
         contenders[f"majority_vote {topology}, out="] = \
             lambda t=topology: mpisign.majority_vote(x, comm, t, out=out)
     times = interleaved(contenders, args.rounds, comm)

@@ -79,6 +79,8 @@ class _VoteComm:
         self.private = False    # comm is mpisign's own
         self.step = 0   # calls so far: the step mixed into 0/NaN coordinates when none is given
         self.kept: dict = {}   # kind -> what mpisign.vote built for it, oldest first
+        # The GPU path the ranks agreed on at the first call (mpisign.signs.gpu_level).
+        self.gpu_agreed, self.gpu_level = False, None
         # Elastic calls (see mpisign.recovery.recover_vote): how many have completed here, the
         # last one's packed result, and the ranks of the user's communicator lost so far.
         self.calls = 0

@@ -201,6 +201,9 @@ class Signum(Optimizer):
         self._check = StepCheck()  # this step's header (see mpisign.header)
         self._deferred: list = []  # momentum decays waiting for the gradient-presence OR
         self._waiting: list = []   # (bucket, marker): packed by a hook, its device work queued
+        # The GPU path every rank agreed on at the first step (mpisign.cuda.startup); a later
+        # layout, which may change on one rank alone, keeps it without a collective.
+        self._gpu_agreed, self._gpu_level = False, None
         # What a dead rank does to a step: ends it (Unrecovered), or is survived (Recovery).
         self.elastic, self.min_ranks = bool(elastic), min_ranks
         self._recovery = Recovery(self) if self.elastic else Unrecovered()
@@ -276,10 +279,12 @@ class Signum(Optimizer):
     def _ensure_layout(self) -> Layout:
         if self._layout is not None and self._layout.signature == signature(self.param_groups):
             return self._layout
-        # Collective beyond one rank: the ranks agree on one GPU path (mpisign.cuda.startup).
-        self._signs = signs.signs_for([p for _, p in trainable(self.param_groups)],
-                                      None if self.world_size == 1 else self._own_comm.get(),
-                                      self.timeout)
+        params = [p for _, p in trainable(self.param_groups)]
+        if not self._gpu_agreed:   # at the first step, on every rank: one GPU path for all
+            self._gpu_level = signs.gpu_level(
+                params, None if self.world_size == 1 else self._own_comm.get(), self.timeout)
+            self._gpu_agreed = True
+        self._signs = signs.signs_for(params, self._gpu_level)
         self._layout = build_layout(self.param_groups, self.overlap, self.bucket_words,
                                     self._signs)
         self._check.fresh = True   # its header is checked before any sign is sent

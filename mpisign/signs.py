@@ -45,7 +45,8 @@ import torch
 
 from . import native, packing
 
-__all__ = ["Signs", "HostSigns", "CompiledSigns", "host_tally", "signs_for", "unpack_by_apply"]
+__all__ = ["Signs", "HostSigns", "CompiledSigns", "gpu_level", "host_tally", "signs_for",
+           "unpack_by_apply"]
 
 
 def host_tally(votes, n: int):
@@ -260,20 +261,33 @@ class CompiledSigns(HostSigns):
         return _into(host, like, out)
 
 
-def signs_for(tensors: list, comm=None, timeout: float | None = None) -> Signs:
+def gpu_level(tensors: list, comm=None, timeout: float | None = None) -> int | None:
+    """The GPU path that ``tensors`` may take, as a :mod:`mpisign.cuda.startup` level (None:
+    no CUDA tensors here). With ``comm`` of more than one rank, a collective on every rank of
+    it, with CUDA tensors or not: the most conservative level any rank can take, proven on the
+    wire (:func:`mpisign.cuda.bridge.agreed_level`); None when no rank has CUDA tensors. Callers
+    agree once (the optimizer at its first step, ``majority_vote`` at its first call on a
+    communicator), since later layouts may change on one rank alone."""
+    devices = {t.device for t in tensors if t.is_cuda}
+    if not devices and (comm is None or comm.Get_size() == 1):
+        return None
+    from .cuda import bridge   # late: a CPU-only job loads no CUDA module before this
+    return bridge.agreed_level(devices, comm, timeout)
+
+
+def signs_for(tensors: list, agreed: int | None = None) -> Signs:
     """The backend for a layout of ``tensors``, chosen once: device-resident words when every
     tensor is contiguous, of a kernel dtype, on one CUDA device whose MPI is CUDA-aware (and
     whose kernels passed their self-check); else words in host memory, with the GPU kernels
-    for CUDA tensors where they work.
-
-    With ``comm`` (more than one rank), a collective on every rank of it, with CUDA tensors or
-    not: the ranks take the most conservative GPU path any of them can, proven on the wire
-    before the first vote (:func:`mpisign.cuda.bridge.agreed_level`)."""
+    for CUDA tensors where they work. ``agreed`` (:func:`gpu_level`, with the ranks): no path
+    above that level, on any device."""
     devices = {t.device for t in tensors if t.is_cuda}
-    if not devices and (comm is None or comm.Get_size() == 1):
+    if not devices:
         return _host_signs()
-    from .cuda import bridge, startup   # late: a CPU-only job loads no CUDA module before this
-    level = bridge.agreed_level(devices, comm, timeout)
+    from .cuda import bridge, startup
+    level = bridge.agreed_level(devices)   # this rank's own, once per device
+    if agreed is not None:
+        level = min(level, agreed)
     one_device = len(devices) == 1 and all(t.is_cuda and t.is_contiguous() for t in tensors)
     if level == startup.RESIDENT and one_device:
         gpu = bridge.device_path(tensors[0].device)
@@ -281,7 +295,7 @@ def signs_for(tensors: list, comm=None, timeout: float | None = None) -> Signs:
             return gpu
     host = _host_signs()
     # Some rank's kernels failed their self-check: the CPU reference on every rank.
-    host.gpu_kernels = level is None or level >= startup.STAGED
+    host.gpu_kernels = level >= startup.STAGED
     return host
 
 

@@ -330,3 +330,24 @@ def test_majority_vote_on_one_rank_is_the_sign_with_0_for_0_and_nan():
     for _ in range(3):   # no drift from call to call
         assert torch.equal(mpisign.majority_vote(x, SELF), torch.tensor([0, 0, 1, -1, 0, -1.0]))
     assert mpisign.majority_vote(x.to(torch.bfloat16), SELF).dtype == torch.bfloat16
+
+
+def test_majority_vote_results_memory_is_taken_only_when_nothing_holds_it():
+    """mpisign.vote._Results: a result's memory is used again only when no tensor, view, numpy
+    array, DLPack export or storage of it is left; at most two arrays are kept."""
+    from mpisign.vote import _Results
+    like = torch.zeros(4, 5)
+    holders = {"the tensor": lambda t: t, "a view": lambda t: t[1:], "detach": lambda t: t.detach(),
+               "numpy": lambda t: t.numpy(), "DLPack": lambda t: np.from_dlpack(t),
+               "storage": lambda t: t.untyped_storage()}
+    for name, hold in holders.items():
+        pool = _Results()
+        first = pool.take(like)
+        ptr, held = first.data_ptr(), hold(first)
+        del first
+        second = pool.take(like)
+        assert second.data_ptr() != ptr, f"memory held by {name} was taken"
+        del held
+        assert pool.take(like).data_ptr() == ptr, f"{name}: free memory was not taken"
+        assert len(pool.arrays) == 2
+    assert _Results().take(torch.zeros(3, dtype=torch.bfloat16)).dtype == torch.bfloat16

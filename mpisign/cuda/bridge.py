@@ -276,7 +276,9 @@ def agreed_level(devices, comm=None, timeout: float | None = None) -> int | None
     """The level this rank votes at: what its CUDA ``devices`` allow (resident words only on
     one device), and with ``comm`` (a collective on every rank of it, those without CUDA
     tensors included, with ``devices`` empty) the most conservative level of every rank's,
-    proven on the wire (:func:`mpisign.cuda.startup.agree`). None: no devices, no comm."""
+    proven on the wire (:func:`mpisign.cuda.startup.agree`). None: no CUDA tensors here
+    (without ``comm``) or on any rank (with it). A faulted device raises
+    :class:`mpisign.cuda.startup.DeviceFault` (on every rank, with ``comm``)."""
     from . import startup
     devices = sorted(set(devices), key=str)
     level = None
@@ -285,6 +287,9 @@ def agreed_level(devices, comm=None, timeout: float | None = None) -> int | None
         if len(devices) > 1:
             level = min(level, startup.STAGED)
     if comm is None or comm.Get_size() == 1:
+        if level == startup.FAULTED:
+            raise startup.DeviceFault(f"CUDA device {devices[0]} failed its kernels' self-check "
+                                      f"and is no longer usable; see the log")
         return level
     timeout = default_timeout() if timeout is None else timeout
     if level == startup.RESIDENT:

@@ -102,17 +102,21 @@ def _min(comm, values: list[int], what: str, timeout: float) -> list[int]:
     return [int(v) for v in every]
 
 
-def agree(comm, level: int | None, proven: bool, words_of, timeout: float) -> int:
+def agree(comm, level: int | None, proven: bool, words_of, timeout: float) -> int | None:
     """The level every rank of ``comm`` takes (collective; see the module docstring).
 
     ``level``: what this rank's device allows, None for a rank without CUDA tensors (no
     opinion); ``proven``: this rank's resident transfer has passed the proof before (or it has
     no device); ``words_of(w)``: a word buffer of the kind this rank would vote with, for the
-    proof. Raises :class:`DeviceFault` on every rank when any rank's device is faulted."""
+    proof. Raises :class:`DeviceFault` on every rank when any rank's device is faulted. None:
+    no rank has CUDA tensors."""
     rank = comm.Get_rank()
     offer = RESIDENT if level is None else level
-    agreed, all_proven = _min(comm, [offer, int(proven or level is None)],
-                              "agreeing on the GPU path", timeout)
+    agreed, all_proven, no_device = _min(comm, [offer, int(proven or level is None),
+                                                int(level is None)],
+                                         "agreeing on the GPU path", timeout)
+    if no_device:
+        return None   # no rank has CUDA tensors: nothing to agree on
     if agreed == FAULTED:
         raise DeviceFault(f"a rank's CUDA device failed its kernels' self-check and is no longer "
                           f"usable (rank {rank} offered: {NAMES[offer]}); see that rank's log")

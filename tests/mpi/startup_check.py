@@ -53,7 +53,7 @@ progress(2)
 with case("a rank without CUDA tensors has no opinion and joins the proof with host words"):
     mine = (None, True, host_words) if rank == 1 else (RESIDENT, False, device_words)
     assert agree(*mine) == (RESIDENT, True)
-    assert agree(None, True, host_words) == (RESIDENT, False)   # no GPU anywhere: no proof
+    assert agree(None, True, host_words) == (None, False)   # no GPU anywhere: nothing to agree
 progress(3)
 
 with case("wrong bits on the wire: every rank stages"):

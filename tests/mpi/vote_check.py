@@ -114,6 +114,29 @@ for topology in TOPOLOGIES:
             raise AssertionError("an out of the wrong shape was accepted")
     progress(step)
 
+# A loop `y = majority_vote(x)` takes the memory of the result before the last one once nothing
+# holds it; results still held (a list of them, a view, a numpy array) keep their bits.
+with case("results' memory used again only when nothing holds it"):
+    n, ptrs, refs = 1000, [], []
+    for k in range(6):
+        xs = [rank_data(n, r, seed=2000 + k, dtype=torch.bfloat16) for r in range(size)]
+        refs.append(reference_vote(xs, step=step))
+        y = mpisign.majority_vote(xs[rank].view(10, 100), comm, "sharded", step=step)
+        assert np.array_equal(y.reshape(-1).to(torch.float64).numpy(), refs[k])
+        ptrs.append(y.data_ptr())
+        if k == 0:
+            whole = y        # result 0 held whole
+        if k == 1:
+            part = y[3:]     # result 1 held by a view only
+        step += 1
+    if size > 1:
+        # 2 and 3 are new (0 and 1 are held, and so is the last result during a call); 4 takes
+        # 2's memory and 5 takes 3's.
+        assert len(set(ptrs[:4])) == 4 and ptrs[4:] == ptrs[2:4], ptrs
+    assert np.array_equal(whole.reshape(-1).to(torch.float64).numpy(), refs[0])
+    assert np.array_equal(part.reshape(-1).to(torch.float64).numpy(), refs[1][300:])
+progress(step)
+
 # The sharded vote's ring allgather of the result (forced at every length, and by default at a
 # size whose shards pass costmodel.RING_MIN_BYTES): the server's bits, the model's exact bytes.
 server = collectives.ServerVote(comm)
