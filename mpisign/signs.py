@@ -7,7 +7,8 @@ One small interface, :class:`Signs`, with one implementation per place the words
                           kernels of :mod:`mpisign.packing`; CUDA tensors take the CuPy kernels
                           of :mod:`mpisign.cuda` with the words staged through pinned host
                           memory (:class:`mpisign.cuda.bridge.CudaSigns`), or, without working
-                          kernels, the reference kernels on a host copy.
+                          kernels, the reference pack on a host copy and torch's update on the
+                          device (torch's rounding, the kernels' NaN rule).
 :class:`CompiledSigns`    the same, with CPU tensors on the compiled kernels of
                           :mod:`mpisign.native` (bit for bit the reference, near memory speed).
 :class:`~mpisign.cuda.bridge.ResidentSigns`
