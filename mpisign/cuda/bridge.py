@@ -92,8 +92,8 @@ class CudaSigns:
         self.kernels = _kernels() if kernels is None else kernels
         self.staging = Staging(pin_memory)
         self._device_words: dict[str, torch.Tensor] = {}
-        self._queued: list = []   # (device words, host out) of packs not yet on the host
-        self._queued_words = 0
+        self._queued: list = []   # host outs of the packs not yet on the host, in word order
+        self._queued_words = 0    # their words, at the start of the device "pack" buffer
         self._applies = 0
         log.info("GPU path on %s: CuPy kernels pack and apply; packed signs are staged through "
                  "pinned host memory for the vote (the tally runs on the host)", self.device)
@@ -302,12 +302,12 @@ def agreed_level(devices, comm=None, timeout: float | None = None) -> int | None
     return startup.agree(comm, level, True, CudaSigns.words, timeout)
 
 
-def device_path(device: torch.device, comm=None, timeout: float | None = None):
-    """The GPU path for ``device``: :class:`ResidentSigns` if MPI is CUDA-aware, else
-    :class:`CudaSigns`; None if the kernels are unavailable or fail their self-check. With
-    ``comm``: the path every rank of it agreed on (collective, see :func:`agreed_level`)."""
+def device_path(device: torch.device):
+    """The GPU path for ``device`` on this rank (the ranks' agreement is
+    :func:`agreed_level`'s): :class:`ResidentSigns` if MPI is CUDA-aware, else
+    :class:`CudaSigns`; None if the kernels are unavailable or fail their self-check."""
     from . import startup
-    level = agreed_level([device], comm, timeout)
+    level = agreed_level([device])
     if level == startup.RESIDENT:
         return _resident_path(device)
     return staged_path(device) if level == startup.STAGED else None

@@ -333,8 +333,11 @@ def _grid_cap(blocks: int):
         _MAX_BLOCKS = saved
 
 
+_POISON_WORD = -0x5A5A_A5A5_0BAD_F00D   # in words no kernel may write
+
+
 def _poisoned(n: int, device) -> torch.Tensor:
-    return torch.full((n,), -0x5A5A_A5A5_0BAD_F00D, dtype=torch.int64, device=device)
+    return torch.full((n,), _POISON_WORD, dtype=torch.int64, device=device)
 
 
 def _compare_offsets(device: torch.device, gen: torch.Generator, n: int) -> list[str]:
@@ -367,7 +370,7 @@ def _compare_offsets(device: torch.device, gen: torch.Generator, n: int) -> list
         if not _same_floats(got.cpu(), packing.unpack_signs(plus, n, tie, dtype=dtype)):
             bad.append(f"unpack {dtype} n={n}")
     guards = [*range(3), 3 + w, 4 + w, 2 * w + 5, 2 * w + 6, 3 * w + 7]
-    if set(_host(words[guards]).tolist()) != {-0x5A5A_A5A5_0BAD_F00D}:
+    if set(_host(words[guards]).tolist()) != {_POISON_WORD}:
         bad.append("a kernel wrote outside its words")
     return bad
 
@@ -388,7 +391,8 @@ def compare_real_paths(device="cuda", seed: int = 1) -> list[str]:
         if not np.array_equal(_host(pack(x.to(device))), packing.pack_signs(x)):
             bad.append(f"pack n={n}")
         plus = packing.pack_signs(torch.randn(n, generator=gen))
-        got = apply(x.to(device, copy=True), torch.from_numpy(plus.view(np.int64)).to(device), None, 0.5)
+        got = apply(x.to(device, copy=True), torch.from_numpy(plus.view(np.int64)).to(device),
+                    None, 0.5)
         if not _same_floats(got.cpu(), _reference_apply(x, plus, None, 0.5, 0.0)):
             bad.append(f"apply n={n}")
     return bad

@@ -23,6 +23,7 @@ never comes to the agreement ends in :class:`mpisign.comm.VoteTimeout`, not a ha
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -30,6 +31,7 @@ import torch
 from mpi4py import MPI
 
 from ..comm import bounded, wait_all
+from .aware import sync_for_mpi
 
 __all__ = ["FAULTED", "HOST", "STAGED", "RESIDENT", "NAMES", "DeviceFault", "agree",
            "ring_transfer", "device_usable"]
@@ -75,23 +77,21 @@ def ring_transfer(comm, words_of, timeout: float) -> bool:
     rank, size = comm.Get_rank(), comm.Get_size()
     send, recv = words_of(_PROOF_WORDS), words_of(_PROOF_WORDS)
     pattern = _pattern(rank, _PROOF_WORDS)
-    if isinstance(send, torch.Tensor):
+    tensor = isinstance(send, torch.Tensor)
+    if tensor:
         send.copy_(torch.from_numpy(pattern.view(np.int64)))
-        if send.is_cuda:
-            torch.cuda.current_stream(send.device).synchronize()  # SYNC: MPI reads send next
+        sync_for_mpi(send.device)   # MPI reads send next
     else:
         send[:] = pattern
     after, before = (rank + 1) % size, (rank - 1) % size
     requests = []
     for buf, call, peer in ((recv, comm.Irecv, before), (send, comm.Isend, after)):
-        device = torch.cuda.device(buf.device) if getattr(buf, "is_cuda", False) else None
-        if device is None:
+        # DLPack exports a CUDA tensor only under its own device (as collectives.base.device_of)
+        cuda = tensor and buf.is_cuda
+        with torch.cuda.device(buf.device) if cuda else contextlib.nullcontext():
             requests.append(call(buf, peer, _PROOF_TAG))
-        else:
-            with device:
-                requests.append(call(buf, peer, _PROOF_TAG))
     wait_all(requests, [before, after], timeout, f"proving the GPU path's transfer on rank {rank}")
-    got = recv.cpu().numpy().view(np.uint64) if isinstance(recv, torch.Tensor) else recv
+    got = recv.cpu().numpy().view(np.uint64) if tensor else recv
     return bool(np.array_equal(got, _pattern(before, _PROOF_WORDS)))
 
 
