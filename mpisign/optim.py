@@ -358,12 +358,17 @@ class Signum(Optimizer):
         if self.world_size == 1 or self._check.verified:
             return
         self._check.check(self.timeout, self.rank, self._layout.summary)
-        step = self._check.headers[0].step
-        if self.monitor is None or step == 0:
+
+    def _record_previous(self) -> None:
+        """The previous step's disagreement of every rank, from this step's headers, to the
+        monitor: after the votes, so that the root of a vote does not keep the others waiting
+        while it keeps the books."""
+        headers = self._check.headers
+        if self.monitor is None or headers is None or headers[0].step == 0:
             return
-        every = [h.previous_disagreement for h in self._check.headers]
+        every = [h.previous_disagreement for h in headers]
         if not any(map(math.isnan, every)):   # NaN: a rank with no previous step (a resume)
-            self._record_disagreement(every, step - 1)
+            self._record_disagreement(every, headers[0].step - 1)
 
     # -- the step ---------------------------------------------------------------------------
     @torch.compiler.disable
@@ -442,6 +447,7 @@ class Signum(Optimizer):
         for bucket in layout.buckets:
             if not bucket.applied:
                 self._finish_bucket(bucket, has_grad)
+        self._record_previous()
 
     def _presence(self, layout: Layout, present: list):
         """A function giving ``{id(param): has a gradient on some rank}``, to call after the

@@ -139,6 +139,7 @@ class SignVote:
         self.traffic = Traffic()
         self.nodes = None   # a mpisign.nodes.Nodes: see count_nodes
         self._buffers: dict = {}  # (bucket, name) -> array, allocated once per shape
+        self._sending: dict = {}  # bucket -> (requests, peers, what): sends left in flight
 
     def vote(self, words, n: int, step: int | None = None, bucket: int = 0):
         """Majority of every rank's ``words`` (packed ``n`` bits): ``(plus, tie)`` on every rank.
@@ -159,6 +160,7 @@ class SignVote:
             raise ValueError(f"bucket must be in [0, {self.MAX_BUCKETS}), got {bucket}")
         pending = self.pending_type(words, n, self.traffic.votes if step is None else step,
                                     bucket)
+        self._complete_sends(bucket)
         self.traffic.votes += 1
         self._start(pending)
         return pending
@@ -248,6 +250,25 @@ class SignVote:
             request = self.comm.Irecv(buf, source=source, tag=self._tag(pending, phase))
         pending.requests.append(request)
         pending.peers.append(source)
+
+    def _leave_sends(self, pending: Pending, what: str) -> None:
+        """Leave the sends ``pending`` has posted last (a final phase of sends only, such as
+        a server's result) in flight: the next vote of the bucket completes them before it
+        posts anything (:meth:`start`), since until then nothing writes the buffers they read;
+        the caller reads its result meanwhile. A root that waited for them here would wait
+        until every receiver had run and taken its copy (a large message is pulled by the
+        receiver), which on oversubscribed cores was a third of a small model's step."""
+        self._sending[pending.bucket] = (pending.requests, pending.peers,
+                                         f"{self.name} vote at step {pending.step} on rank "
+                                         f"{self.rank}: {what} (left in flight)")
+        pending.requests, pending.peers, pending.settled = [], [], False
+
+    def _complete_sends(self, bucket: int) -> None:
+        """Wait on MPI for the sends the bucket's last vote left in flight (bounded)."""
+        left = self._sending.pop(bucket, None)
+        if left is not None:
+            requests, peers, what = left
+            wait_all(requests, peers, self.timeout, what)
 
     def _wait(self, pending: Pending, what: str) -> None:
         """Wait on MPI for everything ``pending`` has posted so far (bounded, see wait_all)."""

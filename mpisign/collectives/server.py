@@ -60,8 +60,9 @@ class ServerVote(SignVote):
             # Step 3: send the packed result to every worker.
             for r in self.others:
                 self._isend(p, p.result, r, RESULT)
-            # Wait on MPI: the result buffer is reused next step; the sends must have left it.
-            self._wait(p, "sending the result to the workers")
+            # Left in flight: the bucket's next vote completes them before it writes the
+            # result buffer again.
+            self._leave_sends(p, "sending the result to the workers")
         else:
             self._wait(p, "waiting for the server's result")
         return p.result[0], (p.result[1] if self.tie_possible else None)

@@ -66,6 +66,7 @@ class TreeVote(SignVote):
         # largest subtree first: its chain to the leaves is the longest.
         for child, _ in reversed(self.children):
             self._isend(p, p.result, child, RESULT)
-        # Wait on MPI: the result buffer is reused next step; the sends must have left it.
-        self._wait(p, "sending the result to the children")
+        # Left in flight: the bucket's next vote completes them before it receives into the
+        # result buffer again.
+        self._leave_sends(p, "sending the result to the children")
         return p.result[0], (p.result[1] if self.tie_possible else None)

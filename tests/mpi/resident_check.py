@@ -30,7 +30,7 @@ nodes = name_nodes(sys.argv[2] if len(sys.argv) > 2 else None)
 
 touched = []  # the type of every buffer handed to MPI by the collectives
 syncs = []    # the stream synchronizations before MPI touches device buffers
-phases = []   # the waits that completed posted messages: one per phase of a vote
+phases = []   # the ends of phases with posted messages (waited for, or sends left in flight)
 
 
 def stand_in_device(buf):
@@ -44,16 +44,17 @@ def count_sync(buf, settled=False):
         syncs.append(buf.device)
 
 
-_wait = base.SignVote._wait
+def counting_phases(end):
+    def count(self, pending, what):
+        if pending.requests:
+            phases.append(what)
+        end(self, pending, what)
+    return count
 
 
-def count_phases(self, pending, what):
-    if pending.requests:
-        phases.append(what)
-    _wait(self, pending, what)
-
-
-base.on_device, base.ready_for_mpi, base.SignVote._wait = stand_in_device, count_sync, count_phases
+base.on_device, base.ready_for_mpi = stand_in_device, count_sync
+base.SignVote._wait = counting_phases(base.SignVote._wait)
+base.SignVote._leave_sends = counting_phases(base.SignVote._leave_sends)
 
 
 def clear():
