@@ -80,6 +80,8 @@ class VoteStats:
 def _number(value) -> float | None:
     """``value`` as a float if torch would take it as a hyperparameter: a real number, a numpy
     scalar or a one-element tensor (a scheduler may write either); else None."""
+    if type(value) is float or type(value) is int:
+        return float(value)   # the usual case, read about 25 times a step: no ABC check
     if isinstance(value, bool):
         return None
     if isinstance(value, torch.Tensor):
