@@ -24,10 +24,14 @@ SPIN_SECONDS = 1e-4
 
 #: How long a wait then polls with ``sched_yield`` (the core goes to any runnable thread, and
 #: comes straight back when there is none) before it naps with a growing sleep: a sleep's
-#: timer granularity (50-100 us, then up to 1 ms) is longer than a small vote's round trip, and
-#: was a third of the main job's Signum step on oversubscribed ranks (measured with
-#: benchmarks/bench_surface.py train-step). Waits longer than this (a slow or dead peer) nap.
-YIELD_SECONDS = 5e-3
+#: timer granularity (50-100 us, then up to 1 ms) is longer than a small vote's round trip.
+#: The ranks of a training step reach the vote milliseconds apart (their forward and backward
+#: passes differ), so a wait of a few milliseconds is the usual case, not a stall: with 5 ms
+#: here the main job's waits napped, and its step (metrics.jsonl, 4 ranks on 2 cores) took
+#: 59.2 and 58.8 ms against 50.9 and 52.9 ms with yields alone, comm_s 16.2 and 14.4 ms against
+#: 8.1 and 8.0 ms. MPI's own blocking waits yield without end (Open MPI's
+#: mpi_yield_when_idle); these nap after a second (a slow or dead peer, an evaluation).
+YIELD_SECONDS = 1.0
 
 #: The peer of a collective request in :func:`wait_all`: every rank, none in particular.
 ANY_RANK = "any rank"
