@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import torch
+from mpi4py import MPI
 from common import WORLD, case, progress, rank_data, reference_vote
 
 import mpisign
@@ -158,6 +159,44 @@ for n, ring_min in RING_CASES if "sharded" in TOPOLOGIES else []:
         if ring_min is None and size > 2:
             assert costmodel.sharded_ring_gather(n, size), "the default size did not take the ring"
     step += 1
+    progress(step)
+
+# The roots of the server and tree votes leave their result sends in flight (a result larger
+# than any eager limit: each receiver pulls it); the bucket's next vote completes them before
+# it writes the result buffer again. Each result, read before the next vote, is the majority of
+# the unpacked bits (numpy), on every rank.
+def unpacked_majority(n: int, seed: int):
+    ones = sum(np.unpackbits(random_words(n, r, seed).view(np.uint8), count=n,
+                             bitorder="little").astype(np.int64) for r in range(size))
+    return 2 * ones > size, 2 * ones == size
+
+
+def random_words(n: int, r: int, seed: int) -> np.ndarray:
+    words = np.random.default_rng([seed, r]).integers(0, 2**64, size=n_words(n),
+                                                       dtype=np.uint64, endpoint=False)
+    if n % 64:
+        words[-1] &= np.uint64((1 << (n % 64)) - 1)
+    return words
+
+
+for topology in [t for t in ("server", "tree") if t in TOPOLOGIES and size > 1]:
+    with case(f"{topology}: result sends left in flight until the bucket's next vote"):
+        voter, n, left = collectives.TOPOLOGIES[topology](comm), 64 * 20_000 + 5, None
+        senders = {"server": [0], "tree": [r for r in range(size)
+                                          if costmodel.tree_children(r, size)]}[topology]
+        for k in range(3):
+            plus, tie = voter.vote(random_words(n, rank, 3000 + k), n)
+            if left is not None:   # the last vote's sends: completed before this one began
+                assert all(req == MPI.REQUEST_NULL for req in left), (k, left)
+            left = voter._sending.get(0, ([], None, None))[0]
+            assert (len(left) > 0) == (rank in senders), (rank, len(left))
+            want_plus, want_tie = unpacked_majority(n, 3000 + k)
+            got = np.unpackbits(plus.view(np.uint8), count=n, bitorder="little").astype(bool)
+            assert np.array_equal(got, want_plus), k
+            if size % 2 == 0:
+                got = np.unpackbits(tie.view(np.uint8), count=n, bitorder="little")
+                assert np.array_equal(got.astype(bool), want_tie), k
+            step += 1
     progress(step)
 
 # Argument errors come before any communication, on every rank alike.
