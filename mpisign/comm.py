@@ -1,4 +1,5 @@
-"""The MPI helpers every layer shares: communicator checks, the timeout, bounded waits.
+"""The MPI helpers every layer shares: communicator checks, the timeout, bounded waits, the
+device context in which mpi4py takes a CUDA tensor.
 
 Below the collectives and above mpi4py: the collectives, the optimizer, ``majority_vote``, the
 cost model's link measurement and the application all wait on MPI through :func:`wait_all` and
@@ -9,15 +10,17 @@ ranks where MPI can tell them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
+import torch
 from mpi4py import MPI
 
 from .world import check_world
 
 __all__ = ["ANY_RANK", "SPIN_SECONDS", "VoteTimeout", "bounded", "check_comm", "default_timeout",
-           "wait_all"]
+           "device_of", "wait_all"]
 
 #: How long a wait polls without sleeping before it starts to nap (and yield the core).
 SPIN_SECONDS = 1e-4
@@ -51,6 +54,16 @@ def check_comm(comm) -> MPI.Intracomm:
 
 class VoteTimeout(RuntimeError):
     """A collective did not complete in time: a rank is dead, stalled or out of step."""
+
+
+def device_of(buf):
+    """The device context of a CUDA buffer, else a no-op. mpi4py takes a tensor through DLPack,
+    and torch refuses to export one that is not on the current device ("Can't export tensors on
+    a different CUDA device index"): a user whose parameters are on ``cuda:k`` need not call
+    ``torch.cuda.set_device(k)`` first."""
+    if isinstance(buf, torch.Tensor) and buf.is_cuda:
+        return torch.cuda.device(buf.device)
+    return contextlib.nullcontext()
 
 
 def default_timeout() -> float:

@@ -16,7 +16,6 @@ phase (the posts between two waits), not once per message: a topology queues its
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ from mpi4py import MPI
 
 from ..signs import host_tally
 from ..comm import (ANY_RANK, VoteTimeout, bounded, check_comm, default_timeout,  # noqa: F401
-                    wait_all)
+                    device_of, wait_all)
 
 __all__ = ["ANY_RANK", "Pending", "Traffic", "VoteTimeout", "SignVote", "bounded", "check_comm",
            "check_words", "default_timeout", "device_of", "host_tally", "on_device",
@@ -64,16 +63,6 @@ def check_words(words) -> None:
         raise ValueError(f"words must be a contiguous 1-D uint64 array or int64 tensor, got "
                          f"{type(words).__name__} {getattr(words, 'dtype', '?')} "
                          f"{tuple(getattr(words, 'shape', ()))}")
-
-
-def device_of(buf):
-    """The device context of a CUDA buffer, else a no-op. mpi4py takes a tensor through DLPack,
-    and torch refuses to export one that is not on the current device ("Can't export tensors on
-    a different CUDA device index"): a user whose parameters are on ``cuda:k`` need not call
-    ``torch.cuda.set_device(k)`` first."""
-    if isinstance(buf, torch.Tensor) and buf.is_cuda:
-        return torch.cuda.device(buf.device)
-    return contextlib.nullcontext()
 
 
 def on_device(buf) -> bool:

@@ -23,14 +23,13 @@ never comes to the agreement ends in :class:`mpisign.comm.VoteTimeout`, not a ha
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
-from ..comm import bounded, wait_all
+from ..comm import bounded, device_of, wait_all
 from .aware import sync_for_mpi
 
 __all__ = ["FAULTED", "HOST", "STAGED", "RESIDENT", "NAMES", "DeviceFault", "agree",
@@ -86,9 +85,7 @@ def ring_transfer(comm, words_of, timeout: float) -> bool:
     after, before = (rank + 1) % size, (rank - 1) % size
     requests = []
     for buf, call, peer in ((recv, comm.Irecv, before), (send, comm.Isend, after)):
-        # DLPack exports a CUDA tensor only under its own device (as collectives.base.device_of)
-        cuda = tensor and buf.is_cuda
-        with torch.cuda.device(buf.device) if cuda else contextlib.nullcontext():
+        with device_of(buf):
             requests.append(call(buf, peer, _PROOF_TAG))
     wait_all(requests, [before, after], timeout, f"proving the GPU path's transfer on rank {rank}")
     got = recv.cpu().numpy().view(np.uint64) if tensor else recv
