@@ -4,10 +4,10 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 
-# The compiled CPU kernels (mpisign/_signs.c): optional, so that a machine without a C compiler
-# still installs, with setuptools' warning now and mpisign's (mpisign.native) at the first step.
+# The compiled CPU kernels (mpisign/backends/_signs.c): optional, so that a machine without a C compiler
+# still installs, with setuptools' warning now and mpisign's (mpisign.backends.native) at the first step.
 # -ffp-contract=off: no fused multiply-add, so apply rounds as the reference and the GPU do.
-SIGNS = Extension("mpisign._signs", ["mpisign/_signs.c"], optional=True, libraries=["m"],
+SIGNS = Extension("mpisign.backends._signs", ["mpisign/backends/_signs.c"], optional=True, libraries=["m"],
                   extra_compile_args=["-O3", "-ffp-contract=off", "-std=c11"])
 
 setup(

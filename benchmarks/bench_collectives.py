@@ -24,7 +24,7 @@ memory), ``between MB`` is what the busiest node sent to other nodes: every vote
 Each figure is the slowest rank's time of one call (barrier first), best and median of
 ``--repeat`` after a warm-up; ``x fp32`` divides the best time by the best fp32 allreduce of the
 same run. Bytes per rank (largest over ranks): mpisign's own counters for the votes (and checked
-against :func:`mpisign.costmodel.traffic`); for MPI's collectives the PML's count when Open MPI
+against :func:`mpisign.collectives.costmodel.traffic`); for MPI's collectives the PML's count when Open MPI
 runs with ``OMPI_MCA_pml_monitoring_enable=1`` (the driver sets it), else the textbook formula;
 gloo: the ring formula. Every vote's result is checked bit-identical to the server's.
 """
@@ -50,8 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from mpisign import costmodel, packing  # noqa: E402
-from mpisign.nodes import discover  # noqa: E402
+from mpisign.collectives import costmodel  # noqa: E402
+from mpisign.backends import packing
+from mpisign.mpi.nodes import discover  # noqa: E402
 from mpisign.collectives import TOPOLOGIES, make_vote  # noqa: E402
 import ompi_tool  # noqa: E402
 from vote_variants import (BlockingWaitShardedVote, ConcurrentGatherShardedVote,  # noqa: E402

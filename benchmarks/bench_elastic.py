@@ -35,7 +35,7 @@ import torch
 from mpi4py import MPI
 
 import mpisign
-from mpisign.elastic import FT_VARIABLE
+from mpisign.mpi.elastic import FT_VARIABLE
 from mpisign.train.models import build_model
 
 

@@ -5,8 +5,8 @@
 
 Prints each operation's best time over ``--repeat`` runs and its ratio to copying the float32
 gradient (``torch.Tensor.copy_``, i.e. memcpy bandwidth), for the compiled kernels
-(:mod:`mpisign.native`, what Signum and majority_vote run) beside the numpy reference
-(:mod:`mpisign.packing`), with issue #12's targets: pack <= 0.6x, apply <= 1.2x, unpack <= 1.0x
+(:mod:`mpisign.backends.native`, what Signum and majority_vote run) beside the numpy reference
+(:mod:`mpisign.backends.packing`), with issue #12's targets: pack <= 0.6x, apply <= 1.2x, unpack <= 1.0x
 a copy. CPU figures, one thread per process as in a multi-rank run unless ``--threads`` says
 else.
 
@@ -31,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from mpisign import native, packing
+from mpisign.backends import native, packing
 
 #: Issue #12's targets, as ratios to a copy.
 TARGETS = {"pack": 0.6, "apply": 1.2, "unpack": 1.0}

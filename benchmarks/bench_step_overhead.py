@@ -21,7 +21,7 @@ import torch
 from mpi4py import MPI
 
 import mpisign
-from mpisign.header import StepHeader, exchange
+from mpisign.optim.header import StepHeader, exchange
 
 
 def timed(step, steps: int, comm) -> float:

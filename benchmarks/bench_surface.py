@@ -42,7 +42,7 @@ import torch
 from mpi4py import MPI
 
 import mpisign
-from mpisign import native
+from mpisign.backends import native
 
 
 def interleaved(contenders: dict, rounds: int, comm=None) -> dict:

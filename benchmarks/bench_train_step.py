@@ -47,7 +47,8 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from mpisign import Signum, costmodel  # noqa: E402
+from mpisign import Signum  # noqa: E402
+from mpisign.collectives import costmodel
 from mpisign.collectives import TOPOLOGIES  # noqa: E402
 import ompi_tool  # noqa: E402
 
@@ -162,8 +163,8 @@ def run_config(comm, name, make_opt, args, batch):
         return 0.0, getattr(opt, "comm_s", 0.0)
 
     for step in range(args.warmup + args.steps):
-        if step == args.warmup and signum and opt._voter is not None:
-            timer = TimedVoter(opt._voter)  # the collective exists after the first step
+        if step == args.warmup and signum and opt.engine.plan is not None:
+            timer = TimedVoter(opt.engine.plan.voter)  # made at the first step
             bytes0 = opt.stats.bytes_sent
         comm.Barrier()
         t0 = time.perf_counter()

@@ -10,7 +10,7 @@
    default allreduce is compared with the fastest fp32 algorithm the model knows.
 2. Predictions for M = 16 .. 1024 ranks on an InfiniBand-class link (100 Gbit/s, alpha 1.5 us)
    for ResNet-50 (25.6M coordinates): each topology, the fp32 ring and Rabenseifner allreduces,
-   what :func:`mpisign.costmodel.choose` picks, and the vote's fraction of the best fp32 time.
+   what :func:`mpisign.collectives.costmodel.choose` picks, and the vote's fraction of the best fp32 time.
    Twice: compute free (gamma = 0, the GPU kernels' regime) and with the gamma measured here
    (the CPU reference path). That is how a user who outgrows this machine picks a topology.
 """
@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mpisign import costmodel as cm  # noqa: E402
-from mpisign.costmodel import Link  # noqa: E402
+from mpisign.collectives import costmodel as cm  # noqa: E402
+from mpisign.collectives.costmodel import Link  # noqa: E402
 
 RESNET50 = 25_557_032
 

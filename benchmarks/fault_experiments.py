@@ -36,8 +36,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mpisign.adversary import ATTACKS, NON_BLIND_ATTACKS  # noqa: E402
-from mpisign.plot import read_metrics  # noqa: E402
+from mpisign.train.adversary import ATTACKS, NON_BLIND_ATTACKS  # noqa: E402
+from mpisign.train.plot import read_metrics  # noqa: E402
 
 OPTIMIZERS = {"signum": "Signum, majority vote (server)", "sgd": "SGD, fp32 allreduce mean"}
 DETECTION = ("invert", "random", "zero", "omniscient")  # disagreement.png's panels, K = 2

@@ -8,7 +8,7 @@ alpha 2 us) and to each other by ``--gbit`` per node (alpha 5 us: all of a node'
 other nodes shares it), compute free (gamma = 0: the GPU kernels' regime). For ResNet-50 (25.6M
 coordinates) and a 1.3B-parameter model: the bytes the busiest node sends to other nodes and the
 predicted time of the hierarchical vote, the flat sharded vote and the flat ring allreduce of
-fp32 (:func:`mpisign.costmodel.predict_nodes`), and what :func:`choose_nodes` picks.
+fp32 (:func:`mpisign.collectives.costmodel.predict_nodes`), and what :func:`choose_nodes` picks.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mpisign import costmodel as cm  # noqa: E402
-from mpisign.costmodel import Link  # noqa: E402
+from mpisign.collectives import costmodel as cm  # noqa: E402
+from mpisign.collectives.costmodel import Link  # noqa: E402
 
 MODELS = {"ResNet-50": 25_557_032, "1.3B": 1_300_000_000}
 ALGORITHMS = ("hierarchical", "sharded", "ring_allreduce")

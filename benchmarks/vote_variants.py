@@ -65,7 +65,7 @@ class BlockingWaitShardedVote(ShardedVote):
 class ConcurrentGatherShardedVote(ShardedVote):
     """The sharded vote with its result phase always posted at once (M-1 concurrent flows per
     rank), never the ring allgather the package switches to for large shards
-    (:data:`mpisign.costmodel.RING_MIN_BYTES`): what the ring gains."""
+    (:data:`mpisign.collectives.costmodel.RING_MIN_BYTES`): what the ring gains."""
 
     name = "sharded-concurrent"
 

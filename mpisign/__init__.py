@@ -9,14 +9,14 @@ its gradient (or momentum); every worker steps by the majority of the signs.
 """
 
 from .collectives import TOPOLOGIES, VoteTimeout
-from .detection import DisagreementMonitor
-from .elastic import ElasticUnavailable
-from .optim import (HyperparameterMismatch, LayoutMismatch, ParameterDivergence, SignSGD,
-                    Signum, StepMismatch, TooFewRanks, VoteStats)
-from .packing import n_words, pack_signs, unpack_signs
+from .optim.detection import DisagreementMonitor
+from .mpi.elastic import ElasticUnavailable
+from .optim import (HyperparameterMismatch, LayoutMismatch, ParameterDivergence, SignSGD, Signum,
+                    StepMismatch, TooFewRanks, VoteStats)
+from .backends.packing import n_words, pack_signs, unpack_signs
 from .vote import majority_vote
-from .state import broadcast_parameters, gather_state_dict, scatter_state_dict
-from .world import SingletonWorld
+from .optim.state import broadcast_parameters, gather_state_dict, scatter_state_dict
+from .mpi.world import SingletonWorld
 
 __version__ = "0.1.0"
 

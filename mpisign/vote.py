@@ -5,7 +5,7 @@
 over the ranks ``r`` of ``comm`` (Bernstein et al., ICLR 2019), with 0 where the vote is tied.
 Only packed sign bits cross the wire: one bit per coordinate from each rank, plus what the
 topology needs for counts and the result. A coordinate that is 0 or NaN on a rank is sent as
-``(rank + step) % 2`` (see :mod:`mpisign.packing`): one bit cannot carry "no vote", and this rule
+``(rank + step) % 2`` (see :mod:`mpisign.backends.packing`): one bit cannot carry "no vote", and this rule
 makes ranks that all hold 0 split their votes evenly. Without ``step=``, each call on a
 communicator advances that communicator's own count, so that in a loop such coordinates
 alternate instead of drifting one way. On one rank there is no vote: the result is ``sign(x)``,
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import packing, signs
+from .backends import packing, signs
 from .collectives import check_comm, check_topology, make_vote
-from .elastic import is_failure, require_ulfm
-from .isolation import shared_vote_comm, vote_state
-from .recovery import recover_vote
+from .mpi.elastic import require_ulfm
+from .mpi.isolation import attached, duplicate
+from .optim.recovery import recover_vote, retry_on_failure
 
 __all__ = ["majority_vote"]
 
@@ -55,7 +55,7 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
             ``bytes_received_between_nodes``, the part of those that crossed between nodes.
         out: a tensor of ``x``'s shape, dtype and device to hold the result (it may be ``x``).
         elastic: survive dead ranks (needs ULFM: Open MPI 5 started with ``mpirun --with-ft
-            ulfm``; else :class:`mpisign.elastic.ElasticUnavailable`). A call that meets a dead
+            ulfm``; else :class:`mpisign.mpi.elastic.ElasticUnavailable`). A call that meets a dead
             rank returns what the survivors agree on: the result that one of them already had
             from the full vote, else their own vote. Later calls on ``comm`` vote among the
             survivors; ``stats["lost_ranks"]`` names the dead by their rank in ``comm``. Every
@@ -125,32 +125,29 @@ def _prepared(comm, own, kind, src: torch.Tensor, zero_bit: int, timeout):
 
 def _survived(comm, own, kind, src: torch.Tensor, zero_bit: int, step: int, timeout):
     """An elastic call: ``(plus, tie, call, before)`` as the plain path gives them, after as
-    many recoveries (:func:`mpisign.recovery.recover_vote`) as dead ranks need. Consecutive
+    many recoveries (:func:`mpisign.optim.recovery.recover_vote`) as dead ranks need. Consecutive
     calls alternate between two sets of result buffers, so that a rank that has finished call
     k still holds its result while it votes in call k+1, and can hand it on."""
-    call = None
-    while True:
-        try:
-            call, before = _prepared(comm, own, kind, src, zero_bit, timeout)
-            plus, tie = call.voter.vote(call.words, src.numel(), step=step,
-                                        bucket=own.calls % 2)
-            break
-        except MPI.Exception as error:
-            if not is_failure(error, own.comm):
-                raise
-            handed = recover_vote(own, None if call is None else call.words, timeout)
-            if handed is not None:
-                plus, tie = handed
-                break
+    prepared: list = []   # the call's collective and byte counts, once made
+
+    def attempt():
+        prepared[:] = _prepared(comm, own, kind, src, zero_bit, timeout)
+        return prepared[0].voter.vote(prepared[0].words, src.numel(), step=step,
+                                      bucket=own.calls % 2)
+
+    def recovered():
+        handed = recover_vote(own, prepared[0].words if prepared else None, timeout)
+        return None if handed is None else (handed,)
+    plus, tie = retry_on_failure(attempt, lambda: own.comm, recovered)
     own.last, own.calls = (plus, tie), own.calls + 1
-    return plus, tie, call, before
+    return plus, tie, prepared[0], prepared[1]
 
 
 class _Results:
     """Host memory for one kind of call's results, used again once nothing holds it.
 
-    A fresh 100 MB result costs page faults and a cold fill on every call (on 4 ranks sharing
-    2 cores, 24-45 ms of a 238 ms vote over 1 Gbit/s, measured). A loop ``y = majority_vote(x)``
+    A fresh 100 MB result costs page faults and a cold fill on every call (a tenth to a fifth
+    of a vote over 1 Gbit/s: benchmarks/README.md, "Result memory"). A loop ``y = majority_vote(x)``
     holds only the last result while it votes, so the one before is free: its memory is taken
     again, and from the third call on the loop runs as fast as with ``out=``.
 
@@ -210,3 +207,61 @@ def _describe(t) -> str:
     if isinstance(t, torch.Tensor):
         return f"{tuple(t.shape)} {t.dtype} on {t.device}"
     return type(t).__name__
+
+
+# -- what majority_vote keeps per communicator ---------------------------------------------
+class _VoteState:
+    """What ``majority_vote`` keeps per user communicator: its duplicate, its call count, and
+    the collectives and word buffers of its recent calls (reused by calls of the same kind)."""
+
+    #: Kinds of call (topology, size, device, dtype, timeout) whose collective is kept.
+    KEPT = 8
+
+    def __init__(self, comm: MPI.Intracomm):
+        self.comm = comm        # the user's, until shared_vote_comm makes a duplicate
+        self.private = False    # comm is mpisign's own
+        self.step = 0   # calls so far: the step mixed into 0/NaN coordinates when none is given
+        self.kept: dict = {}   # kind -> what mpisign.vote built for it, oldest first
+        # The GPU path the ranks agreed on at the first call (mpisign.backends.signs.gpu_level).
+        self.gpu_agreed, self.gpu_level = False, None
+        # Elastic calls (see mpisign.optim.recovery.recover_vote): how many have completed here, the
+        # last one's packed result, and the ranks of the user's communicator lost so far.
+        self.calls = 0
+        self.last = None
+        self.lost: list[int] = []
+        self.members = list(range(comm.Get_size()))
+        self.original = comm.Get_group()
+
+    def keep(self, kind, build):
+        """What ``build()`` made the first time this ``kind`` of call was seen (then reused);
+        the oldest kind is dropped past :data:`KEPT`."""
+        if kind not in self.kept:
+            if len(self.kept) >= self.KEPT:
+                del self.kept[next(iter(self.kept))]
+            self.kept[kind] = build()
+        return self.kept[kind]
+
+    def next_step(self) -> int:
+        self.step += 1
+        return self.step - 1
+
+    def free(self) -> None:
+        """With the user's communicator: the duplicate, if one was made."""
+        if self.private and not MPI.Is_finalized() and self.comm != MPI.COMM_NULL:
+            self.comm.Free()
+
+
+def vote_state(comm: MPI.Intracomm) -> _VoteState:
+    """What ``majority_vote`` keeps on ``comm`` (local: made on first sight, without its
+    duplicate, which :func:`shared_vote_comm` makes)."""
+    return attached(comm, _VoteState)
+
+
+def shared_vote_comm(comm: MPI.Intracomm, timeout: float | None = None) -> _VoteState:
+    """``majority_vote``'s own duplicate of ``comm`` and its call counter (collective the first
+    time on each communicator: every rank must call)."""
+    state = vote_state(comm)
+    if not state.private:
+        state.comm = duplicate(comm, timeout, "majority_vote")
+        state.private = True
+    return state

@@ -1,9 +1,9 @@
-"""mpisign.adversary: each blind multiplicative attack does what its table row says."""
+"""mpisign.train.adversary: each blind multiplicative attack does what its table row says."""
 
 import pytest
 import torch
 
-from mpisign.adversary import ATTACKS, attack_gradients, make_attack
+from mpisign.train.adversary import ATTACKS, attack_gradients, make_attack
 
 
 def grad():

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from mpisign import costmodel as cm
-from mpisign.costmodel import Cost, Link
+from mpisign.collectives import costmodel as cm
+from mpisign.collectives.costmodel import Cost, Link
 
 MSG = Link(alpha=1.0, beta=0.0)          # prices messages only
 WIRE = Link(alpha=0.0, beta=1.0)         # prices wire bytes only

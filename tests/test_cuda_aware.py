@@ -271,7 +271,7 @@ def test_a_device_left_unusable_by_the_self_check_is_a_fault_not_a_fallback(monk
 def test_resident_words_on_cpu_stand_ins():
     """ResidentSigns with the kernels run by the host shim: pack into a slice of device words,
     the tally kernel as a collective's tally, unpack (+0 at ties), disagreement."""
-    from mpisign import packing
+    from mpisign.backends import packing
     from mpisign.collectives.base import check_words
     from mpisign.cuda import emulate
     from mpisign.cuda.bridge import ResidentSigns
@@ -314,7 +314,7 @@ def test_staged_path_on_cpu_stand_ins():
     the CPU reference's bits; a bucket's packs reach the host in one copy and one wait
     (settle), and nothing before it; the staging buffers are allocated once, whatever the order
     of parameter sizes, with exactly the packed words staged each way."""
-    from mpisign import packing
+    from mpisign.backends import packing
     from mpisign.cuda import emulate
     from mpisign.cuda.bridge import CudaSigns
     if emulate.compiler() is None:
@@ -436,7 +436,7 @@ def test_overlap_with_cuda_parameters_needs_mpi_thread_multiple():
     and MPI_THREAD_MULTIPLE pass."""
     from mpi4py import MPI
 
-    from mpisign.overlap import check_threads
+    from mpisign.optim.overlap import check_threads
 
     class OnGpu(torch.Tensor):
         is_cuda = property(lambda self: True)

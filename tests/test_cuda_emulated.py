@@ -1,6 +1,6 @@
 """The CUDA kernels' logic, run on the CPU through the host shim (mpisign.cuda.emulate).
 
-Every result is compared with mpisign.packing and with a plain numpy reference on unpacked signs
+Every result is compared with mpisign.backends.packing and with a plain numpy reference on unpacked signs
 (counted coordinate by coordinate), on random inputs with ragged lengths, zeros, NaN and inf;
 floats bit for bit, NaN included (apply writes one canonical NaN: test_apply_nan_rule).
 """
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpisign import native, packing, signs
+from mpisign.backends import native, packing, signs
 from mpisign.cuda import emulate, kernels
 
 pytestmark = pytest.mark.skipif(emulate.compiler() is None, reason="no C++ compiler (g++)")

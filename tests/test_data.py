@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mpisign.train import data
-from mpisign.train.data import (DataNotFound, InMemory, batches_per_epoch, load_data,
-                                read_idx, eval_batches, train_batches)
+from mpisign.train.data import (DataNotFound, InMemory, batches_per_epoch, load_data, read_idx,
+                                eval_batches, train_batches)
 
 
 def write_idx(path, array: np.ndarray) -> None:

@@ -11,8 +11,8 @@ import torch
 from mpisign.diagnostics import stats
 from mpisign.diagnostics.cli import find_checkpoints, main
 from mpisign.diagnostics.gradients import (PerExampleGradients, _conv_patches, flat_gradient,
-                                           minibatch_draws, per_example_draws,
-                                           sample_coordinates, supports_per_example)
+                                           minibatch_draws, per_example_draws, sample_coordinates,
+                                           supports_per_example)
 from mpisign.train.models import build_model
 
 N, K = 2000, 40

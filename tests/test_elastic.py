@@ -7,7 +7,8 @@ import re
 import pytest
 
 import mpirun
-from mpisign import elastic, launch
+from mpisign.mpi import elastic
+from mpisign import launch
 
 
 def survivors(out: str) -> list[str]:

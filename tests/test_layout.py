@@ -1,112 +1,67 @@
-"""The package's layout: the library loads no application, and the applications start.
+"""The layout of a step's packed message (mpisign.optim.layout), without MPI."""
 
-Each check runs a fresh interpreter, so that what this test session imported does not count.
-"""
+import pytest
+import torch
 
-import subprocess
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-APPLICATIONS = ("mpisign.train", "mpisign.plot", "mpisign.launch", "mpisign.diagnostics")
+from mpisign.backends.host import HostSigns
+from mpisign.backends.packing import WORD_BITS, n_words
+from mpisign.optim.layout import build_layout, signature, trainable
 
 
-def loaded_after(statement: str) -> set[str]:
-    """The ``mpisign`` modules a fresh interpreter holds after running ``statement``."""
-    code = (f"{statement}\nimport sys\n"
-            f"print(*sorted(m for m in sys.modules if m.startswith('mpisign')))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return set(proc.stdout.split())
+def groups(*shapes, frozen=(), dtype=torch.float32):
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
+    for i in frozen:
+        params[i].requires_grad_(False)
+    return [{"params": params[:2]}, {"params": params[2:]}], params
 
 
-def test_import_mpisign_loads_no_application_module():
-    loaded = loaded_after("import mpisign, sys")
-    assert "mpisign.optim" in loaded   # the check sees the library's modules
-    apps = [m for m in loaded if m in APPLICATIONS or m.startswith(APPLICATIONS)]
-    assert apps == [], apps
+def test_every_parameter_gets_whole_words_in_order():
+    gs, params = groups(5, (3, 70), 64, 1)
+    layout = build_layout(gs, overlap=False, bucket_words=1, signs=HostSigns())
+    assert [s.param for s in layout.slots] == params
+    assert [s.group for s in layout.slots] == [0, 0, 1, 1]
+    word = 0
+    for slot in layout.slots:
+        assert slot.word0 == word and slot.words == n_words(slot.param.numel())
+        word += slot.words
+    assert layout.words == word == layout.packed.size
+    assert layout.coordinates == 5 + 210 + 64 + 1
+    assert len(layout.buckets) == 1 and layout.buckets[0].word1 == word
 
 
-def test_the_diagnostics_share_the_option_types_but_not_the_training_loop():
-    loaded = loaded_after("import mpisign.diagnostics.cli")
-    assert "mpisign.train.options" in loaded
-    assert not {"mpisign.train.cli", "mpisign.train.loop"} & loaded, sorted(loaded)
+def test_overlap_buckets_run_from_the_last_layer_and_hold_about_bucket_words():
+    gs, params = groups(*[WORD_BITS * 3] * 6)
+    layout = build_layout(gs, overlap=True, bucket_words=6, signs=HostSigns())
+    assert [s.param for s in layout.slots] == params[::-1]
+    assert [len(b.slots) for b in layout.buckets] == [2, 2, 2]
+    for b, nxt in zip(layout.buckets, layout.buckets[1:]):
+        assert b.word1 == nxt.word0
 
 
-def test_python_m_mpisign_train_help():
-    proc = subprocess.run([sys.executable, "-m", "mpisign.train", "--help"], capture_output=True,
-                          text=True, cwd=REPO, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("usage: python -m mpisign.train"), proc.stdout[:200]
-    for option in ("--optimizer", "--topology", "--resume", "--vote-timeout", "--device"):
-        assert option in proc.stdout, option
+def test_frozen_parameters_are_left_out_and_change_the_signature():
+    gs, params = groups(4, 4, 4, frozen=(1,))
+    assert [p for _, p in trainable(gs)] == [params[0], params[2]]
+    before = signature(gs)
+    params[1].requires_grad_(True)
+    assert signature(gs) != before
 
 
-#: The library's layers, bottom up: a module may import its own layer and those below, never
-#: one above (application -> optim/vote -> collectives -> backends -> MPI helpers -> mpi4py).
-LAYERS = [
-    ("MPI helpers", {"mpisign.world", "mpisign.comm", "mpisign.nodes", "mpisign.elastic"}),
-    ("backends", {"mpisign.packing", "mpisign._signs", "mpisign.native", "mpisign.signs",
-                  "mpisign.cuda"}),
-    ("collectives", {"mpisign.costmodel", "mpisign.collectives"}),
-    ("the optimizer's books", {"mpisign.header", "mpisign.isolation", "mpisign.layout",
-                               "mpisign.exchanges", "mpisign.overlap", "mpisign.detection",
-                               "mpisign.state", "mpisign.recovery"}),
-    ("optim and vote", {"mpisign.optim", "mpisign.vote"}),
-    ("applications", {"mpisign.adversary", "mpisign.train", "mpisign.plot", "mpisign.launch",
-                      "mpisign.diagnostics", "mpisign"}),
-]
+def test_the_digest_tells_layouts_apart():
+    def digest(shapes, overlap=False, bucket_words=4, dtype=torch.float32):
+        gs, _ = groups(*shapes, dtype=dtype)
+        return build_layout(gs, overlap, bucket_words, HostSigns()).digest
+    base = digest([3, 4, 5])
+    assert digest([3, 4, 5]) == base                       # the same on every rank
+    assert digest([3, 4, 6]) != base                       # a shape
+    assert digest([3, 4, 5], dtype=torch.float64) != base  # a dtype
+    assert digest([3, 4, 5], overlap=True) != base         # the bucketing
+    assert digest([3, 4, 5], overlap=True, bucket_words=9) != digest([3, 4, 5], overlap=True)
 
 
-def layer_of(module: str) -> int:
-    """The layer of ``module`` (a package's submodules share its layer)."""
-    best = None
-    for i, (_, names) in enumerate(LAYERS):
-        for name in names:
-            inside = module == name or (name != "mpisign" and module.startswith(name + "."))
-            if inside and (best is None or len(name) > len(best[1])):
-                best = (i, name)
-    assert best is not None, f"{module} is in no layer of LAYERS: add it"
-    return best[0]
-
-
-def imports_of(path: Path, module: str) -> set[str]:
-    """Every mpisign module ``path`` imports, at its top or inside a function."""
-    import ast
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = package
-            for _ in range(node.level - 1):
-                base = base.rpartition(".")[0]
-            target = (f"{base}.{node.module}" if node.module else base) if node.level \
-                else node.module
-            names = {f"{target}.{a.name}" for a in node.names}
-            submodules = {m for m in names if _is_module(m)}   # `from . import packing`
-            found |= submodules if submodules else {target}
-    return {m for m in found if m == "mpisign" or m.startswith("mpisign.")}
-
-
-def test_the_library_imports_one_way():
-    """No module imports from a layer above its own: the house reads one way."""
-    upward = []
-    for path in sorted((REPO / "mpisign").rglob("*.py")):
-        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
-        for target in imports_of(path, module):
-            if not _is_module(target):
-                continue   # a name imported from a module, not a module
-            if layer_of(target) > layer_of(module):
-                upward.append(f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} "
-                              f"({LAYERS[layer_of(target)][0]})")
-    assert upward == [], "\n".join(upward)
-
-
-def _is_module(name: str) -> bool:
-    parts = name.split(".")
-    path = REPO.joinpath(*parts)
-    compiled = (path.parent / f"{path.name}.c").exists()   # a C extension (mpisign._signs)
-    return path.with_suffix(".py").exists() or (path / "__init__.py").exists() or compiled
+def test_nothing_to_train_and_complex_parameters_are_refused():
+    gs, _ = groups(3, frozen=(0,))
+    with pytest.raises(ValueError, match="no parameter with requires_grad"):
+        build_layout(gs, False, 4, HostSigns())
+    complex_ = [{"params": [torch.zeros(3, dtype=torch.complex64, requires_grad=True)]}]
+    with pytest.raises(ValueError, match="floating point"):
+        build_layout(complex_, False, 4, HostSigns())

@@ -1,5 +1,5 @@
-"""The compiled CPU kernels (mpisign/_signs.c via mpisign.native) against the numpy reference
-(mpisign.packing), bit for bit: every dtype, ragged lengths, zeros, NaN (of any sign and
+"""The compiled CPU kernels (mpisign/backends/_signs.c via mpisign.backends.native) against the numpy reference
+(mpisign.backends.packing), bit for bit: every dtype, ragged lengths, zeros, NaN (of any sign and
 payload) and +-inf, both zero bits, ties, weight decay, unaligned slices of larger buffers; on
 the AVX2 bodies and, in a second interpreter, on the portable ones (MPISIGN_SIMD=portable)."""
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpisign import native, packing, signs
+from mpisign.backends import native, packing, signs
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LENGTHS = [0, 1, 7, 31, 63, 64, 65, 127, 128, 129, 1000, 4099, 65_537]
@@ -186,9 +186,9 @@ def test_the_compiled_backend_is_the_host_backend(dtype):
 
 def test_a_missing_extension_falls_back_loudly(monkeypatch, caplog):
     monkeypatch.setattr(native, "_signs", None)
-    monkeypatch.setattr(native, "_error", ImportError("no module named mpisign._signs"))
+    monkeypatch.setattr(native, "_error", ImportError("no module named mpisign.backends._signs"))
     monkeypatch.setattr(native, "_warned", False)
-    with caplog.at_level(logging.WARNING, logger="mpisign.native"):
+    with caplog.at_level(logging.WARNING, logger="mpisign.backends.native"):
         assert not native.available()
         assert type(signs.signs_for([torch.zeros(3)])) is signs.HostSigns
         native.available()
@@ -211,7 +211,7 @@ def test_the_portable_bodies_too():
     if native.simd() != "avx2":
         pytest.skip("this CPU runs the portable bodies already")
     env = dict(os.environ, MPISIGN_SIMD="portable")
-    code = "import sys; from mpisign import native; print(native.simd())"
+    code = "import sys; from mpisign.backends import native; print(native.simd())"
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=120).stdout.strip() == "portable"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
@@ -271,9 +271,9 @@ def test_signum_on_the_compiled_kernels_is_signum_on_the_reference(momentum, mon
         return opt, [a, b]
 
     ref_opt, ref = run("reference")
-    assert type(ref_opt._signs) is signs.HostSigns
+    assert type(ref_opt.engine.plan.backend) is signs.HostSigns
     opt, got = run("compiled")
-    assert type(opt._signs) is signs.CompiledSigns
+    assert type(opt.engine.plan.backend) is signs.CompiledSigns
     for p, q in zip(ref, got):
         assert np.array_equal(bits(p.detach()), bits(q.detach()))
         if momentum:

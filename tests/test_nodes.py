@@ -1,9 +1,9 @@
-"""mpisign.nodes: the grouping rule, and discovery on one process (the MPI runs are in
+"""mpisign.mpi.nodes: the grouping rule, and discovery on one process (the MPI runs are in
 tests/mpi/hierarchical_check.py)."""
 
 from mpi4py import MPI
 
-from mpisign.nodes import Nodes, discover
+from mpisign.mpi.nodes import Nodes, discover
 
 
 def test_nodes_are_numbered_by_their_lowest_rank():

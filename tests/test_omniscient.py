@@ -1,10 +1,10 @@
-"""mpisign.adversary.Omniscient, the non-blind attack: real ranks, and its argument checks."""
+"""mpisign.train.adversary.Omniscient, the non-blind attack: real ranks, and its argument checks."""
 
 import pytest
 from mpi4py import MPI
 
 import mpirun
-from mpisign.adversary import Omniscient, make_attack
+from mpisign.train.adversary import Omniscient, make_attack
 from mpisign.train import main
 
 

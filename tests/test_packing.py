@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpisign import packing
+from mpisign.backends import packing
 
 LENGTHS = [0, 1, 7, 8, 9, 31, 32, 33, 63, 64, 65, 127, 128, 129, 1000, 4099]
 

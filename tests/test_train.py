@@ -22,8 +22,8 @@ import torch
 import mpirun
 import mpisign
 from mpisign.train import checkpoint
-from mpisign.train import (DEFAULT_LR, UsageError, build_parser, learning_rate,
-                           load_checkpoint, main)
+from mpisign.train import (DEFAULT_LR, UsageError, build_parser, learning_rate, load_checkpoint,
+                           main)
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = ["--dataset", "digits", "--batch-size", "32", "--no-progress", "--log-every", "7"]
@@ -412,7 +412,7 @@ def test_learning_rate_warmup_and_step_decay():
 
 
 def test_plot_draws_a_png(reference, tmp_path):
-    from mpisign.plot import main as plot_main, run_label
+    from mpisign.train.plot import main as plot_main, run_label
 
     png = tmp_path / "curves.png"
     assert plot_main([str(reference), str(reference), "-o", str(png)]) == 0

@@ -17,8 +17,8 @@ import torch
 from mpi4py import MPI
 
 import mpisign
-from mpisign.world import (ALLOW_SINGLETON, LAUNCHER_SIZE_VARS, SingletonWorld, check_world,
-                           launched_tasks)
+from mpisign.mpi.world import (ALLOW_SINGLETON, LAUNCHER_SIZE_VARS, SingletonWorld, check_world,
+                               launched_tasks)
 
 LAUNCHER_VARS = (*LAUNCHER_SIZE_VARS, ALLOW_SINGLETON, "SLURM_NTASKS")
 

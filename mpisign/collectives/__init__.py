@@ -2,9 +2,9 @@
 
 ``make_vote(topology, comm)`` returns an object whose ``vote(words, n)`` gives every rank the
 packed majority ``(plus, tie)`` of all ranks' packed signs, the same bits whatever the topology.
-``topology="auto"`` picks one with :mod:`mpisign.costmodel` from the message size, the number of
+``topology="auto"`` picks one with :mod:`mpisign.collectives.costmodel` from the message size, the number of
 ranks and the link's latency and bandwidth, measured once per communicator; when the ranks span
-several nodes with more than one rank on some node (:mod:`mpisign.nodes`), from the node layout
+several nodes with more than one rank on some node (:mod:`mpisign.mpi.nodes`), from the node layout
 and the links inside and between nodes, measured separately, with the hierarchical vote among
 the candidates.
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 
-from .. import costmodel
-from ..nodes import discover
+from . import costmodel
+from ..mpi.nodes import discover
 from .base import SignVote, Traffic, VoteTimeout, bounded, check_comm, default_timeout, wait_all
 from .allgather import AllgatherVote
 from .hierarchical import HierarchicalVote

@@ -2,7 +2,7 @@
 
 One round, no result to send back and no tie mask on the wire: each rank sends its ``n`` bits to
 each of the ``M - 1`` others and receives as much. Its traffic grows with M, so it pays off only
-for small M or small messages, where one round beats two (see :mod:`mpisign.costmodel`).
+for small M or small messages, where one round beats two (see :mod:`mpisign.collectives.costmodel`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What every vote topology shares: argument checks, bounded waits, and byte accounting.
 
-A topology takes this rank's packed sign words (see :mod:`mpisign.packing`) and returns the packed
+A topology takes this rank's packed sign words (see :mod:`mpisign.backends.packing`) and returns the packed
 majority ``(plus, tie)``, identical on every rank. Every message is a point-to-point send or
 receive that this package posts itself, so the bytes each rank sends and receives are counted
 exactly, and every wait is bounded: a peer that never arrives ends in :class:`VoteTimeout`
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from ..signs import host_tally
-from ..comm import (ANY_RANK, VoteTimeout, bounded, check_comm, default_timeout,  # noqa: F401
-                    device_of, wait_all)
+from ..backends.signs import host_tally
+from ..mpi.comm import (ANY_RANK, VoteTimeout, bounded, check_comm,  # noqa: F401
+                        default_timeout, device_of, wait_all)
 
 __all__ = ["ANY_RANK", "Pending", "Traffic", "VoteTimeout", "SignVote", "bounded", "check_comm",
            "check_words", "default_timeout", "device_of", "host_tally", "on_device",
@@ -126,7 +126,7 @@ class SignVote:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         self.tally = host_tally if tally is None else tally
         self.traffic = Traffic()
-        self.nodes = None   # a mpisign.nodes.Nodes: see count_nodes
+        self.nodes = None   # a mpisign.mpi.nodes.Nodes: see count_nodes
         self._buffers: dict = {}  # (bucket, name) -> array, allocated once per shape
         self._sending: dict = {}  # bucket -> (requests, peers, what): sends left in flight
 
@@ -166,7 +166,7 @@ class SignVote:
 
     def count_nodes(self, nodes) -> None:
         """Count from now on which bytes cross between the nodes of ``nodes`` (a
-        :class:`mpisign.nodes.Nodes` of this communicator), in :attr:`traffic`."""
+        :class:`mpisign.mpi.nodes.Nodes` of this communicator), in :attr:`traffic`."""
         if len(nodes.node_of) != self.size:
             raise ValueError(f"nodes group {len(nodes.node_of)} ranks, the communicator has "
                              f"{self.size}")

@@ -1,6 +1,6 @@
 """Hierarchical vote: exact counts inside each node, counts added between nodes, the flat vote's bits.
 
-The ranks are grouped into N nodes (:mod:`mpisign.nodes`: shared memory, or ``$MPISIGN_NODE``);
+The ranks are grouped into N nodes (:mod:`mpisign.mpi.nodes`: shared memory, or ``$MPISIGN_NODE``);
 node ``i`` has ``L_i`` ranks, and ``S = max L_i``. The packed words are cut into S shards. On
 node ``i``, shard ``s`` belongs to its local rank ``s mod L_i``: each rank of the largest nodes
 owns one shard, a rank of a smaller node may own several. The owners of shard ``s`` (one per
@@ -8,7 +8,7 @@ node) form its *rail*. Each shard is cut again into N pieces, piece ``j`` decide
 
 1. Inside each node (an alltoall): every rank sends each shard of its signs to the node's owner
    of that shard, which counts the node's ``L_i`` votes exactly, bit-sliced, in
-   ``P_i = bit_length(L_i)`` planes (:mod:`mpisign.packing`).
+   ``P_i = bit_length(L_i)`` planes (:mod:`mpisign.backends.packing`).
 2. Between nodes, along each rail: the owner on node ``i`` sends piece ``j`` of its count to the
    owner on node ``j``, and receives piece ``i`` of every other node's count.
 3. It adds the N counts (exact and associative: the flat vote's count), compares the sum with
@@ -18,9 +18,9 @@ node) form its *rail*. Each shard is cut again into N pieces, piece ``j`` decide
 
 Every rank gets the server's bits, whatever the grouping. On one node, step 3 takes the majority
 of the node's rows with the signs backend's tally (the CUDA kernel on the GPU path), as the
-sharded vote does; across nodes the counts are added with :mod:`mpisign.packing`'s bitwise ops,
+sharded vote does; across nodes the counts are added with :mod:`mpisign.backends.packing`'s bitwise ops,
 which run on the words' device, as the tree's do. Bytes per rank, with ``w_s`` the words
-of shard s and ``w_sj`` of its piece j (:func:`mpisign.costmodel.traffic` counts them exactly):
+of shard s and ``w_sj`` of its piece j (:func:`mpisign.collectives.costmodel.traffic` counts them exactly):
 
 ======================== ============================================ ===========================
 phase                    sent                                         received
@@ -39,9 +39,9 @@ per GPU uses every NIC; the tally of each shard runs on its owner, in parallel.
 
 from __future__ import annotations
 
-from .. import packing
-from ..costmodel import hierarchical_plan
-from ..nodes import discover
+from ..backends import packing
+from .costmodel import hierarchical_plan
+from ..mpi.nodes import discover
 from .base import Pending, SignVote
 
 __all__ = ["HierarchicalVote"]
@@ -57,8 +57,8 @@ class _Pending(Pending):
 
 class HierarchicalVote(SignVote):
     """Counts inside each node, a sharded exchange of counts between nodes along rails, the
-    1-bit result back inside each node. ``nodes``: a :class:`mpisign.nodes.Nodes` of ``comm``
-    (default: :func:`mpisign.nodes.discover`, a collective)."""
+    1-bit result back inside each node. ``nodes``: a :class:`mpisign.mpi.nodes.Nodes` of ``comm``
+    (default: :func:`mpisign.mpi.nodes.discover`, a collective)."""
 
     name = "hierarchical"
     pending_type = _Pending

@@ -3,7 +3,7 @@
 The packed words are split into M nearly equal shards. Rank ``j`` receives shard ``j`` of every
 rank's signs, tallies that shard with bit-sliced counters, and sends its piece of the result to
 every rank: all at once for small shards, by a ring allgather for large ones (one flow per link,
-M-1 steps; see :data:`mpisign.costmodel.RING_MIN_BYTES` for the measurements). Per rank, in
+M-1 steps; see :data:`mpisign.collectives.costmodel.RING_MIN_BYTES` for the measurements). Per rank, in
 bits: ``n (M-1)/M`` out and in for the signs, ``k n (M-1)/M`` out and in for the result (``k = 2``
 with the tie mask when M is even, else 1), whatever M is: 1/32 of a ring allreduce's
 ``64 n (M-1)/M`` for odd M, about 1/21 for even M. Two phases, like the server.
@@ -11,7 +11,7 @@ with the tie mask when M is even, else 1), whatever M is: 1/32 of a ring allredu
 
 from __future__ import annotations
 
-from ..costmodel import RING_MIN_BYTES, shard_bounds, sharded_ring_gather
+from .costmodel import RING_MIN_BYTES, shard_bounds, sharded_ring_gather
 from .base import Pending, SignVote
 
 __all__ = ["ShardedVote"]

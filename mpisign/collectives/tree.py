@@ -2,7 +2,7 @@
 
 In round ``k`` (mask ``2**k``) a rank whose bit ``k`` is set sends its subtree's count to
 ``rank - 2**k`` and drops out; the others receive from ``rank + 2**k`` and add (ripple-carry,
-:func:`mpisign.packing.add_counts`). A count of a subtree of ``s`` ranks needs ``bit_length(s)``
+:func:`mpisign.backends.packing.add_counts`). A count of a subtree of ``s`` ranks needs ``bit_length(s)``
 planes of ``n`` bits, so a leaf sends its raw sign bits (one plane) and a node with a large
 subtree ``~log2(s)`` planes. Rank 0 takes the majority and sends it back down the same tree.
 Counting is exact, so the answer is the server's, bit for bit.
@@ -10,8 +10,8 @@ Counting is exact, so the answer is the server's, bit for bit.
 
 from __future__ import annotations
 
-from .. import packing
-from ..costmodel import tree_children
+from ..backends import packing
+from .costmodel import tree_children
 from .base import Pending, SignVote
 
 __all__ = ["TreeVote"]

@@ -3,7 +3,7 @@
 - ``signs.cu``: the kernels (pack by warp ballot, bit-sliced majority tally in registers, apply
   of the vote to fp32/fp16/bf16 parameters with weight decay, popcount disagreement).
 - :mod:`.kernels`: those kernels on torch CUDA tensors through CuPy (DLPack, zero copy), with a
-  start-up self-check against :mod:`mpisign.packing` that falls back loudly on any mismatch.
+  start-up self-check against :mod:`mpisign.backends.packing` that falls back loudly on any mismatch.
 - :mod:`.emulate`: the same ``signs.cu`` compiled by g++ through ``host_shim.h`` and run on the
   CPU, so the kernels' logic is tested on machines without a GPU (how the shim runs warps: its
   docstring).
@@ -14,8 +14,8 @@
 What has been verified without a GPU and what has never run on one: README.md, "GPU path".
 """
 
-from mpisign.cuda.aware import Staging, detect_cuda_aware, sync_for_mpi, use_device_buffers
-from mpisign.cuda.kernels import apply, available, disagreement, pack, self_check, tally
+from .aware import Staging, detect_cuda_aware, sync_for_mpi, use_device_buffers
+from .kernels import apply, available, disagreement, pack, self_check, tally
 
 __all__ = [
     "available", "self_check", "pack", "tally", "apply", "disagreement",

@@ -48,11 +48,11 @@ import logging
 import numpy as np
 import torch
 
-from ..comm import default_timeout
-from ..signs import Signs, unpack_by_apply
+from ..backends.base import Signs, unpack_by_apply
+from ..mpi.comm import default_timeout
 
-__all__ = ["CudaSigns", "ResidentSigns", "agreed_level", "device_path", "local_level",
-           "staged_path"]
+__all__ = ["CudaSigns", "ResidentSigns", "StagedSigns", "agreed_level", "device_path",
+           "local_level", "staged_path"]
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,81 @@ class CudaSigns:
         self.kernels.apply(p.data, *device_words, lr, wd)
 
 
+class _AllDone:
+    """Several devices' marks as one: done when each is."""
+
+    def __init__(self, marks: list):
+        self.marks = [m for m in marks if m is not None]
+
+    def query(self) -> bool:
+        return all(m.query() for m in self.marks)
+
+
+class StagedSigns(Signs):
+    """A layout with CUDA tensors whose words live in host memory: each CUDA tensor the kernels
+    take is packed and applied by :class:`CudaSigns` of its device (the staged path); every
+    other tensor, and the words' tally and disagreement, by ``host`` (a
+    :class:`mpisign.backends.host.HostSigns`). ``gpu_kernels`` False: no staged path at all (some
+    rank's kernels failed their self-check, and every rank agreed on the CPU reference)."""
+
+    def __init__(self, host, gpu_kernels: bool = True):
+        self.host = host
+        self.gpu_kernels = gpu_kernels
+        self.tally = host.tally
+        self._queued_on: list = []   # staged paths holding packs not yet on the host
+
+    def _staged(self, t: torch.Tensor):
+        """The staged kernels for ``t``, or None (``host`` takes it)."""
+        if not (self.gpu_kernels and t.is_cuda and CudaSigns.handles(t)):
+            return None
+        return staged_path(t.device)
+
+    def words(self, n_words: int) -> np.ndarray:
+        return self.host.words(n_words)
+
+    def pack(self, src: torch.Tensor, zero_bit: int, out: np.ndarray) -> None:
+        gpu = self._staged(src)
+        if gpu is None:
+            self.host.pack(src, zero_bit, out)
+            return
+        gpu.pack(src.contiguous(), zero_bit, out)
+        if gpu not in self._queued_on:
+            self._queued_on.append(gpu)
+
+    def update_and_pack(self, *args):
+        """The host backend's fused local step, for the CPU tensors of a mixed layout (None:
+        it does not take these tensors, or it has none)."""
+        fused = getattr(self.host, "update_and_pack", None)
+        return None if fused is None else fused(*args)
+
+    def mark(self):
+        marks = [gpu.mark() for gpu in self._queued_on]
+        return _AllDone(marks) if any(m is not None for m in marks) else None
+
+    def settle(self) -> None:
+        for gpu in self._queued_on:
+            gpu.settle()
+        self._queued_on = []
+
+    def apply(self, p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: float,
+              wd: float) -> None:
+        gpu = self._staged(p) if p.is_contiguous() else None
+        if gpu is None:
+            self.host.apply(p, plus, tie, lr, wd)
+        else:
+            gpu.apply(p, plus, tie, lr, wd)
+
+    def disagreement(self, words: np.ndarray, plus: np.ndarray, tie: np.ndarray | None) -> int:
+        return self.host.disagreement(words, plus, tie)
+
+    def unpack(self, plus: np.ndarray, tie: np.ndarray | None, n: int, like: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        gpu = self._staged(like)
+        if gpu is None:
+            return self.host.unpack(plus, tie, n, like, out)
+        return unpack_by_apply(gpu.apply, plus, tie, n, like, out)   # on the device
+
+
 def _event_after(device: torch.device):
     """A CUDA event after the work queued so far on ``device``'s current stream: its
     ``query()`` says, without waiting, whether that work is done. None for a CPU stand-in."""
@@ -194,7 +269,7 @@ class ResidentSigns(Signs):
         return t.device == self.device and t.dtype in _KERNEL_DTYPES
 
     def words(self, n_words: int) -> torch.Tensor:
-        """A zeroed word buffer on the device (:class:`mpisign.signs.Signs`' interface)."""
+        """A zeroed word buffer on the device (:class:`mpisign.backends.signs.Signs`' interface)."""
         return torch.zeros(n_words, dtype=torch.int64, device=self.device)
 
     def pack(self, src: torch.Tensor, zero_bit: int, out: torch.Tensor) -> None:
@@ -225,7 +300,7 @@ class ResidentSigns(Signs):
     def unpack(self, plus: torch.Tensor, tie: torch.Tensor | None, n: int, like: torch.Tensor,
                out: torch.Tensor | None = None) -> torch.Tensor:
         """-1 / 0 / +1 of ``n`` coordinates, of ``like``'s dtype, on the device (in ``out`` if
-        given), by the apply kernel (:func:`mpisign.signs.unpack_by_apply`)."""
+        given), by the apply kernel (:func:`mpisign.backends.signs.unpack_by_apply`)."""
         return unpack_by_apply(self.apply, plus, tie, n, like, out)
 
 

@@ -4,7 +4,7 @@
 :mod:`mpisign.cuda.kernels` hands to CuPy on a GPU; g++ builds it into a shared library (cached
 by a hash of the sources, the flags and the compiler) that this module calls through ctypes. The
 functions take numpy arrays or CPU torch tensors and mirror :mod:`mpisign.cuda.kernels`: words
-are uint64 in the wire format of :mod:`mpisign.packing`. Each output buffer carries a guard word
+are uint64 in the wire format of :mod:`mpisign.backends.packing`. Each output buffer carries a guard word
 past its end that the call checks, so a kernel writing out of bounds fails here, and starts out
 filled with a poison pattern, so a word the kernel should write but skips shows up.
 
@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mpisign import packing
-from mpisign.cuda.kernels import bits_in, votes_shape
+from ..backends import packing
+from .kernels import bits_in, votes_shape
 
 __all__ = ["compiler", "load", "pack", "tally", "apply", "disagreement", "kernels_on_cpu"]
 
@@ -149,7 +149,7 @@ def _check_guard(buf: np.ndarray, name: str) -> None:
 
 
 def pack(x, zero_bit: int = 0, *, threads: int = 64, blocks: int | None = None) -> np.ndarray:
-    """Sign words of ``x`` (flattened), bit for bit :func:`mpisign.packing.pack_signs`."""
+    """Sign words of ``x`` (flattened), bit for bit :func:`mpisign.backends.packing.pack_signs`."""
     if zero_bit not in (0, 1):
         raise ValueError(f"zero_bit must be 0 or 1, got {zero_bit!r}")
     t, suffix = _floats(x)
@@ -163,8 +163,8 @@ def pack(x, zero_bit: int = 0, *, threads: int = 64, blocks: int | None = None) 
 
 
 def tally(votes, n: int, *, threads: int = 64, blocks: int | None = None):
-    """Majority of ``votes`` (M x W words): ``(plus, tie)`` as :func:`mpisign.packing.majority`
-    of :func:`mpisign.packing.tally` with ``n`` bits (tie is None for odd M)."""
+    """Majority of ``votes`` (M x W words): ``(plus, tie)`` as :func:`mpisign.backends.packing.majority`
+    of :func:`mpisign.backends.packing.tally` with ``n`` bits (tie is None for odd M)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     v = _words(votes, "votes", packing.n_words(n))

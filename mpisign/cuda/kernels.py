@@ -3,7 +3,7 @@
 Tensors reach CuPy through DLPack, zero copy, each first viewed as a plain integer dtype of its
 element size (DLPack has no bool, and not every stack exchanges bfloat16 or uint64) and
 reinterpreted on the CuPy side. Words are uint64 tensors in the wire format of
-:mod:`mpisign.packing`; the functions mirror :mod:`mpisign.cuda.emulate` one for one.
+:mod:`mpisign.backends.packing`; the functions mirror :mod:`mpisign.cuda.emulate` one for one.
 
 Streams: every kernel is queued on torch's current stream of its device (a CuPy
 ``ExternalStream``), so it is ordered with the torch work around it, and nothing here waits on
@@ -11,7 +11,7 @@ the device. A caller that hands an output to MPI must synchronize first
 (:func:`mpisign.cuda.aware.sync_for_mpi`).
 
 Self-check: :func:`available` runs :func:`self_check` once per device, which compares every
-kernel with :mod:`mpisign.packing` on small random inputs (ragged lengths, zeros, NaN, inf,
+kernel with :mod:`mpisign.backends.packing` on small random inputs (ragged lengths, zeros, NaN, inf,
 subnormals); on any mismatch or error it logs an ERROR and returns False, and callers take the
 CPU reference path instead. The same comparison runs here without a GPU, on the emulated
 kernels (:func:`compare_with_reference` with ``backend=emulate``).
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mpisign import packing
+from ..backends import packing
 
 __all__ = ["SOURCE_PATH", "NVRTC_OPTIONS", "available", "self_check", "compare_with_reference",
            "pack", "tally", "apply", "disagreement"]
@@ -165,7 +165,7 @@ def bits_in(n: int | None, w: int) -> int:
 
 def pack(x: torch.Tensor, zero_bit: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
     """Sign words of ``x`` (flattened) as a uint64 CUDA tensor, bit for bit
-    :func:`mpisign.packing.pack_signs`; ``out`` (>= n_words words) is filled if given."""
+    :func:`mpisign.backends.packing.pack_signs`; ``out`` (>= n_words words) is filled if given."""
     if zero_bit not in (0, 1):
         raise ValueError(f"zero_bit must be 0 or 1, got {zero_bit!r}")
     flat = _cuda(x, "x", _SUFFIX).reshape(-1)
@@ -181,7 +181,7 @@ def pack(x: torch.Tensor, zero_bit: int = 0, out: torch.Tensor | None = None) ->
 
 def tally(votes: torch.Tensor, n: int):
     """Majority of ``votes`` (M x W words): ``(plus, tie)`` uint64 CUDA tensors, as
-    :func:`mpisign.packing.majority` of :func:`mpisign.packing.tally` (tie is None for odd M)."""
+    :func:`mpisign.backends.packing.majority` of :func:`mpisign.backends.packing.tally` (tie is None for odd M)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     votes = _words(votes, "votes", packing.n_words(n))
@@ -278,7 +278,7 @@ def _reference_apply(p: torch.Tensor, plus, tie, lr: float, wd: float) -> torch.
 
 def compare_with_reference(backend=None, device="cuda", seed: int = 0) -> list[str]:
     """Run ``backend``'s pack/tally/apply/disagreement (this module by default) on ``device``
-    with small random inputs; return what disagrees with :mod:`mpisign.packing` (empty: all)."""
+    with small random inputs; return what disagrees with :mod:`mpisign.backends.packing` (empty: all)."""
     backend = sys.modules[__name__] if backend is None else backend
     gen = torch.Generator().manual_seed(seed)
     bad = []
@@ -343,8 +343,8 @@ def _poisoned(n: int, device) -> torch.Tensor:
 def _compare_offsets(device: torch.device, gen: torch.Generator, n: int) -> list[str]:
     """As the optimizer lays them out: words packed into, and read from, slices at non-zero
     offsets of larger buffers; parameters that are slices of a larger tensor; ``wd`` = 0 and
-    > 0; and the unpack (:func:`mpisign.signs.unpack_by_apply`, apply on zeros)."""
-    from mpisign.signs import unpack_by_apply   # the GPU paths' unpack
+    > 0; and the unpack (:func:`mpisign.backends.signs.unpack_by_apply`, apply on zeros)."""
+    from ..backends.base import unpack_by_apply  # the GPU paths' unpack
     bad, w = [], packing.n_words(n)
     x = _special_floats(n, gen)
     votes = np.stack([packing.pack_signs(_special_floats(n, gen), r % 2) for r in range(4)])

@@ -1,6 +1,6 @@
 // Packed sign votes on the GPU: pack, bit-sliced majority tally, apply, disagreement.
 //
-// Wire format (mpisign/packing.py): coordinate i is bit i % 64 of uint64 word i / 64, bit 1 = "+".
+// Wire format (mpisign/backends/packing.py): coordinate i is bit i % 64 of uint64 word i / 64, bit 1 = "+".
 // Read as uint32 on a little-endian machine, uint64 word k is uint32 words 2k (low) and 2k+1
 // (high), so coordinate i is bit i % 32 of uint32 word i / 32: exactly one warp ballot in which
 // lane l holds coordinate 32 * w + l. Buffers of n coordinates hold 2 * ceil(n / 64) uint32 words;

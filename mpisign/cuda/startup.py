@@ -17,8 +17,8 @@ tensors has no opinion and offers :data:`RESIDENT`, the most permissive level.
   the log line before the transfer says what to set.) The proof runs until it has passed once
   on every rank.
 
-Every collective here is bounded by the timeout (:func:`mpisign.comm.bounded`), so a rank that
-never comes to the agreement ends in :class:`mpisign.comm.VoteTimeout`, not a hang.
+Every collective here is bounded by the timeout (:func:`mpisign.mpi.comm.bounded`), so a rank that
+never comes to the agreement ends in :class:`mpisign.mpi.comm.VoteTimeout`, not a hang.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from ..comm import bounded, device_of, wait_all
+from ..mpi.comm import bounded, device_of, wait_all
 from .aware import sync_for_mpi
 
 __all__ = ["FAULTED", "HOST", "STAGED", "RESIDENT", "NAMES", "DeviceFault", "agree",

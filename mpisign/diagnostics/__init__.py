@@ -33,8 +33,8 @@ the model), :mod:`.measure` (one point), :mod:`.report` (verdicts), :mod:`.figur
 
 from .cli import main
 from .measure import Options, measure_point
-from .stats import (HIGH_SNR, binomial_majority_error, density, high_snr_fraction,
-                    majority_error, sign_error, skewness, snr, unimodality)
+from .stats import (HIGH_SNR, binomial_majority_error, density, high_snr_fraction, majority_error,
+                    sign_error, skewness, snr, unimodality)
 
 __all__ = ["main", "Options", "measure_point", "HIGH_SNR", "skewness", "unimodality", "snr",
            "high_snr_fraction", "sign_error", "majority_error", "binomial_majority_error",

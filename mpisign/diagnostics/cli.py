@@ -245,6 +245,22 @@ def run(args, parser) -> dict:
              ",".join(map(str, args.batch_sizes)), len(points), out)
 
     # Per point: weights, measurement, figures. -----------------------------------------------
+    summaries, all_arrays = _measure_points(args, points, model, init_state, data, coords,
+                                            pool, opt, out)
+
+    # End: SNR across points, summary.json, verdict.txt. -----------------------------------------
+    figures.snr_figure(summaries, all_arrays, out / "snr.png", reference)
+    text, verdict_record = report.verdicts(summaries, reference)
+    record = _record(args, data, model, reference, summaries, verdict_record)
+    (out / "summary.json").write_text(json.dumps(_clean(record), indent=1) + "\n")
+    (out / "verdict.txt").write_text(text)
+    print(text)
+    log.info("wrote %s", out)
+    return record
+
+
+def _measure_points(args, points, model, init_state, data, coords, pool, opt, out):
+    """Each point's measurement and figures: ``(summaries, arrays)``, one of each a point."""
     summaries, all_arrays = [], []
     for pt in points:
         t0 = time.perf_counter()
@@ -263,12 +279,13 @@ def run(args, parser) -> dict:
         log.info("%s measured in %.1f s", pt["label"], summary["seconds"])
         summaries.append(summary)
         all_arrays.append(arrays)
+    return summaries, all_arrays
 
-    # End: SNR across points, summary.json, verdict.txt. -----------------------------------------
-    figures.snr_figure(summaries, all_arrays, out / "snr.png", reference)
-    text, verdict_record = report.verdicts(summaries, reference)
+
+def _record(args, data, model, reference, summaries, verdict_record) -> dict:
+    """summary.json's record: the command, the configuration, the versions, every point."""
     now = datetime.datetime.now().astimezone()
-    record = dict(
+    return dict(
         command=sys.argv, created=now.isoformat(timespec="seconds"), config=vars(args),
         data=data.describe(),
         model=dict(name=args.model, parameters=count_parameters(model)),
@@ -279,11 +296,6 @@ def run(args, parser) -> dict:
         versions=dict(mpisign=mpisign.__version__, torch=torch.__version__,
                       numpy=np.__version__, diptest=_version("diptest")),
         points=summaries, verdicts=verdict_record)
-    (out / "summary.json").write_text(json.dumps(_clean(record), indent=1) + "\n")
-    (out / "verdict.txt").write_text(text)
-    print(text)
-    log.info("wrote %s", out)
-    return record
 
 
 def _version(package: str):

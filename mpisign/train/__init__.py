@@ -12,7 +12,7 @@ On this machine, or a laptop (Fashion-MNIST from Debian's dataset-fashion-mnist,
     mpirun -n 7 python -m mpisign.train --adversaries 3 --attack invert --out runs/adv3of7
     mpirun -n 7 python -m mpisign.train --adversaries 3 --attack omniscient   # not blind
     mpirun -n 4 python -m mpisign.train --out runs/tree --resume      # continue a run
-    python -m mpisign.plot runs/sgd runs/tree runs/adv3of7
+    python -m mpisign.train.plot runs/sgd runs/tree runs/adv3of7
 
 More ranks than cores, or root in a container: ``python -m mpisign.launch -n 4 -- python -m
 mpisign.train ...`` sets what Open MPI needs, or by hand::

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from ..comm import bounded
+from ..mpi.comm import bounded
 
 __all__ = ["CheckpointError", "save", "latest", "load", "load_file", "atomic_save",
            "capture_rng", "restore_rng", "StopRequest"]

@@ -11,8 +11,8 @@ from mpi4py import MPI
 
 import mpisign
 
-from ..adversary import ATTACKS, NON_BLIND_ATTACKS
-from ..world import SingletonWorld, check_world
+from .adversary import ATTACKS, NON_BLIND_ATTACKS
+from ..mpi.world import SingletonWorld, check_world
 from .data import DATASETS
 from .loop import train
 from .models import MODELS
@@ -112,7 +112,7 @@ def _adversary_options(g) -> None:
                    help="the first K ranks corrupt their gradients before the vote")
     g.add_argument("--attack", choices=(*ATTACKS, *NON_BLIND_ATTACKS), default="invert",
                    help="blind multiplicative attack, or omniscient: minus the honest ranks' "
-                        "majority (see mpisign.adversary)")
+                        "majority (see mpisign.train.adversary)")
     g.add_argument("--attack-factor", type=float, default=1e20,
                    help="multiplier of --attack scale")
 

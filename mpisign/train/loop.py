@@ -31,9 +31,9 @@ from mpi4py import MPI
 
 import mpisign
 
-from ..adversary import ATTACKS, NON_BLIND_ATTACKS, Omniscient, attack_gradients, make_attack
-from ..comm import bounded
-from ..state import broadcast_parameters
+from .adversary import ATTACKS, NON_BLIND_ATTACKS, Omniscient, attack_gradients, make_attack
+from ..mpi.comm import bounded
+from ..optim.state import broadcast_parameters
 from . import checkpoint
 from .baseline import AllreduceMean
 from .checkpoint import StopRequest
@@ -241,7 +241,7 @@ def _seed_rank(args, rank: int) -> tuple[torch.Generator, Callable | None]:
 
 def _build_optimizer(args, comm, model):
     """Signum / signSGD, or torch SGD and the allreduce that feeds it; the non-blind attack
-    (collective: built on every rank, see mpisign.adversary.Omniscient)."""
+    (collective: built on every rank, see mpisign.train.adversary.Omniscient)."""
     baseline = None
     if args.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,

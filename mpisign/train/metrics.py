@@ -32,7 +32,7 @@ from mpi4py import MPI
 
 import mpisign
 
-from ..comm import bounded
+from ..mpi.comm import bounded
 from .models import count_parameters
 
 __all__ = ["Metrics", "run_record", "log_interval", "Tally", "Interval", "Traffic"]

@@ -1,7 +1,7 @@
 """``mpisign.train --elastic``: the run carries on when ranks die.
 
 The optimizer survives a dead rank on its own (``Signum(elastic=True)``, see
-:mod:`mpisign.recovery`): at the next vote the survivors shrink their communicator, agree on
+:mod:`mpisign.optim.recovery`): at the next vote the survivors shrink their communicator, agree on
 the step and finish it together. The rest of the run follows it here:
 
 * the run's own collectives (the stop-signal agreement, the step records' and the epoch's
@@ -27,8 +27,8 @@ import logging
 
 from mpi4py import MPI
 
-from ..adversary import NON_BLIND_ATTACKS
-from ..elastic import ElasticUnavailable, is_failure, require_ulfm
+from .adversary import NON_BLIND_ATTACKS
+from ..mpi.elastic import ElasticUnavailable, is_failure, require_ulfm
 from .checkpoint import StopRequest
 from .metrics import Metrics
 from .options import UsageError

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpisign import packing
+from mpisign.backends import packing
 
 try:
     import cupy as cp
@@ -190,7 +190,7 @@ def test_signum_on_the_gpu_matches_the_cpu_bit_for_bit(monkeypatch, aware_settin
 
     on_cpu, _ = train("cpu")
     on_gpu, opt = train("cuda")
-    assert isinstance(opt._layout.packed, torch.Tensor) == (aware_setting == "1")
+    assert isinstance(opt.engine.plan.layout.packed, torch.Tensor) == (aware_setting == "1")
     for a, b in zip(on_cpu, on_gpu):
         assert torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
                            b.view(torch.int16 if b.element_size() == 2 else torch.int32))

@@ -1,7 +1,7 @@
 """Majority vote trains through blind adversaries; the fp32 mean does not.
 
 Usage: adversary_check.py ATTACK K
-The first K ranks apply mpisign.adversary's ATTACK to their gradients. A logistic regression
+The first K ranks apply mpisign.train.adversary's ATTACK to their gradients. A logistic regression
 on separable synthetic data (each rank its own shard) must reach 90% test accuracy with Signum,
 parameters finite and identical on every rank; the disagreement monitor must flag inverters.
 For inf/nan the same run with a plain mean of gradients (the fp32 allreduce baseline) must
@@ -16,7 +16,7 @@ from common import WORLD, progress
 from mpi4py import MPI
 
 import mpisign
-from mpisign.adversary import attack_gradients, make_attack
+from mpisign.train.adversary import attack_gradients, make_attack
 
 comm = WORLD
 rank, size = comm.Get_rank(), comm.Get_size()

@@ -42,7 +42,7 @@ from common import WORLD, case, progress, rank_data, reference_vote
 
 import mpisign
 from mpisign.collectives import server
-from mpisign.elastic import ElasticUnavailable
+from mpisign.mpi.elastic import ElasticUnavailable
 
 rank, size = WORLD.Get_rank(), WORLD.Get_size()
 SHAPES = [(300,), (7, 11)]

@@ -57,7 +57,7 @@ def train(where, topology):
 for topology in sorted(mpisign.TOPOLOGIES):
     on_cpu, _ = train("cpu", topology)
     on_gpu, opt = train(device, topology)
-    assert isinstance(opt._layout.packed, torch.Tensor) == resident, "not the GPU path expected"
+    assert isinstance(opt.engine.plan.layout.packed, torch.Tensor) == resident, "not the GPU path expected"
     for a, b in zip(on_cpu, on_gpu):
         ints = torch.int16 if a.element_size() == 2 else torch.int32
         assert torch.equal(a.view(ints), b.view(ints)), f"{topology}: CPU and GPU differ"

@@ -17,10 +17,10 @@ import torch
 from common import WORLD, case, progress, rank_data, reference_vote
 
 import mpisign
-from mpisign import costmodel
+from mpisign.collectives import costmodel
 from mpisign.collectives import HierarchicalVote
-from mpisign.nodes import Nodes
-from mpisign.packing import n_words
+from mpisign.mpi.nodes import Nodes
+from mpisign.backends.packing import n_words
 
 comm = WORLD
 rank, size = comm.Get_rank(), comm.Get_size()

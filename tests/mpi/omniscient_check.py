@@ -1,4 +1,4 @@
-"""The non-blind attack does what mpisign.adversary.Omniscient documents.
+"""The non-blind attack does what mpisign.train.adversary.Omniscient documents.
 
 Usage: omniscient_check.py K
 The first K ranks are adversaries; every check compares with a numpy reference built from
@@ -18,7 +18,7 @@ import torch
 from common import WORLD, progress
 
 import mpisign
-from mpisign.adversary import Omniscient
+from mpisign.train.adversary import Omniscient
 
 comm = WORLD
 rank, size = comm.Get_rank(), comm.Get_size()

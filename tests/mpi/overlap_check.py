@@ -46,16 +46,16 @@ def train(overlap: bool):
 
 blocking, bopt = train(False)
 overlapped, oopt = train(True)
-assert len(oopt._layout.buckets) >= 3, len(oopt._layout.buckets)
+assert len(oopt.engine.plan.layout.buckets) >= 3, len(oopt.engine.plan.layout.buckets)
 # The hooks really started votes during backward: from the second step on (the hooks are
 # installed with the layout, at the first step), in every bucket but the one holding the
 # parameter that even ranks never use, which step() starts.
-assert oopt.stats.overlapped >= 5 * (len(oopt._layout.buckets) - 1), oopt.stats.overlapped
+assert oopt.stats.overlapped >= 5 * (len(oopt.engine.plan.layout.buckets) - 1), oopt.stats.overlapped
 assert bopt.stats.overlapped == 0
 for (name, p), q in zip(blocking.named_parameters(), overlapped.parameters()):
     assert torch.equal(p, q), f"{topology}: {name} differs between blocking and overlap"
 assert len(set(comm.allgather(oopt.params_digest()))) == 1
 comm.Barrier()
 if rank == 0:
-    print(f"overlap_check {topology} OK on {size} ranks, {len(oopt._layout.buckets)} buckets",
+    print(f"overlap_check {topology} OK on {size} ranks, {len(oopt.engine.plan.layout.buckets)} buckets",
           flush=True)

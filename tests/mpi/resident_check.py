@@ -18,7 +18,7 @@ import torch
 from common import WORLD, name_nodes, progress, rank_data, reference_vote
 
 import mpisign
-from mpisign import signs
+from mpisign.backends import signs
 from mpisign.collectives import base
 from mpisign.cuda import emulate
 from mpisign.cuda.bridge import ResidentSigns
@@ -134,12 +134,12 @@ with emulate.kernels_on_cpu() as kernels:
                 assert touched and all(t is torch.Tensor for t in touched), set(touched)
                 assert len(syncs) == len(phases) >= 1, (len(syncs), phases)
             progress(f"{'resident' if resident else 'host'}-{overlap}-{k}")
-        assert isinstance(opt._layout.packed, torch.Tensor) == resident
+        assert isinstance(opt.engine.plan.layout.packed, torch.Tensor) == resident
         if resident and overlap and size > 1:
             # Hooks from step 1 on (the first step makes the layout); the last bucket's pack
             # is still "running" when its own hook looks, so step() starts it.
-            assert opt.stats.overlapped == 4 * (len(opt._layout.buckets) - 1), \
-                (opt.stats.overlapped, len(opt._layout.buckets))
+            assert opt.stats.overlapped == 4 * (len(opt.engine.plan.layout.buckets) - 1), \
+                (opt.stats.overlapped, len(opt.engine.plan.layout.buckets))
         return model, opt
 
     for overlap in (False, True):

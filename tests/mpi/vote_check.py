@@ -14,9 +14,10 @@ from mpi4py import MPI
 from common import WORLD, case, progress, rank_data, reference_vote
 
 import mpisign
-from mpisign import collectives, costmodel
-from mpisign.isolation import shared_vote_comm
-from mpisign.packing import n_words
+from mpisign import collectives
+from mpisign.collectives import costmodel
+from mpisign.vote import shared_vote_comm
+from mpisign.backends.packing import n_words
 
 comm = WORLD
 rank, size = comm.Get_rank(), comm.Get_size()

@@ -1,7 +1,7 @@
-"""The compiled CPU kernels (``mpisign/_signs.c``, built by ``setup.py``): pack, unpack, apply,
+"""The compiled CPU kernels (``mpisign/backends/_signs.c``, built by ``setup.py``): pack, unpack, apply,
 and Signum's momentum update fused with the scrub and the pack (update_pack).
 
-Bit for bit the numpy reference of :mod:`mpisign.packing` (tested on every dtype, ragged and
+Bit for bit the numpy reference of :mod:`mpisign.backends.packing` (tested on every dtype, ragged and
 unaligned), in one pass over the floats instead of two to four; SIMD (AVX2) chosen at run time,
 a portable body elsewhere (``MPISIGN_SIMD=portable`` forces it). Where the extension was not
 built (no C compiler at install), :func:`available` is False and the first caller logs a warning
@@ -28,7 +28,7 @@ __all__ = ["available", "why_not", "simd", "pack", "unpack", "apply", "update_pa
 
 log = logging.getLogger(__name__)
 
-#: The kernels' dtype codes (mpisign/_signs.c).
+#: The kernels' dtype codes (mpisign/backends/_signs.c).
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 #: apply's dtypes; half precision applies on the reference (see _signs.c).
 APPLY_DTYPES = (torch.float32, torch.float64)
@@ -51,8 +51,8 @@ def why_not() -> str | None:
         return "MPISIGN_KERNELS=reference"
     if _signs is None:
         if importlib.util.find_spec(f"{__package__}._signs") is None:
-            return "the extension mpisign._signs was not built (no C compiler at install?)"
-        return f"the extension mpisign._signs did not load ({_error})"
+            return "the extension mpisign.backends._signs was not built (no C compiler at install?)"
+        return f"the extension mpisign.backends._signs did not load ({_error})"
     return None
 
 
@@ -92,7 +92,7 @@ def _words(a, n: int, what: str):
 
 
 def pack(x: torch.Tensor, zero_bit: int, out: np.ndarray) -> np.ndarray:
-    """:func:`mpisign.packing.pack_signs` of ``x`` into ``out[:n_words(n)]`` (returned)."""
+    """:func:`mpisign.backends.packing.pack_signs` of ``x`` into ``out[:n_words(n)]`` (returned)."""
     x = _flat(x, "x")
     if zero_bit not in (0, 1):
         raise ValueError(f"zero_bit must be 0 or 1, got {zero_bit!r}")
@@ -104,7 +104,7 @@ def pack(x: torch.Tensor, zero_bit: int, out: np.ndarray) -> np.ndarray:
 
 
 def unpack(plus: np.ndarray, tie: np.ndarray | None, out: torch.Tensor) -> torch.Tensor:
-    """:func:`mpisign.packing.unpack_signs` into ``out`` (its dtype, its ``numel()`` bits)."""
+    """:func:`mpisign.backends.packing.unpack_signs` into ``out`` (its dtype, its ``numel()`` bits)."""
     out = _flat(out, "out")
     n = out.numel()
     _signs.unpack(_words(plus, n, "plus"), _words(tie, n, "tie"), n, DTYPES[out.dtype],
@@ -114,8 +114,8 @@ def unpack(plus: np.ndarray, tie: np.ndarray | None, out: torch.Tensor) -> torch
 
 def apply(p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: float,
           weight_decay: float = 0.0) -> None:
-    """:func:`mpisign.packing.apply_signs` in place, for float32 and float64 parameters: the same
-    bits, every NaN written as :data:`mpisign.packing.CANONICAL_NAN`."""
+    """:func:`mpisign.backends.packing.apply_signs` in place, for float32 and float64 parameters: the same
+    bits, every NaN written as :data:`mpisign.backends.packing.CANONICAL_NAN`."""
     p = _flat(p, "p")
     if p.dtype not in APPLY_DTYPES:
         raise ValueError(f"apply takes {APPLY_DTYPES}, got {p.dtype}")

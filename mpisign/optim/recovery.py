@@ -11,7 +11,7 @@ of step s, each survivor is in one of three places:
   further ahead: step s+1's votes need every survivor's signs.
 
 The recovery (:meth:`Recovery.recover`, on every survivor, after ULFM's revoke and shrink in
-:mod:`mpisign.elastic`):
+:mod:`mpisign.mpi.elastic`):
 
 1. the survivors exchange their step and which buckets of it they have applied;
 2. for each bucket of the earliest step that some survivor has applied and another has not, the
@@ -38,13 +38,13 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import exchanges
-from .comm import bounded
-from .elastic import is_failure, ranks_in, require_ulfm, shrink
+from ..mpi import exchanges
+from ..mpi.comm import bounded
+from ..mpi.elastic import is_failure, ranks_in, require_ulfm, shrink
 from .header import ParameterDivergence
-from .isolation import duplicate
+from ..mpi.isolation import duplicate
 
-__all__ = ["Recovery", "TooFewRanks", "Unrecovered", "recover_vote"]
+__all__ = ["Recovery", "TooFewRanks", "Unrecovered", "recover_vote", "retry_on_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +68,25 @@ class Recovery:
     """An elastic optimizer's guard: runs the step's communication, and on a dead rank
     recovers (see the module's docstring) and runs it again among the survivors."""
 
-    def __init__(self, opt):
+    def __init__(self, engine):
         require_ulfm()
-        self._opt = weakref.ref(opt)
-        self.original = opt.comm.Get_group()       # ranks are named by their place in it
-        self.members = list(range(opt.comm.Get_size()))   # the current ranks, so named
+        self._engine = weakref.ref(engine)
+        self.original = engine.comm.Get_group()       # ranks are named by their place in it
+        self.members = list(range(engine.comm.Get_size()))   # the current ranks, so named
         self.failure: MPI.Exception | None = None  # met in a gradient hook, raised at step()
 
     def run(self, fn, *args, redo: bool = True):
         """``fn(*args)``; after a failure, recover and (with ``redo``) call it again."""
-        while True:
-            try:
-                if self.failure is not None:
-                    failure, self.failure = self.failure, None
-                    raise failure
-                return fn(*args)
-            except MPI.Exception as error:
-                if not is_failure(error, self._opt()._own_comm.current()):
-                    raise
-                self.recover()
-                if not redo:
-                    return None
+        def attempt():
+            if self.failure is not None:   # met in a gradient hook
+                failure, self.failure = self.failure, None
+                raise failure
+            return fn(*args)
+
+        def recovered():
+            self.recover()
+            return None if redo else (None,)
+        return retry_on_failure(attempt, lambda: self._engine().own_comm.current(), recovered)
 
     def attempt(self, fn, *args) -> None:
         """``fn(*args)`` from a gradient hook: a failure there is remembered and revoked (so the
@@ -96,7 +94,7 @@ class Recovery:
         try:
             fn(*args)
         except MPI.Exception as error:
-            comm = self._opt()._own_comm.current()
+            comm = self._engine().own_comm.current()
             if not is_failure(error, comm):
                 raise
             self.failure = error
@@ -108,41 +106,40 @@ class Recovery:
     def recover(self) -> None:
         """Shrink to the survivors, bring every survivor to the same parameters, and move the
         optimizer onto the survivors' communicator (collective over the survivors)."""
-        opt = self._opt()
-        step = opt.param_groups[0]["step"]
-        what = f"recovering at step {step} on rank {opt.rank}"
+        engine = self._engine()
+        step = engine.books.param_groups[0]["step"]
+        what = f"recovering at step {step} on rank {engine.rank}"
 
         def agree(new):
             members = ranks_in(new, self.original)
-            if len(members) < opt.min_ranks:
+            if len(members) < engine.min_ranks:
                 raise TooFewRanks(
                     f"at step {step}, {len(members)} rank(s) survive ({members}, ranks of "
                     f"the communicator the optimizer was given), fewer than min_ranks="
-                    f"{opt.min_ranks}")
-            handed, interrupted = self._catch_up(opt, new, what)
-            opt._move_to(duplicate(new, opt.timeout, what), new)
+                    f"{engine.min_ranks}")
+            handed, interrupted = self._catch_up(engine, new, what)
+            engine.move_to(duplicate(new, engine.timeout, what), new)
             return members, handed, interrupted
-        members, handed, step = _among_survivors(opt._own_comm.current(), opt.timeout, what,
+        members, handed, step = _among_survivors(engine.own_comm.current(), engine.timeout, what,
                                                  agree)
         lost = sorted(set(self.members) - set(members))
         self.members = members
-        opt.stats.lost_ranks = sorted(set(opt.stats.lost_ranks) | set(lost))
-        if opt.rank == 0:
+        engine.stats.lost_ranks = sorted(set(engine.stats.lost_ranks) | set(lost))
+        if engine.rank == 0:
             log.warning("rank(s) %s lost in step %d: carrying on with %d rank(s), topology %s%s",
-                        lost, step, opt.world_size, opt.topology_used,
+                        lost, step, engine.world_size, engine.topology_used,
                         f"; {handed} bucket(s) of the step handed on by a survivor that had "
                         f"applied them" if handed else "")
 
-    def _catch_up(self, opt, comm: MPI.Intracomm, what: str) -> tuple[int, int]:
+    def _catch_up(self, engine, comm: MPI.Intracomm, what: str) -> tuple[int, int]:
         """Steps 1-3 of the module's docstring, on the survivors' ``comm``; returns how many
         buckets were handed on, and the step the failure interrupted (the earliest)."""
-        layout = opt._layout
-        buckets = layout.buckets if layout is not None else []
+        buckets = engine.plan.layout.buckets if engine.plan is not None else []
         n, me = comm.Get_size(), comm.Get_rank()
-        mine = np.array([opt.param_groups[0]["step"]] + [b.applied for b in buckets],
+        mine = np.array([engine.books.param_groups[0]["step"]] + [b.applied for b in buckets],
                         dtype=np.int64)
         every = np.empty((n, mine.size), dtype=np.int64)
-        bounded(comm.Iallgather(mine, every), f"{what}: where each survivor is", opt.timeout)
+        bounded(comm.Iallgather(mine, every), f"{what}: where each survivor is", engine.timeout)
         steps = every[:, 0]
         if steps.max() - steps.min() > 1:
             raise RuntimeError(f"{what}: survivors are more than one step apart "
@@ -154,11 +151,11 @@ class Recovery:
             if 0 < holders.size < n:
                 handed += 1
                 params = [slot.param for slot in bucket.slots]
-                _broadcast(comm, params, int(holders[0]), opt.timeout,
+                _broadcast(comm, params, int(holders[0]), engine.timeout,
                            f"{what}: bucket {b}'s parameters from a survivor that applied it")
                 if not holds[me, b]:
                     bucket.pending, bucket.applied = None, True
-        differ = exchanges.ranks_differing(comm, opt.params_digest(), opt.timeout,
+        differ = exchanges.ranks_differing(comm, engine.params_digest(), engine.timeout,
                                            f"{what}: comparing the survivors' parameters")
         if differ:
             raise ParameterDivergence(
@@ -185,7 +182,7 @@ def _broadcast(comm, params: list, root: int, timeout: float, what: str) -> None
 
 def recover_vote(own, words, timeout: float):
     """``majority_vote(elastic=True)``'s recovery, on every survivor of ``own`` (the state
-    :func:`mpisign.isolation.shared_vote_comm` keeps): shrink its communicator, then agree on
+    :func:`mpisign.vote.shared_vote_comm` keeps): shrink its communicator, then agree on
     the interrupted call. A survivor that already returned that call's result (it is in the
     next call now) hands it on, and the others return it: ``(plus, tie)`` of ``words``' kind.
     Otherwise no survivor had it, and this returns None: the call is voted again among the
@@ -216,6 +213,22 @@ def recover_vote(own, words, timeout: float):
                     lost, int(calls.min()), new.Get_size(),
                     "; its result handed on by a survivor that had it" if ahead.size else "")
     return handed
+
+
+def retry_on_failure(attempt, comm, recover):
+    """The one retry loop of a dead rank, for the optimizer and ``majority_vote``: the result
+    of ``attempt()``; when it meets a dead rank of ``comm()`` (ULFM's failure, see
+    :func:`mpisign.mpi.elastic.is_failure`), ``recover()``, which returns None to attempt
+    again among the survivors, or ``(result,)`` to end with that result."""
+    while True:
+        try:
+            return attempt()
+        except MPI.Exception as error:
+            if not is_failure(error, comm()):
+                raise
+            settled = recover()
+            if settled is not None:
+                return settled[0]
 
 
 def _among_survivors(comm, timeout: float, what: str, agree):

@@ -27,13 +27,11 @@ SPIN_SECONDS = 1e-4
 
 #: How long a wait then polls with ``sched_yield`` (the core goes to any runnable thread, and
 #: comes straight back when there is none) before it naps with a growing sleep: a sleep's
-#: timer granularity (50-100 us, then up to 1 ms) is longer than a small vote's round trip.
-#: The ranks of a training step reach the vote milliseconds apart (their forward and backward
-#: passes differ), so a wait of a few milliseconds is the usual case, not a stall: with 5 ms
-#: here the main job's waits napped, and its step (metrics.jsonl, 4 ranks on 2 cores) took
-#: 59.2 and 58.8 ms against 50.9 and 52.9 ms with yields alone, comm_s 16.2 and 14.4 ms against
-#: 8.1 and 8.0 ms. MPI's own blocking waits yield without end (Open MPI's
-#: mpi_yield_when_idle); these nap after a second (a slow or dead peer, an evaluation).
+#: timer granularity (50-100 us, then up to 1 ms) is longer than a small vote's round trip, and
+#: the ranks of a training step reach the vote milliseconds apart, so a wait of a few
+#: milliseconds is the usual case, not a stall (benchmarks/README.md: "Waiting"). MPI's own
+#: blocking waits yield without end (Open MPI's mpi_yield_when_idle); these nap after a second
+#: (a slow or dead peer, an evaluation).
 YIELD_SECONDS = 1.0
 
 #: The peer of a collective request in :func:`wait_all`: every rank, none in particular.
@@ -42,7 +40,7 @@ ANY_RANK = "any rank"
 
 def check_comm(comm) -> MPI.Intracomm:
     """Return ``comm`` if it is a usable intracommunicator, else raise ValueError (or
-    :class:`mpisign.world.SingletonWorld` for a launch that gave every task a world of its own)."""
+    :class:`mpisign.mpi.world.SingletonWorld` for a launch that gave every task a world of its own)."""
     if not isinstance(comm, MPI.Comm) or comm == MPI.COMM_NULL:
         raise ValueError(f"comm must be an mpi4py communicator, got {comm!r}")
     if comm.Is_inter():

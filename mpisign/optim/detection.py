@@ -1,7 +1,7 @@
 r"""Spotting adversarial or broken workers from how often they vote against the majority.
 
 The figure is free: ``popcount((worker_bits ^ majority) & ~tie)`` over the packed words each rank
-already holds (:func:`mpisign.packing.disagreement`). An honest worker disagrees on a fraction
+already holds (:func:`mpisign.backends.packing.disagreement`). An honest worker disagrees on a fraction
 that falls as training's signal-to-noise ratio grows and is well under 1/2; a blind inverter
 disagrees on roughly ``1 - honest``, above 1/2; a random-sign or zero-sending worker somewhere in
 between. :class:`DisagreementMonitor` keeps each rank's fraction over a sliding window and warns

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import packing
+from ..backends import packing
 from .header import digest64
 
 __all__ = ["Slot", "Bucket", "Layout", "build_layout", "trainable"]
@@ -81,7 +81,7 @@ def signature(param_groups: list) -> tuple:
 
 def build_layout(param_groups: list, overlap: bool, bucket_words: int, signs) -> Layout:
     """The layout of ``param_groups``' trainable parameters, its words from ``signs``
-    (:class:`mpisign.signs.Signs`). Raises ValueError if there is nothing floating to train."""
+    (:class:`mpisign.backends.signs.Signs`). Raises ValueError if there is nothing floating to train."""
     order = trainable(param_groups)
     if not order:
         raise ValueError("no parameter with requires_grad=True to optimize")

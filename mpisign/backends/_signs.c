@@ -1,6 +1,6 @@
 /* Compiled CPU kernels for packed signs: pack, unpack, apply (mpisign.native wraps them).
  *
- * The same results, bit for bit, as the numpy reference in mpisign/packing.py, in one pass over
+ * The same results, bit for bit, as the numpy reference in mpisign/backends/packing.py, in one pass over
  * the floats instead of two to four:
  *
  *   pack    bit i of word i/64 = x[i] > 0 (zero_bit 0) or !(x[i] < 0) (zero_bit 1), so 0 and NaN

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from .comm import bounded, check_comm, wait_all
+from ..mpi.comm import bounded, check_comm, wait_all
 
 __all__ = ["broadcast_parameters", "gather_state_dict", "scatter_state_dict"]
 
@@ -61,11 +61,11 @@ def _decode(data: np.ndarray):
 
 
 def _own_comm(opt):
-    own = getattr(opt, "_own_comm", None)
-    if own is None:
+    engine = getattr(opt, "engine", None)
+    if engine is None:
         raise ValueError(f"expected an mpisign optimizer (Signum, SignSGD), got "
                          f"{type(opt).__name__}")
-    return own.get() if opt.world_size > 1 else opt.comm
+    return engine.private_comm()
 
 
 def gather_state_dict(opt, root: int = 0) -> dict | None:

@@ -11,18 +11,19 @@ word  what
 ====  ============================================================================
 0     the step (``param_groups[0]["step"]``)
 1     a digest of the layout: parameter shapes, dtypes, groups, overlap, buckets
-2     a digest of every group's ``lr``, ``momentum`` and ``weight_decay``
+2     a digest of every group's hyperparameters (those the rule names, e.g. ``lr``,
+      ``momentum``, ``weight_decay`` for Signum; see :mod:`mpisign.optim.rules`)
 3     at step 0, a digest of the parameters' values; later, with a monitor, this rank's
       disagreement with the previous step's vote (float64); else 0
-4-6   group 0's ``lr``, ``momentum``, ``weight_decay`` (float64), to name them in errors
+4-6   group 0's first three hyperparameters of the rule (float64), to name them in errors
 7     how many parameters have no gradient on this rank (all ones: not known yet)
 ====  ============================================================================
 
-Word 3 spares the monitor (:class:`mpisign.detection.DisagreementMonitor`) an exchange of its
+Word 3 spares the monitor (:class:`mpisign.optim.detection.DisagreementMonitor`) an exchange of its
 own, which cost a quarter of a small model's step: each rank's disagreement travels in the next
 step's header. Word 7 spares the usual step a second exchange: when every rank has every gradient, every
 parameter is updated. Otherwise one bit a parameter is OR-ed over the ranks
-(:func:`mpisign.optim`), and a parameter with no gradient anywhere is left alone.
+(:mod:`mpisign.optim.engine`), and a parameter with no gradient anywhere is left alone.
 
 The header travels beside the vote (posted just before it, checked before the vote is applied),
 so it adds no round trip to a step; only a rank that has just built its layout (the first step,
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from .comm import bounded
+from ..mpi.comm import bounded
 
 __all__ = ["LayoutMismatch", "ParameterDivergence", "HyperparameterMismatch", "StepMismatch",
            "StepHeader", "StepCheck", "Exchange", "digest64", "post", "finish", "exchange",
@@ -64,7 +65,7 @@ class ParameterDivergence(RuntimeError):
 
 
 class HyperparameterMismatch(ValueError):
-    """Ranks step with different ``lr``, ``momentum`` or ``weight_decay``."""
+    """Ranks step with different hyperparameters (``lr``, ``momentum``, ``weight_decay``...)."""
 
 
 class StepMismatch(RuntimeError):
@@ -82,15 +83,19 @@ class StepHeader:
     layout: int
     hparams: int
     params: int          # step 0: the parameters' values; later: the previous disagreement
-    lr: float
-    momentum: float
-    weight_decay: float
+    value0: float        # group 0's first three hyperparameters, in the rule's order
+    value1: float
+    value2: float
     absent: int = UNKNOWN  # parameters without a gradient on this rank
+
+    @property
+    def values(self) -> tuple:
+        return self.value0, self.value1, self.value2
 
     def pack(self) -> np.ndarray:
         words = np.zeros(WORDS, dtype=np.uint64)
         words[:4] = [self.step, self.layout, self.hparams, self.params]
-        words[4:7] = np.array([self.lr, self.momentum, self.weight_decay]).view(np.uint64)
+        words[4:7] = np.array(self.values, dtype=np.float64).view(np.uint64)
         words[7] = self.absent
         return words
 
@@ -106,8 +111,8 @@ class StepHeader:
 
     @classmethod
     def unpack(cls, words: np.ndarray) -> StepHeader:
-        lr, momentum, wd = words[4:7].copy().view(np.float64).tolist()
-        return cls(*(int(w) for w in words[:4]), lr, momentum, wd, int(words[7]))
+        values = words[4:7].copy().view(np.float64).tolist()
+        return cls(*(int(w) for w in words[:4]), *values, int(words[7]))
 
 
 @dataclass
@@ -151,9 +156,11 @@ def _differ(headers: list[StepHeader], field: str) -> list[int]:
     return [r for r, h in enumerate(headers) if getattr(h, field) != first]
 
 
-def verdict(headers: list[StepHeader], rank: int, describe: str) -> None:
+def verdict(headers: list[StepHeader], rank: int, describe: str,
+            names: tuple = ("lr", "momentum", "weight_decay")) -> None:
     """Raise the same error on every rank if the headers disagree. ``describe``: this rank's
-    layout in words, for the layout error."""
+    layout in words, for the layout error; ``names``: what words 4-6 hold, for the
+    hyperparameters' error."""
     differ = _differ(headers, "layout")
     if differ:
         raise LayoutMismatch(
@@ -170,8 +177,7 @@ def verdict(headers: list[StepHeader], rank: int, describe: str) -> None:
             f"(mpisign.scatter_state_dict hands every rank its own).")
     differ = _differ(headers, "hparams")
     if differ:
-        values = {r: dict(lr=headers[r].lr, momentum=headers[r].momentum,
-                          weight_decay=headers[r].weight_decay) for r in [0, *differ]}
+        values = {r: dict(zip(names, headers[r].values)) for r in [0, *differ]}
         raise HyperparameterMismatch(
             f"at step {headers[rank].step}, rank(s) {differ} step with hyperparameters that "
             f"differ from rank 0's (group 0 on each: {values}; other groups may differ too). "
@@ -214,13 +220,14 @@ class StepCheck:
         self.pending = post(comm, mine)
         self.absent_known = mine.absent != UNKNOWN
 
-    def check(self, timeout: float, rank: int, describe) -> None:
+    def check(self, timeout: float, rank: int, describe, names: tuple) -> None:
         """Wait for every rank's header and reach the verdict (at most once a step);
-        ``describe()`` gives this rank's layout for the errors."""
+        ``describe()`` gives this rank's layout for the errors, ``names`` the rule's first
+        three hyperparameters."""
         if self.verified:
             return
         headers = finish(self.pending, timeout)
         self.pending = None
-        verdict(headers, rank, describe())
+        verdict(headers, rank, describe(), names)
         self.headers, self.verified, self.fresh = headers, True, False
         self.all_present = every_gradient_everywhere(headers)

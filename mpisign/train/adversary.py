@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from .optim import Signum
-from .vote import majority_vote
+from ..optim import Signum
+from ..vote import majority_vote
 
 __all__ = ["ATTACKS", "NON_BLIND_ATTACKS", "make_attack", "attack_gradients", "Omniscient"]
 

@@ -67,7 +67,7 @@ def discover(comm: MPI.Intracomm, name: str | None = None,
 
     ``name``, if given, names this rank's node (overriding ``$MPISIGN_NODE``). The ranks first
     trade names; only if some rank has none do they all split by shared memory. Bounded: a rank
-    that never joins raises :class:`mpisign.comm.VoteTimeout` instead of hanging, and every rank
+    that never joins raises :class:`mpisign.mpi.comm.VoteTimeout` instead of hanging, and every rank
     has been seen before the split, which blocks. (On the emulated cluster, where every rank
     has a name, Open MPI's shared-memory split hung on one namespace's ranks.)"""
     check_comm(comm)

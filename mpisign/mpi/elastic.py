@@ -10,7 +10,7 @@ has revoked the communicator), and the survivors then
 2. shrink it: a new communicator of the survivors, ranked in their old order.
 
 This module holds those MPI steps, bounded like every wait in the package; what the optimizer
-then agrees on and redoes is :mod:`mpisign.recovery`'s.
+then agrees on and redoes is :mod:`mpisign.optim.recovery`'s.
 
 What is required, checked by :func:`require_ulfm` before anything is built:
 

@@ -1,6 +1,6 @@
 """The small exchanges beside the vote, each one bounded collective on the optimizer's own
 communicator: which parameters have a gradient on some rank, and the parameters' digests of the
-consistency check. (The monitor's figures ride in the step header: :mod:`mpisign.header`.)"""
+consistency check. (The monitor's figures ride in the step header: :mod:`mpisign.optim.header`.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Plot runs of ``python -m mpisign.train``: loss and accuracy against steps and wall time.
 
-    python -m mpisign.plot runs/signum runs/sgd runs/adv2 -o curves.png
+    python -m mpisign.train.plot runs/signum runs/sgd runs/adv2 -o curves.png
 
 One figure, four panels (training loss and test accuracy, each against steps and against wall
 time), one line per run, labelled from its run.json (optimizer, topology, adversaries) unless
@@ -78,7 +78,7 @@ def plot_runs(out_dirs, output, labels=None) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mpisign.plot", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m mpisign.train.plot", description=__doc__.split("\n")[0],
                                 allow_abbrev=False)
     p.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="--out of training runs")
     p.add_argument("-o", "--output", default=None,

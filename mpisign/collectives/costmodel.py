@@ -29,7 +29,7 @@ allgather8         ``M-1``                               ``(M-1) n`` (GRACE: one
 bcast_gather       ``M-1`` one after another, ``L`` down ``(M-1) W + L k W`` (the authors' code)
 ================== ==================================== ===============================================
 
-Compute bytes count the numpy passes of :mod:`mpisign.packing` (e.g. a tally of ``m`` votes and
+Compute bytes count the numpy passes of :mod:`mpisign.backends.packing` (e.g. a tally of ``m`` votes and
 its majority take ``P + m (1 + 2P) + 2 + sum_j (1 or 4)`` passes over a row), and one pass per
 fp32 block the allreduce adds. The tree's critical path follows the chain of largest children
 (rank 0 -> 2^(L-1) -> ...), where each node adds its children's counts before passing its own
@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .packing import count_planes
+from ..backends.packing import count_planes
 
 __all__ = [
     "RING_MIN_BYTES", "sharded_ring_gather", "Link", "Cost", "FLAT_TOPOLOGIES", "TOPOLOGIES",
@@ -563,7 +563,7 @@ def measure_link(comm, small: int = 8, large: int = 8 << 20, repeat: int = 5,
         raise ValueError(f"need 0 < small < large bytes, got small={small}, large={large}")
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
-    from .comm import bounded
+    from ..mpi.comm import bounded
 
     # Wait on MPI, bounded: a rank that never arrives raises VoteTimeout instead of a hang; once
     # all are here, the blocking ping-pongs below time MPI itself, not a polling loop.

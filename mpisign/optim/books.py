@@ -1,0 +1,156 @@
+"""The books of a sign optimizer: what ``torch.optim`` users expect of an optimizer object.
+
+:class:`SignOptimizer` is a ``torch.optim.Optimizer`` that keeps books only: the options'
+validation, ``defaults`` and ``param_groups``, the per-parameter ``state``, copying, and the
+torch protocol (``step``, ``state_dict``, ``add_param_group``, GradScaler's). Its math is a rule
+(:mod:`mpisign.optim.rules`) and its vote an engine (:mod:`mpisign.optim.engine`), both made at
+construction; :class:`mpisign.Signum` and :class:`mpisign.SignSGD` are a few lines on it.
+"""
+
+from __future__ import annotations
+
+import torch
+from mpi4py import MPI
+from torch.optim import Optimizer
+
+from ..backends import packing
+from ..collectives import check_comm, check_topology, default_timeout
+from .detection import DisagreementMonitor
+from .engine import VoteEngine
+
+__all__ = ["SignOptimizer"]
+
+
+class SignOptimizer(Optimizer):
+    """A sign optimizer with a majority vote over ``comm``: books plus ``rule`` plus an engine.
+
+    Args:
+        params: parameters or param groups, as for any ``torch.optim.Optimizer``.
+        defaults: the rule's hyperparameters (``rule.hparams``), as for ``Optimizer``.
+        rule: a :class:`mpisign.optim.rules.Rule`.
+        comm, topology, timeout, check_every, overlap, bucket_mb, monitor, elastic, min_ranks:
+            the vote's options, as :class:`mpisign.Signum` documents them.
+    """
+
+    #: torch.amp.GradScaler's protocol: ``scaler.step(opt)`` always calls :meth:`step`, whose
+    #: rule takes the gradients unscaled itself. A sign does not care about the scale, and an
+    #: inf/NaN gradient entry is already at most one vote, so no rank skips a step and all
+    #: stay in unison (a skipped step on one rank would leave it a step behind the others).
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults: dict, rule, comm=None, topology: str = "server", *,
+                 timeout: float | None = None, check_every: int = 0, overlap: bool = False,
+                 bucket_mb: float = 25.0, monitor: DisagreementMonitor | None = None,
+                 elastic: bool = False, min_ranks: int = 1):
+        # Validate everything before any communication, so every rank raises the same error.
+        rule.check(defaults)
+        check_topology(topology)
+        comm = check_comm(MPI.COMM_WORLD if comm is None else comm)
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if not isinstance(check_every, int) or check_every < 0:
+            raise ValueError(f"check_every must be an int >= 0, got {check_every!r}")
+        if not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
+        if monitor is not None and not isinstance(monitor, DisagreementMonitor):
+            raise ValueError(f"monitor must be a DisagreementMonitor, got {monitor!r}")
+        if not isinstance(min_ranks, int) or min_ranks < 1:
+            raise ValueError(f"min_ranks must be an int >= 1, got {min_ranks!r}")
+        self.rule = rule
+        super().__init__(params, defaults)
+        bucket_words = max(1, int(bucket_mb * 2**20 / 4) // packing.WORD_BITS)
+        self.engine = VoteEngine(self, rule, comm, topology,
+                                 default_timeout() if timeout is None else float(timeout),
+                                 check_every, bool(overlap), bucket_words, monitor,
+                                 bool(elastic), min_ranks)
+
+    # -- the engine's options and figures, under the names users know ------------------------
+    comm = property(lambda self: self.engine.comm)
+    rank = property(lambda self: self.engine.rank)
+    world_size = property(lambda self: self.engine.world_size)
+    stats = property(lambda self: self.engine.stats)
+    topology = property(lambda self: self.engine.topology)
+    timeout = property(lambda self: self.engine.timeout)
+    check_every = property(lambda self: self.engine.check_every)
+    overlap = property(lambda self: self.engine.overlap)
+    bucket_words = property(lambda self: self.engine.bucket_words)
+    monitor = property(lambda self: self.engine.monitor)
+    elastic = property(lambda self: self.engine.elastic)
+    min_ranks = property(lambda self: self.engine.min_ranks)
+
+    @property
+    def topology_used(self) -> str:
+        """The topology the votes travel by ("auto" resolved; known after the first step)."""
+        return self.engine.topology_used
+
+    # -- what torch.optim users expect of an optimizer object ---------------------------------
+    def __repr__(self) -> str:
+        head, _, rest = super().__repr__().partition("\n")
+        return (f"{head}\n    topology: {self.topology_used}, ranks: {self.world_size}, "
+                f"overlap: {self.overlap}\n{rest}")
+
+    def __deepcopy__(self, memo):
+        """A working optimizer over copies of the parameters (or of the model copied with it:
+        ``deepcopy((model, opt))``), with copies of the local state and statistics.
+        Communicators are not copied: the copy votes over the same ranks, on a duplicate of its
+        own made at its first step, which every rank must then take too. Copying is local."""
+        import copy
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key != "engine":
+                setattr(new, key, copy.deepcopy(value, memo))
+        new.engine = self.engine.copy_for(new, memo)
+        return new
+
+    def __getstate__(self):
+        raise TypeError(
+            f"a {type(self).__name__} cannot be pickled: it holds an MPI communicator, which "
+            f"means nothing in another process. Save opt.state_dict() (this rank's local state "
+            f"and step) and load it into a new optimizer; copy.deepcopy(opt) works in-process.")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("step", 0)
+            group.setdefault("weight_decay", 0.0)
+        self.engine.forget_layout()
+
+    def _check_groups(self) -> None:
+        """The hyperparameters in ``param_groups`` (a scheduler or the user may write them)."""
+        for i, group in enumerate(self.param_groups):
+            self.rule.check(group, f"param_groups[{i}]: ")
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.rule.check({**self.defaults, **param_group})
+        param_group.setdefault("step", 0)
+        super().add_param_group(param_group)
+
+    # -- the step ---------------------------------------------------------------------------
+    @torch.compiler.disable
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One voted step. Every rank of ``comm`` must call it the same number of times.
+
+        ``torch.compile(opt.step)`` runs it as it is (excluded from compilation: MPI calls and
+        data-dependent packing do not trace), so a compiled training step keeps working.
+        """
+        # Before any communication, so that a bad value raises the same error on every rank.
+        self._check_groups()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.engine.step()
+        return loss
+
+    # -- consistency ------------------------------------------------------------------------
+    def params_digest(self) -> bytes:
+        """A 16-byte hash of every optimized parameter's bytes on this rank."""
+        return self.engine.params_digest()
+
+    def check_consistency(self) -> None:
+        """Raise :class:`mpisign.ParameterDivergence` on every rank unless all hold identical
+        parameters. With ``elastic``, a dead rank met here is recovered from, and the
+        recovery's own comparison of the survivors' parameters stands in for this one."""
+        self.engine.check_consistency()

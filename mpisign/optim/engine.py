@@ -1,0 +1,545 @@
+"""The vote engine: everything that moves a step's signs, for any rule.
+
+An optimizer keeps books (:mod:`mpisign.optim.books`) and holds a rule
+(:mod:`mpisign.optim.rules`); the engine does the rest. A step:
+
+1. the rule's local step for each bucket of the layout (what each parameter votes with), packed
+   into the layout's words: once a step, from a gradient hook (``overlap=True``) or from here;
+2. the step header, posted beside the first vote (:mod:`mpisign.optim.header`), and, where some
+   rank lacks a gradient, an OR of one presence bit a parameter;
+3. each bucket's vote started, over the collective of the topology;
+4. once every rank's header agrees, each vote finished and the rule's ``move`` applied to every
+   parameter that some rank has a gradient for; the rule's after-vote work;
+5. the books: the step counter, statistics, the monitor, the consistency check.
+
+What a step needs is decided once per layout, in a :class:`Plan`: the layout and its words, the
+backend (:func:`mpisign.backends.signs.signs_for`), the collective, the rule's fused kernel for
+that backend, and the ranks' policy: :class:`Ensemble` for several ranks (headers, presence OR,
+digest exchanges), :class:`Solo` for one (no message at all). The step runs the plan; nothing in
+it asks again how many ranks there are, which path the words take, or which kernel to run.
+Overlap is the hooks' business (:class:`mpisign.optim.overlap.BucketHooks`), a dead rank the
+recovery's (:mod:`mpisign.optim.recovery`: :class:`Recovery` or :class:`Unrecovered`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from ..backends import packing, signs
+from ..collectives import LocalVote, make_vote
+from ..mpi import exchanges
+from ..mpi.isolation import OwnComm
+from .header import ParameterDivergence, StepCheck, StepHeader, UNKNOWN, digest64
+from .layout import Bucket, Layout, build_layout, signature, trainable
+from .overlap import BucketHooks, check_threads
+from .recovery import Recovery, Unrecovered
+
+__all__ = ["VoteEngine", "VoteStats", "Plan", "Solo", "Ensemble"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VoteStats:
+    """What the optimizer did, for logs and metrics. Cumulative unless said otherwise."""
+
+    steps: int = 0
+    bytes_sent: int = 0          # payload bytes this rank posted to MPI
+    bytes_received: int = 0
+    bytes_sent_between_nodes: int | None = None      # the part that crossed between nodes, for
+    bytes_received_between_nodes: int | None = None  # topologies that know the nodes, else None
+    nonfinite: int = 0           # gradient entries that were NaN or inf, replaced by 0
+    nonfinite_steps: int = 0     # steps in which at least one such entry was seen
+    disagreement: float = 0.0    # last step: fraction of this rank's votes against the majority
+    coordinates: int = 0         # coordinates voted on per step
+    overlapped: int = 0          # bucket votes started from a gradient hook (overlap=True)
+    disagreement_by_rank: list = field(default_factory=list)  # see Signum's `monitor`
+    suspects: list = field(default_factory=list)  # ranks the monitor flags (windowed mean)
+    lost_ranks: list = field(default_factory=list)  # elastic: dead ranks, by their rank in
+                                                    # the communicator the optimizer was given
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _all_finite_sums(tensors: list) -> list:
+    """Whether each tensor's sum is finite, with one read back per device (a GPU waits once
+    for all of its tensors, not once each)."""
+    by_device: dict = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    finite = [True] * len(tensors)
+    for indices in by_device.values():
+        sums = torch.stack([tensors[i].sum().float() for i in indices])
+        for i, ok in zip(indices, torch.isfinite(sums).tolist()):
+            finite[i] = ok
+    return finite
+
+
+class Solo:
+    """The ranks' policy on a communicator of one rank: nothing to agree on, no message."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    topology = "local"   # what topology_used says before the first step
+
+    def vote_comm(self):
+        return self.engine.comm
+
+    def voter(self, topology: str, layout: Layout, backend):
+        return LocalVote(self.engine.comm)
+
+    def gpu_comm(self):
+        return None
+
+    def post_header(self, absent: int = UNKNOWN) -> None:
+        pass
+
+    def check_header(self) -> None:
+        pass
+
+    def presence(self, layout: Layout, present: list):
+        ids = [id(s.param) for s in layout.slots]
+        return lambda: dict(zip(ids, present))
+
+    def record_disagreement(self) -> None:
+        """One rank: its own figure of this step, at once."""
+        engine = self.engine
+        if engine.monitor is not None:
+            engine.record_disagreement([engine.stats.disagreement],
+                                       engine.books.param_groups[0]["step"])
+
+    def record_previous(self) -> None:
+        pass
+
+    def ranks_differing(self) -> list:
+        return []
+
+
+class Ensemble(Solo):
+    """The ranks' policy on several ranks: the step header beside the votes, the presence OR
+    where a gradient is missing somewhere, digests exchanged on the engine's own communicator."""
+
+    @property
+    def topology(self) -> str:
+        return self.engine.topology
+
+    def vote_comm(self):
+        return self.engine.own_comm.get()
+
+    def voter(self, topology: str, layout: Layout, backend):
+        engine = self.engine
+        # The tally runs where the words are: the device's kernel, or the host reference.
+        return make_vote(topology, engine.own_comm.get(), timeout=engine.timeout,
+                         n_coords=layout.coordinates, tally=backend.tally)
+
+    def gpu_comm(self):
+        return self.engine.own_comm.get()
+
+    def post_header(self, absent: int = UNKNOWN) -> None:
+        """Post this step's header: one allgather of 64 bytes a rank, beside the vote. A rank
+        that has just built its layout checks it at once, before it sends any sign."""
+        engine = self.engine
+        check = engine.check
+        if check.posted:
+            return
+        groups = engine.books.param_groups
+        step = groups[0]["step"]
+        if step == 0:
+            params = digest64(engine.params_digest())
+        else:   # the monitor's figure of the previous step rides along (see .header)
+            voted = engine.stats.steps > 0   # a resumed optimizer has no previous figure: NaN
+            params = (StepHeader.word(engine.stats.disagreement if voted else math.nan)
+                      if engine.monitor is not None else 0)
+        values = engine.rule.values(groups[0])
+        mine = StepHeader(step, engine.plan.layout.digest, engine.hparams_digest(), params,
+                          *(values + [0.0, 0.0, 0.0])[:3], absent)
+        check.post(engine.own_comm.get(), mine)
+        if check.fresh:
+            self.check_header()
+
+    def check_header(self) -> None:
+        """Every rank's header agrees with this one's, or every rank raises the same error."""
+        engine = self.engine
+        if engine.check.verified:
+            return
+        engine.check.check(engine.timeout, engine.rank, engine.plan.layout.summary,
+                           engine.rule.hparams[:3])
+
+    def presence(self, layout: Layout, present: list):
+        """A function giving ``{id(param): has a gradient on some rank}``, to call after the
+        header check. Headers that counted the missing gradients: all present when every count
+        is 0 (the usual step: no exchange), else an OR of one bit a parameter. A header begun
+        by a hook could not count: the OR starts now, beside the votes."""
+        engine = self.engine
+        ids = [id(s.param) for s in layout.slots]
+
+        def start_or():
+            step = engine.books.param_groups[0]["step"]
+            wait = exchanges.start_presence(engine.own_comm.get(), present, engine.timeout,
+                                            f"gradient presence at step {step} on rank "
+                                            f"{engine.rank}")
+            return lambda: dict(zip(ids, wait()))
+        if not engine.check.absent_known:
+            return start_or()
+        return lambda: (dict.fromkeys(ids, True) if engine.check.all_present
+                        else start_or()())
+
+    def record_disagreement(self) -> None:
+        pass   # the figures travel in the next step's headers (record_previous)
+
+    def record_previous(self) -> None:
+        """The previous step's disagreement of every rank, from this step's headers, to the
+        monitor: after the votes, so that the root of a vote does not keep the others waiting
+        while it keeps the books."""
+        engine = self.engine
+        headers = engine.check.headers
+        if engine.monitor is None or headers is None or headers[0].step == 0:
+            return
+        every = [h.previous_disagreement for h in headers]
+        if not any(map(math.isnan, every)):   # NaN: a rank with no previous step (a resume)
+            engine.record_disagreement(every, headers[0].step - 1)
+
+    def ranks_differing(self) -> list:
+        engine = self.engine
+        return exchanges.ranks_differing(engine.own_comm.get(), engine.params_digest(),
+                                         engine.timeout,
+                                         f"consistency check on rank {engine.rank}")
+
+
+@dataclass
+class Plan:
+    """What a layout's steps run, decided once when the layout is built."""
+
+    layout: Layout
+    backend: signs.Signs   # where the words live and what packs, tallies and applies them
+    voter: object          # the collective (mpisign.collectives.SignVote)
+    fused: object = None   # the rule's fused local step for this backend, or None
+
+
+class VoteEngine:
+    """The vote machinery of one optimizer (``books``: its ``param_groups``, ``state`` and
+    ``grad_scale``; ``rule``: its math). See the module docstring."""
+
+    #: Left out of a copy: the collective, the layout and the hooks belong to the original.
+    _NOT_COPIED = ("books", "comm", "own_comm", "plan", "hooks", "check", "_deferred",
+                   "_waiting", "recovery", "ranks")
+
+    def __init__(self, books, rule, comm, topology: str, timeout: float, check_every: int,
+                 overlap: bool, bucket_words: int, monitor, elastic: bool, min_ranks: int):
+        self.books, self.rule = books, rule
+        # What users tune.
+        self.topology = topology
+        self.timeout = timeout
+        self.check_every = check_every
+        self.overlap = overlap
+        self.bucket_words = bucket_words
+        self.monitor = monitor
+        self.elastic, self.min_ranks = elastic, min_ranks
+        self.stats = VoteStats()
+        # The GPU path every rank agreed on at the first step (mpisign.cuda.startup); a later
+        # layout, which may change on one rank alone, keeps it without a collective.
+        self.gpu_agreed, self.gpu_level = False, None
+        self._attach(comm)
+
+    def _attach(self, comm, own: OwnComm | None = None) -> None:
+        """Vote over ``comm`` (on a duplicate of its own, made at the first vote), with a new
+        plan at the next step. What a dead rank does to a step: ends it (Unrecovered), or is
+        survived (Recovery)."""
+        self.comm, self.rank, self.world_size = comm, comm.Get_rank(), comm.Get_size()
+        self.own_comm = own or OwnComm(comm, self, self.timeout, type(self.books).__name__)
+        self.ranks = Solo(self) if self.world_size == 1 else Ensemble(self)
+        self.plan: Plan | None = None
+        self._stale = False        # the plan's layout is to be made again (forget_layout)
+        self.hooks = BucketHooks(self._start_from_hook,
+                                 lambda: (self.rank, self.books.param_groups[0]["step"]))
+        self.check = StepCheck()   # this step's header (see mpisign.optim.header)
+        self._deferred: list = []  # rules' after-vote work waiting for the presence OR
+        self._waiting: list = []   # (bucket, marker): packed by a hook, its device work queued
+        if not hasattr(self, "recovery"):
+            self.recovery = Recovery(self) if self.elastic else Unrecovered()
+
+    def copy_for(self, books, memo) -> VoteEngine:
+        """An engine of the same options and statistics for ``books`` (a deep copy of the
+        optimizer), voting over the same ranks on a duplicate of its own."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key not in self._NOT_COPIED:
+                setattr(new, key, copy.deepcopy(value, memo))
+        new.books = books
+        new._attach(self.comm)
+        return new
+
+    def forget_layout(self) -> None:
+        """Lay out again at the next step (``load_state_dict``), keeping the collective."""
+        self._stale = True
+
+    @property
+    def topology_used(self) -> str:
+        """The topology the votes travel by ("auto" resolved; known after the first step)."""
+        return self.plan.voter.name if self.plan is not None else self.ranks.topology
+
+    # -- the plan, made once per layout ------------------------------------------------------
+    def ensure_plan(self) -> Plan:
+        groups = self.books.param_groups
+        if (self.plan is not None and not self._stale
+                and self.plan.layout.signature == signature(groups)):
+            return self.plan
+        params = [p for _, p in trainable(groups)]
+        if not self.gpu_agreed:   # at the first step, on every rank: one GPU path for all
+            self.gpu_level = signs.gpu_level(params, self.ranks.gpu_comm(), self.timeout)
+            self.gpu_agreed = True
+        backend = signs.signs_for(params, self.gpu_level)
+        layout = build_layout(groups, self.overlap, self.bucket_words, backend)
+        old = self.plan
+        voter = (old.voter if old is not None and old.voter.tally == backend.tally
+                 else self.ranks.voter(self.topology, layout, backend))
+        self.plan = Plan(layout, backend, voter, self.rule.fused(backend))
+        self._stale = False
+        self.check.fresh = True   # its header is checked before any sign is sent
+        self.stats.coordinates = layout.coordinates
+        if self.overlap:
+            check_threads(params)
+            self.hooks.install(layout)
+        log.debug("layout: %d parameters, %d coordinates, %d buckets, %d words per step",
+                  len(layout.slots), layout.coordinates, len(layout.buckets), layout.words)
+        return self.plan
+
+    def move_to(self, comm, own) -> None:
+        """After a recovery (:mod:`mpisign.optim.recovery`): go on over the survivors' ``comm``,
+        voting over ``own``, a duplicate of it, with a collective of the same topology (and
+        the same byte counters); the step's unapplied votes are to be started again."""
+        old = self.plan
+        self.comm, self.rank, self.world_size = comm, comm.Get_rank(), comm.Get_size()
+        self.own_comm.adopt(comm, own)
+        self.ranks = Solo(self) if self.world_size == 1 else Ensemble(self)
+        if self.monitor is not None:
+            self.monitor.forget()
+            self.stats.disagreement_by_rank, self.stats.suspects = [], []
+        if old is None:
+            return
+        voter = self.ranks.voter(old.voter.name, old.layout, old.backend)
+        voter.traffic = old.voter.traffic
+        self.plan = Plan(old.layout, old.backend, voter, old.fused)
+        self.check.reset()
+        self.check.fresh = True   # the survivors check their layouts again, once
+        for bucket in old.layout.buckets:
+            if not bucket.applied:
+                bucket.pending = None
+
+    def hparams_digest(self) -> int:
+        values = [self.rule.values(g) for g in self.books.param_groups]
+        return digest64(np.array(values, dtype=np.float64).tobytes())
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self) -> None:
+        """One voted step (see the module docstring). Every rank must take it."""
+        plan = self.recovery.run(self.ensure_plan)
+        layout = plan.layout
+        if all(bucket.pending is None for bucket in layout.buckets):
+            self.check.reset()   # no hook began this step: its header is still to come
+        present = [s.param.grad is not None for s in layout.slots]
+        # Steps 1-4, done again among the survivors where an elastic optimizer lost a rank.
+        self.recovery.run(self._vote, present)
+        plan = self.plan   # a recovery may have made another collective
+        disagree = sum(int(bucket.disagree) for bucket in layout.buckets)
+        self.stats.disagreement = disagree / max(1, layout.coordinates)
+        traffic = plan.voter.traffic   # the collective is this optimizer's
+        self.stats.bytes_sent, self.stats.bytes_received = traffic.sent, traffic.received
+        self.stats.bytes_sent_between_nodes = traffic.sent_between_nodes
+        self.stats.bytes_received_between_nodes = traffic.received_between_nodes
+        # Step 5: the books.
+        self.ranks.record_disagreement()
+        groups = self.books.param_groups
+        step = groups[0]["step"]
+        for group in groups:
+            group["step"] = step + 1
+        for bucket in layout.buckets:
+            bucket.next_step()
+        self.check.reset()
+        self.stats.steps += 1
+        if self.check_every and self.stats.steps % self.check_every == 0:
+            self.check_consistency()
+
+    def _vote(self, present: list) -> None:
+        """Steps 1-4: the local steps, the header, the votes and their application, for the
+        buckets whose result is not yet in the parameters (all of them, unless a recovery
+        has brought some in)."""
+        layout = self.plan.layout
+        if all(bucket.applied for bucket in layout.buckets):
+            # A recovery handed this rank the whole step: nothing left to vote on. (After-vote
+            # work waiting on the presence OR is dropped: it is this rank's alone.)
+            self._deferred = []
+            return
+        # Step 1 first, so that a failure in the exchanges below never leaves a bucket's
+        # local state without this step's update (see mpisign.optim.recovery).
+        for bucket in layout.buckets:
+            if not bucket.applied:
+                self._pack_bucket(bucket)
+        # Step 2: which parameters have a gradient on any rank: one that has none anywhere is
+        # not updated, as in torch.optim. The headers say when every rank has every gradient;
+        # when a hook began the step they cannot, and an OR of one bit each goes with the votes.
+        self.ranks.post_header(absent=present.count(False))
+        anywhere = self.ranks.presence(layout, present)
+        # Step 3: start every bucket's vote that a gradient hook has not started yet (all of
+        # them without overlap; those with a parameter whose .grad is None with it).
+        self._waiting = []   # packed by hooks, their device work maybe queued: started here
+        for bucket in layout.buckets:
+            if bucket.pending is None and not bucket.applied:
+                self._start_bucket(bucket)
+        # Step 4: finish each vote and apply it, once every rank's header is known to agree.
+        self.ranks.check_header()
+        has_grad = anywhere()
+        for after, params in self._deferred:   # the rules' work that waited for the OR
+            after([has_grad[id(p)] for p in params])
+        self._deferred = []
+        for bucket in layout.buckets:
+            if not bucket.applied:
+                self._finish_bucket(bucket, has_grad)
+        self.ranks.record_previous()
+
+    def record_disagreement(self, every: list, step: int) -> None:
+        """Every rank's disagreement at ``step``, to the monitor and the statistics."""
+        self.stats.disagreement_by_rank = list(every)
+        self.stats.suspects = self.monitor.record(np.array(every), step, verbose=self.rank == 0)
+
+    def _start_from_hook(self, bucket: Bucket) -> None:
+        """A bucket whose gradients are all in: its local step and pack now; its vote too,
+        unless the pack is still queued on a device (``mark()`` of the backend): then from a
+        later hook, or from step(), once the device has done it. MPI needs the words finished,
+        and waiting for them here would stall autograd's thread, which launches the backward
+        kernels of the layers still to come."""
+        self.recovery.attempt(self._pack_from_hook, bucket)
+
+    def _pack_from_hook(self, bucket: Bucket) -> None:
+        self._pack_bucket(bucket)
+        self._waiting.append((bucket, self.plan.backend.mark()))
+        for waiting in list(self._waiting):
+            done = waiting[1]
+            if done is not None and not done.query():
+                continue   # its device work is still running: a later hook looks again
+            self._waiting.remove(waiting)
+            self._start_bucket(waiting[0])
+            self.stats.overlapped += 1
+
+    def _start_bucket(self, bucket: Bucket) -> None:
+        """The local step and pack of one bucket's parameters (once a step), then its vote."""
+        plan = self.plan
+        step = self.books.param_groups[0]["step"]
+        self._pack_bucket(bucket)
+        self.ranks.post_header()   # the step header, once a step, beside the first vote
+        plan.backend.settle()  # queued packs (staged GPU path) into the words: one wait for all
+        words = plan.layout.packed[bucket.word0: bucket.word1]
+        bucket.pending = plan.voter.start(words, words.shape[0] * packing.WORD_BITS,
+                                          step=step, bucket=bucket.index)
+
+    def _pack_bucket(self, bucket: Bucket) -> None:
+        """The rule's local step for one bucket's parameters, packed into the layout's words:
+        once a step (a gradient hook, or the step itself, may come first)."""
+        if bucket.packed:
+            return
+        plan, books = self.plan, self.books
+        zero_bit = (self.rank + books.param_groups[0]["step"]) % 2
+        scale = self._inv_scale()
+        by_group: dict = {}
+        for slot in bucket.slots:
+            by_group.setdefault(slot.group, []).append(slot)
+        for gi, slots in by_group.items():
+            group = books.param_groups[gi]
+            params = [s.param for s in slots]
+            outs = [plan.layout.packed[s.word0: s.word0 + s.words] for s in slots]
+            bad = (None if plan.fused is None
+                   else plan.fused(params, books.state, group, scale, zero_bit, outs))
+            if bad is None:   # no fused kernel for these tensors: the rule, then the pack
+                sources, after = self.rule.send(params, self._clean_grads(params),
+                                                books.state, group, scale)
+                if after is not None:
+                    self._deferred.append((after, params))
+                for src, out in zip(sources, outs):
+                    plan.backend.pack(src, zero_bit, out)
+            elif bad:
+                self._count_nonfinite(bad)
+        bucket.packed = True
+
+    def _finish_bucket(self, bucket: Bucket, has_grad: dict) -> None:
+        """Finish one bucket's vote and move each parameter that has a gradient somewhere by
+        the rule; keeps this rank's disagreement count on the bucket."""
+        plan = self.plan
+        plus, tie = plan.voter.finish(bucket.pending)
+        mine = plan.layout.packed[bucket.word0: bucket.word1]
+        bucket.disagree = plan.backend.disagreement(mine, plus, tie)
+        for slot in bucket.slots:
+            if not has_grad[id(slot.param)]:
+                continue
+            lo, hi = slot.word0 - bucket.word0, slot.word0 - bucket.word0 + slot.words
+            self.rule.move(plan.backend, slot.param, plus[lo:hi],
+                           None if tie is None else tie[lo:hi],
+                           self.books.param_groups[slot.group])
+        bucket.pending, bucket.applied = None, True
+
+    def _inv_scale(self) -> float:
+        """Under torch.amp.GradScaler, gradients arrive scaled (``_step_supports_amp_scaling``
+        of the books): the rule takes them unscaled, as it would after scaler.unscale_(opt)."""
+        scale = getattr(self.books, "grad_scale", None)
+        return 1.0 if scale is None else 1.0 / float(scale)
+
+    def _count_nonfinite(self, count: int) -> None:
+        self.stats.nonfinite += count
+        self.stats.nonfinite_steps += 1
+        log.warning("rank %d: %d non-finite gradient entries at step %d, treated as 0",
+                    self.rank, count, self.books.param_groups[0]["step"])
+
+    def _clean_grads(self, params: list) -> list:
+        """Each parameter's gradient, None where it has none here, with NaN/inf entries
+        replaced by 0 (in copies) and counted in the stats."""
+        grads = [p.grad for p in params]
+        for g in grads:
+            if g is not None and g.is_sparse:
+                raise ValueError(f"{type(self.books).__name__} does not take sparse gradients; "
+                                 f"use dense embeddings")
+        here = [i for i, g in enumerate(grads) if g is not None]
+        # A sum is NaN/inf whenever an entry is (and, rarely, when finite values overflow: the
+        # exact check below then finds nothing); it is about 10x cheaper than a max-norm.
+        suspect = [here[j] for j, ok in enumerate(_all_finite_sums([grads[i] for i in here]))
+                   if not ok]
+        bad = [i for i in suspect if not bool(torch.isfinite(grads[i]).all())]
+        if not bad:
+            return grads
+        count = 0
+        for i in bad:
+            g = grads[i] = grads[i].clone()
+            count += int(g.numel() - torch.isfinite(g).sum())
+            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        self._count_nonfinite(count)
+        return grads
+
+    # -- consistency ------------------------------------------------------------------------
+    def params_digest(self) -> bytes:
+        """A 16-byte hash of every optimized parameter's bytes on this rank."""
+        return exchanges.params_digest(p for g in self.books.param_groups for p in g["params"])
+
+    def check_consistency(self) -> None:
+        """Raise :class:`ParameterDivergence` on every rank unless all hold identical parameters.
+        With ``elastic``, a dead rank met here is recovered from, and the recovery's own
+        comparison of the survivors' parameters stands in for this one."""
+        self.recovery.run(self._check_consistency, redo=False)
+
+    def _check_consistency(self) -> None:
+        differ = self.ranks.ranks_differing()
+        if differ:
+            raise ParameterDivergence(
+                f"after step {self.stats.steps} rank(s) {differ} hold parameters that differ "
+                f"from rank 0's; something other than the optimizer changed them")
+
+    def private_comm(self):
+        """The communicator this engine's own collectives outside the vote use (state
+        gathering): its duplicate on several ranks, the user's on one."""
+        return self.ranks.vote_comm()
