@@ -50,7 +50,7 @@ import importlib
 #: The names this package offers, and the module each lives in.
 _EXPORTS = {
     "main": "cli", "run": "cli", "build_parser": "cli",
-    "train": "loop", "learning_rate": "loop", "load_checkpoint": "loop",
+    "train": "loop", "learning_rate": "loop", "load_checkpoint": "checkpoint",
     "UsageError": "options", "positive_int": "options", "nonnegative_int": "options",
     "DEFAULT_LR": "options", "DEFAULT_EPOCHS": "options", "DEFAULT_EXAMPLES": "options",
 }

@@ -17,12 +17,16 @@ refused with :class:`CheckpointError` naming it, and nothing of it runs. Checkpo
 before this rule (RNG states as numpy arrays) still load: numpy's array reconstruction is the
 one thing admitted beyond torch's list. ``OUT`` must be on a file system every rank sees.
 
+Resume: :func:`resume` continues a run from the checkpoint in its ``--out``, after
+:func:`load_checkpoint` has checked that the checkpoint belongs to a run like this one.
+
 Preemption: :class:`StopRequest` turns SIGUSR1 / SIGTERM (Slurm's ``--signal``, a time limit)
 into a flag the ranks agree on after every step, so that all of them checkpoint and stop.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -34,9 +38,18 @@ import torch
 from mpi4py import MPI
 
 from ..mpi.comm import bounded
+from .metrics import Tally
+from .options import UsageError
 
 __all__ = ["CheckpointError", "save", "latest", "load", "load_file", "atomic_save",
-           "capture_rng", "restore_rng", "StopRequest"]
+           "capture_rng", "restore_rng", "StopRequest", "resume", "find_checkpoint",
+           "load_checkpoint", "collectively", "FIXED_ON_RESUME"]
+
+log = logging.getLogger("mpisign.train")
+
+#: Options that must not change on --resume: the checkpoint's state depends on them.
+FIXED_ON_RESUME = ("model", "dataset", "optimizer", "batch_size", "seed", "adversaries",
+                   "attack", "momentum")
 
 POINTER = "latest"
 
@@ -215,3 +228,93 @@ class StopRequest:
         # Wait on MPI: all ranks must reach the same verdict after the same step.
         bounded(self.req, f"stop-signal agreement on rank {self.comm.Get_rank()}", self.timeout)
         return int(self.agreed[0])
+
+
+# -- resume --------------------------------------------------------------------------------------
+def resume(run) -> None:
+    """Continue from the checkpoint in --out, if there is one: model, optimizer, random
+    generators and the books' counters, as they were when it was taken."""
+    where = collectively(run.comm, find_checkpoint, run.config, run.built.out)
+    if where is None:
+        return
+    common, own = collectively(run.comm, load_checkpoint, where, run.config, run.built.data, run.comm)
+    run.built.model.load_state_dict(common["model"])
+    run.opt.load_state_dict(own["optimizer"])
+    if own.get("rank") != run.rank:   # a rank new to the run (see load_checkpoint)
+        run.opt.state.clear()          # its momentum starts at zero
+    else:
+        restore_rng(own["rng"])
+        run.built.attack_rng.set_state(own["attack_rng"])
+        run.epoch_tally = Tally(*own["epoch_sums"])
+    saved_spe = common.get("steps_per_epoch")   # in checkpoints since elastic runs
+    if saved_spe and saved_spe != run.steps_per_epoch:
+        # The schedule stays the first launch's (steps per epoch and in all), whatever the
+        # number of ranks now or when the checkpoint was written (after an elastic shrink).
+        run.steps_per_epoch = saved_spe
+        run.total_steps = run.config.max_steps or run.config.epochs * saved_spe
+    run.step, run.evaluated = common["step"], common["evaluated_epochs"]
+    run.elapsed_before, run.epoch_started = common["elapsed"], common["epoch_started_at"]
+    run.resumed_from = where
+    log.info("resuming from %s at step %d", where, run.step)
+
+
+def find_checkpoint(args, out: Path) -> Path | None:
+    """The checkpoint to resume from; refuses to write over a run that was not asked to resume."""
+    where = latest(out)
+    if where is not None and not args.resume:
+        raise UsageError(f"{out} already holds a checkpoint ({where.name}): pass --resume to "
+                         f"continue that run, or choose another --out")
+    if where is None and args.resume:
+        log.warning("--resume: no checkpoint in %s, starting afresh", out)
+    return where
+
+
+def load_checkpoint(where: Path, args, data, comm) -> tuple[dict, dict]:
+    """This rank's part of the checkpoint, after checking it belongs to a run like this one."""
+    common = load_file(where / "common.pt")
+    rank = comm.Get_rank()
+    # A different number of ranks: those the checkpoint has load their own state; a new rank
+    # takes rank 0's optimizer state (hyperparameters, step) without its momentum.
+    own = load_file(where / f"rank-{rank if rank < common['world_size'] else 0:05d}.pt")
+    if common["world_size"] != comm.Get_size():
+        if args.optimizer == "sgd":
+            raise UsageError(f"{where} was written by {common['world_size']} ranks, this job "
+                             f"has {comm.Get_size()}: --optimizer sgd resumes on as many ranks")
+        if rank == 0:
+            log.warning("resuming %d ranks' checkpoint on %d ranks: %s", common["world_size"],
+                        comm.Get_size(),
+                        f"ranks {common['world_size']}..{comm.Get_size() - 1} start with zero "
+                        f"momentum (about 1/(1-momentum) steps to warm up)"
+                        if comm.Get_size() > common["world_size"] else
+                        f"the momentum of ranks {comm.Get_size()}..{common['world_size'] - 1} "
+                        f"is dropped")
+    saved = common["config"]
+    differ = [k for k in FIXED_ON_RESUME if saved.get(k) != getattr(args, k)]
+    if common["dataset"] != data.name:
+        differ.append("dataset")
+    if differ:
+        raise UsageError(f"--resume: {', '.join(sorted(set(differ)))} differ from the run in "
+                         f"{where} ({', '.join(f'{k}={saved.get(k)!r}' for k in differ)}); "
+                         f"they cannot change mid-run")
+    changed = {k: (saved[k], v) for k, v in vars(args).items()
+               if k in saved and saved[k] != v and k not in ("resume",)}
+    if changed and comm.Get_rank() == 0:
+        log.info("--resume with changed options (was, now): %s", changed)
+    return common, own
+
+
+
+
+def collectively(comm, fn, *args):
+    """Run ``fn`` on every rank; if it fails with a user error on any rank, every rank raises
+    the same UsageError (instead of the others entering the next collective and waiting)."""
+    try:
+        result, err = fn(*args), None
+    except (UsageError, FileNotFoundError, CheckpointError) as e:   # DataNotFound too
+        result, err = None, str(e)
+    errors = comm.allgather(err)
+    failed = [r for r, e in enumerate(errors) if e]
+    if failed:
+        where = "" if len(failed) == comm.Get_size() else f" (on rank(s) {failed})"
+        raise UsageError(errors[failed[0]] + where)
+    return result
