@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from . import costmodel
+from . import costmodel, links
 from ..mpi.nodes import discover
 from .base import SignVote, Traffic, VoteTimeout, bounded, check_comm, default_timeout, wait_all
 from .allgather import AllgatherVote
@@ -87,11 +87,11 @@ class _Measured:
         members = self.nodes.members
         self.hierarchical = 1 < len(members) < comm.Get_size()
         if not self.hierarchical:   # one node, or one rank a node: one kind of link
-            self.link, self.between = costmodel.measure_link(comm), None
+            self.link, self.between = links.measure_link(comm), None
             return
         inside = max(members, key=len)[:2]
-        self.link = costmodel.measure_link(comm, pair=tuple(inside))
-        self.between = costmodel.measure_link(comm, pair=(members[0][0], members[1][0]))
+        self.link = links.measure_link(comm, pair=tuple(inside))
+        self.between = links.measure_link(comm, pair=(members[0][0], members[1][0]))
 
     def choose(self, n_coords: int) -> str:
         if not self.hierarchical:

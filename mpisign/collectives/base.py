@@ -27,7 +27,7 @@ from ..backends.signs import host_tally
 from ..mpi.comm import (ANY_RANK, VoteTimeout, bounded, check_comm,  # noqa: F401
                         default_timeout, device_of, wait_all)
 
-__all__ = ["ANY_RANK", "Pending", "Traffic", "VoteTimeout", "SignVote", "bounded", "check_comm",
+__all__ = ["packed_bytes", "result_planes", "ANY_RANK", "Pending", "Traffic", "VoteTimeout", "SignVote", "bounded", "check_comm",
            "check_words", "default_timeout", "device_of", "host_tally", "on_device",
            "ready_for_mpi", "wait_all"]
 
@@ -35,6 +35,18 @@ log = logging.getLogger(__name__)
 
 #: Vote messages use tags TAG_BASE + 4 * bucket + phase (MPI guarantees tags up to 32767).
 TAG_BASE = 0x1000
+
+
+# -- sizes that the wire format and the topologies share ----------------------------------------
+
+def packed_bytes(n: int) -> int:
+    """``W = 8 * ceil(n / 64)``: bytes of ``n`` packed signs in uint64 words."""
+    return 8 * ((n + 63) // 64)
+
+
+def result_planes(m: int) -> int:
+    """``k``: 2 packed planes travel back (plus, tie) when a tie is possible (M even), else 1."""
+    return 2 if m % 2 == 0 else 1
 
 
 @dataclass

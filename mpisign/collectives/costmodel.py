@@ -36,6 +36,11 @@ fp32 block the allreduce adds. The tree's critical path follows the chain of lar
 up, and where a node's result sends go out concurrently and share its link (``c_v`` children:
 each arrives after ``c_v`` message times).
 
+The topologies own their shapes (:func:`~mpisign.collectives.tree.tree_children`,
+:func:`~mpisign.collectives.sharded.shard_bounds`,
+:func:`~mpisign.collectives.hierarchical.hierarchical_plan`), which the model prices; the
+link's figures are measured by :mod:`mpisign.collectives.links`.
+
 The model assumes that each rank has its own full-duplex link to a non-blocking switch (the
 emulated cluster, InfiniBand fat trees); on one shared-memory machine the ranks share memory
 bandwidth and cores, and the model is optimistic there. :func:`measure_link` fits ``alpha`` and
@@ -47,13 +52,16 @@ flat topologies with them; :func:`between_nodes` counts the bytes that cross bet
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..backends.packing import count_planes
+from .base import packed_bytes, result_planes
+from .hierarchical import HierarchicalPlan, hierarchical_plan
+from .links import Link, measure_link
+from .sharded import RING_MIN_BYTES, shard_bounds, sharded_ring_gather
+from .tree import tree_children, tree_subtree
 
 __all__ = [
     "RING_MIN_BYTES", "sharded_ring_gather", "Link", "Cost", "FLAT_TOPOLOGIES", "TOPOLOGIES",
@@ -64,20 +72,6 @@ __all__ = [
     "add_counts_passes", "cost", "predict", "choose", "traffic", "measure_link",
 ]
 
-#: The sharded vote's second phase is a ring allgather when each result shard is at least this
-#: many bytes. Measured on the emulated 1 Gbit/s cluster (benchmarks/README.md, 2026-11-23): with
-#: shards of 357 KiB and more the ring (one flow per link) beat posting all M-1 messages at once
-#: by 10-28% (M = 3, 4, 8); with 31-61 KiB its M-1 sequential steps lost by up to 2x (M = 8).
-RING_MIN_BYTES = 256 * 1024
-
-
-def sharded_ring_gather(n_coords: int, ranks: int, min_bytes: int = RING_MIN_BYTES) -> bool:
-    """Whether the sharded vote sends its result by ring (the same answer on every rank)."""
-    words = packed_bytes(n_coords) // 8
-    shard = 8 * result_planes(ranks) * -(-words // ranks)  # the largest shard's result bytes
-    return ranks > 2 and shard >= min_bytes
-
-
 #: The flat vote topologies of :mod:`mpisign.collectives`, in the order ``choose`` breaks ties.
 FLAT_TOPOLOGIES = ("sharded", "allgather", "tree", "server")
 #: All vote topologies: the flat ones and the one that knows the nodes (see :func:`choose_nodes`).
@@ -87,37 +81,6 @@ FP32_ALLREDUCES = ("ring_allreduce", "rabenseifner_allreduce", "rd_allreduce")
 #: Other ways to move signs: GRACE's 8-bit allgather, the paper's code (broadcast gather).
 BASELINES = FP32_ALLREDUCES + ("allgather8", "bcast_gather")
 ALGORITHMS = TOPOLOGIES + BASELINES
-
-
-@dataclass(frozen=True)
-class Link:
-    """Network and compute figures: ``alpha`` s per message, ``beta`` s per byte on the wire,
-    ``gamma`` s per byte of one local elementwise pass."""
-
-    alpha: float
-    beta: float
-    gamma: float = 0.0
-
-    def __post_init__(self):
-        for name in ("alpha", "beta", "gamma"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"Link.{name} must be a finite number >= 0, got {value!r}")
-
-    @classmethod
-    def from_bandwidth(cls, gbit_per_s: float, alpha: float, gamma: float = 0.0) -> "Link":
-        """A link of ``gbit_per_s`` Gbit/s (10^9 bits) and latency ``alpha`` seconds."""
-        if not gbit_per_s > 0:
-            raise ValueError(f"bandwidth must be > 0 Gbit/s, got {gbit_per_s!r}")
-        return cls(alpha=alpha, beta=8 / (gbit_per_s * 1e9), gamma=gamma)
-
-    @property
-    def gbit_per_s(self) -> float:
-        """Bandwidth in Gbit/s (inf for beta = 0)."""
-        return math.inf if self.beta == 0 else 8 / self.beta / 1e9
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -139,16 +102,6 @@ class Cost:
 
 
 # -- sizes and pass counts --------------------------------------------------------------------
-
-def packed_bytes(n: int) -> int:
-    """``W = 8 * ceil(n / 64)``: bytes of ``n`` packed signs in uint64 words."""
-    return 8 * ((n + 63) // 64)
-
-
-def result_planes(m: int) -> int:
-    """``k``: 2 packed planes travel back (plus, tie) when a tie is possible (M even), else 1."""
-    return 2 if m % 2 == 0 else 1
-
 
 def _majority_passes(m: int) -> int:
     """Passes of the plane-by-plane compare ``count > m // 2`` (packing._compare_count)."""
@@ -176,56 +129,6 @@ def _check(n: int, m: int) -> None:
         raise ValueError(f"n_coords must be an int >= 0, got {n!r}")
     if not isinstance(m, (int, np.integer)) or m < 1:
         raise ValueError(f"ranks must be an int >= 1, got {m!r}")
-
-
-# -- the shapes the topologies use: the binomial tree, the shards -------------------------------
-
-def tree_children(rank: int, m: int) -> list[tuple[int, int]]:
-    """(child, subtree size) of ``rank`` in the binomial tree of ``m`` ranks rooted at 0, in
-    round order: in round ``k`` a rank whose low ``k`` bits are clear takes ``rank + 2**k``."""
-    out, mask = [], 1
-    while mask < m and not rank & mask:
-        child = rank + mask
-        if child < m:
-            out.append((child, min(mask, m - child)))
-        mask <<= 1
-    return out
-
-
-def tree_subtree(rank: int, m: int) -> int:
-    """Ranks in ``rank``'s subtree (itself included)."""
-    return m if rank == 0 else min(rank & -rank, m - rank)
-
-
-def shard_bounds(w: int, m: int) -> list[int]:
-    """Word offsets of the sharded vote's ``m`` shards of ``w`` words: shard ``j`` is words
-    ``[b[j], b[j+1])``, nearly equal."""
-    return [j * w // m for j in range(m + 1)]
-
-
-@dataclass(frozen=True)
-class HierarchicalPlan:
-    """Where the hierarchical vote cuts W packed words: S shards (S: the largest node's ranks),
-    each cut again in N pieces (N nodes). Word offsets, as :func:`shard_bounds` gives them."""
-
-    shards: tuple[int, ...]                # S + 1 offsets
-    pieces: tuple[tuple[int, ...], ...]    # per shard, N + 1 offsets (absolute)
-
-    def shard(self, s: int) -> tuple[int, int]:
-        """Words ``[lo, hi)`` of shard ``s``."""
-        return self.shards[s], self.shards[s + 1]
-
-    def piece(self, s: int, j: int) -> tuple[int, int]:
-        """Words ``[lo, hi)`` of piece ``j`` of shard ``s`` (decided on node ``j``)."""
-        return self.pieces[s][j], self.pieces[s][j + 1]
-
-
-def hierarchical_plan(w: int, node_sizes) -> HierarchicalPlan:
-    """The hierarchical vote's cut of ``w`` words over nodes of ``node_sizes`` ranks."""
-    bounds = shard_bounds(w, max(node_sizes))
-    return HierarchicalPlan(tuple(bounds), tuple(
-        tuple(lo + x for x in shard_bounds(hi - lo, len(node_sizes)))
-        for lo, hi in zip(bounds, bounds[1:])))
 
 
 def _tree_cost(n: int, m: int) -> Cost:
@@ -498,89 +401,3 @@ def choose_nodes(n_coords: int, nodes, inside: Link, between: Link,
         raise ValueError("choose_nodes needs at least one candidate topology")
     return min(candidates, key=lambda a: (predict_nodes(a, n_coords, nodes, inside, between),
                                           candidates.index(a)))
-
-
-# -- measuring the figures ---------------------------------------------------------------------
-
-def _pingpong(comm, nbytes: int, repeat: int, concurrent: bool, pair=(0, 1)) -> float:
-    """Best half round trip of ``nbytes`` between the ranks of ``pair`` (the others only wait),
-    or, ``concurrent``, between every pair (2i, 2i+1) at once, as seen by the slowest pair."""
-    from mpi4py import MPI  # here, not at import: the model itself needs no MPI
-
-    rank, size = comm.Get_rank(), comm.Get_size()
-    peer = rank ^ 1 if concurrent else {pair[0]: pair[1], pair[1]: pair[0]}.get(rank)
-    if peer is not None and peer >= size:
-        peer = None  # odd M: the last rank has no partner
-    buf = np.zeros(max(1, nbytes), dtype=np.uint8)
-    best = math.inf
-    for i in range(repeat + 1):  # the first is a warm-up (connections, registration)
-        comm.Barrier()
-        t = time.perf_counter()
-        if peer is not None and rank < peer:
-            comm.Send(buf, dest=peer, tag=77)
-            comm.Recv(buf, source=peer, tag=77)
-        elif peer is not None:
-            comm.Recv(buf, source=peer, tag=77)
-            comm.Send(buf, dest=peer, tag=77)
-        dt = (time.perf_counter() - t) / 2 if peer is not None else 0.0
-        if concurrent:
-            dt = comm.allreduce(dt, op=MPI.MAX)
-        if i:
-            best = min(best, dt)
-    return best
-
-
-def _pass_seconds_per_byte(nbytes: int, repeat: int) -> float:
-    """Best time per byte of one numpy XOR pass over ``nbytes``-byte uint64 rows."""
-    words = max(1, nbytes // 8)
-    a = np.arange(words, dtype=np.uint64)
-    b = a[::-1].copy()
-    out = np.empty_like(a)
-    best = math.inf
-    for i in range(repeat + 1):
-        t = time.perf_counter()
-        np.bitwise_xor(a, b, out=out)
-        if i:
-            best = min(best, time.perf_counter() - t)
-    return best / (8 * words)
-
-
-def measure_link(comm, small: int = 8, large: int = 8 << 20, repeat: int = 5,
-                 compute_bytes: int = 32 << 20, concurrent: bool = False, pair=(0, 1)) -> Link:
-    """Fit ``alpha`` and ``beta`` by a ping-pong between ranks 0 and 1 (or the two ranks of
-    ``pair``: two ranks of one node, or of two nodes), ``gamma`` by a numpy pass.
-
-    Collective over ``comm``: every rank must call it, and every rank gets the same figures.
-    ``alpha`` is the half round trip of ``small`` bytes; ``beta`` the slope between ``small``
-    and ``large`` bytes (keep ``large`` well above tc's burst and MPI's eager limit); ``gamma``
-    the time per byte of one XOR over ``compute_bytes``, on rank 0 while the others wait.
-    ``concurrent=True`` measures under load instead: every pair of ranks (2i, 2i+1) ping-pongs
-    at once and every rank times the XOR at once, and the slowest counts: what ranks that share
-    cores, memory or a switch see in a collective. On one rank, alpha = beta = 0. Takes about
-    ``4 (repeat + 1) large / bandwidth`` seconds (under 1 s at 1 Gbit/s with the defaults).
-    """
-    if not 0 < small < large:
-        raise ValueError(f"need 0 < small < large bytes, got small={small}, large={large}")
-    if repeat < 1:
-        raise ValueError(f"repeat must be >= 1, got {repeat}")
-    from ..mpi.comm import bounded
-
-    # Wait on MPI, bounded: a rank that never arrives raises VoteTimeout instead of a hang; once
-    # all are here, the blocking ping-pongs below time MPI itself, not a polling loop.
-    bounded(comm.Ibarrier(), f"measure_link on rank {comm.Get_rank()}")
-    alpha = beta = gamma = 0.0
-    if comm.Get_size() > 1:
-        t_small = _pingpong(comm, small, repeat, concurrent, pair)
-        t_large = _pingpong(comm, large, repeat, concurrent, pair)
-        beta = max(0.0, (t_large - t_small) / (large - small))
-        alpha = max(0.0, t_small - beta * small)
-    if concurrent:
-        from mpi4py import MPI
-
-        comm.Barrier()
-        gamma = comm.allreduce(_pass_seconds_per_byte(compute_bytes, repeat), op=MPI.MAX)
-    elif comm.Get_rank() == 0:
-        gamma = _pass_seconds_per_byte(compute_bytes, repeat)
-    # Every rank gets rank 0's figures, so that choose() agrees everywhere.
-    alpha, beta, gamma = comm.bcast((alpha, beta, gamma), root=0)
-    return Link(alpha=alpha, beta=beta, gamma=gamma)

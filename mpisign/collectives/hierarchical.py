@@ -39,14 +39,43 @@ per GPU uses every NIC; the tally of each shard runs on its owner, in parallel.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..backends import packing
-from .costmodel import hierarchical_plan
 from ..mpi.nodes import discover
 from .base import Pending, SignVote
+from .sharded import shard_bounds
 
-__all__ = ["HierarchicalVote"]
+__all__ = ["HierarchicalVote", "HierarchicalPlan", "hierarchical_plan"]
 
 SIGNS, COUNTS, RESULT, SHARE = 0, 1, 2, 3  # message phases
+
+
+# -- the shape: shards of shards ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HierarchicalPlan:
+    """Where the hierarchical vote cuts W packed words: S shards (S: the largest node's ranks),
+    each cut again in N pieces (N nodes). Word offsets, as :func:`shard_bounds` gives them."""
+
+    shards: tuple[int, ...]                # S + 1 offsets
+    pieces: tuple[tuple[int, ...], ...]    # per shard, N + 1 offsets (absolute)
+
+    def shard(self, s: int) -> tuple[int, int]:
+        """Words ``[lo, hi)`` of shard ``s``."""
+        return self.shards[s], self.shards[s + 1]
+
+    def piece(self, s: int, j: int) -> tuple[int, int]:
+        """Words ``[lo, hi)`` of piece ``j`` of shard ``s`` (decided on node ``j``)."""
+        return self.pieces[s][j], self.pieces[s][j + 1]
+
+
+def hierarchical_plan(w: int, node_sizes) -> HierarchicalPlan:
+    """The hierarchical vote's cut of ``w`` words over nodes of ``node_sizes`` ranks."""
+    bounds = shard_bounds(w, max(node_sizes))
+    return HierarchicalPlan(tuple(bounds), tuple(
+        tuple(lo + x for x in shard_bounds(hi - lo, len(node_sizes)))
+        for lo, hi in zip(bounds, bounds[1:])))
 
 
 class _Pending(Pending):

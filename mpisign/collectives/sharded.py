@@ -11,12 +11,33 @@ with the tie mask when M is even, else 1), whatever M is: 1/32 of a ring allredu
 
 from __future__ import annotations
 
-from .costmodel import RING_MIN_BYTES, shard_bounds, sharded_ring_gather
-from .base import Pending, SignVote
+from .base import Pending, SignVote, packed_bytes, result_planes
 
-__all__ = ["ShardedVote"]
+__all__ = ["ShardedVote", "RING_MIN_BYTES", "shard_bounds", "sharded_ring_gather"]
 
 VOTES, RESULT = 0, 1  # message phases
+
+
+# -- the shape: the shards, and how their results travel ------------------------------------
+
+#: The sharded vote's second phase is a ring allgather when each result shard is at least this
+#: many bytes. Measured on the emulated 1 Gbit/s cluster (benchmarks/README.md, 2026-11-23): with
+#: shards of 357 KiB and more the ring (one flow per link) beat posting all M-1 messages at once
+#: by 10-28% (M = 3, 4, 8); with 31-61 KiB its M-1 sequential steps lost by up to 2x (M = 8).
+RING_MIN_BYTES = 256 * 1024
+
+
+def sharded_ring_gather(n_coords: int, ranks: int, min_bytes: int = RING_MIN_BYTES) -> bool:
+    """Whether the sharded vote sends its result by ring (the same answer on every rank)."""
+    words = packed_bytes(n_coords) // 8
+    shard = 8 * result_planes(ranks) * -(-words // ranks)  # the largest shard's result bytes
+    return ranks > 2 and shard >= min_bytes
+
+
+def shard_bounds(w: int, m: int) -> list[int]:
+    """Word offsets of the sharded vote's ``m`` shards of ``w`` words: shard ``j`` is words
+    ``[b[j], b[j+1])``, nearly equal."""
+    return [j * w // m for j in range(m + 1)]
 
 
 class _Pending(Pending):

@@ -11,12 +11,30 @@ Counting is exact, so the answer is the server's, bit for bit.
 from __future__ import annotations
 
 from ..backends import packing
-from .costmodel import tree_children
 from .base import Pending, SignVote
 
-__all__ = ["TreeVote"]
+__all__ = ["TreeVote", "tree_children", "tree_subtree"]
 
 COUNTS, RESULT = 0, 1  # message phases
+
+
+# -- the shape: the binomial tree ------------------------------------------------------------
+
+def tree_children(rank: int, m: int) -> list[tuple[int, int]]:
+    """(child, subtree size) of ``rank`` in the binomial tree of ``m`` ranks rooted at 0, in
+    round order: in round ``k`` a rank whose low ``k`` bits are clear takes ``rank + 2**k``."""
+    out, mask = [], 1
+    while mask < m and not rank & mask:
+        child = rank + mask
+        if child < m:
+            out.append((child, min(mask, m - child)))
+        mask <<= 1
+    return out
+
+
+def tree_subtree(rank: int, m: int) -> int:
+    """Ranks in ``rank``'s subtree (itself included)."""
+    return m if rank == 0 else min(rank & -rank, m - rank)
 
 
 class _Pending(Pending):
