@@ -157,7 +157,13 @@ def test_choose():
     assert cm.choose(n, 16, WIRE) == "sharded"
     # Two ranks, bandwidth only: allgather sends W, sharded 3W/2 (tie mask): allgather.
     assert cm.choose(n, 2, WIRE) == "allgather"
-    assert cm.choose(n, 3, WIRE, candidates=("server", "tree")) in ("server", "tree")
+    # Three ranks, bandwidth only (W = packed_bytes(n), one result plane at odd M): the
+    # server's root takes 2W in and sends 2W; the tree's longest chain (0 <- 1) carries one
+    # plane up and its root sends each of its 2 children W: 3W. The tree, whatever the order.
+    w = cm.packed_bytes(n)
+    assert cm.predict("server", n, 3, WIRE) == 4 * w and cm.predict("tree", n, 3, WIRE) == 3 * w
+    assert cm.choose(n, 3, WIRE, candidates=("server", "tree")) == "tree"
+    assert cm.choose(n, 3, WIRE, candidates=("tree", "server")) == "tree"
     with pytest.raises(ValueError):
         cm.choose(n, 4, WIRE, candidates=())
 

@@ -98,7 +98,37 @@ def test_the_running_library_is_named():
         assert aware.library_of(fake_mpi(library=library)) == library, version
     assert aware.library_of(fake_mpi()) is None and aware.library_of(None) is None
     from mpi4py import MPI
-    assert aware.library_of(MPI) in ("openmpi", "mpich")   # this machine's, before any init
+    # This machine's, by another source than the version string that library_of reads: the
+    # vendor mpi4py was built for (MPICH's covers Cray's).
+    vendor = MPI.get_vendor()[0]
+    named = {"Open MPI": ["openmpi"], "MPICH": ["mpich", "cray-mpich"], "Intel MPI": ["intel"],
+             "MVAPICH": ["mvapich"], "MVAPICH2": ["mvapich"]}
+    assert aware.library_of(MPI) in named[vendor], (vendor, aware.library_of(MPI))
+
+
+def test_this_machines_open_mpi_is_detected_as_it_was_built():
+    """The real library, not a stand-in: with no settings, the decision is the library's own
+    answer, and an Open MPI that ompi_info says was built without CUDA support answers 0."""
+    import subprocess
+    from pathlib import Path
+
+    from mpi4py import MPI
+
+    from mpisign import launch
+    if aware.library_of(MPI) != "openmpi":
+        pytest.skip("ompi_info is Open MPI's")
+    ompi_info = Path(launch.find_mpiexec()).parent / "ompi_info"
+    if not ompi_info.exists():
+        pytest.skip(f"no ompi_info beside {launch.find_mpiexec()}")
+    info = subprocess.run([str(ompi_info), "--parsable", "--all"], capture_output=True,
+                          text=True, timeout=60).stdout
+    built = {line.rsplit(":", 1)[1] for line in info.splitlines()
+             if line.startswith("mca:mpi:base:param:mpi_built_with_cuda_support:value:")}
+    assert built in ({"true"}, {"false"}), built
+    got, reason = aware.detect_cuda_aware(MPI, {}, ucx=False)
+    assert "the MPI library's own answer" in reason, reason   # Open MPI 5 always answers
+    if built == {"false"}:
+        assert got is False and "MPIX_Query_cuda_support() = 0" in reason, reason
 
 
 def test_override_must_be_a_boolean():

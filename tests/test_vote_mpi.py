@@ -116,6 +116,15 @@ def test_a_failing_launch_names_its_case():
     assert "failed: rank 1 second: AssertionError: deliberate failure on rank 1" in str(err.value)
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_an_error_expected_everywhere_is_checked_on_every_rank(n):
+    """tests/mpi/common.py's expect_everywhere, which the scripts' argument-error checks use:
+    it fails on every rank, naming the ranks that did not raise (or raised another error, or
+    another message), and passes only when all did."""
+    out = mpirun.run(n, "expect_check.py", timeout=60)
+    assert f"expect_check OK on {n} ranks" in out
+
+
 def test_only_a_launch_that_never_started_is_tried_again():
     """tests/mpirun.py relaunches once when the launcher failed before any rank ran, never when
     a rank ran (that failure is the test's)."""

@@ -52,15 +52,27 @@ def test_a_size_1_world_under_a_launcher_of_3_is_refused(name):
 @pytest.mark.parametrize("env", [{}, {"SLURM_STEP_NUM_TASKS": "1"},
                                  {"SLURM_STEP_NUM_TASKS": "3", ALLOW_SINGLETON: "1"}],
                          ids=["no-launcher", "one-task", "override"])
-def test_single_rank_runs_that_are_meant_pass(env):
-    check_world(MPI.COMM_WORLD, env)
+def test_single_rank_runs_that_are_meant_pass(env, bare_env):
+    assert check_world(MPI.COMM_WORLD, env) is None
+    # ... and, launched so, the rank votes alone: its result is its own signs.
+    for name, value in env.items():
+        bare_env.setenv(name, value)
+    x = torch.tensor([0.5, -2.0, 3.0])
+    assert torch.equal(mpisign.majority_vote(x, MPI.COMM_WORLD, step=0), torch.sign(x))
 
 
-def test_other_communicators_are_the_users_choice():
-    check_world(MPI.COMM_SELF, {"SLURM_STEP_NUM_TASKS": "3"})
+def test_other_communicators_are_the_users_choice(bare_env):
+    launched = {"SLURM_STEP_NUM_TASKS": "3"}
+    with pytest.raises(SingletonWorld):   # COMM_WORLD itself, in the same launch: refused
+        check_world(MPI.COMM_WORLD, launched)
+    bare_env.setenv("SLURM_STEP_NUM_TASKS", "3")
+    x = torch.tensor([0.5, -2.0, 3.0])
+    assert check_world(MPI.COMM_SELF, launched) is None
+    assert torch.equal(mpisign.majority_vote(x, MPI.COMM_SELF, step=0), torch.sign(x))
     dup = MPI.COMM_WORLD.Dup()
     try:
-        check_world(dup, {"SLURM_STEP_NUM_TASKS": "3"})
+        assert check_world(dup, launched) is None
+        assert torch.equal(mpisign.majority_vote(x, dup, step=0), torch.sign(x))
     finally:
         dup.Free()
 

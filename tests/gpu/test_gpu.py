@@ -1,14 +1,12 @@
-"""The GPU kernels on a real device: against the CPU reference, then timed. Run on a GPU node:
+"""The GPU kernels on a real device, against the CPU reference. Run on a GPU node:
 
-    pytest tests/gpu -s
+    pytest tests/gpu
 
-Skipped where there is no CUDA device or no CuPy. The timings (CUDA events, median of a few
-runs) compare the kernels with cupy.packbits and with plain torch on ResNet-sized vectors and
-are printed, not asserted.
+Skipped where there is no CUDA device or no CuPy. Their timings beside cupy.packbits and plain
+torch are benchmarks/bench_gpu_kernels.py's.
 """
 
 import os
-import statistics
 
 import numpy as np
 import pytest
@@ -136,32 +134,13 @@ def test_pinned_staging_round_trip():
     assert st.allocations == 1 and st.bytes_to_host == st.bytes_to_device == words.numel() * 8
 
 
-# ---- timings ----------------------------------------------------------------------------------
-
-def _time_ms(fn, reps=10):
-    fn()  # warm-up (and compile)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()  # SYNC: read the timing
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
+# ---- other libraries' packing, as references ------------------------------------------------
 
 def _torch_pack(x):
     bits = (x > 0).reshape(-1)
     bits = torch.nn.functional.pad(bits, (0, (-bits.numel()) % 64)).view(-1, 8).to(torch.uint8)
     weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=x.device)
     return (bits * weights).sum(1, dtype=torch.uint8)
-
-
-def _torch_tally(votes_bytes, m):
-    shifts = torch.arange(8, dtype=torch.uint8, device=votes_bytes.device)
-    count = ((votes_bytes.unsqueeze(-1) >> shifts) & 1).sum(0, dtype=torch.int16)
-    return _torch_pack((count > m // 2).reshape(-1).float())
 
 
 @pytest.mark.parametrize("aware_setting", ["1", "0"])
@@ -220,38 +199,10 @@ def test_gpu_path_over_real_ranks(n, aware_setting):
     assert f"gpu_check OK on {n} ranks (resident words: {aware_setting == '1'})" in out
 
 
-def test_print_timings():
-    nan = float("nan")
-    rows = []  # (vector, op, mpisign ms, cupy ms, torch ms)
-    for label, n in (("ResNet-18", 11_689_512), ("ResNet-50", 25_557_032)):
+def test_pack_matches_torch_and_cupy_on_resnet_sized_vectors():
+    for n in (11_689_512, 25_557_032):   # ResNet-18's and ResNet-50's parameters
         x = torch.randn(n, device="cuda")
-        xc = cp.from_dlpack(x)
         ours = kernels.pack(x)
         assert torch.equal(_torch_pack(x), ours.view(torch.uint8))  # both padded to 64 bits
-        cupy_bytes = cp.asnumpy(cp.packbits(xc > 0, bitorder="little"))
+        cupy_bytes = cp.asnumpy(cp.packbits(cp.from_dlpack(x) > 0, bitorder="little"))
         assert np.array_equal(cupy_bytes, ours.cpu().numpy().view(np.uint8)[: cupy_bytes.size])
-        rows.append((label, "pack fp32", _time_ms(lambda: kernels.pack(x)),
-                     _time_ms(lambda: cp.packbits(xc > 0, bitorder="little")),
-                     _time_ms(lambda: _torch_pack(x))))
-        xh = x.half()
-        rows.append((label, "pack fp16", _time_ms(lambda: kernels.pack(xh)), nan,
-                     _time_ms(lambda: _torch_pack(xh))))
-        m = 8
-        votes = torch.stack([kernels.pack(torch.randn(n, device="cuda")) for _ in range(m)])
-        plus, _ = kernels.tally(votes, n)
-        rows.append((label, f"tally M={m}", _time_ms(lambda: kernels.tally(votes, n)), nan,
-                     _time_ms(lambda: _torch_tally(votes.view(torch.uint8), m))))
-        rows.append((label, f"disagree M={m}",
-                     _time_ms(lambda: kernels.disagreement(votes, plus, None, n)), nan, nan))
-        p = torch.randn(n, device="cuda")
-        rows.append((label, "apply fp32", _time_ms(lambda: kernels.apply(p, plus, None, 1e-9)), nan,
-                     _time_ms(lambda: p.sub_(1e-9 * _torch_unpack(plus, n)))))
-    print(f"\n{'vector':10s} {'op':16s} {'mpisign ms':>11s} {'cupy ms':>9s} {'torch ms':>9s}")
-    for label, op, ours, cupy_ms, torch_ms in rows:
-        print(f"{label:10s} {op:16s} {ours:11.3f} {cupy_ms:9.3f} {torch_ms:9.3f}")
-
-
-def _torch_unpack(plus, n):
-    shifts = torch.arange(8, dtype=torch.uint8, device=plus.device)
-    bits = ((plus.view(torch.uint8).unsqueeze(-1) >> shifts) & 1).reshape(-1)[:n]
-    return bits.float() * 2 - 1

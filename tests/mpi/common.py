@@ -1,7 +1,9 @@
-"""Shared by the MPI test scripts: progress lines for the launcher, and rank-seeded data."""
+"""Shared by the MPI test scripts: progress lines and named cases for the launcher, errors
+expected on every rank, and rank-seeded data."""
 
 import contextlib
 import os
+import re
 
 import numpy as np
 import torch
@@ -25,6 +27,43 @@ def case(name: str, comm=WORLD):
     except BaseException as e:
         print(f"@failed rank={comm.Get_rank()} {name}: {type(e).__name__}: {e}", flush=True)
         raise
+
+
+class Raised:
+    """What :func:`expect_everywhere` caught on this rank, as pytest.raises's ``excinfo``:
+    ``value`` is the exception once the block has ended."""
+    value: BaseException | None = None
+
+
+@contextlib.contextmanager
+def expect_everywhere(error_type, match=None, comm=WORLD):
+    """The block raises ``error_type`` on this rank (with a message in which ``re.search``
+    finds ``match``, if given), and on every other rank of ``comm``: checked collectively (an
+    allgather), so that every rank fails alike, naming the ranks that did not raise or raised
+    something else, instead of the others going on. Yields a :class:`Raised`, for checks of
+    the exception beyond its type and message::
+
+        with expect_everywhere(ValueError, "lr") as raised:
+            Signum(params, lr=-1.0)
+        assert ...raised.value...
+    """
+    raised = Raised()
+    wrong, other = None, None   # what went wrong on this rank, in words; another exception
+    try:
+        yield raised
+        wrong = f"no {error_type.__name__}"
+    except error_type as e:
+        raised.value = e
+        if match is not None and not re.search(match, str(e)):
+            wrong = f"{type(e).__name__}({str(e)!r}) does not match {match!r}"
+    except Exception as e:
+        wrong, other = f"{type(e).__name__} instead: {e}", e
+    every = comm.allgather(wrong)
+    if any(w is not None for w in every):
+        bad = [r for r, w in enumerate(every) if w is not None]
+        raise AssertionError(
+            f"expected {error_type.__name__} on every rank; rank(s) {bad} did not: "
+            + "; ".join(f"rank {r}: {every[r]}" for r in bad)) from other
 
 
 def rank_data(n: int, rank: int, seed: int, dtype=torch.float32, zeros=0.1) -> torch.Tensor:

@@ -9,12 +9,13 @@
 """
 
 import os
+import re
 import signal
 import sys
 
 import numpy as np
 import torch
-from common import WORLD, progress, rank_data, reference_vote
+from common import WORLD, case, expect_everywhere, progress, rank_data, reference_vote
 from mpi4py import MPI
 
 import mpisign
@@ -30,110 +31,102 @@ def small_model():
 
 
 if mode == "perturb":
-    model = small_model()
-    opt = mpisign.Signum(model.parameters(), lr=0.01, comm=comm, check_every=1)
-    try:
-        for step in range(5):
-            for p in model.parameters():
-                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step + rank))
-            if step == 2 and rank == 1:
-                with torch.no_grad():
-                    model.bias[0] += 1e-3  # something other than the optimizer
-            opt.step()
-            progress(step)
-    except mpisign.ParameterDivergence as e:
-        assert "rank(s) [1]" in str(e) and "step 3" in str(e), e
+    with case("a rank changes its weights: ParameterDivergence on every rank, naming it"):
+        model = small_model()
+        opt = mpisign.Signum(model.parameters(), lr=0.01, comm=comm, check_every=1)
+        with expect_everywhere(mpisign.ParameterDivergence, re.escape("rank(s) [1]")) as raised:
+            for step in range(5):
+                for p in model.parameters():
+                    p.grad = torch.randn(p.shape,
+                                         generator=torch.Generator().manual_seed(step + rank))
+                if step == 2 and rank == 1:
+                    with torch.no_grad():
+                        model.bias[0] += 1e-3  # something other than the optimizer
+                opt.step()
+                progress(step)
+        assert "step 3" in str(raised.value), raised.value
         print(f"rank {rank}: caught divergence", flush=True)
-    else:
-        raise AssertionError("divergence not detected")
 
 elif mode == "kill":
-    for step in range(10):
-        if step == 3 and rank == size - 1:
-            os.kill(os.getpid(), signal.SIGKILL)
-        mpisign.majority_vote(torch.randn(10_000), comm, "server", step=step)
-        progress(step)
-    raise AssertionError("the job went on without a rank")
+    with case("the last rank dies at step 3: the job ends"):
+        for step in range(10):
+            if step == 3 and rank == size - 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            mpisign.majority_vote(torch.randn(10_000), comm, "server", step=step)
+            progress(step)
+        raise AssertionError("the job went on without a rank")
 
 elif mode == "badinput":
-    # Non-contiguous and zero-size tensors: the vote of a transposed view is the vote of its
-    # values; an empty tensor gives an empty result.
-    xs = [rank_data(35, r, seed=5) for r in range(size)]
-    x = xs[rank].reshape(5, 7).t()  # non-contiguous
-    got = mpisign.majority_vote(x, comm, "tree", step=0)
-    want = reference_vote([t.reshape(5, 7).t().reshape(-1) for t in xs])
-    assert np.array_equal(got.reshape(-1).numpy(), want)
-    empty = mpisign.majority_vote(torch.empty(0, 3), comm, "sharded")
-    assert empty.shape == (0, 3)
-    # An optimizer over a non-contiguous parameter and a zero-size one.
-    base = torch.zeros(4, 6)
-    p = torch.nn.Parameter(base.t())  # 6 x 4, non-contiguous
-    z = torch.nn.Parameter(torch.zeros(0))
-    opt = mpisign.SignSGD([p, z], lr=0.5, comm=comm)
-    p.grad = torch.ones(6, 4)
-    z.grad = torch.zeros(0)
-    opt.step()
-    assert torch.equal(p.detach(), torch.full((6, 4), -0.5)) and z.numel() == 0
-    # Wrong dtypes.
+    with case("non-contiguous and zero-size tensors and parameters"):
+        # The vote of a transposed view is the vote of its values; an empty tensor gives an
+        # empty result.
+        xs = [rank_data(35, r, seed=5) for r in range(size)]
+        x = xs[rank].reshape(5, 7).t()  # non-contiguous
+        got = mpisign.majority_vote(x, comm, "tree", step=0)
+        want = reference_vote([t.reshape(5, 7).t().reshape(-1) for t in xs])
+        assert np.array_equal(got.reshape(-1).numpy(), want)
+        empty = mpisign.majority_vote(torch.empty(0, 3), comm, "sharded")
+        assert empty.shape == (0, 3)
+        # An optimizer over a non-contiguous parameter and a zero-size one.
+        base = torch.zeros(4, 6)
+        p = torch.nn.Parameter(base.t())  # 6 x 4, non-contiguous
+        z = torch.nn.Parameter(torch.zeros(0))
+        opt = mpisign.SignSGD([p, z], lr=0.5, comm=comm)
+        p.grad = torch.ones(6, 4)
+        z.grad = torch.zeros(0)
+        opt.step()
+        assert torch.equal(p.detach(), torch.full((6, 4), -0.5)) and z.numel() == 0
     for bad in (torch.ones(3, dtype=torch.int64), torch.ones(3, dtype=torch.bool)):
-        try:
-            mpisign.majority_vote(bad, comm)
-        except ValueError as e:
-            assert "dtype" in str(e)
-        else:
-            raise AssertionError(f"{bad.dtype} accepted")
-    try:
-        mpisign.Signum([torch.nn.Parameter(torch.ones(2, dtype=torch.float64))], comm=comm,
-                       topology="fastest")
-    except ValueError as e:
-        assert "topology" in str(e)
-    else:
-        raise AssertionError("unknown topology accepted")
+        with case(f"a {bad.dtype} tensor is refused on every rank"):
+            with expect_everywhere(ValueError, "dtype"):
+                mpisign.majority_vote(bad, comm)
+    with case("an unknown topology is refused on every rank"):
+        with expect_everywhere(ValueError, "topology"):
+            mpisign.Signum([torch.nn.Parameter(torch.ones(2, dtype=torch.float64))], comm=comm,
+                           topology="fastest")
     # An intercommunicator is refused before any communication.
     if size >= 2:
         half = comm.Split(rank % 2, rank)
         inter = half.Create_intercomm(0, comm, 1 - rank % 2, tag=7)
-        for call in (lambda: mpisign.majority_vote(torch.ones(3), inter),
-                     lambda: mpisign.Signum([torch.nn.Parameter(torch.ones(2))], comm=inter)):
-            try:
-                call()
-            except ValueError as e:
-                assert "intracommunicator" in str(e), e
-            else:
-                raise AssertionError("intercommunicator accepted")
+        for what, call in [
+                ("majority_vote", lambda: mpisign.majority_vote(torch.ones(3), inter)),
+                ("Signum", lambda: mpisign.Signum([torch.nn.Parameter(torch.ones(2))],
+                                                  comm=inter))]:
+            with case(f"{what} refuses an intercommunicator on every rank"):
+                with expect_everywhere(ValueError, "intracommunicator"):
+                    call()
         inter.Free()
         half.Free()
-    try:
-        mpisign.majority_vote(torch.ones(3), MPI.COMM_NULL)
-    except ValueError as e:
-        assert "comm" in str(e)
-    else:
-        raise AssertionError("COMM_NULL accepted")
+    with case("COMM_NULL is refused on every rank"):
+        with expect_everywhere(ValueError, "comm"):
+            mpisign.majority_vote(torch.ones(3), MPI.COMM_NULL)
     progress("badinput")
 
 elif mode == "huge":
-    assert size == 2
-    n = 2**28 + 4097
-    # rank 0 votes + everywhere; rank 1 votes - on every third coordinate: ties there.
-    i = torch.arange(n, dtype=torch.int64)
-    x = torch.ones(n, dtype=torch.float64)
-    if rank == 1:
-        x[i % 3 == 0] = -1.0
-    del i
-    assert x.numel() * x.element_size() > 2**31
-    stats = {}
-    got = mpisign.majority_vote(x, comm, "sharded", stats=stats)
-    del x
-    probe = np.unique(np.concatenate([np.arange(0, 200), np.arange(n - 200, n),
-                                      np.linspace(0, n - 1, 10_001).astype(np.int64),
-                                      [2**28 - 1, 2**28, 2**28 + 1, 2**28 + 63, 2**28 + 64]]))
-    want = np.where(probe % 3 == 0, 0.0, 1.0)
-    assert np.array_equal(got.numpy()[probe], want)
-    assert float(got.sum()) == float(n - (n + 2) // 3)  # every coordinate, summed
-    words = (n + 63) // 64
-    assert stats["bytes_sent"] + stats["bytes_received"] > 0
-    assert stats["bytes_sent"] <= 8 * words * 3, stats
-    progress("huge")
+    with case("a float64 vector past 2**31 bytes"):
+        assert size == 2
+        n = 2**28 + 4097
+        # rank 0 votes + everywhere; rank 1 votes - on every third coordinate: ties there.
+        i = torch.arange(n, dtype=torch.int64)
+        x = torch.ones(n, dtype=torch.float64)
+        if rank == 1:
+            x[i % 3 == 0] = -1.0
+        del i
+        assert x.numel() * x.element_size() > 2**31
+        stats = {}
+        got = mpisign.majority_vote(x, comm, "sharded", stats=stats)
+        del x
+        probe = np.unique(np.concatenate([np.arange(0, 200), np.arange(n - 200, n),
+                                          np.linspace(0, n - 1, 10_001).astype(np.int64),
+                                          [2**28 - 1, 2**28, 2**28 + 1, 2**28 + 63,
+                                           2**28 + 64]]))
+        want = np.where(probe % 3 == 0, 0.0, 1.0)
+        assert np.array_equal(got.numpy()[probe], want)
+        assert float(got.sum()) == float(n - (n + 2) // 3)  # every coordinate, summed
+        words = (n + 63) // 64
+        assert stats["bytes_sent"] + stats["bytes_received"] > 0
+        assert stats["bytes_sent"] <= 8 * words * 3, stats
+        progress("huge")
 
 comm.Barrier()
 if rank == 0:

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 import torch
-from common import WORLD, progress, rank_data, reference_vote
+from common import WORLD, case, progress, rank_data, reference_vote
 
 import mpisign
 
@@ -26,15 +26,16 @@ step = 0
 for topology in sorted(mpisign.TOPOLOGIES):
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for n in (1, 65, 4099, 1_000_003):
-            xs = [rank_data(n, r, seed=n + 11, dtype=dtype) for r in range(size)]
-            if n > 2:
-                xs[0][1] = float("nan")
-                xs[size - 1][2] = float("inf")
-            got = mpisign.majority_vote(xs[rank].to(device), comm, topology, step=step)
-            assert got.is_cuda and got.dtype == dtype
-            ref = reference_vote(xs, step=step)
-            bad = np.flatnonzero(got.cpu().to(torch.float64).numpy() != ref)
-            assert bad.size == 0, f"{topology} {dtype} n={n}: {bad.size} wrong, first {bad[:5]}"
+            with case(f"{topology} {dtype} n={n}"):
+                xs = [rank_data(n, r, seed=n + 11, dtype=dtype) for r in range(size)]
+                if n > 2:
+                    xs[0][1] = float("nan")
+                    xs[size - 1][2] = float("inf")
+                got = mpisign.majority_vote(xs[rank].to(device), comm, topology, step=step)
+                assert got.is_cuda and got.dtype == dtype
+                ref = reference_vote(xs, step=step)
+                bad = np.flatnonzero(got.cpu().to(torch.float64).numpy() != ref)
+                assert bad.size == 0, f"{topology} {dtype} n={n}: {bad.size} wrong, first {bad[:5]}"
             step += 1
             progress(step)
 
@@ -55,13 +56,14 @@ def train(where, topology):
 
 
 for topology in sorted(mpisign.TOPOLOGIES):
-    on_cpu, _ = train("cpu", topology)
-    on_gpu, opt = train(device, topology)
-    assert isinstance(opt.engine.plan.layout.packed, torch.Tensor) == resident, "not the GPU path expected"
-    for a, b in zip(on_cpu, on_gpu):
-        ints = torch.int16 if a.element_size() == 2 else torch.int32
-        assert torch.equal(a.view(ints), b.view(ints)), f"{topology}: CPU and GPU differ"
-    assert len(set(comm.allgather(opt.params_digest()))) == 1
+    with case(f"{topology}: SignSGD on CUDA parameters, bit-identical to the CPU"):
+        on_cpu, _ = train("cpu", topology)
+        on_gpu, opt = train(device, topology)
+        assert isinstance(opt.engine.plan.layout.packed, torch.Tensor) == resident, "not the GPU path expected"
+        for a, b in zip(on_cpu, on_gpu):
+            ints = torch.int16 if a.element_size() == 2 else torch.int32
+            assert torch.equal(a.view(ints), b.view(ints)), f"{topology}: CPU and GPU differ"
+        assert len(set(comm.allgather(opt.params_digest()))) == 1
 
 comm.Barrier()
 if rank == 0:

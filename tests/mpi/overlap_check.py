@@ -7,7 +7,7 @@ Usage: overlap_check.py TOPOLOGY [NODE_SIZES], e.g. "hierarchical 1,3": ranks in
 import sys
 
 import torch
-from common import WORLD, name_nodes, progress
+from common import WORLD, case, name_nodes, progress
 
 import mpisign
 
@@ -44,17 +44,19 @@ def train(overlap: bool):
     return model, opt
 
 
-blocking, bopt = train(False)
-overlapped, oopt = train(True)
-assert len(oopt.engine.plan.layout.buckets) >= 3, len(oopt.engine.plan.layout.buckets)
-# The hooks really started votes during backward: from the second step on (the hooks are
-# installed with the layout, at the first step), in every bucket but the one holding the
-# parameter that even ranks never use, which step() starts.
-assert oopt.stats.overlapped >= 5 * (len(oopt.engine.plan.layout.buckets) - 1), oopt.stats.overlapped
-assert bopt.stats.overlapped == 0
-for (name, p), q in zip(blocking.named_parameters(), overlapped.parameters()):
-    assert torch.equal(p, q), f"{topology}: {name} differs between blocking and overlap"
-assert len(set(comm.allgather(oopt.params_digest()))) == 1
+with case(f"{topology}: blocking"):
+    blocking, bopt = train(False)
+with case(f"{topology}: overlap, the blocking path's bits"):
+    overlapped, oopt = train(True)
+    assert len(oopt.engine.plan.layout.buckets) >= 3, len(oopt.engine.plan.layout.buckets)
+    # The hooks really started votes during backward: from the second step on (the hooks are
+    # installed with the layout, at the first step), in every bucket but the one holding the
+    # parameter that even ranks never use, which step() starts.
+    assert oopt.stats.overlapped >= 5 * (len(oopt.engine.plan.layout.buckets) - 1), oopt.stats.overlapped
+    assert bopt.stats.overlapped == 0
+    for (name, p), q in zip(blocking.named_parameters(), overlapped.parameters()):
+        assert torch.equal(p, q), f"{topology}: {name} differs between blocking and overlap"
+    assert len(set(comm.allgather(oopt.params_digest()))) == 1
 comm.Barrier()
 if rank == 0:
     print(f"overlap_check {topology} OK on {size} ranks, {len(oopt.engine.plan.layout.buckets)} buckets",

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 import torch
-from common import WORLD, name_nodes, progress, rank_data, reference_vote
+from common import WORLD, case, name_nodes, progress, rank_data, reference_vote
 
 import mpisign
 from mpisign.backends import signs
@@ -73,28 +73,30 @@ with emulate.kernels_on_cpu() as kernels:
     step = 0
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for n in (1, 64, 65, 1000, 4099):
-            xs = [rank_data(n, r, seed=n, dtype=dtype) for r in range(size)]
-            if n > 2:
-                xs[0][1] = float("nan")
-                xs[size - 1][2] = float("inf")
-            clear()
-            got = mpisign.majority_vote(xs[rank], comm, topology, step=step)
-            assert got.dtype == dtype and got.shape == xs[rank].shape
-            ref = reference_vote(xs, step=step)
-            bad = np.flatnonzero(got.to(torch.float64).numpy() != ref)
-            assert bad.size == 0, f"{topology} {dtype} n={n}: {bad.size} wrong, first {bad[:5]}"
-            if size > 1:
-                assert touched and all(t is torch.Tensor for t in touched), set(touched)
-                # One synchronization per phase, however many messages the phase posts.
-                assert len(syncs) == len(phases) >= 1, (len(syncs), phases)
-                if size > 2 and topology in ("sharded", "allgather"):
-                    assert len(syncs) < len(touched), (len(syncs), len(touched))
+            with case(f"{topology} {dtype} n={n}"):
+                xs = [rank_data(n, r, seed=n, dtype=dtype) for r in range(size)]
+                if n > 2:
+                    xs[0][1] = float("nan")
+                    xs[size - 1][2] = float("inf")
+                clear()
+                got = mpisign.majority_vote(xs[rank], comm, topology, step=step)
+                assert got.dtype == dtype and got.shape == xs[rank].shape
+                ref = reference_vote(xs, step=step)
+                bad = np.flatnonzero(got.to(torch.float64).numpy() != ref)
+                assert bad.size == 0, f"{topology} {dtype} n={n}: {bad.size} wrong, first {bad[:5]}"
+                if size > 1:
+                    assert touched and all(t is torch.Tensor for t in touched), set(touched)
+                    # One synchronization per phase, however many messages the phase posts.
+                    assert len(syncs) == len(phases) >= 1, (len(syncs), phases)
+                    if size > 2 and topology in ("sharded", "allgather"):
+                        assert len(syncs) < len(touched), (len(syncs), len(touched))
             step += 1
             progress(step)
     # The tree adds counts with torch ops, not the kernel; the hierarchical vote too, across
     # nodes (on one node it tallies with the kernel).
     if size > 1 and topology != "tree" and len(nodes) == 1:
-        assert any(comm.allgather(bool(kernel_tallies))), "the tally kernel never ran"
+        with case(f"{topology}: the tally kernel ran"):
+            assert any(comm.allgather(bool(kernel_tallies))), "the tally kernel never ran"
 
     # ---- Signum: resident words vs host words, bit for bit -------------------------------------
     def make_model():
@@ -143,15 +145,16 @@ with emulate.kernels_on_cpu() as kernels:
         return model, opt
 
     for overlap in (False, True):
-        host, hopt = train(False, overlap)
-        dev, dopt = train(True, overlap)
-        for (name, p), q in zip(host.named_parameters(), dev.parameters()):
-            assert p.dtype == q.dtype and torch.equal(p, q), \
-                f"{topology} overlap={overlap}: {name} differs between host and resident words"
-        assert dopt.stats.disagreement == hopt.stats.disagreement
-        assert (dopt.stats.bytes_sent, dopt.stats.bytes_received) == \
-            (hopt.stats.bytes_sent, hopt.stats.bytes_received)
-        assert len(set(comm.allgather(dopt.params_digest()))) == 1
+        with case(f"{topology} overlap={overlap}: Signum on resident words = on host words"):
+            host, hopt = train(False, overlap)
+            dev, dopt = train(True, overlap)
+            for (name, p), q in zip(host.named_parameters(), dev.parameters()):
+                assert p.dtype == q.dtype and torch.equal(p, q), \
+                    f"{topology} overlap={overlap}: {name} differs between host and resident words"
+            assert dopt.stats.disagreement == hopt.stats.disagreement
+            assert (dopt.stats.bytes_sent, dopt.stats.bytes_received) == \
+                (hopt.stats.bytes_sent, hopt.stats.bytes_received)
+            assert len(set(comm.allgather(dopt.params_digest()))) == 1
 
 comm.Barrier()
 if rank == 0:

@@ -10,16 +10,17 @@ import sys
 import time
 
 import torch
-from common import WORLD, progress
+from common import WORLD, case, progress
 
 import mpisign
 
 mode, topology = sys.argv[1], sys.argv[2]
 rank, size = WORLD.Get_rank(), WORLD.Get_size()
-for step in range(5):
-    if mode == "skip" and rank == size - 1 and step == 2:
-        time.sleep(120)
-    if mode == "hang" and step == 2:
-        time.sleep(3600)
-    mpisign.majority_vote(torch.randn(1000), WORLD, topology, step=step)
-    progress(step)
+with case(f"{mode} {topology}"):
+    for step in range(5):
+        if mode == "skip" and rank == size - 1 and step == 2:
+            time.sleep(120)
+        if mode == "hang" and step == 2:
+            time.sleep(3600)
+        mpisign.majority_vote(torch.randn(1000), WORLD, topology, step=step)
+        progress(step)
