@@ -58,7 +58,7 @@ def main() -> None:
         results[name] = timed(opt.step, args.steps, comm)
     signum = optimizers[f"mpisign Signum ({comm.Get_size()} ranks)"]
     if comm.Get_size() > 1:
-        own = signum._own_comm.get()
+        own = signum.engine.own_comm.get()
         header = StepHeader(0, 1, 2, 0, 1e-6, 0.9, 0.0, 0)
 
         def header_alone():
