@@ -367,7 +367,7 @@ class VoteEngine:
         self.check.reset()
         self.stats.steps += 1
         if self.check_every and self.stats.steps % self.check_every == 0:
-            self.check_consistency()
+            self.books.check_consistency()   # the public method (a subclass may extend it)
 
     def _vote(self, present: list) -> None:
         """Steps 1-4: the local steps, the header, the votes and their application, for the
