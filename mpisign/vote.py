@@ -26,7 +26,7 @@ from mpi4py import MPI
 from .backends import packing, signs
 from .collectives import check_comm, check_topology, make_vote
 from .mpi.elastic import require_ulfm
-from .mpi.isolation import attached, duplicate
+from .mpi.isolation import attached, duplicate, release
 from .optim.recovery import recover_vote, retry_on_failure
 
 __all__ = ["majority_vote"]
@@ -247,8 +247,8 @@ class _VoteState:
 
     def free(self) -> None:
         """With the user's communicator: the duplicate, if one was made."""
-        if self.private and not MPI.Is_finalized() and self.comm != MPI.COMM_NULL:
-            self.comm.Free()
+        if self.private:
+            release(self.comm)
 
 
 def vote_state(comm: MPI.Intracomm) -> _VoteState:

@@ -22,7 +22,7 @@ from mpi4py import MPI
 
 from .comm import bounded
 
-__all__ = ["OwnComm", "attached", "duplicate"]
+__all__ = ["OwnComm", "attached", "duplicate", "release"]
 
 
 def duplicate(comm: MPI.Intracomm, timeout: float | None, what: str) -> MPI.Intracomm:
@@ -33,7 +33,8 @@ def duplicate(comm: MPI.Intracomm, timeout: float | None, what: str) -> MPI.Intr
     return dup
 
 
-def _free(comm: MPI.Comm) -> None:
+def release(comm: MPI.Comm) -> None:
+    """Free one of mpisign's own communicators, unless MPI is already finalized."""
     if not MPI.Is_finalized() and comm != MPI.COMM_NULL:
         comm.Free()
 
@@ -53,7 +54,7 @@ class OwnComm:
             self._dup = duplicate(self.user, self.timeout, self.what)
             owner = self._owner()
             if owner is not None:
-                weakref.finalize(owner, _free, self._dup)
+                weakref.finalize(owner, release, self._dup)
         return self._dup
 
     def current(self) -> MPI.Intracomm:
@@ -65,7 +66,7 @@ class OwnComm:
         self.user, self._dup = user, dup
         owner = self._owner()
         if owner is not None:
-            weakref.finalize(owner, _free, dup)
+            weakref.finalize(owner, release, dup)
 
 
 def _delete(comm, keyval, value) -> None:

@@ -255,7 +255,7 @@ class VoteEngine:
         survived (Recovery)."""
         self.comm, self.rank, self.world_size = comm, comm.Get_rank(), comm.Get_size()
         self.own_comm = own or OwnComm(comm, self, self.timeout, type(self.books).__name__)
-        self.ranks = Solo(self) if self.world_size == 1 else Ensemble(self)
+        self.ranks = self._ranks_policy()
         self.plan: Plan | None = None
         self._stale = False        # the plan's layout is to be made again (forget_layout)
         self.hooks = BucketHooks(self._start_from_hook,
@@ -265,6 +265,10 @@ class VoteEngine:
         self._waiting: list = []   # (bucket, marker): packed by a hook, its device work queued
         if not hasattr(self, "recovery"):
             self.recovery = Recovery(self) if self.elastic else Unrecovered()
+
+    def _ranks_policy(self) -> Solo:
+        """One rank, or several: decided here, once per communicator."""
+        return Solo(self) if self.world_size == 1 else Ensemble(self)
 
     def copy_for(self, books, memo) -> VoteEngine:
         """An engine of the same options and statistics for ``books`` (a deep copy of the
@@ -320,7 +324,7 @@ class VoteEngine:
         old = self.plan
         self.comm, self.rank, self.world_size = comm, comm.Get_rank(), comm.Get_size()
         self.own_comm.adopt(comm, own)
-        self.ranks = Solo(self) if self.world_size == 1 else Ensemble(self)
+        self.ranks = self._ranks_policy()
         if self.monitor is not None:
             self.monitor.forget()
             self.stats.disagreement_by_rank, self.stats.suspects = [], []
