@@ -1,4 +1,4 @@
-"""mpisign: signSGD and Signum with majority vote over MPI.
+"""mpisign: signSGD, Signum and Lion with majority vote over MPI.
 
 Bernstein, Zhao, Azizzadenesheli, Anandkumar, "signSGD with majority vote is communication
 efficient and fault tolerant", ICLR 2019. Every worker sends one bit per coordinate, the sign of
@@ -6,12 +6,15 @@ its gradient (or momentum); every worker steps by the majority of the signs.
 
     from mpisign import Signum
     opt = Signum(model.parameters(), lr=1e-4, momentum=0.9)   # comm defaults to COMM_WORLD
+
+Lion (Chen et al., 2023) votes the same way (Distributed Lion, Liu et al., NeurIPS 2024):
+``mpisign.Lion(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1)``.
 """
 
 from .collectives import TOPOLOGIES, VoteTimeout
 from .optim.detection import DisagreementMonitor
 from .mpi.elastic import ElasticUnavailable
-from .optim import (HyperparameterMismatch, LayoutMismatch, ParameterDivergence, SignSGD, Signum,
+from .optim import (HyperparameterMismatch, LayoutMismatch, Lion, ParameterDivergence, SignSGD, Signum,
                     StepMismatch, TooFewRanks, VoteStats)
 from .backends.packing import n_words, pack_signs, unpack_signs
 from .vote import majority_vote
@@ -23,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Signum",
     "SignSGD",
+    "Lion",
     "majority_vote",
     "pack_signs",
     "unpack_signs",

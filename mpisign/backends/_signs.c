@@ -12,8 +12,13 @@
  *           NaN (0x7fffffff, 0x7fffffffffffffff), as the GPU kernel writes: not x86's, which
  *           keeps an input NaN's sign and payload and makes 0xffc00000 of inf - inf.
  *                                                                           float32, float64
+ *   apply_decayed  p = p * d - lr * v (Lion's decoupled weight decay, d = 1 - lr * wd): the
+ *           product rounded, then the step, as torch's p.mul_(d); p.add_(v, alpha=-lr).
+ *                                                                           float32, float64
  *   update_pack  Signum's momentum update (rounded as torch rounds it), the non-finite scrub and
  *           pack, in one pass instead of four.                              float32, float64
+ *   lion_update_pack  Lion's: c = m * b1 + a1 * g packed, m = m * b2 + a2 * g, the scrub, in one
+ *           pass instead of six.                                            float32, float64
  *
  * Half-precision apply stays on the reference: torch's own float->half rounding of NaN differs
  * between its scalar and vector paths, so only torch can match torch there.
@@ -179,7 +184,10 @@ static void unpack16(const uint64_t *plus, const uint64_t *tie, int64_t n, uint1
 
 /* ---- apply ------------------------------------------------------------------------------ */
 
-/* v = +-unit or +0 as above; then, with wd, x - lr * (v + wd * x), else x - v (unit = lr);
+enum { PLAIN = 0, COUPLED = 1, DECOUPLED = 2 };   /* apply's weight decay */
+
+/* v = +-unit or +0 as above; then, with wd (decay == COUPLED), x - lr * (v + wd * x); with a
+ * decoupled decay (decay == DECOUPLED, wd holds the factor d), x * d - v; else x - v (unit = lr);
  * a NaN result (unequal to itself) is stored as the canonical NaN: a compare and a select that
  * the compiler vectorizes. One inner loop for each case, so neither carries a branch. */
 #define APPLY_LOOP(FLOAT, UINT, SIGN, UPDATE)                                                 \
@@ -199,7 +207,8 @@ static void unpack16(const uint64_t *plus, const uint64_t *tie, int64_t n, uint1
         uint64_t w = plus[j], t = tie ? tie[j] : 0;                                           \
         int64_t end = n - 64 * j < 64 ? n - 64 * j : 64;                                      \
         FLOAT *x = p + 64 * j;                                                                \
-        if (decay) APPLY_LOOP(FLOAT, UINT, SIGN, x[i] - (v.f + wd * x[i]) * lr)               \
+        if (decay == COUPLED) APPLY_LOOP(FLOAT, UINT, SIGN, x[i] - (v.f + wd * x[i]) * lr)    \
+        else if (decay == DECOUPLED) APPLY_LOOP(FLOAT, UINT, SIGN, x[i] * wd - v.f)           \
         else APPLY_LOOP(FLOAT, UINT, SIGN, x[i] - v.f)                                        \
     }
 
@@ -207,12 +216,12 @@ static void unpack16(const uint64_t *plus, const uint64_t *tie, int64_t n, uint1
     __attribute__((target_clones("avx2", "default")))                                        \
     static void NAME(FLOAT *p, const uint64_t *plus, const uint64_t *tie, int64_t n,         \
                      FLOAT lr, FLOAT wd, int decay) {                                         \
-        FLOAT unit = decay ? (FLOAT)1 : lr;                                                   \
+        FLOAT unit = decay == COUPLED ? (FLOAT)1 : lr;                                        \
         APPLY_BODY(FLOAT, UINT, SIGN) }
 
 static void apply32_scalar(float *p, const uint64_t *plus, const uint64_t *tie, int64_t n,
                            float lr, float wd, int decay) {
-    float unit = decay ? 1.0f : lr;
+    float unit = decay == COUPLED ? 1.0f : lr;
     APPLY_BODY(float, uint32_t, 31)
 }
 
@@ -236,7 +245,7 @@ __attribute__((target("avx2")))
 static void apply32_avx2(float *p, const uint64_t *plus, const uint64_t *tie, int64_t n,
                          float lr, float wd, int decay) {
     const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
-    const __m256 unit = _mm256_set1_ps(decay ? 1.0f : lr), lrv = _mm256_set1_ps(lr),
+    const __m256 unit = _mm256_set1_ps(decay == COUPLED ? 1.0f : lr), lrv = _mm256_set1_ps(lr),
                  wdv = _mm256_set1_ps(wd);
     const __m256 canon = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     int64_t words = n / 64;
@@ -249,7 +258,8 @@ static void apply32_avx2(float *p, const uint64_t *plus, const uint64_t *tie, in
             __m256 v = _mm256_or_ps(unit, _mm256_and_ps(minus, sign));
             if (t) v = _mm256_and_ps(v, _mm256_castsi256_ps(zero_bits(t, k)));  /* tie: +0 */
             __m256 xv = _mm256_loadu_ps(x + 8 * k);
-            if (decay) v = _mm256_mul_ps(_mm256_add_ps(v, _mm256_mul_ps(wdv, xv)), lrv);
+            if (decay == COUPLED) v = _mm256_mul_ps(_mm256_add_ps(v, _mm256_mul_ps(wdv, xv)), lrv);
+            else if (decay == DECOUPLED) xv = _mm256_mul_ps(xv, wdv);
             __m256 r = _mm256_sub_ps(xv, v);
             sum = _mm256_add_ps(sum, r);
             _mm256_storeu_ps(x + 8 * k, r);
@@ -268,7 +278,7 @@ static void apply32_avx2(float *p, const uint64_t *plus, const uint64_t *tie, in
 }
 #else
 static void apply64(double *p, const uint64_t *plus, const uint64_t *tie, int64_t n, double lr,
-                    double wd, int decay) { double unit = decay ? 1.0 : lr;
+                    double wd, int decay) { double unit = decay == COUPLED ? 1.0 : lr;
                     APPLY_BODY(double, uint64_t, 63) }
 #endif
 
@@ -371,6 +381,85 @@ static int64_t update_pack32(const float *g, float *m, int64_t n, float beta, fl
     return update_pack32_scalar(g, m, n, beta, alpha, fused, zero_bit, out);
 }
 
+/* ---- Lion's local step, scrub and pack in one pass ---------------------------------------- */
+
+/* What Lion does to one parameter before the vote, fused: a non-finite gradient entry counts
+ * and becomes 0; c = m * b1; c = c + a1 * g (its sign is packed); m = m * b2; m = m + a2 * g,
+ * each add rounded once (an FMA) or twice as torch rounds its add with alpha (`fused`, measured
+ * on torch by mpisign.native, as for Signum). Returns the number of non-finite entries. */
+#define LION_PACK_BODY(FLOAT, UINT, EXP, FMA)                                                 \
+    int64_t bad = 0;                                                                          \
+    for (int64_t j = 0; j < (n + 63) / 64; j++) {                                           \
+        uint64_t word = 0;                                                                    \
+        int64_t end = n - 64 * j < 64 ? n - 64 * j : 64;                                      \
+        for (int64_t i = 0; i < end; i++) {                                                   \
+            int64_t k = 64 * j + i;                                                           \
+            FLOAT gi = g[k];                                                                  \
+            UINT gb; memcpy(&gb, &gi, sizeof gb);                                             \
+            if ((gb & EXP) == EXP) { gi = 0; bad++; }                                         \
+            FLOAT c1 = m[k] * b1, m2 = m[k] * b2;                                             \
+            FLOAT c = fused ? FMA(gi, a1, c1) : c1 + a1 * gi;                                 \
+            m[k] = fused ? FMA(gi, a2, m2) : m2 + a2 * gi;                                    \
+            word |= (uint64_t)(zero_bit ? !(c < 0) : c > 0) << i;                             \
+        }                                                                                     \
+        out[j] = word;                                                                        \
+    }                                                                                         \
+    return bad;
+
+static int64_t lion_pack32_scalar(const float *g, float *m, int64_t n, float b1, float a1,
+                                  float b2, float a2, int fused, int zero_bit, uint64_t *out) {
+    LION_PACK_BODY(float, uint32_t, 0x7f800000u, fmaf)
+}
+
+static int64_t lion_pack64(const double *g, double *m, int64_t n, double b1, double a1,
+                           double b2, double a2, int fused, int zero_bit, uint64_t *out) {
+    LION_PACK_BODY(double, uint64_t, 0x7ff0000000000000ull, fma)
+}
+
+#if HAVE_X86
+/* AVX2 (+FMA where torch fuses), as update_pack32_avx2: 8 lanes at a time over whole words. */
+__attribute__((target("avx2,fma")))
+static int64_t lion_pack32_avx2(const float *g, float *m, int64_t n, float b1, float a1,
+                                float b2, float a2, int fused, int zero_bit, uint64_t *out) {
+    const __m256i exp = _mm256_set1_epi32(0x7f800000);
+    const __m256 zero = _mm256_setzero_ps(), b1v = _mm256_set1_ps(b1), a1v = _mm256_set1_ps(a1),
+                 b2v = _mm256_set1_ps(b2), a2v = _mm256_set1_ps(a2);
+    int64_t words = n / 64, bad = 0;
+    for (int64_t j = 0; j < words; j++) {
+        uint64_t word = 0;
+        for (int k = 0; k < 8; k++) {
+            int64_t at = 64 * j + 8 * k;
+            __m256 gv = _mm256_loadu_ps(g + at), mv = _mm256_loadu_ps(m + at);
+            __m256i e = _mm256_and_si256(_mm256_castps_si256(gv), exp);
+            __m256 nonfinite = _mm256_castsi256_ps(_mm256_cmpeq_epi32(e, exp));
+            bad += __builtin_popcount((unsigned)_mm256_movemask_ps(nonfinite));
+            gv = _mm256_andnot_ps(nonfinite, gv);
+            __m256 c1 = _mm256_mul_ps(mv, b1v), m2 = _mm256_mul_ps(mv, b2v);
+            __m256 c = fused ? _mm256_fmadd_ps(gv, a1v, c1) : _mm256_add_ps(c1, _mm256_mul_ps(a1v, gv));
+            mv = fused ? _mm256_fmadd_ps(gv, a2v, m2) : _mm256_add_ps(m2, _mm256_mul_ps(a2v, gv));
+            _mm256_storeu_ps(m + at, mv);
+            __m256 bits = zero_bit ? _mm256_cmp_ps(c, zero, _CMP_NLT_UQ)
+                                   : _mm256_cmp_ps(c, zero, _CMP_GT_OQ);
+            word |= (uint64_t)(uint32_t)_mm256_movemask_ps(bits) << (8 * k);
+        }
+        out[j] = word;
+    }
+    if (n % 64)
+        bad += lion_pack32_scalar(g + 64 * words, m + 64 * words, n % 64, b1, a1, b2, a2, fused,
+                                  zero_bit, out + words);
+    return bad;
+}
+#endif
+
+static int64_t lion_pack32(const float *g, float *m, int64_t n, float b1, float a1, float b2,
+                           float a2, int fused, int zero_bit, uint64_t *out) {
+#if HAVE_X86
+    if (avx2() && have_fma())
+        return lion_pack32_avx2(g, m, n, b1, a1, b2, a2, fused, zero_bit, out);
+#endif
+    return lion_pack32_scalar(g, m, n, b1, a1, b2, a2, fused, zero_bit, out);
+}
+
 /* ---- Python ----------------------------------------------------------------------------- */
 
 static int args_ok(Py_ssize_t nargs, Py_ssize_t want, const char *name) {
@@ -462,6 +551,58 @@ static PyObject *py_update_pack(PyObject *self, PyObject *const *args, Py_ssize_
     return PyLong_FromLongLong(bad);
 }
 
+/* apply_decayed(p_addr, dtype, n, plus_addr, tie_addr or 0, lr, decay): p = p * decay - lr * v */
+static PyObject *py_apply_decayed(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!args_ok(nargs, 7, "apply_decayed")) return NULL;
+    void *p = PyLong_AsVoidPtr(args[0]);
+    int dtype = (int)PyLong_AsLong(args[1]);
+    int64_t n = PyLong_AsLongLong(args[2]);
+    const uint64_t *plus = PyLong_AsVoidPtr(args[3]);
+    const uint64_t *tie = PyLong_AsVoidPtr(args[4]);
+    double lr = PyFloat_AsDouble(args[5]), decay = PyFloat_AsDouble(args[6]);
+    if (PyErr_Occurred()) return NULL;
+    if (dtype != F32 && dtype != F64) {
+        PyErr_SetString(PyExc_ValueError, "apply_decayed takes float32 or float64 parameters");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    /* A factor that rounds to 1 multiplies by 1: the plain step, as torch's mul_ by 1 is. */
+    if (dtype == F32)
+        apply32(p, plus, tie, n, (float)lr, (float)decay, (float)decay != 1.0f ? DECOUPLED : PLAIN);
+    else
+        apply64(p, plus, tie, n, lr, decay, decay != 1.0 ? DECOUPLED : PLAIN);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* lion_update_pack(g_addr, m_addr, dtype, n, b1, a1, b2, a2, fused, zero_bit, out_addr) -> bad */
+static PyObject *py_lion_update_pack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!args_ok(nargs, 11, "lion_update_pack")) return NULL;
+    const void *g = PyLong_AsVoidPtr(args[0]);
+    void *m = PyLong_AsVoidPtr(args[1]);
+    int dtype = (int)PyLong_AsLong(args[2]);
+    int64_t n = PyLong_AsLongLong(args[3]);
+    double b1 = PyFloat_AsDouble(args[4]), a1 = PyFloat_AsDouble(args[5]);
+    double b2 = PyFloat_AsDouble(args[6]), a2 = PyFloat_AsDouble(args[7]);
+    int fused = PyObject_IsTrue(args[8]);
+    int zero_bit = (int)PyLong_AsLong(args[9]);
+    uint64_t *out = PyLong_AsVoidPtr(args[10]);
+    if (PyErr_Occurred()) return NULL;
+    if (dtype != F32 && dtype != F64) {
+        PyErr_SetString(PyExc_ValueError, "lion_update_pack takes float32 or float64 g and m");
+        return NULL;
+    }
+    int64_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    if (dtype == F32)
+        bad = lion_pack32(g, m, n, (float)b1, (float)a1, (float)b2, (float)a2, fused, zero_bit,
+                          out);
+    else
+        bad = lion_pack64(g, m, n, b1, a1, b2, a2, fused, zero_bit, out);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(bad);
+}
+
 static PyObject *py_simd(PyObject *self, PyObject *unused) {
     return PyUnicode_FromString(avx2() ? "avx2" : "portable");
 }
@@ -472,6 +613,10 @@ static PyMethodDef methods[] = {
     {"apply", (PyCFunction)(void (*)(void))py_apply, METH_FASTCALL, "p -= lr * (v + wd p)"},
     {"update_pack", (PyCFunction)(void (*)(void))py_update_pack, METH_FASTCALL,
      "momentum update, non-finite scrub and pack in one pass"},
+    {"apply_decayed", (PyCFunction)(void (*)(void))py_apply_decayed, METH_FASTCALL,
+     "p = p * decay - lr * v"},
+    {"lion_update_pack", (PyCFunction)(void (*)(void))py_lion_update_pack, METH_FASTCALL,
+     "Lion's update, non-finite scrub and pack in one pass"},
     {"simd", py_simd, METH_NOARGS, "the instruction set the kernels use here"},
     {NULL, NULL, 0, NULL},
 };

@@ -13,6 +13,9 @@ for the GPU paths); :mod:`mpisign.backends.signs` chooses one per layout. The op
   topologies that count raw votes (:class:`mpisign.collectives.SignVote`);
 * ``apply(p, plus, tie, lr, wd)``: ``p -= lr * (v + wd * p)`` in place, ``v`` the packed vote;
   every NaN it writes is :data:`mpisign.backends.packing.CANONICAL_NAN`, on every path;
+* ``apply_decayed(p, plus, tie, lr, decay)``: ``p = p * decay - lr * v`` in place (decoupled
+  weight decay, Lion's and AdamW's form), rounded as torch's ``p.mul_(decay)`` then
+  ``p.add_(v, alpha=-lr)``; by default exactly those two, a backend may do it in one pass;
 * ``disagreement(words, plus, tie)``: coordinates where ``words`` lost the vote, ties excluded
   (an int, or a 1-element device tensor: read it once a step);
 * ``unpack(plus, tie, n, like, out=None)``: the vote as -1 / 0 / +1, of ``like``'s dtype, in
@@ -20,8 +23,8 @@ for the GPU paths); :mod:`mpisign.backends.signs` chooses one per layout. The op
   device.
 
 A backend may also offer a rule's local step fused with its pack (``update_and_pack``: Signum's,
-:class:`mpisign.backends.host.CompiledSigns`); the rule, not the backend, decides whether it is
-used (:mod:`mpisign.optim.rules`).
+``lion_update_and_pack``: Lion's; :class:`mpisign.backends.host.CompiledSigns`); the rule, not
+the backend, decides whether it is used (:mod:`mpisign.optim.rules`).
 """
 
 from __future__ import annotations
@@ -67,6 +70,11 @@ class Signs:
 
     def apply(self, p: torch.Tensor, plus, tie, lr: float, wd: float) -> None:
         raise NotImplementedError
+
+    def apply_decayed(self, p: torch.Tensor, plus, tie, lr: float, decay: float) -> None:
+        if decay != 1.0:
+            p.mul_(decay)
+        self.apply(p, plus, tie, lr, 0.0)
 
     def disagreement(self, words, plus, tie):
         raise NotImplementedError

@@ -64,7 +64,20 @@ class CompiledSigns(HostSigns):
     """:class:`HostSigns` with CPU tensors packed, applied and unpacked by the compiled kernels
     (:mod:`mpisign.backends.native`); what they do not take (other devices, half-precision apply,
     non-contiguous parameters) goes to :class:`HostSigns`. It also fuses Signum's local step
-    (:meth:`update_and_pack`)."""
+    (:meth:`update_and_pack`) and Lion's (:meth:`lion_update_and_pack`)."""
+
+    @staticmethod
+    def _fusable(grads: list, bufs: list) -> bool:
+        """Whether the fused kernels take these gradients and buffers (None: no buffer):
+        contiguous float32/float64 CPU tensors whose update the kernel rounds as torch does."""
+        for g, m in zip(grads, bufs):
+            if not (g.device.type == "cpu" and g.dtype in native.UPDATE_DTYPES
+                    and g.is_contiguous() and not g.is_sparse):
+                return False
+            if m is not None and not (m.dtype == g.dtype and m.is_contiguous()
+                                      and native.momentum_form(g.dtype) is not None):
+                return False
+        return True
 
     def update_and_pack(self, grads: list, bufs: list, beta: float, alpha: float,
                         zero_bit: int, outs: list) -> int | None:
@@ -73,14 +86,21 @@ class CompiledSigns(HostSigns):
         ``m = m * beta + alpha * g`` exactly as torch rounds it, then the signs of ``m``; without
         (``bufs`` of None), the signs of ``g``. None, with nothing done, unless every tensor is a
         contiguous float32/float64 CPU tensor whose update the kernel rounds as torch does."""
-        for g, m in zip(grads, bufs):
-            if not (g.device.type == "cpu" and g.dtype in native.UPDATE_DTYPES
-                    and g.is_contiguous() and not g.is_sparse):
-                return None
-            if m is not None and not (m.dtype == g.dtype and m.is_contiguous()
-                                      and native.momentum_form(g.dtype) is not None):
-                return None
+        if not self._fusable(grads, bufs):
+            return None
         return sum(native.update_pack(g, m, beta, alpha, zero_bit, out)
+                   for g, m, out in zip(grads, bufs, outs))
+
+    def lion_update_and_pack(self, grads: list, bufs: list, beta1: float, alpha1: float,
+                             beta2: float, alpha2: float, zero_bit: int,
+                             outs: list) -> int | None:
+        """Lion's local step for several parameters, one pass each
+        (:func:`mpisign.backends.native.lion_update_pack`): the signs of ``m * beta1 + alpha1 *
+        g`` packed, then ``m = m * beta2 + alpha2 * g``, non-finite gradient entries as 0
+        (returned: how many). None, with nothing done, unless :meth:`_fusable`."""
+        if not self._fusable(grads, bufs):
+            return None
+        return sum(native.lion_update_pack(g, m, (beta1, beta2), (alpha1, alpha2), zero_bit, out)
                    for g, m, out in zip(grads, bufs, outs))
 
     def pack(self, src: torch.Tensor, zero_bit: int, out: np.ndarray) -> None:
@@ -95,6 +115,13 @@ class CompiledSigns(HostSigns):
             native.apply(p.data, plus, tie, lr, wd)
         else:
             super().apply(p, plus, tie, lr, wd)
+
+    def apply_decayed(self, p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None,
+                      lr: float, decay: float) -> None:
+        if p.device.type == "cpu" and p.dtype in native.APPLY_DTYPES and p.is_contiguous():
+            native.apply_decayed(p.data, plus, tie, lr, decay)
+        else:
+            super().apply_decayed(p, plus, tie, lr, decay)
 
     def unpack(self, plus: np.ndarray, tie: np.ndarray | None, n: int, like: torch.Tensor,
                out: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The compiled CPU kernels (``mpisign/backends/_signs.c``, built by ``setup.py``): pack, unpack, apply,
-and Signum's momentum update fused with the scrub and the pack (update_pack).
+"""The compiled CPU kernels (``mpisign/backends/_signs.c``, built by ``setup.py``): pack, unpack, apply
+(and apply_decayed, Lion's), and Signum's and Lion's local steps fused with the scrub and the pack
+(update_pack, lion_update_pack).
 
 Bit for bit the numpy reference of :mod:`mpisign.backends.packing` (tested on every dtype, ragged and
 unaligned), in one pass over the floats instead of two to four; SIMD (AVX2) chosen at run time,
@@ -23,8 +24,9 @@ import torch
 
 from .packing import n_words
 
-__all__ = ["available", "why_not", "simd", "pack", "unpack", "apply", "update_pack",
-           "momentum_form", "DTYPES", "APPLY_DTYPES", "UPDATE_DTYPES"]
+__all__ = ["available", "why_not", "simd", "pack", "unpack", "apply", "apply_decayed",
+           "update_pack", "lion_update_pack", "momentum_form", "DTYPES", "APPLY_DTYPES",
+           "UPDATE_DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,19 @@ def apply(p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: float,
                  _words(tie, n, "tie"), float(lr), float(weight_decay))
 
 
+def apply_decayed(p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: float,
+                  decay: float) -> None:
+    """``p = p * decay - lr * v`` in place, for float32 and float64 parameters: the bits of torch's
+    ``p.mul_(decay); p.add_(v, alpha=-lr)``, every NaN written as
+    :data:`mpisign.backends.packing.CANONICAL_NAN`."""
+    p = _flat(p, "p")
+    if p.dtype not in APPLY_DTYPES:
+        raise ValueError(f"apply_decayed takes {APPLY_DTYPES}, got {p.dtype}")
+    n = p.numel()
+    _signs.apply_decayed(p.data_ptr(), DTYPES[p.dtype], n, _words(plus, n, "plus"),
+                         _words(tie, n, "tie"), float(lr), float(decay))
+
+
 #: apply's and update_pack's dtypes have this in common.
 UPDATE_DTYPES = APPLY_DTYPES
 _forms: dict = {}
@@ -175,3 +190,24 @@ def update_pack(g: torch.Tensor, m: torch.Tensor | None, beta: float, alpha: flo
     return _signs.update_pack(g.data_ptr(), 0 if m is None else m.data_ptr(), DTYPES[g.dtype],
                               n, float(beta), float(alpha), fused, zero_bit,
                               _words(out, n, "out"))
+
+
+def lion_update_pack(g: torch.Tensor, m: torch.Tensor, betas: tuple, alphas: tuple, zero_bit: int,
+                     out: np.ndarray) -> int:
+    """Lion's local step for one parameter in one pass: non-finite entries of ``g`` count and
+    vote as 0; the signs of ``c = m * b1 + a1 * g`` into ``out``; ``m = m * b2 + a2 * g``; each
+    add rounded as torch rounds it (:func:`momentum_form`, which must not be None). Returns the
+    number of non-finite entries of ``g``."""
+    g, m = _flat(g, "g"), _flat(m, "m")
+    if g.dtype not in UPDATE_DTYPES:
+        raise ValueError(f"lion_update_pack takes {UPDATE_DTYPES}, got {g.dtype}")
+    if m.dtype != g.dtype or m.numel() != g.numel():
+        raise ValueError(f"m must match g: {m.dtype}[{m.numel()}] vs {g.dtype}[{g.numel()}]")
+    if zero_bit not in (0, 1):
+        raise ValueError(f"zero_bit must be 0 or 1, got {zero_bit!r}")
+    n = g.numel()
+    fused = momentum_form(g.dtype) == "fused"
+    (b1, b2), (a1, a2) = betas, alphas
+    return _signs.lion_update_pack(g.data_ptr(), m.data_ptr(), DTYPES[g.dtype], n, float(b1),
+                                   float(a1), float(b2), float(a2), fused, zero_bit,
+                                   _words(out, n, "out"))

@@ -171,7 +171,7 @@ class Ensemble(Solo):
         if engine.check.verified:
             return
         engine.check.check(engine.timeout, engine.rank, engine.plan.layout.summary,
-                           engine.rule.hparams[:3])
+                           engine.rule.value_names[:3])
 
     def presence(self, layout: Layout, present: list):
         """A function giving ``{id(param): has a gradient on some rank}``, to call after the

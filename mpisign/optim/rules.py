@@ -71,8 +71,15 @@ class Rule:
     """
 
     #: The hyperparameters of a param group this rule reads: validated, compared across ranks
-    #: by the step header (a digest of all; the first three by value, to name them in errors).
+    #: by the step header (a digest of all; the first three values by value, to name them in
+    #: errors).
     hparams: tuple = ("lr", "weight_decay")
+
+    @property
+    def value_names(self) -> tuple:
+        """The names of :meth:`values`, in order: :attr:`hparams` unless a hyperparameter
+        holds several numbers (Lion's ``betas``)."""
+        return self.hparams
 
     def check(self, group: dict, where: str = "") -> None:
         """Raise ValueError (before any communication) for a bad hyperparameter in ``group``."""
@@ -80,7 +87,7 @@ class Rule:
         check_range("weight_decay", group["weight_decay"], where)
 
     def values(self, group: dict) -> list:
-        """``group``'s hyperparameters as floats, in the order of :attr:`hparams`."""
+        """``group``'s hyperparameters as floats, in the order of :attr:`value_names`."""
         return [number(group[name]) for name in self.hparams]
 
     def send(self, params: list, grads: list, state, group: dict, scale: float):
