@@ -1,6 +1,7 @@
 """What a user's code calls, timed beside the baseline it replaces, in one process or one mpirun.
 
     python benchmarks/bench_surface.py step              # Signum.step() vs SGD, one rank
+    python benchmarks/bench_surface.py lion-step [--model gpt]   # Lion.step() vs lion-pytorch's
     python -m mpisign.launch -n 4 -- python benchmarks/bench_surface.py vote
     python -m mpisign.launch -n 4 -- python benchmarks/bench_surface.py train-step
     # on the emulated 1 Gbit/s cluster (root):
@@ -12,6 +13,12 @@
 and Signum on the numpy reference kernels (``MPISIGN_KERNELS=reference`` when it is built):
 the same memory traffic is the target (SGD reads the gradient, momentum and parameter and writes
 momentum and parameter; so does Signum, plus one bit a coordinate).
+
+``lion-step``: ``mpisign.Lion(weight_decay=0.1).step()`` on ``COMM_SELF`` beside the published
+PyTorch Lion's step (PyPI's ``lion-pytorch``; timm's ``Lion`` too where timm is installed) and
+``torch.optim.AdamW`` (what a Lion user replaces), on one ``--n``-coordinate parameter, or with
+``--model gpt`` on the parameters of ``mpisign.train``'s transformer (many small tensors: the
+per-tensor cost counts).
 
 ``vote``: ``mpisign.majority_vote(x, topology=...)`` on a float32 tensor, plain (the last
 result held during the call, as in a loop ``y = majority_vote(x)``) and with ``out=``, beside
@@ -101,6 +108,42 @@ def step_mode(args) -> None:
            f"{args.rounds}", times, "torch SGD(momentum=0.9).step()")
 
 
+def lion_step_mode(args) -> None:
+    import lion_pytorch
+
+    torch.set_num_threads(args.threads)
+
+    def params():
+        gen = torch.Generator().manual_seed(0)
+        if args.model == "gpt":
+            from mpisign.train.gpt import GPT
+            torch.manual_seed(0)
+            ps = list(GPT().parameters())
+        else:
+            ps = [torch.nn.Parameter(torch.randn(args.n, generator=gen))]
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen)
+        return ps
+
+    hp = dict(lr=1e-4, weight_decay=0.1)
+    contenders = {"lion-pytorch Lion.step()": lion_pytorch.Lion(params(), **hp).step,
+                  "mpisign Lion.step(), 1 rank": mpisign.Lion(params(), comm=MPI.COMM_SELF,
+                                                              **hp).step,
+                  "torch AdamW.step()": torch.optim.AdamW(params(), **hp).step}
+    try:
+        from timm.optim import Lion as TimmLion
+        contenders["timm Lion.step()"] = TimmLion(params(), **hp).step
+    except ImportError:
+        pass
+    ps = params()
+    what = (f"the transformer's {len(ps)} tensors, {sum(p.numel() for p in ps):,} coordinates"
+            if args.model == "gpt" else f"one parameter of {args.n:,} coordinates")
+    times = interleaved(contenders, args.rounds)
+    report(f"{what}, 1 rank, {args.threads} thread(s), kernels: "
+           f"{native.simd() if native.available() else 'reference'}, median of {args.rounds}",
+           times, "lion-pytorch Lion.step()")
+
+
 def vote_mode(args) -> None:
     comm = MPI.COMM_WORLD
     torch.set_num_threads(args.threads)
@@ -153,7 +196,7 @@ def train_step_mode(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("mode", choices=["step", "vote", "train-step"])
+    ap.add_argument("mode", choices=["step", "lion-step", "vote", "train-step"])
     ap.add_argument("--n", type=int, default=25_557_032, help="coordinates (ResNet-50: 25.6M)")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
@@ -161,8 +204,11 @@ def main() -> None:
                     help="comma-separated, for vote (default sharded); the first one for "
                          "train-step (default server, as the main job votes)")
     ap.add_argument("--label", default="shared memory")
+    ap.add_argument("--model", choices=["gpt"], default=None,
+                    help="lion-step: the transformer's parameters instead of one of --n")
     args = ap.parse_args()
-    {"step": step_mode, "vote": vote_mode, "train-step": train_step_mode}[args.mode](args)
+    {"step": step_mode, "lion-step": lion_step_mode, "vote": vote_mode,
+     "train-step": train_step_mode}[args.mode](args)
 
 
 if __name__ == "__main__":
