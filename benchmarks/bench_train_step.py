@@ -54,14 +54,16 @@ import ompi_tool  # noqa: E402
 
 
 class FusedAllreduceSGD:
-    """The fp32 baseline: gradients fused into one buffer, ``Allreduce`` (sum) / M, torch SGD."""
+    """The fp32 baseline: gradients fused into one buffer, ``Allreduce`` (sum) / M, torch SGD
+    (or the torch optimizer ``make(params)`` builds)."""
 
-    def __init__(self, model, comm, lr=0.01, momentum=0.9):
+    def __init__(self, model, comm, lr=0.01, momentum=0.9, make=None):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.comm, self.m = comm, comm.Get_size()
         self.flat = torch.zeros(sum(p.numel() for p in self.params))
         self.buf = self.flat.numpy()
-        self.sgd = torch.optim.SGD(self.params, lr=lr, momentum=momentum)
+        self.sgd = (make(self.params) if make is not None
+                    else torch.optim.SGD(self.params, lr=lr, momentum=momentum))
         self.comm_s = 0.0
         self.bytes_sent = 0
 
@@ -107,10 +109,11 @@ class TimedVoter:
 
 
 class DDPStep:
-    """DDP over gloo with one of torch's communication hooks, then torch SGD: the model to call
-    is ``net`` (the DDP wrapper), whose backward pass does the communication."""
+    """DDP over gloo with one of torch's communication hooks, then torch SGD (or the torch
+    optimizer ``make(params)`` builds): the model to call is ``net`` (the DDP wrapper), whose
+    backward pass does the communication."""
 
-    def __init__(self, model, hook: str):
+    def __init__(self, model, hook: str, make=None):
         import torch.distributed as dist
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
@@ -127,7 +130,8 @@ class DDPStep:
                                            matrix_approximation_rank=int(hook[len("powersgd"):]),
                                            start_powerSGD_iter=2)
             self.net.register_comm_hook(state, powersgd.powerSGD_hook)
-        self.sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        self.sgd = (make(model.parameters()) if make is not None
+                    else torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
 
     def step(self):
         self.sgd.step()
