@@ -271,6 +271,11 @@ def test_a_rank_that_writes_betas_alone_is_named_on_every_rank():
     assert "lion_check OK on 3 ranks: mismatch" in out
 
 
+def test_every_ranks_state_through_a_checkpoint_resumes_the_run_exactly():
+    out = mpirun.run(3, "lion_check.py", "resume", timeout=120)
+    assert "lion_check OK on 3 ranks: resume" in out
+
+
 @pytest.mark.parametrize("topology, kill", [("server", "0@3"), ("server", "1@3"),
                                             ("sharded", "2@4")])
 def test_elastic_lion_survivors_equal_the_replay(topology, kill):

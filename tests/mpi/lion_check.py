@@ -9,9 +9,13 @@ and a NaN/inf gradient entry on one rank (one vote, counted). Also: a scheduler 
 betas on one rank is refused on every rank before any parameter moves, and, with
 ``elastic RANK@STEP``, a rank SIGKILLed mid-run under ULFM while the survivors go on.
 
-Usage: lion_check.py TOPOLOGY...  |  lion_check.py mismatch  |  lion_check.py elastic TOPO R@S
+Also ``resume``: every rank's state through gather_state_dict, a checkpoint and
+scatter_state_dict, with the monitor on.
+
+Usage: lion_check.py TOPOLOGY... | mismatch | resume | elastic TOPOLOGY RANK@STEP
 """
 
+import io
 import os
 import signal
 import sys
@@ -92,8 +96,8 @@ def reference(voters_at=lambda step: range(size), redone=None):
     return params
 
 
-def train(topology, overlap, params, opt, kills=None):
-    for step in range(STEPS):
+def train(topology, overlap, params, opt, kills=None, steps=range(STEPS)):
+    for step in steps:
         progress(step)
         if kills and kills.get(rank) == step:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -153,6 +157,30 @@ def mismatch():
             mpisign.Lion(model(), lr=-1e-3, comm=comm)
 
 
+def resume():
+    """Every rank's state gathered to a checkpoint that rank 0 writes (weights_only on load),
+    handed back to new optimizers over copies of the parameters: the run goes on as if it
+    had never stopped; the monitor sees every rank's disagreement meanwhile."""
+    with case("gather_state_dict, torch.save/load, scatter_state_dict"):
+        params = model()
+        opt = build(params, "sharded", monitor=mpisign.DisagreementMonitor())
+        train("sharded", False, params, opt, steps=range(3))
+        state = mpisign.gather_state_dict(opt)
+        if rank == 0:
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+        again = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt2 = build(again, "sharded", monitor=mpisign.DisagreementMonitor())
+        mpisign.scatter_state_dict(opt2, state)
+        assert opt2.param_groups[0]["betas"] == BETAS
+        train("sharded", False, again, opt2, steps=range(3, STEPS))
+        for i, (p, q) in enumerate(zip(again, reference())):
+            assert torch.equal(p.detach(), q), f"parameter {i} differs after the resume"
+        every = opt2.stats.disagreement_by_rank
+        assert len(every) == size and all(0 < d < 1 for d in every), every
+
+
 def elastic(topology, kill):
     victim, at = (int(x) for x in kill.split("@"))
     with case(f"elastic {topology} rank {victim} dies at step {at}"):
@@ -170,6 +198,8 @@ if __name__ == "__main__":
     np.seterr(all="ignore")
     if sys.argv[1] == "mismatch":
         mismatch()
+    elif sys.argv[1] == "resume":
+        resume()
     elif sys.argv[1] == "elastic":
         elastic(sys.argv[2], sys.argv[3])
     else:
