@@ -25,7 +25,8 @@ CUDA_DIR = Path(kernels.__file__).resolve().parent
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 ARCHS = (70, 80, 90)
 KERNELS = ("pack_f32", "pack_f16", "pack_bf16", "tally_majority", "apply_f32", "apply_f16",
-           "apply_bf16", "disagreement")
+           "apply_bf16", "disagreement", "apply_decayed_f32", "apply_decayed_f16",
+           "apply_decayed_bf16", "lion_update_pack_f32")
 
 
 def _nvcc():

@@ -3,6 +3,9 @@
 Every result is compared with mpisign.backends.packing and with a plain numpy reference on unpacked signs
 (counted coordinate by coordinate), on random inputs with ragged lengths, zeros, NaN and inf;
 floats bit for bit, NaN included (apply writes one canonical NaN: test_apply_nan_rule).
+Lion's kernels are compared with their formulas in float32, each op rounded once (the FMA form
+through an exact float64 emulation), and, through mpisign.cuda.torch_check and the GPU
+backends, with torch's own ops (here torch's CPU ones; tests/gpu has the device's).
 """
 
 import logging
@@ -13,7 +16,7 @@ import pytest
 import torch
 
 from mpisign.backends import native, packing, signs
-from mpisign.cuda import emulate, kernels
+from mpisign.cuda import bridge, emulate, kernels, torch_check
 
 pytestmark = pytest.mark.skipif(emulate.compiler() is None, reason="no C++ compiler (g++)")
 
@@ -433,3 +436,312 @@ def test_kernels_glue_on_emulated_kernels():
             kernels.pack(torch.zeros(4, 4)[:, 0])  # not contiguous
         with pytest.raises(ValueError):
             kernels.tally(torch.zeros((3, 1), dtype=torch.int32), 10)  # not 64-bit words
+
+
+# ---- Lion: lion_update_pack and apply_decayed --------------------------------------------------
+
+F32 = np.float32
+LION_HPARAMS = ((0.9, 0.1, 0.99, 0.01), (0.9, 0.1 / 2.7, 0.99, 0.01 / 2.7),   # GradScaler 1/2.7
+                (0.5, 0.75, 0.0, 1.0))
+
+
+def f32(x: float) -> torch.Tensor:
+    """A float32 scalar tensor: torch ops with it round in float32, as the kernels' arguments."""
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def fma_f32(a: float, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """fmaf(a, x, y) element by element, rounded once, computed another way than the kernel's
+    (the C library's fmaf): a * x is exact in float64 (24 + 24 bits); the sum is rounded to odd
+    in float64 (TwoSum gives its error; an inexact sum with an even last bit moves one ulp
+    toward the exact value), which then rounds to nearest float32 as the exact value would
+    (53 >= 24 + 2 bits; Boldo & Melquiond 2008). Plain float64 would round twice."""
+    prod, y = x.double() * float(F32(a)), y.double()
+    s = prod + y
+    b = s - y
+    err = (prod - b) + (y - (s - b))
+    odd = (s.view(torch.int64) & 1) == 1
+    toward = torch.where(err > 0, torch.tensor(float("inf")), torch.tensor(-float("inf")))
+    return torch.where((err != 0) & ~odd, torch.nextafter(s, toward), s).float()
+
+
+def lion_reference(g: torch.Tensor, m: torch.Tensor, hp: tuple, fused: bool):
+    """(c, new m, non-finite count) of Lion's step in float32, each op rounded once: the adds
+    as one FMA (:func:`fma_f32`) or as a product and a sum (torch's float32 ops)."""
+    b1, a1, b2, a2 = hp
+    finite = torch.isfinite(g)
+    g = torch.where(finite, g, torch.zeros(()))
+    mb1, mb2 = m * f32(b1), m * f32(b2)
+    if fused:
+        c, m_new = fma_f32(a1, g, mb1), fma_f32(a2, g, mb2)
+    else:
+        c, m_new = mb1 + g * f32(a1), mb2 + g * f32(a2)
+    return c, m_new, int((~finite).sum())
+
+
+def lion_inputs(n: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gradient with NaN, inf, zeros, subnormals; a momentum with subnormals and zeros where
+    the gradient is 0 or not finite (c is an exact 0 there: zero_bit)."""
+    g = special_floats(n, rng)
+    m = torch.from_numpy(rng.standard_normal(n).astype(F32))
+    m[::7] *= 1e-39
+    m[~torch.isfinite(g) | (g == 0)] = 0.0
+    return g, m
+
+
+def test_fma_reference_rounds_once():
+    """The case where float64 rounds twice: 1 + 2^-24 + 2^-60 is just past the float32
+    midpoint 1 + 2^-24, which float64 rounds onto (and then to even, 1.0)."""
+    a = 2.0 ** -24 * (1 + 2.0 ** -12)
+    x = torch.tensor([1 - 2.0 ** -12 + 2.0 ** -24], dtype=torch.float32)
+    assert float(x.double() * a + 1.0) == 1 + 2.0 ** -24   # float64: on the midpoint
+    assert float(fma_f32(a, x, torch.ones(1))) == 1 + 2.0 ** -23
+    assert float(torch.ones(1) + x * f32(a)) == 1.0         # two roundings
+
+
+@pytest.mark.parametrize("fused", (True, False), ids=("fused", "separate"))
+@pytest.mark.parametrize("n", (1, 31, 33, 65, 127, 1000, 4099))
+def test_lion_update_pack_matches_the_reference(n, fused):
+    rng = np.random.default_rng(n)
+    for k, hp in enumerate(LION_HPARAMS):
+        g, m0 = lion_inputs(n, rng)
+        c, want_m, want_bad = lion_reference(g, m0, hp, fused)
+        for zero_bit in (0, 1):
+            m = m0.clone()
+            threads, blocks = LAUNCHES[(n + k + zero_bit) % len(LAUNCHES)]
+            words, bad = emulate.lion_update_pack(g, m, *hp, zero_bit, fused, threads=threads,
+                                                  blocks=blocks)
+            assert np.array_equal(words, pack_bits(sign_bits(c, zero_bit))), (n, hp, zero_bit)
+            assert same_floats(m, want_m) and bad == want_bad, (n, hp, zero_bit)
+
+
+def test_lion_forms_differ_where_the_rounding_does():
+    """Inputs where one FMA and two roundings part: the momentum (1 + 2^-23 or 1) and the sign
+    (c = 2^-60 > 0, or an exact 0 sent as zero_bit)."""
+    a = 2.0 ** -24 * (1 + 2.0 ** -12)
+    hp = (0.5, a, 0.5, a)
+    g = torch.tensor([1 - 2.0 ** -12 + 2.0 ** -24] * 2, dtype=torch.float32)
+    m0 = torch.tensor([2.0, -2.0 ** -23], dtype=torch.float32)
+    for fused, want_m, want_c in ((True, [1 + 2.0 ** -23, 2.0 ** -60], [1 + 2.0 ** -23, 2.0 ** -60]),
+                                  (False, [1.0, 0.0], [1.0, 0.0])):
+        c, ref_m, _ = lion_reference(g, m0, hp, fused)
+        assert c.tolist() == want_c and ref_m.tolist() == want_m
+        m = m0.clone()
+        words, bad = emulate.lion_update_pack(g, m, *hp, 0, fused)
+        assert m.tolist() == want_m and bad == 0
+        assert unpack_bits(words, 2).tolist() == [1, int(fused)]
+
+
+def test_lion_update_pack_rejects_bad_input():
+    g, m = torch.zeros(10), torch.zeros(10)
+    for bad in ((g.half(), m), (g, m.double()), (g, torch.zeros(11)), (g, torch.zeros(20)[::2])):
+        with pytest.raises(ValueError):
+            emulate.lion_update_pack(*bad, 0.9, 0.1, 0.99, 0.01, 0, True)
+    with pytest.raises(ValueError):
+        emulate.lion_update_pack(g, m, 0.9, 0.1, 0.99, 0.01, 2, True)
+
+
+def apply_decayed_reference(p: torch.Tensor, plus, tie, lr: float, decay: float) -> torch.Tensor:
+    """``p * decay - lr * v`` as torch's CUDA ops round it: each op in float32 (decay, -lr
+    rounded to float32), the product stored in p's dtype before the add; canonical NaN."""
+    v = packing.unpack_signs(plus, p.numel(), tie)   # +0.0 at a tie
+    x = (p.float() * f32(decay)).to(p.dtype).float()
+    out = (x + f32(-lr) * v).to(p.dtype)
+    int_bits(out)[torch.isnan(out)] = CANONICAL_NAN[p.dtype]
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", (3, 4))
+def test_apply_decayed_matches_the_reference(dtype, m):
+    rng = np.random.default_rng(20 + m)
+    for n in LENGTHS:
+        votes = votes_for(m, n, rng).reshape(m, packing.n_words(n))
+        plus, tie = emulate.tally(votes, n)
+        for lr, decay in ((0.01, 1 - 0.01 * 0.1), (3.0, 0.5), (1e-4, 1.0), (0.5, 0.0)):
+            p0 = torch.cat([nan_inputs(dtype, 20), special_floats(n, rng).to(dtype)])[:n]
+            want = apply_decayed_reference(p0, plus, tie, lr, decay)
+            buf = special_floats(n + 8, rng).to(dtype)   # p inside a larger buffer
+            buf[4: 4 + n] = p0
+            before = buf.clone()
+            threads, blocks = LAUNCHES[n % len(LAUNCHES)]
+            emulate.apply_decayed(buf[4: 4 + n], plus, tie, lr, decay, threads=threads,
+                                  blocks=blocks)
+            assert same_floats(buf[4: 4 + n], want), (dtype, n, lr, decay)
+            assert same_floats(buf[:4], before[:4]) and same_floats(buf[4 + n:], before[4 + n:])
+            if dtype == torch.float32:   # torch's own two ops, canonical NaN after
+                ops = p0.clone()
+                ops.mul_(decay)
+                ops.add_(packing.unpack_signs(plus, n, tie), alpha=-lr)
+                assert same_floats(packing.canonicalize_nan_(ops), want), (n, lr, decay)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_apply_decayed_every_half_precision_value(dtype):
+    p0 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    rng = np.random.default_rng(2)
+    plus, tie = pack_bits(rng.random(p0.numel()) < 0.5), pack_bits(rng.random(p0.numel()) < 0.2)
+    for lr, decay in ((1e-3, 1 - 1e-4), (0.7, 0.5), (300.0, 1.0)):
+        p = p0.clone()
+        emulate.apply_decayed(p, plus, tie, lr, decay, threads=256, blocks=16)
+        assert same_floats(p, apply_decayed_reference(p0, plus, tie, lr, decay)), (lr, decay)
+
+
+# ---- Lion's kernels through mpisign.cuda.kernels, torch_check and the backends, on the shim ---
+
+LION_STEP = (0.9, 0.1 / 2.7, 0.99, 0.01 / 2.7)
+
+
+@pytest.fixture
+def fresh_torch_check(monkeypatch):
+    """torch_check's once-per-device results forgotten (the tests' device is "cpu")."""
+    monkeypatch.setattr(torch_check, "_results", {})
+
+
+def words_at(words: torch.Tensor, sizes) -> list:
+    """Slices of ``words`` for parameters of ``sizes``, one poisoned word between each."""
+    outs, start = [], 1
+    for n in sizes:
+        outs.append(words[start: start + packing.n_words(n)])
+        start += packing.n_words(n) + 1
+    return outs
+
+
+def device_words(a: np.ndarray | None) -> torch.Tensor | None:
+    return None if a is None else torch.from_numpy(a.view(np.int64).copy())
+
+
+def test_torch_check_on_emulated_kernels(fresh_torch_check):
+    """The start-up comparison with torch, through mpisign.cuda.kernels with the shim's launches
+    and torch's CPU ops: Lion's form is the one the compiled CPU kernels find by their own
+    measure; torch's CPU add rounds alpha to float16/bfloat16 (its CUDA add keeps float32, the
+    GPU test's case), which apply_decayed matches through the lr it is given."""
+    with emulate.kernels_on_cpu() as k:
+        torch_check.check("cpu", k)
+        form = torch_check.lion_form("cpu", k)
+        assert form in torch_check.FORMS
+        if native.why_not() is None:
+            assert form == native.momentum_form(torch.float32)
+        assert torch_check.decayed_lr("cpu", torch.float32, 0.01, k) == 0.01
+        for dtype in (torch.float16, torch.bfloat16):
+            rounded = float(torch.tensor(0.01, dtype=dtype))
+            assert rounded != 0.01 and torch_check.decayed_lr("cpu", dtype, 0.01, k) == rounded
+        assert torch_check.compare_lion("cpu", form == "fused", k) == []
+
+
+def test_resident_lion_on_cpu_stand_ins(fresh_torch_check):
+    """ResidentSigns' Lion methods: one call for several parameters, signs into slices of one
+    word buffer, one count for all, torch's bits (LionRule's ops); apply_decayed as torch's two
+    ops for every kernel dtype; None, with nothing done, for what the kernel does not take."""
+    rng = np.random.default_rng(5)
+    sizes = (4099, 1, 65, 300)
+    with emulate.kernels_on_cpu() as k:
+        gpu = bridge.ResidentSigns("cpu", k)
+        gs, ms = zip(*(lion_inputs(n, rng) for n in sizes))
+        want_m = [m.clone() for m in ms]
+        want_c = torch_check.torch_lion_step(list(gs), want_m, *LION_STEP)
+        words = torch.full((sum(packing.n_words(n) + 1 for n in sizes) + 1,),
+                           kernels._POISON_WORD, dtype=torch.int64)
+        outs, got_m = words_at(words, sizes), [m.clone() for m in ms]
+        count = gpu.lion_update_and_pack(list(gs), got_m, *LION_STEP, 1, outs)
+        assert count == sum(int((~torch.isfinite(g)).sum()) for g in gs) > 0
+        for c, out, m, wm in zip(want_c, outs, got_m, want_m):
+            assert np.array_equal(out.numpy().view(np.uint64), packing.pack_signs(c, 1))
+            assert same_floats(m, wm)
+        guards = [0] + [out.storage_offset() + out.numel() for out in outs]
+        assert (words[guards] == kernels._POISON_WORD).all()   # nothing written between
+        g, m = gs[0], ms[0].clone()
+        for bad in (([g.half()], [m.half()]), ([g], [m[:-1]]), ([g, g], [m]),
+                    ([g.view(-1, 1)], [m]), ([torch.zeros(20)[::2]], [torch.zeros(10)])):
+            before = [t.clone() for t in bad[1]]
+            assert gpu.lion_update_and_pack(*bad[:1], bad[1], *LION_STEP, 0, outs[:1]) is None
+            assert all(same_floats(a, b) for a, b in zip(bad[1], before))
+        assert gpu.lion_update_and_pack([g], [m], *LION_STEP, 0, [outs[1]]) is None  # too short
+        plus, tie = emulate.tally(votes_for(4, 4099, rng), 4099)
+        for dtype in DTYPES:
+            p0 = special_floats(4099, rng).to(dtype)
+            v = packing.unpack_signs(plus, 4099, tie, dtype=dtype)
+            want = torch_check.torch_apply_decayed(p0.clone(), v, 0.01, 1 - 1e-3)
+            p = p0.clone()
+            gpu.apply_decayed(p, device_words(plus), device_words(tie), 0.01, 1 - 1e-3)
+            assert same_floats(p, want), dtype
+
+
+def test_staged_lion_on_cpu_stand_ins(fresh_torch_check):
+    """CudaSigns' Lion methods (MPI not CUDA-aware): the signs reach the host words at the
+    next settle, like queued packs, through a device buffer that grows between steps; the
+    vote staged back for apply_decayed. StagedSigns hands CPU tensors to its host backend."""
+    rng = np.random.default_rng(6)
+    with emulate.kernels_on_cpu() as k:
+        gpu = bridge.CudaSigns("cpu", k, pin_memory=False)
+        for step, sizes in enumerate(((70, 1), (5000, 70, 33))):
+            gs, ms = zip(*(lion_inputs(n, rng) for n in sizes))
+            want_m = [m.clone() for m in ms]
+            want_c = torch_check.torch_lion_step(list(gs), want_m, *LION_STEP)
+            outs = [np.zeros(packing.n_words(n), np.uint64) for n in sizes]
+            got_m = [m.clone() for m in ms]
+            count = gpu.lion_update_and_pack(list(gs), got_m, *LION_STEP, step % 2, outs)
+            assert count == sum(int((~torch.isfinite(g)).sum()) for g in gs)
+            gpu.settle()
+            for c, out, m, wm in zip(want_c, outs, got_m, want_m):
+                assert np.array_equal(out, packing.pack_signs(c, step % 2)) and same_floats(m, wm)
+        assert gpu.lion_update_and_pack(list(gs), got_m, *LION_STEP, 0, [o[:-1] for o in outs]) \
+            is None
+        plus, tie = emulate.tally(votes_for(4, 5000, rng), 5000)
+        p0 = special_floats(5000, rng)
+        want = torch_check.torch_apply_decayed(p0.clone(), packing.unpack_signs(plus, 5000, tie),
+                                               0.01, 0.999)
+        p = p0.clone()
+        gpu.apply_decayed(p, plus, tie, 0.01, 0.999)
+        assert same_floats(p, want)
+
+    class Host:
+        tally = None
+
+        def lion_update_and_pack(self, *args):
+            return ("host", args)
+    staged = bridge.StagedSigns(Host())
+    args = ([torch.zeros(3)], [torch.zeros(3)], *LION_STEP, 0, [np.zeros(1, np.uint64)])
+    assert staged.lion_update_and_pack(*args) == ("host", args)
+
+
+class _Disagreeing:
+    """mpisign.cuda.kernels on the shim, but lion_update_pack leaves the last coordinate's
+    momentum as it was and apply_decayed ignores decay."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def __getattr__(self, name):
+        return getattr(self.k, name)
+
+    def lion_update_pack(self, g, m, *args, **kw):
+        keep = m[-1:].clone()
+        out = self.k.lion_update_pack(g, m, *args, **kw)
+        m[-1:] = keep
+        return out
+
+    def apply_decayed(self, p, plus, tie, lr, decay):
+        return self.k.apply_decayed(p, plus, tie, lr, 1.0)
+
+
+def test_lion_kernels_that_disagree_with_torch_are_not_used(fresh_torch_check, caplog):
+    """A form that matches torch in no way: an ERROR, and Lion's fused step declines (None,
+    nothing done) so the rule takes torch's ops; apply_decayed then is torch's two ops."""
+    rng = np.random.default_rng(8)
+    with emulate.kernels_on_cpu() as k, caplog.at_level(logging.INFO, "mpisign.cuda.torch_check"):
+        gpu = bridge.ResidentSigns("cpu", _Disagreeing(k))
+        g, m = lion_inputs(300, rng)
+        before, out = m.clone(), gpu.words(packing.n_words(300))
+        assert gpu.lion_update_and_pack([g], [m], *LION_STEP, 0, [out]) is None
+        assert same_floats(m, before) and not out.any()
+        plus, tie = emulate.tally(votes_for(4, 300, rng), 300)
+        p0 = special_floats(300, rng)
+        want = torch_check.torch_apply_decayed(p0.clone(), packing.unpack_signs(plus, 300, tie),
+                                               0.01, 0.5)
+        p = p0.clone()
+        gpu.apply_decayed(p, device_words(plus), device_words(tie), 0.01, 0.5)
+        assert same_floats(p, want)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("Lion's fused kernel on cpu DISAGREES" in e for e in errors), errors
+    assert any("apply_decayed on cpu DISAGREES" in e and "float32" in e for e in errors), errors

@@ -14,8 +14,10 @@ for the GPU paths); :mod:`mpisign.backends.signs` chooses one per layout. The op
 * ``apply(p, plus, tie, lr, wd)``: ``p -= lr * (v + wd * p)`` in place, ``v`` the packed vote;
   every NaN it writes is :data:`mpisign.backends.packing.CANONICAL_NAN`, on every path;
 * ``apply_decayed(p, plus, tie, lr, decay)``: ``p = p * decay - lr * v`` in place (decoupled
-  weight decay, Lion's and AdamW's form), rounded as torch's ``p.mul_(decay)`` then
-  ``p.add_(v, alpha=-lr)``; by default exactly those two, a backend may do it in one pass;
+  weight decay, Lion's and AdamW's form): ``p.mul_(decay)``, then ``apply`` without weight
+  decay (``lr`` rounded to float32, as ``apply`` does; torch's own CPU ``add_(alpha=-lr)`` of
+  a float16/bfloat16 tensor rounds ``lr`` to that dtype, so a rule that wants torch's bits
+  passes ``lr`` so rounded, as Lion's does); a backend may do it in one pass;
 * ``disagreement(words, plus, tie)``: coordinates where ``words`` lost the vote, ties excluded
   (an int, or a 1-element device tensor: read it once a step);
 * ``unpack(plus, tie, n, like, out=None)``: the vote as -1 / 0 / +1, of ``like``'s dtype, in

@@ -34,6 +34,12 @@ overlap hooks               none (CUDA events queried)   none (CUDA events queri
 
 Kernels are looked up and CuPy's view of torch's stream is made once each, not per call.
 
+Lion's rule has two kernels of its own on both paths: ``lion_update_and_pack`` (its local step
+fused with the pack, one pass a parameter; its non-finite count is read back once a call, one
+wait, as the torch path's non-finite check waits once) and ``apply_decayed``. Both round as
+torch does on the device, which :mod:`mpisign.cuda.torch_check` checks there once; where it
+does not, the rule keeps torch's ops.
+
 :func:`device_path` runs the kernels' self-check once per device and returns None when CuPy is
 missing or the check fails (logged as an error by the check): callers then take the CPU
 reference path, which moves the tensor to the host first. Given the communicator, the ranks
@@ -49,6 +55,7 @@ import numpy as np
 import torch
 
 from ..backends.base import Signs, unpack_by_apply
+from ..backends.packing import n_words
 from ..mpi.comm import default_timeout
 
 __all__ = ["CudaSigns", "ResidentSigns", "StagedSigns", "agreed_level", "device_path",
@@ -68,6 +75,33 @@ def _kernels():
 def _as_words(t: torch.Tensor) -> torch.Tensor:
     """A kernel's uint64 output as the int64 words the collectives take (same bits, no copy)."""
     return t.view(torch.int64)
+
+
+def _torch_check():
+    from . import torch_check
+    return torch_check
+
+
+def _lion_tensors(g, m, device: torch.device) -> bool:
+    """Whether Lion's kernel takes gradient ``g`` and momentum ``m``: dense, contiguous float32
+    of one shape on ``device``."""
+    return all(isinstance(t, torch.Tensor) and t.layout == torch.strided and t.device == device
+               and t.dtype == torch.float32 and t.is_contiguous() for t in (g, m)) \
+        and g.shape == m.shape
+
+
+def _lion_launch(kernels, device, form: str, grads: list, bufs: list, hparams: tuple,
+                 zero_bit: int, outs: list, words_for=None) -> int:
+    """Lion's kernel on each parameter, into ``outs`` (device words, or ``words_for(out)``,
+    taken just before its launch), one counter for all; returns the non-finite count."""
+    nonfinite = torch.zeros(1, dtype=torch.int64, device=device)
+    for g, m, out in zip(grads, bufs, outs):
+        kernels.lion_update_pack(g.detach(), m, *hparams, zero_bit, form == "fused",
+                                 out=out if words_for is None else words_for(out),
+                                 nonfinite=nonfinite)
+    # Reading the count waits for the device: once a call (a bucket's parameters of one
+    # group), as the torch path's non-finite check (_all_finite_sums) waits once for them.
+    return int(nonfinite.item())
 
 
 class CudaSigns:
@@ -114,9 +148,9 @@ class CudaSigns:
             buf = self._device_words[slot] = torch.empty(w, dtype=torch.int64, device=self.device)
         return buf[:w]
 
-    def pack(self, src: torch.Tensor, zero_bit: int, out: np.ndarray) -> None:
-        """Queue the signs of ``src`` for ``out`` (host uint64 words): they are there after
-        :meth:`settle`, which the caller runs before MPI reads ``out``."""
+    def _queue(self, out: np.ndarray) -> torch.Tensor:
+        """Device words for ``out`` (host uint64 words), queued: :meth:`settle` copies them
+        there."""
         start, end = self._queued_words, self._queued_words + out.size
         buf = self._device_words.get("pack")
         if buf is None or buf.numel() < end:
@@ -124,10 +158,36 @@ class CudaSigns:
             # Doubled: a step's packs fit after a few steps, however their sizes come.
             self._on_device("pack", max(end, 2 * (0 if buf is None else buf.numel())))
             start, end = 0, out.size
-        words = self._on_device("pack", end)[start:end]
-        self.kernels.pack(src, zero_bit, out=words)
         self._queued.append(out)
         self._queued_words = end
+        return self._on_device("pack", end)[start:end]
+
+    def pack(self, src: torch.Tensor, zero_bit: int, out: np.ndarray) -> None:
+        """Queue the signs of ``src`` for ``out`` (host uint64 words): they are there after
+        :meth:`settle`, which the caller runs before MPI reads ``out``."""
+        self.kernels.pack(src, zero_bit, out=self._queue(out))
+
+    def lion_takes(self, grads: list, bufs: list, outs: list) -> bool:
+        """Whether :meth:`lion_update_and_pack` takes these tensors: float32 on this device,
+        host words of their exact size, and a kernel form that rounds as torch does here."""
+        return len(grads) == len(bufs) == len(outs) and all(
+            _lion_tensors(g, m, self.device) and isinstance(out, np.ndarray)
+            and out.dtype == np.uint64 and out.ndim == 1 and out.size == n_words(g.numel())
+            for g, m, out in zip(grads, bufs, outs)) \
+            and _torch_check().lion_form(self.device, self.kernels) is not None
+
+    def lion_update_and_pack(self, grads: list, bufs: list, beta1: float, alpha1: float,
+                             beta2: float, alpha2: float, zero_bit: int, outs: list) -> int | None:
+        """Lion's local step on this device, one kernel pass a parameter, its signs queued for
+        the host words ``outs`` as :meth:`pack` queues them; the non-finite count (one wait),
+        or None, with nothing done, unless :meth:`lion_takes` them."""
+        if not self.lion_takes(grads, bufs, outs):
+            return None
+        form = _torch_check().lion_form(self.device, self.kernels)
+        # Each out is queued just before its launch: queuing may settle (and so copy) the
+        # words queued before it, which must be written by then.
+        return _lion_launch(self.kernels, self.device, form, grads, bufs,
+                            (beta1, alpha1, beta2, alpha2), zero_bit, outs, self._queue)
 
     def mark(self):
         """A CUDA event after the queued packs (None on CPU stand-ins)."""
@@ -146,11 +206,9 @@ class CudaSigns:
             start += out.size
         self._queued, self._queued_words = [], 0
 
-    def apply(self, p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: float,
-              wd: float) -> None:
-        """The host vote ``(plus, tie)`` to the device through pinned buffers, then the apply
-        kernel: copies and kernel queued in order on the current stream, nothing waited for
-        but the copy that last used this call's buffers."""
+    def _vote_on_device(self, plus: np.ndarray, tie: np.ndarray | None) -> list:
+        """The host vote ``(plus, tie)`` copied to device words through pinned buffers, queued
+        on the current stream; nothing waited for but the copy that last used these buffers."""
         k = self._applies % self.APPLY_SLOTS
         self._applies += 1
         device_words = []
@@ -161,7 +219,23 @@ class CudaSigns:
             slot = f"{name}{k}"
             self.staging.host(slot, words.size, torch.int64)[:] = words.view(np.int64)
             device_words.append(self.staging.to_device(slot, self._on_device(slot, words.size)))
-        self.kernels.apply(p.data, *device_words, lr, wd)
+        return device_words
+
+    def apply(self, p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: float,
+              wd: float) -> None:
+        """The host vote to the device (:meth:`_vote_on_device`), then the apply kernel."""
+        self.kernels.apply(p.data, *self._vote_on_device(plus, tie), lr, wd)
+
+    def apply_decayed(self, p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None,
+                      lr: float, decay: float) -> None:
+        """``p = p * decay - lr * v``: the vote to the device, then the apply_decayed kernel
+        where it rounds as torch does here; else torch's own two ops."""
+        lr_k = _torch_check().decayed_lr(self.device, p.dtype, lr, self.kernels)
+        if lr_k is None:
+            v = unpack_by_apply(self.apply, plus, tie, p.numel(), p)
+            _torch_check().torch_apply_decayed(p.data, v, lr, decay)
+        else:
+            self.kernels.apply_decayed(p.data, *self._vote_on_device(plus, tie), lr_k, decay)
 
 
 class _AllDone:
@@ -211,6 +285,32 @@ class StagedSigns(Signs):
         fused = getattr(self.host, "update_and_pack", None)
         return None if fused is None else fused(*args)
 
+    def lion_update_and_pack(self, grads: list, bufs: list, beta1: float, alpha1: float,
+                             beta2: float, alpha2: float, zero_bit: int, outs: list) -> int | None:
+        """Lion's fused local step: the host backend's where no gradient is a CUDA tensor; the
+        staged kernels where every one is and each device's take theirs (one wait a device,
+        for the non-finite count); else None, with nothing done."""
+        hparams = (beta1, alpha1, beta2, alpha2, zero_bit)
+        if not any(g.is_cuda for g in grads):
+            fused = getattr(self.host, "lion_update_and_pack", None)
+            return None if fused is None else fused(grads, bufs, *hparams, outs)
+        by_gpu: dict = {}
+        for i, g in enumerate(grads):
+            gpu = self._staged(g)
+            if gpu is None:
+                return None
+            by_gpu.setdefault(gpu, []).append(i)
+        parts = {gpu: [[seq[i] for i in idx] for seq in (grads, bufs, outs)]
+                 for gpu, idx in by_gpu.items()}
+        if not all(gpu.lion_takes(*part) for gpu, part in parts.items()):
+            return None   # checked for every device first: nothing is done unless all take it
+        count = 0
+        for gpu, (g, m, out) in parts.items():
+            count += gpu.lion_update_and_pack(g, m, *hparams, out)
+            if gpu not in self._queued_on:
+                self._queued_on.append(gpu)
+        return count
+
     def mark(self):
         marks = [gpu.mark() for gpu in self._queued_on]
         return _AllDone(marks) if any(m is not None for m in marks) else None
@@ -227,6 +327,14 @@ class StagedSigns(Signs):
             self.host.apply(p, plus, tie, lr, wd)
         else:
             gpu.apply(p, plus, tie, lr, wd)
+
+    def apply_decayed(self, p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None,
+                      lr: float, decay: float) -> None:
+        gpu = self._staged(p) if p.is_contiguous() else None
+        if gpu is None:
+            self.host.apply_decayed(p, plus, tie, lr, decay)
+        else:
+            gpu.apply_decayed(p, plus, tie, lr, decay)
 
     def disagreement(self, words: np.ndarray, plus: np.ndarray, tie: np.ndarray | None) -> int:
         return self.host.disagreement(words, plus, tie)
@@ -291,6 +399,35 @@ class ResidentSigns(Signs):
               wd: float) -> None:
         self.kernels.apply(p.data, plus, tie, lr, wd)
 
+    def apply_decayed(self, p: torch.Tensor, plus: torch.Tensor, tie: torch.Tensor | None,
+                      lr: float, decay: float) -> None:
+        """``p = p * decay - lr * v`` in one kernel pass where it rounds as torch's
+        ``p.mul_(decay)``, ``p.add_(v, alpha=-lr)`` do here (checked once); else those two
+        ops themselves."""
+        lr_k = _torch_check().decayed_lr(self.device, p.dtype, lr, self.kernels)
+        if lr_k is None:
+            v = self.unpack(plus, tie, p.numel(), p)
+            _torch_check().torch_apply_decayed(p.data, v, lr, decay)
+        else:
+            self.kernels.apply_decayed(p.data, plus, tie, lr_k, decay)
+
+    def lion_update_and_pack(self, grads: list, bufs: list, beta1: float, alpha1: float,
+                             beta2: float, alpha2: float, zero_bit: int, outs: list) -> int | None:
+        """Lion's local step for several parameters, one kernel pass each, its signs into the
+        device words ``outs``: the number of non-finite gradient entries (voted as 0; reading
+        it is one wait), or None, with nothing done, unless every gradient and momentum is a
+        contiguous float32 tensor of this device and the kernel rounds as torch does here."""
+        takes = len(grads) == len(bufs) == len(outs) and all(
+            _lion_tensors(g, m, self.device) and isinstance(out, torch.Tensor)
+            and out.device == self.device and out.dtype in (torch.int64, torch.uint64)
+            and out.dim() == 1 and out.is_contiguous() and out.numel() >= n_words(g.numel())
+            for g, m, out in zip(grads, bufs, outs))
+        form = _torch_check().lion_form(self.device, self.kernels) if takes else None
+        if form is None:
+            return None
+        return _lion_launch(self.kernels, self.device, form, grads, bufs,
+                            (beta1, alpha1, beta2, alpha2), zero_bit, outs)
+
     def disagreement(self, words: torch.Tensor, plus: torch.Tensor, tie: torch.Tensor | None,
                      n: int | None = None) -> torch.Tensor:
         """Coordinates where ``words`` differ from the vote, ties excluded: a 1-element tensor
@@ -312,6 +449,8 @@ def _kernels_work(device: torch.device) -> bool:
         if not _paths[key]:
             log.error("GPU kernels unavailable on %s: using the CPU reference path (tensors are "
                       "copied to the host every step)", device)
+        elif device.type == "cuda" and torch.cuda.is_available():
+            _torch_check().check(device)   # Lion's kernels against torch there, logged
     return _paths[key]
 
 

@@ -45,7 +45,8 @@ import torch
 from ..backends import packing
 from .kernels import bits_in, votes_shape
 
-__all__ = ["compiler", "load", "pack", "tally", "apply", "disagreement", "kernels_on_cpu"]
+__all__ = ["compiler", "load", "pack", "tally", "apply", "apply_decayed", "lion_update_pack",
+           "disagreement", "kernels_on_cpu"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,10 @@ _ARGTYPES = {
     "run_apply_f32": [_U32, _U32, _P, _P, _P, _I32, _U64, _F32, _F32],
     "run_apply_f16": [_U32, _U32, _P, _P, _P, _I32, _U64, _F32, _F32],
     "run_apply_bf16": [_U32, _U32, _P, _P, _P, _I32, _U64, _F32, _F32],
+    "run_apply_decayed_f32": [_U32, _U32, _P, _P, _P, _I32, _U64, _F32, _F32],
+    "run_apply_decayed_f16": [_U32, _U32, _P, _P, _P, _I32, _U64, _F32, _F32],
+    "run_apply_decayed_bf16": [_U32, _U32, _P, _P, _P, _I32, _U64, _F32, _F32],
+    "run_lion_update_pack_f32": [_U32, _U32, _P, _P, _U64, _F32, _F32, _F32, _F32, _I32, _I32, _P, _P],
     "run_disagreement": [_U32, _U32, _U32, _P, _U32, _U64, _U64, _P, _P, _I32, _P],
 }
 _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -178,15 +183,16 @@ def tally(votes, n: int, *, threads: int = 64, blocks: int | None = None):
     return plus[:w], (tie[:w] if m % 2 == 0 else None)
 
 
-def apply(p, plus, tie, lr: float, wd: float = 0.0, *, threads: int = 64, blocks: int | None = None):
-    """In place: ``p = p - lr * (v + wd * p)`` in float32 with v = +1, -1 or 0 (tie); returns p.
-
-    ``p`` is a writeable numpy float32/float16 array or a CPU float32/float16/bfloat16 tensor.
-    """
+def _in_place(p, what: str) -> None:
     in_place = (p.is_contiguous() if isinstance(p, torch.Tensor)
                 else isinstance(p, np.ndarray) and p.flags.c_contiguous and p.flags.writeable)
     if not in_place:
-        raise ValueError("p must be a contiguous, writeable array or tensor: apply works in place")
+        raise ValueError(f"{what} must be a contiguous, writeable array or tensor: the kernel "
+                         f"works in place")
+
+
+def _apply_vote(kernel: str, p, plus, tie, lr: float, x: float, threads: int, blocks):
+    _in_place(p, "p")
     t, suffix = _floats(p)
     n = t.numel()
     plus_w = _words(plus, "plus", packing.n_words(n))
@@ -194,9 +200,47 @@ def apply(p, plus, tie, lr: float, wd: float = 0.0, *, threads: int = 64, blocks
     if n:
         grid, block = _grid(n, threads, blocks)
         tie_ptr = plus_w.ctypes.data if tie_w is None else tie_w.ctypes.data
-        _run(f"run_apply_{suffix}", grid, block, t.data_ptr(), plus_w.ctypes.data, tie_ptr,
-             int(tie_w is not None), n, lr, wd)
+        _run(f"run_{kernel}_{suffix}", grid, block, t.data_ptr(), plus_w.ctypes.data, tie_ptr,
+             int(tie_w is not None), n, lr, x)
     return p
+
+
+def apply(p, plus, tie, lr: float, wd: float = 0.0, *, threads: int = 64, blocks: int | None = None):
+    """In place: ``p = p - lr * (v + wd * p)`` in float32 with v = +1, -1 or 0 (tie); returns p.
+
+    ``p`` is a writeable numpy float32/float16 array or a CPU float32/float16/bfloat16 tensor.
+    """
+    return _apply_vote("apply", p, plus, tie, lr, wd, threads, blocks)
+
+
+def apply_decayed(p, plus, tie, lr: float, decay: float, *, threads: int = 64,
+                  blocks: int | None = None):
+    """In place: ``p = p * decay - lr * v``, rounded as torch's ``p.mul_(decay)`` then
+    ``p.add_(v, alpha=-lr)`` (the product rounded to p's dtype first); returns p."""
+    return _apply_vote("apply_decayed", p, plus, tie, lr, decay, threads, blocks)
+
+
+def lion_update_pack(g, m, beta1: float, alpha1: float, beta2: float, alpha2: float,
+                     zero_bit: int, fused: bool, *, threads: int = 64, blocks: int | None = None):
+    """Lion's local step on float32 ``g`` and ``m`` (updated in place): the words of the signs of
+    ``c = m * beta1 + alpha1 * g`` (0 as ``zero_bit``), and how many entries of ``g`` were
+    non-finite (taken as 0); ``m = m * beta2 + alpha2 * g``. ``fused``: each add one FMA."""
+    if zero_bit not in (0, 1):
+        raise ValueError(f"zero_bit must be 0 or 1, got {zero_bit!r}")
+    _in_place(m, "m")
+    (tg, sg), (tm, sm) = _floats(g), _floats(m)
+    if (sg, sm) != ("f32", "f32") or tg.numel() != tm.numel():
+        raise ValueError(f"g and m must be float32 of one size, got {tg.dtype}"
+                         f"[{tg.numel()}] and {tm.dtype}[{tm.numel()}]")
+    n, w = tg.numel(), packing.n_words(tg.numel())
+    buf, count = _guarded(w), _guarded(1, fill=0)   # the kernel adds into a zeroed counter
+    if n:
+        grid, block = _grid(64 * w, threads, blocks)
+        _run("run_lion_update_pack_f32", grid, block, tg.data_ptr(), tm.data_ptr(), n, beta1,
+             alpha1, beta2, alpha2, int(bool(fused)), zero_bit, buf.ctypes.data, count.ctypes.data)
+    _check_guard(buf, "lion_update_pack")
+    _check_guard(count, "lion_update_pack's counter")
+    return buf[:w], int(count[0])
 
 
 def disagreement(votes, plus, tie=None, n: int | None = None, *, threads: int = 64,

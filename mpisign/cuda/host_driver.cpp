@@ -38,6 +38,26 @@ int run_apply_bf16(unsigned gx, unsigned bx, u16* p, const u32* plus, const u32*
     return LAUNCH(gx, 1, bx, apply_bf16(p, plus, tie, has_tie, n, lr, wd));
 }
 
+int run_apply_decayed_f32(unsigned gx, unsigned bx, float* p, const u32* plus, const u32* tie,
+                          int has_tie, u64 n, float lr, float decay) {
+    return LAUNCH(gx, 1, bx, apply_decayed_f32(p, plus, tie, has_tie, n, lr, decay));
+}
+int run_apply_decayed_f16(unsigned gx, unsigned bx, u16* p, const u32* plus, const u32* tie,
+                          int has_tie, u64 n, float lr, float decay) {
+    return LAUNCH(gx, 1, bx, apply_decayed_f16(p, plus, tie, has_tie, n, lr, decay));
+}
+int run_apply_decayed_bf16(unsigned gx, unsigned bx, u16* p, const u32* plus, const u32* tie,
+                           int has_tie, u64 n, float lr, float decay) {
+    return LAUNCH(gx, 1, bx, apply_decayed_bf16(p, plus, tie, has_tie, n, lr, decay));
+}
+
+int run_lion_update_pack_f32(unsigned gx, unsigned bx, const float* g, float* m, u64 n,
+                             float beta1, float alpha1, float beta2, float alpha2, int fused,
+                             int zero_bit, u32* out, u64* nonfinite) {
+    return LAUNCH(gx, 1, bx, lion_update_pack_f32(g, m, n, beta1, alpha1, beta2, alpha2, fused,
+                                                  zero_bit, out, nonfinite));
+}
+
 int run_disagreement(unsigned gx, unsigned gy, unsigned bx, const u32* votes, u32 m, u64 nwords,
                      u64 n, const u32* plus, const u32* tie, int has_tie, u64* counts) {
     return LAUNCH(gx, gy, bx, disagreement(votes, m, nwords, n, plus, tie, has_tie, counts));

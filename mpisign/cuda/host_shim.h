@@ -9,11 +9,13 @@
 // and none can go on (a lane skipped a ballot its warp reached: undefined on a GPU), the launch
 // stops with an error instead of hanging. Supported: 1-D blocks of a multiple of 32 threads, 2-D
 // grids, full-warp masks only. Float arithmetic is IEEE single, each op rounded (the library is
-// built with -ffp-contract=off so nothing is fused).
+// built with -ffp-contract=off so nothing is fused); __fmaf_rn is the C library's fmaf, one
+// rounding of the exact a * b + c, as the GPU's fma.rn.f32.
 #pragma once
 
 #include <ucontext.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -221,3 +223,4 @@ inline unsigned __float_as_uint(float f) {
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }

@@ -31,12 +31,13 @@ import torch
 from ..backends import packing
 
 __all__ = ["SOURCE_PATH", "NVRTC_OPTIONS", "available", "self_check", "compare_with_reference",
-           "pack", "tally", "apply", "disagreement"]
+           "pack", "tally", "apply", "disagreement", "apply_decayed", "lion_update_pack"]
 
 log = logging.getLogger(__name__)
 
 SOURCE_PATH = Path(__file__).resolve().parent / "signs.cu"
-# No fused multiply-add, no flush to zero: apply must round exactly like the CPU reference.
+# No fused multiply-add, no flush to zero: apply must round exactly like the CPU reference
+# (lion_update_pack's FMA, where torch's rounding has one, is an explicit __fmaf_rn).
 NVRTC_OPTIONS = ("--fmad=false", "--ftz=false")
 _THREADS = 256
 _MAX_BLOCKS = 65535
@@ -161,7 +162,7 @@ def bits_in(n: int | None, w: int) -> int:
     return n
 
 
-# ---- the four kernels -----------------------------------------------------------------------
+# ---- the kernels ----------------------------------------------------------------------------
 
 def pack(x: torch.Tensor, zero_bit: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
     """Sign words of ``x`` (flattened) as a uint64 CUDA tensor, bit for bit
@@ -196,10 +197,8 @@ def tally(votes: torch.Tensor, n: int):
     return plus, (tie if m % 2 == 0 else None)
 
 
-def apply(p: torch.Tensor, plus: torch.Tensor, tie: torch.Tensor | None, lr: float,
-          wd: float = 0.0) -> torch.Tensor:
-    """In place: ``p = p - lr * (v + wd * p)`` in float32 (lr, wd rounded to float32), with
-    v = +1 / -1 from ``plus`` and 0 where ``tie``; no float temporary. Returns ``p``."""
+def _apply_vote(kernel: str, p: torch.Tensor, plus, tie, lr: float, x: float) -> torch.Tensor:
+    """Launch ``kernel``_<dtype> (apply or apply_decayed) on ``p`` with the vote and two floats."""
     p = _cuda(p, "p", _SUFFIX)
     n = p.numel()
     plus = _words(plus, "plus", packing.n_words(n))
@@ -210,9 +209,59 @@ def apply(p: torch.Tensor, plus: torch.Tensor, tie: torch.Tensor | None, lr: flo
             plus_c = _view(cp, plus, cp.uint32)
             tie_c = plus_c if tie is None else _view(cp, tie, cp.uint32)
             args = (_view(cp, p.reshape(-1), elem), plus_c, tie_c, np.int32(tie is not None),
-                    np.uint64(n), np.float32(lr), np.float32(wd))
-            _launch(p.device, f"apply_{_SUFFIX[p.dtype]}", (_blocks(n),), args)
+                    np.uint64(n), np.float32(lr), np.float32(x))
+            _launch(p.device, f"{kernel}_{_SUFFIX[p.dtype]}", (_blocks(n),), args)
     return p
+
+
+def apply(p: torch.Tensor, plus: torch.Tensor, tie: torch.Tensor | None, lr: float,
+          wd: float = 0.0) -> torch.Tensor:
+    """In place: ``p = p - lr * (v + wd * p)`` in float32 (lr, wd rounded to float32), with
+    v = +1 / -1 from ``plus`` and 0 where ``tie``; no float temporary. Returns ``p``."""
+    return _apply_vote("apply", p, plus, tie, lr, wd)
+
+
+def apply_decayed(p: torch.Tensor, plus: torch.Tensor, tie: torch.Tensor | None, lr: float,
+                  decay: float) -> torch.Tensor:
+    """In place: ``p = p * decay - lr * v`` (decoupled weight decay), rounded as torch's
+    ``p.mul_(decay)`` then ``p.add_(v, alpha=-lr)`` on the GPU (decay, lr as float32; the
+    product rounded to p's dtype first), every NaN the canonical one. Returns ``p``."""
+    return _apply_vote("apply_decayed", p, plus, tie, lr, decay)
+
+
+def lion_update_pack(g: torch.Tensor, m: torch.Tensor, beta1: float, alpha1: float,
+                     beta2: float, alpha2: float, zero_bit: int, fused: bool,
+                     out: torch.Tensor | None = None, nonfinite: torch.Tensor | None = None):
+    """Lion's local step for one float32 parameter, in one pass on the current stream: the
+    signs of ``c = m * beta1 + alpha1 * g`` into ``out`` (>= n_words words; 0 as
+    ``zero_bit``), then ``m = m * beta2 + alpha2 * g`` in place, non-finite entries of ``g``
+    taken as 0 and counted into ``nonfinite`` (a 1-element int64 tensor of the device, added
+    to, not read: reading it waits for the device). ``fused``: the adds as one FMA each, else
+    two roundings (:func:`mpisign.cuda.torch_check.lion_form` says which torch does). Returns
+    ``(words, nonfinite)``: the n_words words of ``out`` and the counter, new where not given."""
+    if zero_bit not in (0, 1):
+        raise ValueError(f"zero_bit must be 0 or 1, got {zero_bit!r}")
+    g, m = _cuda(g, "g", (torch.float32,)), _cuda(m, "m", (torch.float32,))
+    if m.shape != g.shape or m.device != g.device:
+        raise ValueError(f"m must be g's shape on g's device: {tuple(m.shape)} on {m.device} "
+                         f"vs {tuple(g.shape)} on {g.device}")
+    n, w = g.numel(), packing.n_words(g.numel())
+    if out is None:
+        out = torch.empty(w, dtype=torch.uint64, device=g.device)
+    out = _words(out, "out", w)[:w]
+    if nonfinite is None:
+        nonfinite = torch.zeros(1, dtype=torch.int64, device=g.device)
+    nonfinite = _cuda(nonfinite, "nonfinite", (torch.int64, torch.uint64))
+    if nonfinite.numel() != 1 or {out.device, nonfinite.device} != {g.device}:
+        raise ValueError("out and the 1-element nonfinite counter must be on g's device")
+    if n:
+        with _on(g.device) as cp:
+            args = (_view(cp, g.reshape(-1), cp.float32), _view(cp, m.reshape(-1), cp.float32),
+                    np.uint64(n), np.float32(beta1), np.float32(alpha1), np.float32(beta2),
+                    np.float32(alpha2), np.int32(bool(fused)), np.int32(zero_bit),
+                    _view(cp, out, cp.uint32), _view(cp, nonfinite.reshape(-1), cp.uint64))
+            _launch(g.device, "lion_update_pack_f32", (_blocks(64 * w),), args)
+    return out, nonfinite
 
 
 def disagreement(votes: torch.Tensor, plus: torch.Tensor, tie: torch.Tensor | None = None,

@@ -1,4 +1,5 @@
-// Packed sign votes on the GPU: pack, bit-sliced majority tally, apply, disagreement.
+// Packed sign votes on the GPU: pack, bit-sliced majority tally, apply, disagreement, and
+// Lion's local step fused with its pack (lion_update_pack) and its decoupled-decay apply.
 //
 // Wire format (mpisign/backends/packing.py): coordinate i is bit i % 64 of uint64 word i / 64, bit 1 = "+".
 // Read as uint32 on a little-endian machine, uint64 word k is uint32 words 2k (low) and 2k+1
@@ -10,7 +11,9 @@
 // this same file as C++ and runs it on the CPU:
 //   * no #include: NVRTC (CuPy) has no system headers; fp16/bf16 are handled as raw bits;
 //   * signs are read from the bits (no float compare), so FTZ/DAZ modes cannot change a vote;
-//   * arithmetic in apply uses __fadd_rn/__fmul_rn/__fsub_rn, which are never fused into FMA;
+//   * arithmetic uses __fadd_rn/__fmul_rn/__fsub_rn, which are never fused into FMA; where a
+//     kernel must round as torch's own CUDA kernels do (Lion's), an FMA is an explicit __fmaf_rn,
+//     chosen by an argument (the build has --fmad=false: nothing is contracted behind our back);
 //   * every NaN apply writes is the canonical NaN of the output dtype (f32 0x7fffffff, f16 and
 //     bf16 0x7fff), chosen here explicitly rather than left to the hardware or the conversions;
 //   * warp primitives only in warp_ballot()/warp_sum(), reached by all 32 lanes of a warp
@@ -178,23 +181,32 @@ struct BF16 {
     __device__ static u16 nan() { return (u16)0x7fffu; }
 };
 
+// The vote of coordinate i: +1, -1, or +0.0 at a tie.
+__device__ __forceinline__ float vote_value(const u32* __restrict__ plus, const u32* __restrict__ tie,
+                                            int has_tie, u64 i) {
+    const u64 k = i >> 5;
+    const u32 b = (u32)(i & 31u);
+    if (has_tie && ((tie[k] >> b) & 1u)) return 0.0f;
+    return ((plus[k] >> b) & 1u) ? 1.0f : -1.0f;
+}
+
+// NaN tested on the bits (exponent all ones, mantissa not 0): no float compare to fold.
+__device__ __forceinline__ bool is_nan_f32(float x) {
+    return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u;
+}
+
 template <typename D>
 __device__ __forceinline__ void apply_impl(typename D::T* __restrict__ p, const u32* __restrict__ plus,
                                            const u32* __restrict__ tie, int has_tie, u64 n,
                                            float lr, float wd) {
     for (u64 i = global_thread(); i < n; i += grid_threads()) {
-        const u64 k = i >> 5;
-        const u32 b = (u32)(i & 31u);
-        float v = ((plus[k] >> b) & 1u) ? 1.0f : -1.0f;
-        if (has_tie && ((tie[k] >> b) & 1u)) v = 0.0f;
+        const float v = vote_value(plus, tie, has_tie, i);
         const float x = D::load(p[i]);
         // wd = 0 leaves wd * x out (0 * inf would turn an inf parameter into NaN); the CPU
         // path, mpisign.packing.apply_signs, rounds the same operations the same way.
         const float d = wd == 0.0f ? v : __fadd_rn(v, __fmul_rn(wd, x));
         const float r = __fsub_rn(x, __fmul_rn(lr, d));
-        // NaN tested on the bits (exponent all ones, mantissa not 0): no float compare to fold.
-        const bool nan = (__float_as_uint(r) & 0x7fffffffu) > 0x7f800000u;
-        p[i] = nan ? D::nan() : D::store(r);
+        p[i] = is_nan_f32(r) ? D::nan() : D::store(r);
     }
 }
 
@@ -207,6 +219,80 @@ __device__ __forceinline__ void apply_impl(typename D::T* __restrict__ p, const 
 APPLY_KERNEL(apply_f32, F32)
 APPLY_KERNEL(apply_f16, F16)
 APPLY_KERNEL(apply_bf16, BF16)
+
+// ---- apply_decayed: p = p * decay - lr * v (decoupled weight decay: Lion's, AdamW's) ---------
+// Rounded as torch's p.mul_(decay) then p.add_(v, alpha=-lr) round it on the GPU, each in fp32
+// (torch's opmath for all three dtypes) with decay and lr rounded to fp32: the product is
+// rounded to p's dtype before the add, as torch stores it in p between the two ops. -lr * v is
+// exact (v = +1 / -1 / +0.0 at a tie), so whether torch's add is one FMA or two roundings
+// cannot change a bit. Where torch rounds alpha to a half dtype instead (its CPU kernels do),
+// the caller passes lr so rounded (mpisign/cuda/torch_check.py finds out which on the device).
+// NaN as apply: the canonical NaN of the dtype.
+template <typename D>
+__device__ __forceinline__ void apply_decayed_impl(typename D::T* __restrict__ p,
+                                                   const u32* __restrict__ plus,
+                                                   const u32* __restrict__ tie, int has_tie, u64 n,
+                                                   float lr, float decay) {
+    const float neg_lr = -lr;
+    for (u64 i = global_thread(); i < n; i += grid_threads()) {
+        const float v = vote_value(plus, tie, has_tie, i);
+        const float x = D::load(D::store(__fmul_rn(D::load(p[i]), decay)));  // p.mul_(decay)
+        const float r = __fadd_rn(x, __fmul_rn(neg_lr, v));                  // p.add_(v, -lr)
+        p[i] = is_nan_f32(r) ? D::nan() : D::store(r);
+    }
+}
+
+#define APPLY_DECAYED_KERNEL(name, D)                                                            \
+    extern "C" __global__ void name(D::T* __restrict__ p, const u32* __restrict__ plus,           \
+                                    const u32* __restrict__ tie, int has_tie, u64 n, float lr,    \
+                                    float decay) {                                                \
+        apply_decayed_impl<D>(p, plus, tie, has_tie, n, lr, decay);                               \
+    }
+APPLY_DECAYED_KERNEL(apply_decayed_f32, F32)
+APPLY_DECAYED_KERNEL(apply_decayed_f16, F16)
+APPLY_DECAYED_KERNEL(apply_decayed_bf16, BF16)
+
+// ---- Lion's local step fused with the pack (Chen et al. 2023; Distributed Lion, Liu et al. 2024)
+// Per coordinate, with a non-finite g[i] counted and taken as +0:
+//     c = m * beta1 + alpha1 * g     its vote bit packed as pack_f32 packs (0 as zero_bit)
+//     m = m * beta2 + alpha2 * g     (after c: c reads the old m)
+// as torch's _foreach_mul then _foreach_add_(alpha=) round it: the product m * beta rounded
+// once, then "a + alpha * b", which nvcc compiles for torch, usually as one FMA. `fused` picks
+// that form (fma(alpha, g, m * beta)) or two roundings; the caller measures torch's form on the
+// device once (mpisign/cuda/torch_check.py). Warps as in pack: one ballot = one word. The count
+// of non-finite entries is summed per warp and added to *nonfinite (zeroed by the caller).
+__device__ __forceinline__ float add_scaled(float mb, float alpha, float g, int fused) {
+    return fused ? __fmaf_rn(alpha, g, mb) : __fadd_rn(mb, __fmul_rn(alpha, g));
+}
+
+extern "C" __global__ void lion_update_pack_f32(const float* __restrict__ g, float* __restrict__ m,
+                                                u64 n, float beta1, float alpha1, float beta2,
+                                                float alpha2, int fused, int zero_bit,
+                                                u32* __restrict__ out, u64* __restrict__ nonfinite) {
+    const u32 lane = threadIdx.x & 31u;
+    const u64 nwords = 2 * ((n + 63) / 64);  // includes the high half of the last uint64 word
+    const u64 stride = grid_threads() >> 5;
+    u64 bad = 0;
+    for (u64 w = global_thread() >> 5; w < nwords; w += stride) {  // w is warp-uniform
+        const u64 i = w * 32 + lane;
+        u32 bit = 0u;
+        if (i < n) {
+            float gi = g[i];
+            if ((__float_as_uint(gi) & 0x7f800000u) == 0x7f800000u) {  // NaN, +-inf
+                gi = 0.0f;
+                bad++;
+            }
+            const float mi = m[i];
+            const float c = add_scaled(__fmul_rn(mi, beta1), alpha1, gi, fused);
+            m[i] = add_scaled(__fmul_rn(mi, beta2), alpha2, gi, fused);
+            bit = vote_bit<u32, 0x80000000u, 0x7f800000u>(__float_as_uint(c), (u32)zero_bit);
+        }
+        const u32 word = warp_ballot(bit);
+        if (lane == 0) out[w] = word;
+    }
+    bad = warp_sum(bad);  // every lane of every warp gets here: the loop bounds are warp-uniform
+    if (lane == 0u && bad != 0u) atomicAdd(nonfinite, bad);
+}
 
 // ---- disagreement: counts[r] += popcount((votes[r] ^ plus) & ~tie) over the n valid bits ----
 // Worker r is blockIdx.y (grid-stride over gridDim.y), so the worker loop is block-uniform and
