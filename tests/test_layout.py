@@ -58,10 +58,11 @@ def test_the_digest_tells_layouts_apart():
     assert digest([3, 4, 5], overlap=True, bucket_words=9) != digest([3, 4, 5], overlap=True)
 
 
-def test_nothing_to_train_and_complex_parameters_are_refused():
+def test_nothing_to_train_is_an_empty_layout_and_complex_parameters_are_refused():
     gs, _ = groups(3, frozen=(0,))
-    with pytest.raises(ValueError, match="no parameter with requires_grad"):
-        build_layout(gs, False, 4, HostSigns())
+    empty = build_layout(gs, False, 4, HostSigns())
+    assert empty.slots == [] and empty.buckets == [] and empty.words == 0
+    assert empty.digest != build_layout(groups(3)[0], False, 4, HostSigns()).digest
     complex_ = [{"params": [torch.zeros(3, dtype=torch.complex64, requires_grad=True)]}]
     with pytest.raises(ValueError, match="floating point"):
         build_layout(complex_, False, 4, HostSigns())

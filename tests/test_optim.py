@@ -351,3 +351,60 @@ def test_majority_vote_results_memory_is_taken_only_when_nothing_holds_it():
         assert pool.take(like).data_ptr() == ptr, f"{name}: free memory was not taken"
         assert len(pool.arrays) == 2
     assert _Results().take(torch.zeros(3, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+# -- torch.optim's contract, the parts #30 names ----------------------------------------------
+@pytest.mark.parametrize("make", [Signum, SignSGD, mpisign.Lion])
+def test_a_step_with_nothing_to_optimize_does_nothing(make):
+    """A frozen model (a fine-tune's first phase, torch's hook tests): step() is a no-op, as
+    in torch.optim; the layout comes back when a parameter requires a gradient again."""
+    model = torch.nn.Linear(3, 2).requires_grad_(False)
+    before = [p.clone() for p in model.parameters()]
+    opt = make(model.parameters(), lr=0.1, comm=SELF)
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    model.weight.requires_grad_(True)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    assert not torch.equal(model.weight, before[0]) and torch.equal(model.bias, before[1])
+
+
+def test_signsgd_accepts_momentum_zero_and_refuses_any_other():
+    """Code that builds optimizers from one config passes momentum=0 to SignSGD too."""
+    opt = SignSGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1, momentum=0.0, comm=SELF)
+    assert opt.param_groups[0]["momentum"] == 0.0
+    with pytest.raises(ValueError, match="SignSGD has no momentum.*use Signum"):
+        SignSGD([torch.nn.Parameter(torch.zeros(3))], momentum=0.9, comm=SELF)
+
+
+@pytest.mark.parametrize("option, why", [("foreach", "chooses its kernels"),
+                                         ("fused", "chooses its kernels"),
+                                         ("maximize", "negate the loss"),
+                                         ("differentiable", "no useful gradient"),
+                                         ("capturable", "cannot capture MPI")])
+@pytest.mark.parametrize("make", [Signum, SignSGD, mpisign.Lion])
+def test_torch_implementation_options_say_why_they_do_not_apply(make, option, why):
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    make(params, comm=SELF, **{option: None if option in ("foreach", "fused") else False})
+    with pytest.raises(ValueError, match=f"has no {option}=True: .*{why}"):
+        make(params, comm=SELF, **{option: True})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nesterov'"):
+        make(params, comm=SELF, nesterov=True)
+
+
+def test_complex_parameters_are_refused_at_construction_and_in_add_param_group():
+    z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="real floating point.*view_as_real"):
+        Signum([z], comm=SELF)
+    opt = Signum([torch.nn.Parameter(torch.zeros(3))], comm=SELF)
+    with pytest.raises(ValueError, match="real floating point"):
+        opt.add_param_group({"params": iter([z])})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": (p for p in [torch.nn.Parameter(torch.zeros(2))])})
+    assert len(opt.param_groups[1]["params"]) == 1   # a generator is taken whole
+
+
+def test_copy_copy_says_to_deepcopy():
+    opt = Signum([torch.nn.Parameter(torch.zeros(3))], comm=SELF)
+    with pytest.raises(TypeError, match=r"copy.copy .*copy.deepcopy\(opt\)"):
+        copy.copy(opt)

@@ -99,7 +99,8 @@ def test_device_resident_words_through_the_hierarchical_vote_over_two_nodes():
 DROPIN_CASES = ["compile", "grad_scaler", "isolation", "deepcopy", "vote_loop",
                 "signsgd_momentum", "initial_mismatch", "state_gather", "layout_one_rank",
                 "hparams_one_rank", "step_mismatch", "none_everywhere", "overlap_two_backwards",
-                "monitor_in_header", "overlap_on_a_thread"]
+                "monitor_in_header", "overlap_on_a_thread", "nothing_to_optimize",
+                "overlap_layout_change"]
 
 
 @pytest.mark.parametrize("case", DROPIN_CASES)

@@ -17,8 +17,30 @@ from ..backends import packing
 from ..collectives import check_comm, check_topology, default_timeout
 from .detection import DisagreementMonitor
 from .engine import VoteEngine
+from .layout import check_param
 
-__all__ = ["SignOptimizer"]
+__all__ = ["SignOptimizer", "check_torch_options"]
+
+#: torch.optim's implementation options, and why a sign method with a vote has none of them.
+_TORCH_OPTIONS = {
+    "foreach": "mpisign chooses its kernels itself (one-pass compiled kernels on the CPU, CUDA "
+               "kernels on the GPU, torch's ops elsewhere)",
+    "fused": "mpisign chooses its kernels itself (one-pass compiled kernels on the CPU, CUDA "
+             "kernels on the GPU, torch's ops elsewhere)",
+    "maximize": "negate the loss instead: the vote is over the signs of what you minimize",
+    "differentiable": "a majority vote of signs has no useful gradient",
+    "capturable": "a CUDA graph cannot capture MPI calls",
+}
+
+
+def check_torch_options(name: str, options: dict) -> None:
+    """TypeError for an unknown keyword; ValueError for torch.optim's implementation options
+    set to anything but their defaults (None or False), saying why they do not apply."""
+    for key, value in options.items():
+        if key not in _TORCH_OPTIONS:
+            raise TypeError(f"{name}() got an unexpected keyword argument {key!r}")
+        if value not in (None, False):
+            raise ValueError(f"{name} has no {key}={value!r}: {_TORCH_OPTIONS[key]}")
 
 
 class SignOptimizer(Optimizer):
@@ -41,8 +63,9 @@ class SignOptimizer(Optimizer):
     def __init__(self, params, defaults: dict, rule, comm=None, topology: str = "server", *,
                  timeout: float | None = None, check_every: int = 0, overlap: bool = False,
                  bucket_mb: float = 25.0, monitor: DisagreementMonitor | None = None,
-                 elastic: bool = False, min_ranks: int = 1):
+                 elastic: bool = False, min_ranks: int = 1, **torch_options):
         # Validate everything before any communication, so every rank raises the same error.
+        check_torch_options(type(self).__name__, torch_options)
         rule.check(defaults)
         check_topology(topology)
         comm = check_comm(MPI.COMM_WORLD if comm is None else comm)
@@ -57,7 +80,7 @@ class SignOptimizer(Optimizer):
         if not isinstance(min_ranks, int) or min_ranks < 1:
             raise ValueError(f"min_ranks must be an int >= 1, got {min_ranks!r}")
         self.rule = rule
-        super().__init__(params, defaults)
+        super().__init__(params, defaults)   # each group through add_param_group: checked
         bucket_words = max(1, int(bucket_mb * 2**20 / 4) // packing.WORD_BITS)
         self.engine = VoteEngine(self, rule, comm, topology,
                                  default_timeout() if timeout is None else float(timeout),
@@ -103,6 +126,12 @@ class SignOptimizer(Optimizer):
         new.engine = self.engine.copy_for(new, memo)
         return new
 
+    def __copy__(self):
+        raise TypeError(
+            f"copy.copy of a {type(self).__name__} would share its vote (communicator, layout, "
+            f"buffers in flight) with the original, and two optimizers cannot take turns in "
+            f"one vote. Use copy.deepcopy(opt), which makes a working copy.")
+
     def __getstate__(self):
         raise TypeError(
             f"a {type(self).__name__} cannot be pickled: it holds an MPI communicator, which "
@@ -123,6 +152,11 @@ class SignOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         self.rule.check({**self.defaults, **param_group})
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)   # a generator
+        for p in params:
+            check_param(p)
+        param_group = {**param_group, "params": params}
         param_group.setdefault("step", 0)
         super().add_param_group(param_group)
 

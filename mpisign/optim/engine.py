@@ -378,7 +378,7 @@ class VoteEngine:
         buckets whose result is not yet in the parameters (all of them, unless a recovery
         has brought some in)."""
         layout = self.plan.layout
-        if all(bucket.applied for bucket in layout.buckets):
+        if layout.buckets and all(bucket.applied for bucket in layout.buckets):
             # A recovery handed this rank the whole step: nothing left to vote on. (After-vote
             # work waiting on the presence OR is dropped: it is this rank's alone.)
             self._deferred = []
@@ -420,7 +420,13 @@ class VoteEngine:
         unless the pack is still queued on a device (``mark()`` of the backend): then from a
         later hook, or from step(), once the device has done it. MPI needs the words finished,
         and waiting for them here would stall autograd's thread, which launches the backward
-        kernels of the layers still to come."""
+        kernels of the layers still to come.
+
+        A layout that changed since the hooks were installed (``add_param_group``,
+        ``requires_grad_`` toggled, ``load_state_dict``) packs nothing here: step() lays out
+        again and packs every bucket once, so no momentum is updated twice."""
+        if self._stale or self.plan.layout.signature != signature(self.books.param_groups):
+            return
         self.recovery.attempt(self._pack_from_hook, bucket)
 
     def _pack_from_hook(self, bucket: Bucket) -> None:

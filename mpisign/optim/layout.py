@@ -18,7 +18,7 @@ import torch
 from ..backends import packing
 from .header import digest64
 
-__all__ = ["Slot", "Bucket", "Layout", "build_layout", "trainable"]
+__all__ = ["Slot", "Bucket", "Layout", "build_layout", "check_param", "trainable"]
 
 
 @dataclass
@@ -70,6 +70,14 @@ class Layout:
                 f"overlap={self.overlap}, layout digest {self.digest:016x}")
 
 
+def check_param(p: torch.Tensor) -> None:
+    """ValueError unless ``p`` is a real floating-point tensor (a sign needs an order)."""
+    if not p.is_floating_point():
+        raise ValueError(f"parameters must be real floating point, got {p.dtype}"
+                         + (": a sign method needs an order; optimize torch.view_as_real(p) "
+                            "instead" if p.is_complex() else ""))
+
+
 def trainable(param_groups: list) -> list:
     """``(group index, parameter)`` of every parameter with ``requires_grad``, in order."""
     return [(gi, p) for gi, g in enumerate(param_groups) for p in g["params"] if p.requires_grad]
@@ -81,13 +89,13 @@ def signature(param_groups: list) -> tuple:
 
 def build_layout(param_groups: list, overlap: bool, bucket_words: int, signs) -> Layout:
     """The layout of ``param_groups``' trainable parameters, its words from ``signs``
-    (:class:`mpisign.backends.signs.Signs`). Raises ValueError if there is nothing floating to train."""
+    (:class:`mpisign.backends.signs.Signs`): no bucket at all when no parameter requires a
+    gradient (a step votes on nothing, as torch's optimizers do nothing; its header still
+    checks that every rank agrees). Raises ValueError for a parameter that is not real
+    floating point."""
     order = trainable(param_groups)
-    if not order:
-        raise ValueError("no parameter with requires_grad=True to optimize")
     for _, p in order:
-        if not p.is_floating_point():
-            raise ValueError(f"parameters must be floating point, got {p.dtype}")
+        check_param(p)
     description = [(gi, tuple(p.shape), str(p.dtype)) for gi, p in order]
     layout = Layout(signature(param_groups), description,
                     digest64(repr((description, overlap, bucket_words)).encode()), overlap)

@@ -100,9 +100,13 @@ class _SignSGDRule(SignumRule):
 
 class SignSGD(Signum):
     """signSGD with majority vote: :class:`Signum` with ``momentum=0`` (the sign of the
-    gradient itself is sent). Options as for :class:`Signum`."""
+    gradient itself is sent). ``momentum`` is accepted only as 0, for code that builds
+    optimizers from one config. Options as for :class:`Signum`."""
 
     def __init__(self, params, lr: float = 1e-4, weight_decay: float = 0.0, comm=None,
-                 topology: str = "server", **options):
+                 topology: str = "server", momentum: float = 0.0, **options):
+        if number(momentum) != 0.0:
+            raise ValueError(f"SignSGD has no momentum (it sends the sign of the gradient "
+                             f"itself), got momentum={momentum!r}: use Signum for momentum")
         SignOptimizer.__init__(self, params, dict(lr=lr, momentum=0.0, weight_decay=weight_decay),
-                         _SignSGDRule(), comm, topology, **options)
+                               _SignSGDRule(), comm, topology, **options)

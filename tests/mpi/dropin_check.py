@@ -352,6 +352,52 @@ def overlap_on_a_thread():
     same_everywhere(model)
 
 
+def nothing_to_optimize():
+    """A frozen model (the first phase of a fine-tune): step() does nothing on every rank, and
+    still agrees: a rank that alone has something to optimize is LayoutMismatch everywhere."""
+    model, xs = model_and_batches(2)
+    before = [p.detach().clone() for p in model.parameters()]
+    model.requires_grad_(False)
+    opt = mpisign.Signum(model.parameters(), lr=0.01, comm=comm, timeout=60)
+    opt.step()
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    if rank == 1:
+        model[0].requires_grad_(True)
+        model(xs[0]).sum().backward()
+    with expect_everywhere(mpisign.LayoutMismatch, re.escape("rank(s) [1] differ from rank 0")):
+        opt.step()
+
+
+def overlap_layout_change():
+    """overlap=True on the step where the layout changes (add_param_group, or a layer
+    unfrozen): the hooks of the old layout pack nothing, so each momentum is updated once, as
+    with overlap=False, bit for bit."""
+    def run(overlap):
+        model, xs = model_and_batches(4)
+        head = model[-1]
+        head.requires_grad_(False)
+        body = [p for p in model.parameters() if p.requires_grad]
+        opt = mpisign.Signum(body, lr=0.01, momentum=0.9, comm=comm, overlap=overlap,
+                             bucket_mb=1e-4, timeout=60)
+        for step, x in enumerate(xs):
+            if step == 1:
+                head.requires_grad_(True)
+                opt.add_param_group({"params": head.parameters(), "lr": 0.02})
+            if step == 2:
+                body[0].requires_grad_(False)
+                body[0].grad = None
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+        return [(p.detach().clone(), opt.state[p]["momentum_buffer"].clone())
+                for p in model.parameters()]
+    plain, hooked = run(False), run(True)
+    for i, ((p, m), (q, n)) in enumerate(zip(plain, hooked)):
+        assert torch.equal(p, q), f"parameter {i}"
+        assert torch.equal(m, n), f"momentum {i}"
+
+
 name = sys.argv[1]
 with case(name):
     globals()[name]()
