@@ -100,7 +100,7 @@ DROPIN_CASES = ["compile", "grad_scaler", "isolation", "deepcopy", "vote_loop",
                 "signsgd_momentum", "initial_mismatch", "state_gather", "layout_one_rank",
                 "hparams_one_rank", "step_mismatch", "none_everywhere", "overlap_two_backwards",
                 "monitor_in_header", "overlap_on_a_thread", "nothing_to_optimize",
-                "overlap_layout_change"]
+                "overlap_layout_change", "overlap_grad_changed"]
 
 
 @pytest.mark.parametrize("case", DROPIN_CASES)

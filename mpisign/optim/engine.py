@@ -105,9 +105,9 @@ class Solo:
     def check_header(self) -> None:
         pass
 
-    def presence(self, layout: Layout, present: list):
+    def presence(self, layout: Layout, present: list, changed: bool = False):
         ids = [id(s.param) for s in layout.slots]
-        return lambda: dict(zip(ids, present))
+        return lambda: (dict(zip(ids, present)), changed)
 
     def record_disagreement(self) -> None:
         """One rank: its own figure of this step, at once."""
@@ -173,23 +173,29 @@ class Ensemble(Solo):
         engine.check.check(engine.timeout, engine.rank, engine.plan.layout.summary,
                            engine.rule.value_names[:3])
 
-    def presence(self, layout: Layout, present: list):
-        """A function giving ``{id(param): has a gradient on some rank}``, to call after the
-        header check. Headers that counted the missing gradients: all present when every count
-        is 0 (the usual step: no exchange), else an OR of one bit a parameter. A header begun
-        by a hook could not count: the OR starts now, beside the votes."""
+    def presence(self, layout: Layout, present: list, changed: bool = False):
+        """A function giving ``({id(param): has a gradient on some rank}, whether some rank's
+        gradient changed after a hook started its vote)``, to call after the header check.
+        Headers that counted the missing gradients: all present when every count is 0 (the
+        usual step: no exchange), else an OR of one bit a parameter. A header begun by a hook
+        could not count: the OR starts now, beside the votes, with one more bit, ``changed``
+        (only a hook's vote can have a changed gradient, and a hook's header means an OR)."""
         engine = self.engine
         ids = [id(s.param) for s in layout.slots]
 
         def start_or():
             step = engine.books.param_groups[0]["step"]
-            wait = exchanges.start_presence(engine.own_comm.get(), present, engine.timeout,
-                                            f"gradient presence at step {step} on rank "
-                                            f"{engine.rank}")
-            return lambda: dict(zip(ids, wait()))
+            wait = exchanges.start_presence(engine.own_comm.get(), present + [changed],
+                                            engine.timeout, f"gradient presence at step {step} "
+                                            f"on rank {engine.rank}")
+
+            def result():
+                bits = wait()
+                return dict(zip(ids, bits[:-1])), bits[-1]
+            return result
         if not engine.check.absent_known:
             return start_or()
-        return lambda: (dict.fromkeys(ids, True) if engine.check.all_present
+        return lambda: ((dict.fromkeys(ids, True), False) if engine.check.all_present
                         else start_or()())
 
     def record_disagreement(self) -> None:
@@ -392,7 +398,8 @@ class VoteEngine:
         # not updated, as in torch.optim. The headers say when every rank has every gradient;
         # when a hook began the step they cannot, and an OR of one bit each goes with the votes.
         self.ranks.post_header(absent=present.count(False))
-        anywhere = self.ranks.presence(layout, present)
+        changed = self.hooks.changed(layout)
+        anywhere = self.ranks.presence(layout, present, bool(changed))
         # Step 3: start every bucket's vote that a gradient hook has not started yet (all of
         # them without overlap; those with a parameter whose .grad is None with it).
         self._waiting = []   # packed by hooks, their device work maybe queued: started here
@@ -401,7 +408,10 @@ class VoteEngine:
                 self._start_bucket(bucket)
         # Step 4: finish each vote and apply it, once every rank's header is known to agree.
         self.ranks.check_header()
-        has_grad = anywhere()
+        has_grad, changed_somewhere = anywhere()
+        if changed_somewhere:   # before any parameter moves, on every rank
+            self.hooks.raise_changed(changed, self.books.param_groups[0]["step"],
+                                     type(self.books).__name__)
         for after, params in self._deferred:   # the rules' work that waited for the OR
             after([has_grad[id(p)] for p in params])
         self._deferred = []
@@ -431,6 +441,7 @@ class VoteEngine:
 
     def _pack_from_hook(self, bucket: Bucket) -> None:
         self._pack_bucket(bucket)
+        self.hooks.saw(bucket)
         self._waiting.append((bucket, self.plan.backend.mark()))
         for waiting in list(self._waiting):
             done = waiting[1]

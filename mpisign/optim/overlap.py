@@ -11,7 +11,12 @@ from __future__ import annotations
 import torch
 from mpi4py import MPI
 
-__all__ = ["BucketHooks", "check_threads"]
+__all__ = ["BucketHooks", "GradientChanged", "check_threads"]
+
+
+class GradientChanged(RuntimeError):
+    """With ``overlap=True``, a gradient changed between the hook that sent its signs and
+    ``step()``: raised on every rank, before any parameter moves."""
 
 _LEVELS = {MPI.THREAD_SINGLE: "MPI_THREAD_SINGLE", MPI.THREAD_FUNNELED: "MPI_THREAD_FUNNELED",
            MPI.THREAD_SERIALIZED: "MPI_THREAD_SERIALIZED",
@@ -57,6 +62,41 @@ class BucketHooks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    @staticmethod
+    def saw(bucket) -> None:
+        """A hook packed ``bucket``: remember each gradient it packed, and its version (torch
+        counts every in-place change of a tensor), to find at step() any that changed."""
+        bucket.seen = {id(s.param): (s.param.grad, s.param.grad._version) for s in bucket.slots
+                       if s.param.grad is not None}
+
+    @staticmethod
+    def changed(layout) -> list:
+        """``(index, shape)`` of each parameter whose gradient is not what its hook packed:
+        changed in place (clip_grad_norm_, a mask, GradScaler's unscale_) or replaced."""
+        out = []
+        for bucket in layout.buckets:
+            for slot in bucket.slots:
+                seen = bucket.seen.get(id(slot.param))
+                g = slot.param.grad
+                if seen is not None and (g is not seen[0] or g._version != seen[1]):
+                    out.append(tuple(slot.param.shape))
+        return out
+
+    @staticmethod
+    def raise_changed(changed: list, step: int, name: str) -> None:
+        """:class:`GradientChanged`, on every rank (``changed``: this rank's, maybe none)."""
+        here = (f"here the gradient of {len(changed)} parameter(s) of shape(s) "
+                f"{changed[:4]}{' ...' if len(changed) > 4 else ''} changed"
+                if changed else "on another rank a gradient changed")
+        raise GradientChanged(
+            f"{name}(overlap=True) at step {step}: {here} after its vote had started in the "
+            f"backward pass. With overlap the signs leave as soon as backward() completes a "
+            f"bucket, so nothing may change .grad between backward() and step() (in-place "
+            f"clipping such as clip_grad_norm_, masking, GradScaler's unscale_, a new .grad). "
+            f"No parameter moved at this step on any rank; this optimizer cannot go on. Use "
+            f"overlap=False (the vote then sees .grad as step() finds it), or change the loss "
+            f"instead of the gradient.")
 
     def _hook(self, bucket, param: torch.Tensor):
         def hook(_):

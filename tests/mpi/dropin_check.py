@@ -398,6 +398,32 @@ def overlap_layout_change():
         assert torch.equal(m, n), f"momentum {i}"
 
 
+def overlap_grad_changed():
+    """overlap=True and a gradient changed after its hook sent the signs (clip_grad_norm_ on
+    rank 1 alone): GradientChanged on every rank, before any parameter moves; the same script
+    with overlap=False clips and votes as it should."""
+    from mpisign.optim.overlap import GradientChanged
+    for overlap in (True, False):
+        model, xs = model_and_batches(2)
+        opt = mpisign.Signum(model.parameters(), lr=0.01, comm=comm, overlap=overlap,
+                             bucket_mb=1e-4, timeout=60)
+        model(xs[0]).sum().backward()
+        opt.step()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        model(xs[1]).sum().backward()
+        if rank == 1:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        if overlap:
+            with expect_everywhere(GradientChanged, "changed after its vote had started") as e:
+                opt.step()
+            says(e, "overlap=False", "step 1")
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        else:
+            opt.step()
+            same_everywhere(model)
+
+
 name = sys.argv[1]
 with case(name):
     globals()[name]()
