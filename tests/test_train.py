@@ -24,6 +24,7 @@ import mpisign
 from mpisign.train import checkpoint
 from mpisign.train import (DEFAULT_LR, UsageError, build_parser, learning_rate, load_checkpoint,
                            main)
+from mpisign.train.options import DEFAULT_LR_BY_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = ["--dataset", "digits", "--batch-size", "32", "--no-progress", "--log-every", "7"]
@@ -340,7 +341,9 @@ def test_help_lists_every_choice(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     for word in ["--model", "--dataset", "--optimizer", "--adversaries", "--resume", "--device",
-                 *mpisign.TOPOLOGIES, "fashion-mnist", "imagefolder", "resnet50", "signsgd"]:
+                 *mpisign.TOPOLOGIES, "fashion-mnist", "imagefolder", "resnet50", "signsgd",
+                 "gpt", "pystdlib", "lion-allreduce", "adamw", "--betas", "--layers", "--width",
+                 "--heads", "--context"]:
         assert word in out, word
 
 
@@ -356,7 +359,8 @@ def test_help_lists_every_choice(capsys):
     (["--resume"], "--resume needs --out"),
     (["--vote-timeout", "0"], "--vote-timeout must be > 0"),
     (["--attack", "flip"], "--attack: invalid choice"),
-    (["--elastic", "--optimizer", "sgd"], "--elastic needs --optimizer signum or signsgd"),
+    (["--elastic", "--optimizer", "sgd"], "--elastic needs a voting optimizer (signum, signsgd, "
+                                          "lion): the allreduce of --optimizer sgd"),
     (["--elastic"], "mpirun --with-ft ulfm"),   # this process was not launched with ULFM
 ])
 def test_bad_options_exit_2_with_a_clear_message(argv, message, capsys):
@@ -408,7 +412,11 @@ def test_learning_rate_warmup_and_step_decay():
     assert learning_rate(args, 19, 10) == pytest.approx(0.1)
     assert learning_rate(args, 20, 10) == pytest.approx(0.05)
     assert learning_rate(args, 35, 10) == pytest.approx(0.025)
-    assert set(DEFAULT_LR) == {"signum", "signsgd", "sgd"}
+    assert set(DEFAULT_LR) == {"signum", "signsgd", "sgd", "lion", "lion-allreduce", "adamw"}
+    # Lion's lr is 3-10x below AdamW's (Chen et al. 2023), on every model.
+    for lrs in (DEFAULT_LR, *DEFAULT_LR_BY_MODEL.values()):
+        for lion in ("lion", "lion-allreduce"):
+            assert 3 <= round(lrs["adamw"] / lrs[lion], 9) <= 10, (lion, lrs)
 
 
 def test_plot_draws_a_png(reference, tmp_path):

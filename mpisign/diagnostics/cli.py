@@ -151,6 +151,9 @@ def _resolve(args, parser) -> list[dict]:
             points.append(dict(label=label, step=step, source=str(f), state=common["model"],
                                batch_size=cfg.get("batch_size")))
     args.model = args.model or seen.get("model", "cnn")
+    if args.model not in MODELS:
+        parser.error(f"the checkpoints are of --model {args.model}: the diagnostics measure the "
+                     f"image classifiers ({', '.join(MODELS)})")
     args.dataset = args.dataset or seen.get("dataset")
     args.seed = args.seed if args.seed is not None else seen.get("seed", 0)
     points.sort(key=lambda p: p["step"])

@@ -1,4 +1,5 @@
-"""Train an image classifier with Signum / signSGD majority vote over MPI, or the fp32 baseline.
+"""Train an image classifier, or a small transformer language model, with Signum / signSGD /
+Lion majority vote over MPI, or an fp32 allreduce baseline (SGD, AdamW, global Lion).
 
 One process per rank; every rank trains the same model on its own shard of the data and the
 optimizer's majority vote keeps their parameters identical. Rank 0 alone prints and writes the
@@ -13,6 +14,8 @@ On this machine, or a laptop (Fashion-MNIST from Debian's dataset-fashion-mnist,
     mpirun -n 7 python -m mpisign.train --adversaries 3 --attack omniscient   # not blind
     mpirun -n 4 python -m mpisign.train --out runs/tree --resume      # continue a run
     python -m mpisign.train.plot runs/sgd runs/tree runs/adv3of7
+    mpirun -n 4 python -m mpisign.train --model gpt --optimizer lion --out runs/gpt-lion
+    mpirun -n 4 python -m mpisign.train --model gpt --optimizer adamw --out runs/gpt-adamw
 
 More ranks than cores, or root in a container: ``python -m mpisign.launch -n 4 -- python -m
 mpisign.train ...`` sets what Open MPI needs, or by hand::
@@ -38,7 +41,9 @@ packing, the vote and the update for Signum, the allreduce and the update for SG
 the vote posted to MPI, exactly; for ``sgd`` the ring-allreduce volume ``8 d (M-1) / M``.
 
 Modules: :mod:`~mpisign.train.cli` (the options, ``main``), :mod:`~mpisign.train.loop` (the run,
-stage by stage), :mod:`~mpisign.train.data`, :mod:`~mpisign.train.models`,
+stage by stage), :mod:`~mpisign.train.data`, :mod:`~mpisign.train.corpus` (``--dataset
+pystdlib``), :mod:`~mpisign.train.objectives` (classification or next token),
+:mod:`~mpisign.train.models`, :mod:`~mpisign.train.gpt`, :mod:`~mpisign.train.updates`,
 :mod:`~mpisign.train.checkpoint`, :mod:`~mpisign.train.metrics` (the books),
 :mod:`~mpisign.train.baseline` (the fp32 allreduce) and :mod:`~mpisign.train.options` (what the
 command line shares with ``mpisign.diagnostics``). Importing this package loads none of them:

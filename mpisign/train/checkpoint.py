@@ -39,7 +39,7 @@ from mpi4py import MPI
 
 from ..mpi.comm import bounded
 from .metrics import Tally
-from .options import UsageError
+from .options import ALLREDUCE, UsageError
 
 __all__ = ["CheckpointError", "save", "latest", "load", "load_file", "atomic_save",
            "capture_rng", "restore_rng", "StopRequest", "resume", "find_checkpoint",
@@ -49,7 +49,7 @@ log = logging.getLogger("mpisign.train")
 
 #: Options that must not change on --resume: the checkpoint's state depends on them.
 FIXED_ON_RESUME = ("model", "dataset", "optimizer", "batch_size", "seed", "adversaries",
-                   "attack", "momentum")
+                   "attack", "momentum", "betas", "layers", "width", "heads", "context")
 
 POINTER = "latest"
 
@@ -277,9 +277,10 @@ def load_checkpoint(where: Path, args, data, comm) -> tuple[dict, dict]:
     # takes rank 0's optimizer state (hyperparameters, step) without its momentum.
     own = load_file(where / f"rank-{rank if rank < common['world_size'] else 0:05d}.pt")
     if common["world_size"] != comm.Get_size():
-        if args.optimizer == "sgd":
+        if args.optimizer in ALLREDUCE:
             raise UsageError(f"{where} was written by {common['world_size']} ranks, this job "
-                             f"has {comm.Get_size()}: --optimizer sgd resumes on as many ranks")
+                             f"has {comm.Get_size()}: --optimizer {args.optimizer} resumes on "
+                             f"as many ranks")
         if rank == 0:
             log.warning("resuming %d ranks' checkpoint on %d ranks: %s", common["world_size"],
                         comm.Get_size(),

@@ -13,11 +13,13 @@ import mpisign
 
 from .adversary import ATTACKS, NON_BLIND_ATTACKS
 from ..mpi.world import SingletonWorld, check_world
+from .corpus import CORPORA
 from .data import DATASETS
 from .loop import train
-from .models import MODELS
-from .options import (DEFAULT_EPOCHS, DEFAULT_EXAMPLES, DEFAULT_LR, UsageError, nonnegative_int,
-                      positive_int)
+from .models import LANGUAGE_MODELS, MODELS
+from .options import (DEFAULT_BETAS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES, DEFAULT_LR,
+                      DEFAULT_LR_BY_MODEL, DEFAULT_WEIGHT_DECAY, GPT_SIZE, OPTIMIZERS, UsageError,
+                      nonnegative_int, positive_int)
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -41,10 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The options, in the groups that --help shows."""
     p = Parser(prog="python -m mpisign.train",
                description="Data-parallel training with Signum/signSGD majority vote over MPI "
-                           "(Bernstein et al., ICLR 2019), or the fp32 allreduce SGD baseline. "
+                           "(Bernstein et al., ICLR 2019) or Distributed Lion (Liu et al. 2024), "
+                           "or an fp32 allreduce baseline (SGD, AdamW, global Lion). "
                            "Launch with mpirun/srun, one process per rank.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     _model_and_data_options(p.add_argument_group("model and data"))
+    _transformer_options(p.add_argument_group("transformer (--model gpt)"))
     _optimizer_options(p.add_argument_group("optimizer"))
     _schedule_options(p.add_argument_group("schedule"))
     _adversary_options(p.add_argument_group("adversaries (Byzantine workers)"))
@@ -53,10 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_and_data_options(g) -> None:
-    g.add_argument("--model", choices=MODELS, default="cnn",
-                   help="small CNN, or torchvision ResNet (no pretrained weights)")
-    g.add_argument("--dataset", choices=DATASETS, default=None,
-                   help="default: fashion-mnist if installed, else digits (announced)")
+    g.add_argument("--model", choices=(*MODELS, *LANGUAGE_MODELS), default="cnn",
+                   help="small CNN, or torchvision ResNet (no pretrained weights), for images; "
+                        "gpt: a small transformer language model, for text")
+    g.add_argument("--dataset", choices=(*DATASETS, *CORPORA), default=None,
+                   help="default: for the image models fashion-mnist if installed, else digits "
+                        "(announced); for gpt pystdlib, the bytes of the Python standard "
+                        "library's source (nothing to download)")
     g.add_argument("--data-dir", default=None,
                    help="where the data lives (fashion-mnist default: "
                         "/usr/share/datasets/fashion-mnist; required for cifar10, imagefolder)")
@@ -64,18 +71,39 @@ def _model_and_data_options(g) -> None:
                    help="DataLoader workers per rank (default: 0 in memory, a few for images)")
 
 
+def _transformer_options(g) -> None:
+    g.add_argument("--layers", type=positive_int, default=None,
+                   help=f"transformer blocks (default {GPT_SIZE['layers']})")
+    g.add_argument("--width", type=positive_int, default=None,
+                   help=f"embedding width (default {GPT_SIZE['width']})")
+    g.add_argument("--heads", type=positive_int, default=None,
+                   help=f"attention heads, dividing --width (default {GPT_SIZE['heads']})")
+    g.add_argument("--context", type=positive_int, default=None,
+                   help=f"bytes a window predicts from (default {GPT_SIZE['context']})")
+
+
 def _optimizer_options(g) -> None:
-    g.add_argument("--optimizer", choices=("signum", "signsgd", "sgd"), default="signum",
-                   help="sgd: plain SGD on the fp32 allreduce mean of the gradients")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="signum",
+                   help="signum, signsgd, lion: majority vote of signs (lion: Distributed Lion "
+                        "with majority vote); sgd, adamw, lion-allreduce: torch SGD, torch "
+                        "AdamW, or Lion on the fp32 allreduce mean of the gradients")
     g.add_argument("--topology", choices=[*sorted(mpisign.TOPOLOGIES), "auto"],
-                   default="server", help="how the vote travels (signum, signsgd); auto: the "
-                   "cost model's choice for this model, rank count and measured link")
+                   default="server", help="how the vote travels (signum, signsgd, lion); auto: "
+                   "the cost model's choice for this model, rank count and measured link")
     g.add_argument("--lr", type=_finite_float, default=None,
-                   help=f"learning rate (default: {DEFAULT_LR})")
+                   help=f"learning rate (default: {DEFAULT_LR}"
+                        + "".join(f"; for {m}: {lrs}" for m, lrs in DEFAULT_LR_BY_MODEL.items())
+                        + ")")
     g.add_argument("--momentum", type=_finite_float, default=None,
-                   help="momentum in [0, 1) (default 0.9 for signum and sgd; signsgd has none)")
-    g.add_argument("--weight-decay", type=_finite_float, default=0.0)
-    g.add_argument("--batch-size", type=positive_int, default=64, help="per rank")
+                   help="momentum in [0, 1) (default 0.9 for signum and sgd; signsgd has none; "
+                        "lion and adamw take --betas)")
+    g.add_argument("--betas", type=_finite_float, nargs=2, default=None, metavar=("B1", "B2"),
+                   help=f"lion, lion-allreduce, adamw: each in [0, 1) (default: "
+                        f"{DEFAULT_BETAS})")
+    g.add_argument("--weight-decay", type=_finite_float, default=None,
+                   help=f"default: {DEFAULT_WEIGHT_DECAY} (decoupled for lion and adamw)")
+    g.add_argument("--batch-size", type=positive_int, default=None,
+                   help="per rank (default 64; for gpt 32 windows of --context bytes)")
     g.add_argument("--vote-timeout", type=_finite_float, default=None,
                    help="seconds a vote, or any other wait on the other ranks (evaluation, "
                         "metrics, checkpoint, stop signal), waits before it raises "
@@ -130,7 +158,8 @@ def _output_options(g) -> None:
                         "a sequence over training)")
     g.add_argument("--log-every", type=positive_int, default=20, metavar="N",
                    help="a metrics record every N steps")
-    g.add_argument("--eval-batch-size", type=positive_int, default=1000)
+    g.add_argument("--eval-batch-size", type=positive_int, default=None,
+                   help="default 1000; for gpt 64 windows")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="tqdm progress bar on rank 0")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .objectives import Classification
+
 __all__ = ["DATASETS", "FASHION_MNIST_DIR", "DataNotFound", "Data", "InMemory", "load_data",
            "batches_per_epoch", "train_batches", "eval_batches"]
 
@@ -85,10 +87,35 @@ class Data:
     source: str          # where it was read from
     note: str = ""       # e.g. why the default fell back to digits
 
+    #: What a model learns from it (:mod:`mpisign.train.objectives`).
+    objective = Classification()
+
     def describe(self) -> dict:
         return dict(name=self.name, source=self.source, train=len(self.train),
                     test=len(self.test), in_channels=self.in_channels,
                     image_size=self.image_size, num_classes=self.num_classes, note=self.note)
+
+    # The interface the training loop uses; mpisign.train.corpus.Corpus has it too.
+    def steps_per_epoch(self, world: int, batch_size: int) -> int:
+        return batches_per_epoch(len(self.train), world, batch_size)
+
+    def share(self, world: int) -> str:
+        """What each rank's share of an epoch is, for an error message."""
+        return f"{-(-len(self.train) // world)} of {len(self.train)} examples"
+
+    def train_batches(self, **kwargs):
+        """:func:`train_batches` of the training set."""
+        return train_batches(self.train, **kwargs)
+
+    def eval_batches(self, **kwargs):
+        """:func:`eval_batches` of the test set."""
+        return eval_batches(self.test, **kwargs)
+
+    def default_workers(self) -> int:
+        return default_workers(self.train)
+
+    def seen(self, steps: int, world: int, batch_size: int) -> dict:
+        return {}   # the books count steps and epochs; nothing more to add
 
 
 # -- Fashion-MNIST: idx files ---------------------------------------------------------------------

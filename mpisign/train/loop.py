@@ -28,7 +28,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from mpi4py import MPI
 
 import mpisign
@@ -39,10 +38,12 @@ from ..optim.state import broadcast_parameters
 from . import checkpoint
 from .adversary import ATTACKS, NON_BLIND_ATTACKS, Omniscient, attack_gradients, make_attack
 from .checkpoint import StopRequest, collectively, load_checkpoint, resume
-from .data import Data, batches_per_epoch, default_workers, eval_batches, load_data, train_batches
+from .corpus import CORPORA, Corpus, load_corpus
+from .data import Data, load_data
 from .metrics import Interval, Metrics, Tally, Traffic, log_interval, run_record
-from .models import build_model
-from .options import DEFAULT_EPOCHS, DEFAULT_EXAMPLES, DEFAULT_LR, Config, UsageError
+from .models import LANGUAGE_MODELS, build_language_model, build_model
+from .options import (DEFAULT_BETAS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES, DEFAULT_WEIGHT_DECAY,
+                      GPT_SIZE, Config, UsageError, default_lr)
 from .survivors import Unguarded, check_elastic, guard
 from .updates import VoteUpdate, build_update
 
@@ -57,7 +58,7 @@ class Built:
     config: Config
     out: Path
     device: torch.device
-    data: Data
+    data: Data | Corpus                  # images or text: one interface, and its objective
     model: torch.nn.Module
     update: VoteUpdate                   # the optimizer, and how the gradients reach it
     attack_rng: torch.Generator
@@ -116,6 +117,10 @@ class Run:
         """Wall seconds of training, across resumes."""
         return self.elapsed_before + time.perf_counter() - self.t_launch
 
+    def seen(self) -> dict:
+        """What the run's steps so far trained on, where the data counts it (tokens)."""
+        return self.built.data.seen(self.step, self.world, self.config.batch_size)
+
 
 def train(args, comm) -> int:
     """The run, top to bottom; every rank executes it."""
@@ -141,17 +146,35 @@ def configure(args, comm) -> Config:
         # The library's loggers keep their warnings: those are about this rank.
         for name in ("mpisign.train", "mpisign.data"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    momentum = args.momentum
-    if momentum is None:
-        momentum = 0.0 if args.optimizer == "signsgd" else 0.9
-    config = Config(**{**vars(args), "momentum": momentum,
-                       "lr": DEFAULT_LR[args.optimizer] if args.lr is None else args.lr})
+    config = Config(**{**vars(args), **defaults(args)})
     if args.adversaries and args.adversaries * 2 >= world:
         log.warning("%d of %d ranks are adversaries: majority vote is only guaranteed to "
                     "withstand fewer than half", args.adversaries, world)
     if rank < args.adversaries and args.attack in ("inf", "nan"):
         logging.getLogger("mpisign.optim").setLevel(logging.ERROR)  # expected, counted in metrics
     return config
+
+
+def defaults(args) -> dict:
+    """The options whose defaults depend on the optimizer or the model, filled in; those that do
+    not apply to them are None (as run.json and the checkpoints then record them)."""
+    opt, language = args.optimizer, args.model in LANGUAGE_MODELS
+    momentum = args.momentum
+    if momentum is None and opt in ("signum", "sgd"):
+        momentum = 0.9
+    elif momentum is None and opt == "signsgd":
+        momentum = 0.0
+    betas = (list(args.betas or DEFAULT_BETAS[opt]) if opt in DEFAULT_BETAS else None)
+    filled = dict(
+        lr=default_lr(opt, args.model) if args.lr is None else args.lr,
+        momentum=momentum, betas=betas,
+        weight_decay=DEFAULT_WEIGHT_DECAY[opt] if args.weight_decay is None else args.weight_decay,
+        dataset=CORPORA[0] if language and args.dataset is None else args.dataset,
+        batch_size=args.batch_size or (32 if language else 64),
+        eval_batch_size=args.eval_batch_size or (64 if language else 1000))
+    for name, default in GPT_SIZE.items():
+        filled[name] = (getattr(args, name) or default) if language else None
+    return filled
 
 
 def check_args(args, world: int) -> None:
@@ -164,9 +187,11 @@ def check_args(args, world: int) -> None:
     try:   # the optimizer's own checks of its hyperparameters, under the options' names
         SignumRule().check({"lr": 1.0 if args.lr is None else args.lr,
                             "momentum": 0.0 if args.momentum is None else args.momentum,
-                            "weight_decay": args.weight_decay}, where="--")
+                            "weight_decay": args.weight_decay or 0.0}, where="--")
     except ValueError as e:
         raise UsageError(str(e).replace("weight_decay", "weight-decay")) from None
+    _check_optimizer(args)
+    _check_model_and_data(args)
     if args.vote_timeout is not None and args.vote_timeout <= 0:
         raise UsageError(f"--vote-timeout must be > 0 seconds, got {args.vote_timeout}")
     if args.warmup_epochs < 0 or any(e <= 0 for e in args.lr_decay_epochs):
@@ -182,6 +207,51 @@ def check_args(args, world: int) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA device on this node")
     check_elastic(args)
+
+
+def _check_optimizer(args) -> None:
+    """--momentum for the optimizers that have one, --betas for those that have two."""
+    opt = args.optimizer
+    if args.momentum is not None and opt not in ("signum", "signsgd", "sgd"):
+        raise UsageError(f"--momentum does not apply to --optimizer {opt}: it takes --betas B1 "
+                         f"B2 (default {' '.join(map(str, DEFAULT_BETAS[opt]))})")
+    if args.betas is not None and opt not in DEFAULT_BETAS:
+        raise UsageError(f"--betas applies to --optimizer {', '.join(DEFAULT_BETAS)}; --optimizer "
+                         f"{opt} takes --momentum")
+    if args.betas is not None and not all(0 <= b < 1 for b in args.betas):
+        raise UsageError(f"--betas must each be in [0, 1), got {' '.join(map(str, args.betas))}")
+    if opt in ("lion", "lion-allreduce") and not hasattr(mpisign, "Lion"):
+        raise UsageError(f"--optimizer {opt} needs mpisign.Lion, which this version of mpisign "
+                         f"({mpisign.__version__}) does not have")
+    if args.attack in NON_BLIND_ATTACKS and args.adversaries and \
+            opt not in ("signum", "signsgd", "sgd"):
+        raise UsageError(f"--attack {args.attack} knows how signum, signsgd and sgd combine the "
+                         f"ranks, not --optimizer {opt}: use a blind --attack")
+
+
+def _check_model_and_data(args) -> None:
+    """A language model trains on a corpus, an image model on images; the size options are
+    the transformer's."""
+    language = args.model in LANGUAGE_MODELS
+    if language and args.dataset is not None and args.dataset not in CORPORA:
+        raise UsageError(f"--model {args.model} is a language model: it trains on a text corpus "
+                         f"(--dataset {', '.join(CORPORA)}), not on the images of --dataset "
+                         f"{args.dataset}")
+    if not language and args.dataset in CORPORA:
+        raise UsageError(f"--dataset {args.dataset} is text: it needs a language model "
+                         f"(--model {', '.join(LANGUAGE_MODELS)}), not the image model "
+                         f"--model {args.model}")
+    sizes = [f"--{k}" for k in GPT_SIZE if getattr(args, k) is not None]
+    if sizes and not language:
+        raise UsageError(f"{', '.join(sizes)} size the transformer (--model gpt), not --model "
+                         f"{args.model}")
+    if language and args.data_dir is not None:
+        raise UsageError(f"--data-dir does not apply to --dataset {CORPORA[0]}: it reads this "
+                         f"Python's standard library")
+    width = args.width or GPT_SIZE["width"]
+    heads = args.heads or GPT_SIZE["heads"]
+    if language and width % heads:
+        raise UsageError(f"--width {width} must be a multiple of --heads {heads}")
 
 
 # -- 2. setup -------------------------------------------------------------------------------------
@@ -224,26 +294,38 @@ def _device(config: Config, comm) -> torch.device:
     return device
 
 
-def _load_data(config: Config, comm) -> tuple[Config, Data, int, int]:
+def _load_data(config: Config, comm) -> tuple[Config, Data | Corpus, int, int]:
     """The data, the steps per epoch and the steps in all, and the options that depend on the
     data filled in. Every rank loads the data; a missing directory stops every rank with one
     message."""
-    data = collectively(comm, load_data, config.dataset, config.data_dir)
+    data = collectively(comm, _read_data, config)
     config = config.replace(
-        workers=default_workers(data.train) if config.workers is None else config.workers,
+        workers=data.default_workers() if config.workers is None else config.workers,
         epochs=default_epochs(data) if config.epochs is None else config.epochs)
     world = comm.Get_size()
-    steps_per_epoch = batches_per_epoch(len(data.train), world, config.batch_size)
+    steps_per_epoch = data.steps_per_epoch(world, config.batch_size)
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {config.batch_size} is larger than each rank's share "
-                         f"({-(-len(data.train) // world)} of {len(data.train)} examples)")
+                         f"({data.share(world)})")
     return config, data, steps_per_epoch, config.max_steps or config.epochs * steps_per_epoch
 
 
-def _build_model(config: Config, comm, data: Data, device: torch.device) -> torch.nn.Module:
+def _read_data(config: Config) -> Data | Corpus:
+    """The images (mpisign.train.data), or the text corpus cut into windows of --context + 1."""
+    if config.dataset in CORPORA:
+        return load_corpus(config.dataset, config.context)
+    return load_data(config.dataset, config.data_dir)
+
+
+def _build_model(config: Config, comm, data: Data | Corpus,
+                 device: torch.device) -> torch.nn.Module:
     """The same seed on every rank, then rank 0's values broadcast to be sure."""
     torch.manual_seed(config.seed)
-    model = build_model(config.model, data.in_channels, data.num_classes, data.image_size)
+    if config.model in LANGUAGE_MODELS:
+        model = build_language_model(config.model, data.vocab_size, config.context,
+                                     config.layers, config.width, config.heads)
+    else:
+        model = build_model(config.model, data.in_channels, data.num_classes, data.image_size)
     model.to(device)
     broadcast_parameters(model, comm, timeout=config.vote_timeout)
     return model
@@ -277,6 +359,9 @@ def open_books(run: Run) -> None:
     record = run_record(run.config, run.comm, run.built.data, run.built.model, run.built.device,
                         run.steps_per_epoch, run.total_steps,
                         run.step if run.resumed_from else None)
+    per_step = run.built.data.seen(1, run.world, run.config.batch_size)
+    if per_step:   # a corpus: the tokens a step trains on, over all ranks
+        record["per_step"] = per_step
     if run.rank == 0:
         _write_run_json(run, record)
     run.metrics = Metrics(run.built.out / "metrics.jsonl" if run.rank == 0 else None,
@@ -322,9 +407,10 @@ def train_epoch(run: Run, epoch: int, first: int) -> None:
     run's steps are done or a signal stops every rank."""
     config = run.config
     bar = _progress(config, run.rank, epoch, run.epochs, first, run.steps_per_epoch)
-    for x, y in train_batches(run.built.data.train, rank=run.rank, world=run.world,
-                              batch_size=config.batch_size, seed=config.seed, epoch=epoch,
-                              start=first, workers=config.workers, count=run.steps_per_epoch):
+    for x, y in run.built.data.train_batches(rank=run.rank, world=run.world,
+                                             batch_size=config.batch_size, seed=config.seed,
+                                             epoch=epoch, start=first, workers=config.workers,
+                                             count=run.steps_per_epoch):
         train_step(run, x, y)
         if bar is not None:
             bar.update(1)
@@ -349,8 +435,9 @@ def train_step(run: Run, x, y) -> None:
     run.stop.post()
     t0 = time.perf_counter()
     x, y = x.to(run.built.device, non_blocking=True), y.to(run.built.device, non_blocking=True)
+    objective = run.built.data.objective
     out = run.built.model(x)
-    loss = F.cross_entropy(out, y)
+    loss = objective.loss(out, y)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     if run.built.attack is not None:
@@ -365,7 +452,7 @@ def train_step(run: Run, x, y) -> None:
     run.caught = run.guard(run.stop.wait, default=0, what="the stop-signal agreement")
     run.step += 1
     run.guard.follow()   # --elastic: onto the survivors, if the optimizer lost ranks
-    batch = Tally(loss.item() * len(y), (out.argmax(1) == y).sum().item(), len(y))
+    batch = objective.tally(out, y, loss)
     run.epoch_tally.add(batch)
     run.interval.add(batch, compute_s=t1 - t0, comm_s=t2 - t1)
 
@@ -373,12 +460,15 @@ def train_step(run: Run, x, y) -> None:
 def log_step(run: Run, bar) -> None:
     """Collective: the ``step`` record of the steps since the last one."""
     traffic = _traffic(run)
+    objective = run.built.data.objective
     record = run.guard(log_interval, run.metrics, run.comm, run.interval, traffic,
                      run.last_traffic, run.step, run.steps_per_epoch, run.lr, run.elapsed(),
-                     run.built.update.watched(),
-                     timeout=run.config.vote_timeout, what="the step record's sums")
+                     {**(run.built.update.watched() or {}), **run.seen()},
+                     timeout=run.config.vote_timeout, figures=objective.figures,
+                     what="the step record's sums")
     if bar is not None and record is not None:
-        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}",
+        bar.set_postfix(loss=f"{record['loss']:.3f}",
+                        **{objective.figure: f"{record[objective.figure]:.3f}"},
                         ms=f"{1e3 * record['step_s']:.0f}", refresh=False)
     run.interval, run.last_traffic = Interval(), traffic
 
@@ -390,19 +480,19 @@ def end_epoch(run: Run, epoch: int) -> None:
     nan = Tally(math.nan, math.nan, 1.0)
     totals = run.guard(_summed, run.comm, run.epoch_tally, run.config.vote_timeout,
                      default=nan, what="the epoch's sums")
-    test_loss, test_acc = run.guard(evaluate, run.built.model, run.built.data, run.config,
-                                    run.comm, run.built.device, default=(math.nan, math.nan),
-                                    what="evaluation")
+    test = run.guard(evaluate, run.built.model, run.built.data, run.config, run.comm,
+                     run.built.device, default=nan, what="evaluation")
     run.built.update.check_consistency()
     run.guard.follow()   # --elastic: a dead rank that the check met
     run.evaluated = epoch
     now = run.elapsed()
-    run.metrics.write(type="epoch", epoch=epoch, step=run.step, train_loss=totals.loss,
-                      train_acc=totals.acc, test_loss=test_loss, test_acc=test_acc, time=now,
-                      epoch_time=now - run.epoch_started)
+    objective = run.built.data.objective
+    run.metrics.write(type="epoch", epoch=epoch, step=run.step,
+                      **objective.figures(totals, "train_"), **objective.figures(test, "test_"),
+                      **run.seen(), time=now, epoch_time=now - run.epoch_started)
     if run.rank == 0:
-        log.info("epoch %d: train loss %.4f acc %.4f, test loss %.4f acc %.4f, %.1f s",
-                 epoch, totals.loss, totals.acc, test_loss, test_acc, now - run.epoch_started)
+        log.info("epoch %d: train %s, test %s, %.1f s", epoch, objective.say(totals),
+                 objective.say(test), now - run.epoch_started)
     run.epoch_tally = Tally()
     run.epoch_started = run.elapsed()
     save(run, "epoch")
@@ -439,17 +529,29 @@ def finish(run: Run) -> None:
         if run.rank == 0:
             log.info("%s: checkpointing at step %d and exiting", name, run.step)
     elif run.step % run.steps_per_epoch:
-        test_loss, test_acc = evaluate(run.built.model, run.built.data, run.config, run.comm, run.built.device)
-        run.metrics.write(type="final", step=run.step, test_loss=test_loss, test_acc=test_acc,
-                          time=run.elapsed())
+        test = evaluate(run.built.model, run.built.data, run.config, run.comm, run.built.device)
+        objective = run.built.data.objective
+        run.metrics.write(type="final", step=run.step, **objective.figures(test, "test_"),
+                          **run.seen(), time=run.elapsed())
         if run.rank == 0:
-            log.info("step %d: test loss %.4f acc %.4f", run.step, test_loss, test_acc)
+            log.info("step %d: test %s", run.step, objective.say(test))
     if run.saved_at != run.step:
         save(run, "signal" if run.caught else "end")
     if not run.caught:
         run.metrics.write(type="done", step=run.step, time=run.elapsed())
+    if run.rank == 0:
+        _note_end(run)
     if run.built.omniscient is not None:
         run.built.omniscient.free()
+
+
+def _note_end(run: Run) -> None:
+    """Rank 0: run.json's ``ended``: the step this launch ended at, what the run had trained on
+    by then (a corpus's tokens) and its wall time."""
+    path = run.built.out / "run.json"
+    record = json.loads(path.read_text())
+    record["ended"] = {"step": run.step, **run.seen(), "time": run.elapsed()}
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
 
 
 # -- pieces of the stages -------------------------------------------------------------------------
@@ -475,24 +577,24 @@ def learning_rate(args, step: int, steps_per_epoch: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, data, args, comm, device) -> tuple[float, float]:
-    """Loss and accuracy over the whole test set: each rank scores its part, sums are added."""
+def evaluate(model, data, args, comm, device) -> Tally:
+    """The sums (loss, correct, count) over the whole held-out split (the image sets' test set,
+    a corpus's validation windows): each rank scores its part, the sums are added, so every
+    rank returns the same figures. ``data.objective.figures`` turns them into the books'."""
     if list(model.buffers()):
         # BN statistics: rank 0's, everywhere.
         broadcast_parameters(list(model.buffers()), comm, timeout=args.vote_timeout)
     model.eval()
     sums = np.zeros(3)
-    for x, y in eval_batches(data.test, rank=comm.Get_rank(), world=comm.Get_size(),
-                             batch_size=args.eval_batch_size, workers=args.workers):
+    for x, y in data.eval_batches(rank=comm.Get_rank(), world=comm.Get_size(),
+                                  batch_size=args.eval_batch_size, workers=args.workers):
         x, y = x.to(device), y.to(device)
-        out = model(x)
-        sums += (F.cross_entropy(out, y, reduction="sum").item(),
-                 (out.argmax(1) == y).sum().item(), len(y))
+        sums += astuple(data.objective.tally(model(x), y))
     # Wait on MPI: the full-test-set figures need every rank's sums.
     bounded(comm.Iallreduce(MPI.IN_PLACE, sums, op=MPI.SUM),
             f"evaluation sums on rank {comm.Get_rank()}", args.vote_timeout)
     model.train()
-    return sums[0] / sums[2], sums[1] / sums[2]
+    return Tally(*sums)
 
 
 def _summed(comm, tally: Tally, timeout: float | None) -> Tally:

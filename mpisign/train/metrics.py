@@ -3,15 +3,22 @@
 Only rank 0 writes. ``metrics.jsonl`` holds one JSON object a line, its ``type`` one of:
 
 * ``step``: every ``--log-every`` steps, over the steps since the last one and all ranks:
-  ``loss``, ``acc``, ``lr``, ``time`` (wall seconds since the run began, across resumes),
+  ``loss``, ``acc`` (a language model: ``ppl``, the perplexity ``exp(loss)``, instead, and
+  ``tokens``, those trained on so far), ``lr``, ``time`` (wall seconds since the run began,
+  across resumes),
   ``step_s`` (slowest rank's mean step), ``compute_s`` / ``comm_s`` (mean and max over ranks of
   forward+backward and of the optimizer step), ``bytes_sent`` / ``bytes_received`` per step and
   ``nonfinite`` (cumulative non-finite gradient entries), each a list by rank, and for the vote
   ``disagreement``, by rank: the fraction of the last step's votes against the majority.
 * ``epoch``: ``train_loss``, ``train_acc`` (the epoch, all ranks), ``test_loss``, ``test_acc``
-  (the full test set), ``time``, ``epoch_time``.
+  (the full test set), ``time``, ``epoch_time``. A language model: ``train_ppl`` and
+  ``test_ppl`` instead of the accuracies, ``test_*`` being the corpus's validation windows, its
+  loss in nats per token; and ``tokens``.
 * ``final`` (the test figures when a run ends mid-epoch), ``checkpoint``, ``stopped`` (a signal),
   ``done``.
+
+Which figure stands beside the loss is the data's objective's
+(:mod:`mpisign.train.objectives`).
 """
 
 from __future__ import annotations
@@ -146,11 +153,13 @@ def run_record(args, comm, data, model, device, steps_per_epoch, total_steps, re
 
 def log_interval(metrics: Metrics, comm, interval: Interval, traffic: Traffic, before: Traffic,
                  step: int, steps_per_epoch: int, lr: float, now: float,
-                 extra: dict | None = None, timeout: float | None = None) -> dict | None:
+                 extra: dict | None = None, timeout: float | None = None,
+                 figures=None) -> dict | None:
     """Collective: gather every rank's ``interval`` and its ``traffic`` since ``before`` (the
     counters at the previous record); rank 0 writes the ``step`` record, with rank 0's
-    ``extra`` fields added, and returns it. Bounded by ``timeout`` (default
-    ``$MPISIGN_TIMEOUT``)."""
+    ``extra`` fields added, and returns it. ``figures(tally)``: the record's fields for the
+    interval's sums (default ``loss`` and ``acc``; the objective's ``figures``). Bounded by
+    ``timeout`` (default ``$MPISIGN_TIMEOUT``)."""
     sent = (traffic.bytes_sent - before.bytes_sent) / interval.steps
     received = (traffic.bytes_received - before.bytes_received) / interval.steps
     mine = np.array([*astuple(interval.batches), interval.compute_s, interval.comm_s,
@@ -165,9 +174,10 @@ def log_interval(metrics: Metrics, comm, interval: Interval, traffic: Traffic, b
         return None
     loss, correct, count, compute, comms, steps, sent, received, disagree, nonfinite = every.T
     compute, comms = compute / np.maximum(steps, 1), comms / np.maximum(steps, 1)
+    sums = Tally(float(loss.sum()), float(correct.sum()), float(count.sum()))
     record = dict(type="step", step=step, epoch=step / steps_per_epoch, lr=lr,
-                  loss=loss.sum() / max(1.0, count.sum()),
-                  acc=correct.sum() / max(1.0, count.sum()), time=now,
+                  **(figures(sums) if figures else {"loss": sums.loss, "acc": sums.acc}),
+                  time=now,
                   step_s=float((compute + comms).max()),
                   compute_s={"mean": float(compute.mean()), "max": float(compute.max())},
                   comm_s={"mean": float(comms.mean()), "max": float(comms.max())},

@@ -1,4 +1,5 @@
-"""Models for ``python -m mpisign.train``: a small CNN, and torchvision's ResNet-18 / ResNet-50.
+"""Models for ``python -m mpisign.train``: a small CNN, and torchvision's ResNet-18 / ResNet-50,
+for images; and a small transformer language model (:mod:`mpisign.train.gpt`) for text.
 
 ResNets are built without pretrained weights (nothing is downloaded) and adapted to the data:
 the first convolution takes the data set's channels (1 for Fashion-MNIST and digits), and for
@@ -11,9 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "SmallCNN", "build_model", "count_parameters"]
+__all__ = ["MODELS", "LANGUAGE_MODELS", "SmallCNN", "build_model", "build_language_model",
+           "count_parameters"]
 
+#: The image classifiers (what :func:`build_model` builds; mpisign.diagnostics offers these).
 MODELS = ("cnn", "resnet18", "resnet50")
+#: The language models (what :func:`build_language_model` builds).
+LANGUAGE_MODELS = ("gpt",)
 
 
 class SmallCNN(nn.Module):
@@ -59,6 +64,16 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int) 
     if name in ("resnet18", "resnet50"):
         return _resnet(name, in_channels, num_classes, image_size)
     raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+
+
+def build_language_model(name: str, vocab: int, context: int, layers: int, width: int,
+                         heads: int) -> nn.Module:
+    """The language model ``name`` (one of :data:`LANGUAGE_MODELS`)."""
+    if name == "gpt":
+        from .gpt import GPT
+
+        return GPT(vocab, context, layers, width, heads)
+    raise ValueError(f"language model must be one of {LANGUAGE_MODELS}, got {name!r}")
 
 
 def count_parameters(model: nn.Module) -> int:

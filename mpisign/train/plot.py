@@ -1,10 +1,13 @@
 """Plot runs of ``python -m mpisign.train``: loss and accuracy against steps and wall time.
 
     python -m mpisign.train.plot runs/signum runs/sgd runs/adv2 -o curves.png
+    python -m mpisign.train.plot runs/gpt-lion runs/gpt-adamw -o lm.png
 
 One figure, four panels (training loss and test accuracy, each against steps and against wall
 time), one line per run, labelled from its run.json (optimizer, topology, adversaries) unless
-``--labels`` are given.
+``--labels`` are given. Language models (``--model gpt``) have no accuracy: their second row is
+the validation perplexity, on a log scale (the loss in nats per token is its logarithm). Runs of
+the two kinds do not share a figure.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["read_metrics", "run_label", "plot_runs", "main"]
+__all__ = ["read_metrics", "run_label", "held_out_figure", "plot_runs", "main"]
+
+#: What the second row shows, by the figure the evaluation records carry: (key, axis label).
+HELD_OUT = {"acc": ("test_acc", "test accuracy"),
+            "ppl": ("test_ppl", "validation perplexity (log)")}
 
 
 def read_metrics(out_dir) -> list[dict]:
@@ -38,11 +45,17 @@ def run_label(out_dir) -> str:
     except (OSError, json.JSONDecodeError):
         return Path(out_dir).name
     c = run["config"]
-    how = "allreduce" if c["optimizer"] == "sgd" else c["topology"]
+    allreduce = c["optimizer"] in ("sgd", "adamw", "lion-allreduce")
+    how = "allreduce" if allreduce else c["topology"]
     label = f"{c['optimizer']}/{how}, {run['world_size']} ranks"
     if c.get("adversaries"):
         label += f", {c['adversaries']} {c['attack']}"
     return label
+
+
+def held_out_figure(records: list[dict]) -> str:
+    """"ppl" for a language model's records, "acc" for a classifier's."""
+    return "ppl" if any("test_ppl" in r or "ppl" in r for r in records) else "acc"
 
 
 def plot_runs(out_dirs, output, labels=None) -> Path:
@@ -52,20 +65,27 @@ def plot_runs(out_dirs, output, labels=None) -> Path:
     import matplotlib.pyplot as plt
 
     labels = labels or [run_label(d) for d in out_dirs]
+    runs = [read_metrics(d) for d in out_dirs]
+    kinds = {held_out_figure(records) for records in runs}
+    if len(kinds) > 1:
+        raise ValueError("these runs mix image classifiers (test accuracy) and language models "
+                         "(validation perplexity): plot each kind on its own")
+    key, ylabel = HELD_OUT[kinds.pop()]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharey="row")
-    for d, label in zip(out_dirs, labels):
-        records = read_metrics(d)
+    for records, label in zip(runs, labels):
         steps = [r for r in records if r.get("type") == "step"]
         evals = [r for r in records if r.get("type") in ("epoch", "final")]
         for col, x in enumerate(("step", "time")):
             line, = axes[0, col].plot([r[x] for r in steps], [r["loss"] for r in steps],
                                       label=label, lw=1)
-            axes[1, col].plot([r[x] for r in evals], [r["test_acc"] for r in evals], "o-",
+            axes[1, col].plot([r[x] for r in evals], [r[key] for r in evals], "o-",
                               color=line.get_color(), label=label)
     for col, xlabel in enumerate(("step", "wall time (s)")):
         axes[0, col].set_ylabel("training loss")
         axes[0, col].set_yscale("log")
-        axes[1, col].set_ylabel("test accuracy")
+        axes[1, col].set_ylabel(ylabel)
+        if key == "test_ppl":
+            axes[1, col].set_yscale("log")
         axes[1, col].set_xlabel(xlabel)
         for row in (0, 1):
             axes[row, col].grid(True, alpha=0.3)
@@ -92,7 +112,7 @@ def main(argv=None) -> int:
                              else "curves.png")
     try:
         path = plot_runs(args.out_dirs, output, args.labels)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     print(path)
     return 0

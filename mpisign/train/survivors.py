@@ -31,7 +31,7 @@ from .adversary import NON_BLIND_ATTACKS
 from ..mpi.elastic import ElasticUnavailable, is_failure, require_ulfm
 from .checkpoint import StopRequest
 from .metrics import Metrics
-from .options import UsageError
+from .options import ALLREDUCE, VOTING, UsageError
 
 __all__ = ["check_elastic", "guard", "Survivor", "Unguarded"]
 
@@ -42,9 +42,9 @@ def check_elastic(args) -> None:
     """--elastic's requirements, the same verdict on every rank (before any collective)."""
     if not args.elastic:
         return
-    if args.optimizer == "sgd":
-        raise UsageError("--elastic needs --optimizer signum or signsgd: the allreduce of "
-                         "--optimizer sgd cannot lose a rank")
+    if args.optimizer in ALLREDUCE:
+        raise UsageError(f"--elastic needs a voting optimizer ({', '.join(VOTING)}): the "
+                         f"allreduce of --optimizer {args.optimizer} cannot lose a rank")
     if args.attack in NON_BLIND_ATTACKS and args.adversaries:
         raise UsageError(f"--elastic does not support --attack {args.attack}: its collective "
                          f"of all ranks cannot lose one")

@@ -1,16 +1,21 @@
-"""How a run's gradients become a step: an mpisign optimizer's vote, or the fp32 baseline's
-allreduce then torch's SGD. Chosen once when the run is built; the loop only calls it."""
+"""How a run's gradients become a step: an mpisign optimizer's vote (signum, signsgd, lion), or
+a full-precision baseline's fp32 allreduce mean then a plain optimizer on it (sgd: torch's SGD;
+adamw: torch's AdamW; lion-allreduce: Lion on the mean, "global Lion", which is
+``mpisign.Lion`` on ``MPI.COMM_SELF``). Chosen once when the run is built; the loop only calls
+it."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from mpi4py import MPI
 
 import mpisign
 
 from .baseline import AllreduceMean
 from .metrics import Traffic
+from .options import ALLREDUCE
 
 __all__ = ["VoteUpdate", "AllreduceUpdate", "build_update"]
 
@@ -40,7 +45,8 @@ class VoteUpdate:
 
 
 class AllreduceUpdate(VoteUpdate):
-    """The fp32 baseline: the mean of the gradients by allreduce, then ``opt`` (torch SGD)."""
+    """The fp32 baseline: the mean of the gradients by allreduce, then ``opt`` (torch's SGD or
+    AdamW, or Lion on one rank), the same step on every rank."""
 
     def __init__(self, opt, mean: AllreduceMean):
         super().__init__(opt)
@@ -66,13 +72,30 @@ class AllreduceUpdate(VoteUpdate):
 
 def build_update(config, comm, model):
     """The optimizer ``--optimizer`` names, and how the step feeds it."""
+    if config.optimizer in ALLREDUCE:
+        return AllreduceUpdate(_local_optimizer(config, model),
+                               AllreduceMean(model.parameters(), comm))
+    common = dict(comm=comm, topology=config.topology, timeout=config.vote_timeout,
+                  check_every=config.check_every, elastic=config.elastic,
+                  monitor=mpisign.DisagreementMonitor() if config.monitor else None)
+    if config.optimizer == "lion":
+        return VoteUpdate(mpisign.Lion(model.parameters(), lr=config.lr,
+                                       betas=tuple(config.betas),
+                                       weight_decay=config.weight_decay, **common))
+    return VoteUpdate(mpisign.Signum(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                     weight_decay=config.weight_decay, **common))
+
+
+def _local_optimizer(config, model) -> torch.optim.Optimizer:
+    """The baseline's optimizer, stepping on the mean gradient: the same on every rank."""
+    params = model.parameters()
     if config.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                              weight_decay=config.weight_decay)
-        return AllreduceUpdate(opt, AllreduceMean(model.parameters(), comm))
-    opt = mpisign.Signum(model.parameters(), lr=config.lr, momentum=config.momentum,
-                         weight_decay=config.weight_decay, comm=comm, topology=config.topology,
-                         timeout=config.vote_timeout, check_every=config.check_every,
-                         monitor=mpisign.DisagreementMonitor() if config.monitor else None,
-                         elastic=config.elastic)
-    return VoteUpdate(opt)
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas),
+                                 weight_decay=config.weight_decay)
+    # lion-allreduce: a world of one, so no vote: plain Lion on the mean.
+    return mpisign.Lion(params, lr=config.lr, betas=tuple(config.betas),
+                        weight_decay=config.weight_decay, comm=MPI.COMM_SELF,
+                        timeout=config.vote_timeout)
