@@ -220,9 +220,6 @@ def _check_optimizer(args) -> None:
                          f"{opt} takes --momentum")
     if args.betas is not None and not all(0 <= b < 1 for b in args.betas):
         raise UsageError(f"--betas must each be in [0, 1), got {' '.join(map(str, args.betas))}")
-    if opt in ("lion", "lion-allreduce") and not hasattr(mpisign, "Lion"):
-        raise UsageError(f"--optimizer {opt} needs mpisign.Lion, which this version of mpisign "
-                         f"({mpisign.__version__}) does not have")
     if args.attack in NON_BLIND_ATTACKS and args.adversaries and \
             opt not in ("signum", "signsgd", "sgd"):
         raise UsageError(f"--attack {args.attack} knows how signum, signsgd and sgd combine the "
