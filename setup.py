@@ -37,7 +37,9 @@ setup(
         "cuda13": ["cupy-cuda13x"],
         "cuda12": ["cupy-cuda12x"],
         # NVRTC 12 lets the tests compile the kernels for sm_70, which CUDA 13's nvcc dropped.
-        "test": ["pytest>=7", "pytest-timeout", "nvidia-cuda-nvrtc-cu12"],
+        # lion-pytorch and timm: the published Lions that mpisign.Lion is tested against.
+        "test": ["pytest>=7", "pytest-timeout", "nvidia-cuda-nvrtc-cu12", "lion-pytorch",
+                 "timm"],
     },
     entry_points={"console_scripts": []},
 )

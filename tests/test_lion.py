@@ -16,7 +16,12 @@ from mpisign.backends.host import CompiledSigns, HostSigns
 from mpisign.backends.packing import n_words
 from mpisign.optim.lion import LionRule
 
-lion_pytorch = pytest.importorskip("lion_pytorch")
+
+
+@pytest.fixture
+def lion_pytorch():
+    """PyPI's lion-pytorch (a test dependency, setup.py's extra "test")."""
+    return pytest.importorskip("lion_pytorch")
 
 
 def _params(dtype=torch.float32, seed=0):
@@ -75,7 +80,8 @@ def _zero_rule(opt, x, y, zero) -> int:
 @pytest.mark.parametrize("kernels", ["compiled", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16,
                                    torch.float16])
-def test_one_rank_equals_lion_pytorch_bit_for_bit(weight_decay, kernels, dtype, monkeypatch):
+def test_one_rank_equals_lion_pytorch_bit_for_bit(weight_decay, kernels, dtype, monkeypatch,
+                                                  lion_pytorch):
     """PyPI's lion-pytorch (lucidrains), the PyTorch Lion users install: equal parameters and
     momenta after 40 steps, through the fused one-pass kernel and through the rule's torch ops."""
     if kernels == "reference":
@@ -95,7 +101,7 @@ def test_one_rank_equals_lion_pytorch_bit_for_bit(weight_decay, kernels, dtype, 
         assert torch.equal(ours.state[x]["exp_avg"], theirs.state[y]["exp_avg"])
 
 
-def test_one_rank_equals_lion_pytorch_under_grad_scaler():
+def test_one_rank_equals_lion_pytorch_under_grad_scaler(lion_pytorch):
     """GradScaler's scale is a power of two: the rule unscales inside its update, exactly."""
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Tanh(), torch.nn.Linear(30, 1))
