@@ -408,3 +408,26 @@ def test_copy_copy_says_to_deepcopy():
     opt = Signum([torch.nn.Parameter(torch.zeros(3))], comm=SELF)
     with pytest.raises(TypeError, match=r"copy.copy .*copy.deepcopy\(opt\)"):
         copy.copy(opt)
+
+
+def test_grad_scaler_with_overlap_is_refused_before_anything_moves():
+    """Under overlap the hooks send before scaler.step() sets the scale: a clear error at the
+    first step whose hooks packed (the first step lays out, without hooks), nothing moved;
+    the same loop with overlap=False runs."""
+    from mpisign.optim.overlap import GradientChanged
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+        opt = Signum(model.parameters(), lr=0.1, comm=SELF, overlap=overlap, bucket_mb=1e-5)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for step in range(3):
+            opt.zero_grad()
+            scaler.scale(model(torch.ones(2, 4)).sum()).backward()
+            before = [p.clone() for p in model.parameters()]
+            if overlap and step == 1:
+                with pytest.raises(GradientChanged, match="GradScaler.*overlap=False"):
+                    scaler.step(opt)
+                assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+                break
+            scaler.step(opt)
+            scaler.update()

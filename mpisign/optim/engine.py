@@ -398,7 +398,7 @@ class VoteEngine:
         # not updated, as in torch.optim. The headers say when every rank has every gradient;
         # when a hook began the step they cannot, and an OR of one bit each goes with the votes.
         self.ranks.post_header(absent=present.count(False))
-        changed = self.hooks.changed(layout)
+        changed = self.hooks.changed(layout, self._inv_scale())
         anywhere = self.ranks.presence(layout, present, bool(changed))
         # Step 3: start every bucket's vote that a gradient hook has not started yet (all of
         # them without overlap; those with a parameter whose .grad is None with it).
@@ -441,7 +441,7 @@ class VoteEngine:
 
     def _pack_from_hook(self, bucket: Bucket) -> None:
         self._pack_bucket(bucket)
-        self.hooks.saw(bucket)
+        self.hooks.saw(bucket, self._inv_scale())
         self._waiting.append((bucket, self.plan.backend.mark()))
         for waiting in list(self._waiting):
             done = waiting[1]

@@ -64,18 +64,23 @@ class BucketHooks:
         self._handles = []
 
     @staticmethod
-    def saw(bucket) -> None:
-        """A hook packed ``bucket``: remember each gradient it packed, and its version (torch
-        counts every in-place change of a tensor), to find at step() any that changed."""
+    def saw(bucket, scale: float) -> None:
+        """A hook packed ``bucket`` with gradients unscaled by ``scale``: remember each gradient
+        it packed and its version (torch counts every in-place change of a tensor), and the
+        scale, to find at step() any that changed."""
         bucket.seen = {id(s.param): (s.param.grad, s.param.grad._version) for s in bucket.slots
                        if s.param.grad is not None}
+        bucket.seen[None] = scale
 
     @staticmethod
-    def changed(layout) -> list:
-        """``(index, shape)`` of each parameter whose gradient is not what its hook packed:
-        changed in place (clip_grad_norm_, a mask, GradScaler's unscale_) or replaced."""
+    def changed(layout, scale: float) -> list:
+        """What a hook packed that step() finds otherwise, in words: each parameter's gradient
+        changed in place (clip_grad_norm_, a mask, GradScaler's unscale_) or replaced, by its
+        shape; and GradScaler's scale, which scaler.step() sets after the hooks have run."""
         out = []
         for bucket in layout.buckets:
+            if bucket.seen and bucket.seen[None] != scale and not out[:1] == ["scale"]:
+                out.insert(0, "scale")
             for slot in bucket.slots:
                 seen = bucket.seen.get(id(slot.param))
                 g = slot.param.grad
@@ -86,6 +91,13 @@ class BucketHooks:
     @staticmethod
     def raise_changed(changed: list, step: int, name: str) -> None:
         """:class:`GradientChanged`, on every rank (``changed``: this rank's, maybe none)."""
+        if changed[:1] == ["scale"]:
+            raise GradientChanged(
+                f"{name}(overlap=True) at step {step} under torch.amp.GradScaler: the hooks "
+                f"sent signs of gradients before scaler.step() told the optimizer their scale, "
+                f"so the momentum would take them scaled. No parameter moved at this step on "
+                f"any rank; this optimizer cannot go on. Use overlap=False with GradScaler "
+                f"(bit for bit as without the scaler).")
         here = (f"here the gradient of {len(changed)} parameter(s) of shape(s) "
                 f"{changed[:4]}{' ...' if len(changed) > 4 else ''} changed"
                 if changed else "on another rank a gradient changed")
