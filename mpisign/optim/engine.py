@@ -264,6 +264,7 @@ class VoteEngine:
         self.ranks = self._ranks_policy()
         self.plan: Plan | None = None
         self._stale = False        # the plan's layout is to be made again (forget_layout)
+        self._hooks_current = None  # this step's hooks pack: decided at its first hook
         self.hooks = BucketHooks(self._start_from_hook,
                                  lambda: (self.rank, self.books.param_groups[0]["step"]))
         self.check = StepCheck()   # this step's header (see mpisign.optim.header)
@@ -352,6 +353,12 @@ class VoteEngine:
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> None:
         """One voted step (see the module docstring). Every rank must take it."""
+        try:
+            self._step()
+        finally:   # the next step's hooks look at the layout again, once
+            self._hooks_current = None
+
+    def _step(self) -> None:
         plan = self.recovery.run(self.ensure_plan)
         layout = plan.layout
         if all(bucket.pending is None for bucket in layout.buckets):
@@ -435,7 +442,10 @@ class VoteEngine:
         A layout that changed since the hooks were installed (``add_param_group``,
         ``requires_grad_`` toggled, ``load_state_dict``) packs nothing here: step() lays out
         again and packs every bucket once, so no momentum is updated twice."""
-        if self._stale or self.plan.layout.signature != signature(self.books.param_groups):
+        if self._hooks_current is None:   # once a step: a signature reads every parameter
+            self._hooks_current = (not self._stale and self.plan.layout.signature
+                                   == signature(self.books.param_groups))
+        if not self._hooks_current:
             return
         self.recovery.attempt(self._pack_from_hook, bucket)
 

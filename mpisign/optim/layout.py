@@ -44,11 +44,11 @@ class Bucket:
     packed: bool = False     # this step: this rank's signs are in the layout's words
     applied: bool = False    # this step: the vote's result is in the parameters
     disagree: int = 0        # this step: this rank's votes against the majority
-    seen: dict = field(default_factory=dict)   # packed by a hook: each .grad, its version;
-                                               # and at None, the GradScaler scale used
+    seen: dict = field(default_factory=dict)   # packed by a hook: each .grad, its version
+    seen_scale: float | None = None            # ... and the GradScaler unscale it used
 
     def next_step(self) -> None:
-        self.pending, self.ready, self.seen = None, set(), {}
+        self.pending, self.ready, self.seen, self.seen_scale = None, set(), {}, None
         self.packed = self.applied = False
         self.disagree = 0
 

@@ -70,17 +70,16 @@ class BucketHooks:
         scale, to find at step() any that changed."""
         bucket.seen = {id(s.param): (s.param.grad, s.param.grad._version) for s in bucket.slots
                        if s.param.grad is not None}
-        bucket.seen[None] = scale
+        bucket.seen_scale = scale
 
     @staticmethod
     def changed(layout, scale: float) -> list:
         """What a hook packed that step() finds otherwise, in words: each parameter's gradient
         changed in place (clip_grad_norm_, a mask, GradScaler's unscale_) or replaced, by its
         shape; and GradScaler's scale, which scaler.step() sets after the hooks have run."""
-        out = []
-        for bucket in layout.buckets:
-            if bucket.seen and bucket.seen[None] != scale and not out[:1] == ["scale"]:
-                out.insert(0, "scale")
+        hooked = [b for b in layout.buckets if b.seen_scale is not None]
+        out = ["scale"] if any(b.seen_scale != scale for b in hooked) else []
+        for bucket in hooked:
             for slot in bucket.slots:
                 seen = bucket.seen.get(id(slot.param))
                 g = slot.param.grad
