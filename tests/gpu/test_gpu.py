@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from specials import special_floats
 
 from mpisign.backends import packing
 
@@ -23,15 +24,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 from mpisign.cuda import aware, kernels  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def special_floats(n, seed):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, generator=gen)
-    specials = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-40, -1e-40])
-    pick = torch.randint(0, 10 * len(specials), (n,), generator=gen)
-    x[pick < len(specials)] = specials[pick[pick < len(specials)]]
-    return x
 
 
 def words_on_gpu(votes: np.ndarray) -> torch.Tensor:

@@ -11,6 +11,7 @@ mpisign.Lion on one rank with CUDA parameters against the same optimizer on CPU 
 import numpy as np
 import pytest
 import torch
+from specials import special_floats
 
 from mpisign.backends import native, packing
 
@@ -24,15 +25,6 @@ from mpisign.cuda import aware, kernels, torch_check  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STEP = (0.9, 0.1 / 2.7, 0.99, 0.01 / 2.7)   # betas (0.9, 0.99) under a GradScaler's 1/2.7
-
-
-def special_floats(n, seed):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, generator=gen)
-    specials = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-40, -1e-40])
-    pick = torch.randint(0, 10 * len(specials), (n,), generator=gen)
-    x[pick < len(specials)] = specials[pick[pick < len(specials)]]
-    return x
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
