@@ -13,6 +13,7 @@ Lion (Chen et al., 2023) votes the same way (Distributed Lion, Liu et al., NeurI
 
 from .collectives import TOPOLOGIES, VoteTimeout
 from .optim.detection import DisagreementMonitor
+from .optim.guidance import LearningRateWarning
 from .mpi.elastic import ElasticUnavailable
 from .optim import (HyperparameterMismatch, LayoutMismatch, Lion, ParameterDivergence, SignSGD, Signum,
                     StepMismatch, TooFewRanks, VoteStats)
@@ -45,4 +46,5 @@ __all__ = [
     "gather_state_dict",
     "scatter_state_dict",
     "DisagreementMonitor",
+    "LearningRateWarning",
 ]

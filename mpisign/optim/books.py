@@ -17,6 +17,7 @@ from ..backends import packing
 from ..collectives import check_comm, check_topology, default_timeout
 from .detection import DisagreementMonitor
 from .engine import VoteEngine
+from .guidance import check_learning_rate
 from .layout import check_param
 
 __all__ = ["SignOptimizer", "check_torch_options"]
@@ -80,6 +81,7 @@ class SignOptimizer(Optimizer):
         if not isinstance(min_ranks, int) or min_ranks < 1:
             raise ValueError(f"min_ranks must be an int >= 1, got {min_ranks!r}")
         self.rule = rule
+        self._advised = False   # the first step's advice (mpisign.optim.guidance) is given
         super().__init__(params, defaults)   # each group through add_param_group: checked
         bucket_words = max(1, int(bucket_mb * 2**20 / 4) // packing.WORD_BITS)
         self.engine = VoteEngine(self, rule, comm, topology,
@@ -171,6 +173,10 @@ class SignOptimizer(Optimizer):
         """
         # Before any communication, so that a bad value raises the same error on every rank.
         self._check_groups()
+        if not self._advised:   # once: a learning rate no sign method would want
+            self._advised = True
+            if self.rank == 0:
+                check_learning_rate(type(self).__name__, self.param_groups)
         loss = None
         if closure is not None:
             with torch.enable_grad():
