@@ -21,6 +21,9 @@ from .backends.packing import n_words, pack_signs, unpack_signs
 from .vote import majority_vote
 from .optim.state import broadcast_parameters, gather_state_dict, scatter_state_dict
 from .mpi.world import SingletonWorld
+from .mpi import report as _report
+
+_report.install()   # an error every rank raises alike: one full report, by rank 0
 
 __version__ = "0.1.0"
 

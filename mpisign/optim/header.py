@@ -45,6 +45,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..mpi.comm import bounded
+from ..mpi.report import Agreed
 
 __all__ = ["LayoutMismatch", "ParameterDivergence", "HyperparameterMismatch", "StepMismatch",
            "StepHeader", "StepCheck", "Exchange", "digest64", "post", "finish", "exchange",
@@ -55,20 +56,20 @@ WORDS = 8
 UNKNOWN = 2**64 - 1
 
 
-class LayoutMismatch(ValueError):
+class LayoutMismatch(Agreed, ValueError):
     """Ranks disagree about the parameters (shapes, dtypes, groups) they vote on."""
 
 
-class ParameterDivergence(RuntimeError):
+class ParameterDivergence(Agreed, RuntimeError):
     """Ranks hold different parameters (at the first step, or after a step), which majority
     vote never produces from identical ones."""
 
 
-class HyperparameterMismatch(ValueError):
+class HyperparameterMismatch(Agreed, ValueError):
     """Ranks step with different hyperparameters (``lr``, ``momentum``, ``weight_decay``...)."""
 
 
-class StepMismatch(RuntimeError):
+class StepMismatch(Agreed, RuntimeError):
     """Ranks' optimizers count different steps (e.g. a resume of another step's state)."""
 
 

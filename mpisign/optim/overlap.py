@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 from mpi4py import MPI
 
+from ..mpi.report import Agreed
+
 __all__ = ["BucketHooks", "GradientChanged", "check_threads"]
 
 
-class GradientChanged(RuntimeError):
+class GradientChanged(Agreed, RuntimeError):
     """With ``overlap=True``, a gradient changed between the hook that sent its signs and
     ``step()``: raised on every rank, before any parameter moves."""
 

@@ -43,13 +43,14 @@ from ..mpi.comm import bounded
 from ..mpi.elastic import is_failure, ranks_in, require_ulfm, shrink
 from .header import ParameterDivergence
 from ..mpi.isolation import duplicate
+from ..mpi.report import Agreed
 
 __all__ = ["Recovery", "TooFewRanks", "Unrecovered", "recover_vote", "retry_on_failure"]
 
 log = logging.getLogger(__name__)
 
 
-class TooFewRanks(RuntimeError):
+class TooFewRanks(Agreed, RuntimeError):
     """Fewer ranks survive than an elastic optimizer's ``min_ranks``."""
 
 
