@@ -335,6 +335,54 @@ def test_the_fallback_is_announced_once_and_runs_long_enough_to_learn(tmp_path):
     assert run["config"]["epochs"] == -(-DEFAULT_EXAMPLES // n_train) > 2
 
 
+def test_help_shows_each_default_once_in_words(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out and "{'" not in out, out
+    flat = " ".join(out.split())   # as argparse wraps it to the terminal's width
+    assert "0.001 for signum, signsgd, lion" in flat and "0.05 for sgd" in flat
+    for option in ("--lr-decay ", "--seed ", "--weight-decay", "--eval-batch-size"):
+        text = out.split(option, 1)[1].split("\n  --", 1)[0]
+        assert len(text.split()) > 3, f"{option} has no help: {text!r}"
+    parser = build_parser()
+    assert parser.parse_args([]).device == "auto"
+
+
+def test_the_end_of_a_run_goes_to_stdout_and_a_bad_lr_is_warned_once(tmp_path):
+    """stdout: the summary alone; stderr: progress and logs, the lr warning once (rank 0)."""
+    cmd = mpirun.mpiexec_command(2, [sys.executable, "-m", "mpisign.train", *DIGITS,
+                                     "--max-steps", "6", "--lr", "1.0", "--out", str(tmp_path)])
+    done = subprocess.run(cmd, capture_output=True, text=True, env=mpirun.mpi_env(), cwd=REPO,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("mpisign.train: done, 6 steps on 2 rank(s)"), done.stdout
+    assert "evaluation (held-out split): loss" in done.stdout and "acc" in done.stdout
+    assert "against" in done.stdout and "for an fp32 allreduce" in done.stdout
+    assert f"results: {tmp_path}/" in done.stdout and "curves.png" in done.stdout
+    assert "[rank" not in done.stdout, "logs belong on stderr"
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert done.stderr.count("LearningRateWarning: Signum: lr=1 moves every coordinate") == 1
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["command"][1:5] == ["-m", "mpi4py", "-m", "mpisign.train"], run["command"]
+    assert run["command"][5:7] == ["--dataset", "digits"]
+    assert run["config"]["dataset"] == "digits" and run["config"]["device"] == "cpu"
+
+
+def test_one_process_without_a_launcher_says_so_and_the_default_lr_is_not_warned(tmp_path):
+    env = {k: v for k, v in mpirun.mpi_env().items()
+           if not k.startswith(("OMPI_COMM_WORLD", "PMI", "SLURM", "PMIX"))}
+    done = subprocess.run([sys.executable, "-m", "mpisign.train", *DIGITS, "--max-steps", "3",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "1 rank: no MPI launcher" in done.stderr
+    assert "LearningRateWarning" not in done.stderr
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["config"]["dataset"] == "digits"   # the default's choice, recorded
+
+
 def test_help_lists_every_choice(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])

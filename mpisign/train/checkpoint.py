@@ -290,7 +290,9 @@ def load_checkpoint(where: Path, args, data, comm) -> tuple[dict, dict]:
                         f"the momentum of ranks {comm.Get_size()}..{common['world_size'] - 1} "
                         f"is dropped")
     saved = common["config"]
-    differ = [k for k in FIXED_ON_RESUME if saved.get(k) != getattr(args, k)]
+    # The data set: the one the checkpoint was written from against the one loaded now (an
+    # older checkpoint's config holds None where the default chose it).
+    differ = [k for k in FIXED_ON_RESUME if k != "dataset" and saved.get(k) != getattr(args, k)]
     if common["dataset"] != data.name:
         differ.append("dataset")
     if differ:

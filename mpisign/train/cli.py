@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import traceback
+import time
 
 from mpi4py import MPI
 
 import mpisign
 
 from .adversary import ATTACKS, NON_BLIND_ATTACKS
+from ..mpi import report
 from ..mpi.world import SingletonWorld, check_world
 from .corpus import CORPORA
 from .data import DATASETS
@@ -19,9 +20,22 @@ from .loop import train
 from .models import LANGUAGE_MODELS, MODELS
 from .options import (DEFAULT_BETAS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES, DEFAULT_LR,
                       DEFAULT_LR_BY_MODEL, DEFAULT_WEIGHT_DECAY, GPT_SIZE, OPTIMIZERS, UsageError,
-                      nonnegative_int, positive_int)
+                      in_words, nonnegative_int, positive_int)
 
 __all__ = ["build_parser", "main", "run"]
+
+
+class _Help(argparse.HelpFormatter):
+    """Each default once: said in the option's help where it depends on other options (in
+    words), else appended; an option whose default is "none" shows none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default is None
+                or action.default is False or action.default == []
+                or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 class Parser(argparse.ArgumentParser):
@@ -46,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(Bernstein et al., ICLR 2019) or Distributed Lion (Liu et al. 2024), "
                            "or an fp32 allreduce baseline (SGD, AdamW, global Lion). "
                            "Launch with mpirun/srun, one process per rank.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+               formatter_class=_Help, allow_abbrev=False)
     _model_and_data_options(p.add_argument_group("model and data"))
     _transformer_options(p.add_argument_group("transformer (--model gpt)"))
     _optimizer_options(p.add_argument_group("optimizer"))
@@ -91,17 +105,20 @@ def _optimizer_options(g) -> None:
                    default="server", help="how the vote travels (signum, signsgd, lion); auto: "
                    "the cost model's choice for this model, rank count and measured link")
     g.add_argument("--lr", type=_finite_float, default=None,
-                   help=f"learning rate (default: {DEFAULT_LR}"
-                        + "".join(f"; for {m}: {lrs}" for m, lrs in DEFAULT_LR_BY_MODEL.items())
-                        + ")")
+                   help="learning rate; a sign method (signum, signsgd, lion) moves every "
+                        "coordinate by exactly lr a step, so it wants an Adam-like value, not "
+                        f"SGD's (default: {in_words(DEFAULT_LR)}"
+                        + "".join(f"; with --model {m}: {in_words(lrs)}"
+                                  for m, lrs in DEFAULT_LR_BY_MODEL.items()) + ")")
     g.add_argument("--momentum", type=_finite_float, default=None,
                    help="momentum in [0, 1) (default 0.9 for signum and sgd; signsgd has none; "
                         "lion and adamw take --betas)")
     g.add_argument("--betas", type=_finite_float, nargs=2, default=None, metavar=("B1", "B2"),
                    help=f"lion, lion-allreduce, adamw: each in [0, 1) (default: "
-                        f"{DEFAULT_BETAS})")
+                        f"{in_words(DEFAULT_BETAS)})")
     g.add_argument("--weight-decay", type=_finite_float, default=None,
-                   help=f"default: {DEFAULT_WEIGHT_DECAY} (decoupled for lion and adamw)")
+                   help=f"weight decay, p <- p - lr * wd * p each step, decoupled from the "
+                        f"vote (default: {in_words(DEFAULT_WEIGHT_DECAY)})")
     g.add_argument("--batch-size", type=positive_int, default=None,
                    help="per rank (default 64; for gpt 32 windows of --context bytes)")
     g.add_argument("--vote-timeout", type=_finite_float, default=None,
@@ -131,8 +148,11 @@ def _schedule_options(g) -> None:
                    help="linear warmup of the learning rate over this many epochs")
     g.add_argument("--lr-decay-epochs", type=float, nargs="*", default=[], metavar="EPOCH",
                    help="step decay: multiply the learning rate by --lr-decay at these epochs")
-    g.add_argument("--lr-decay", type=_finite_float, default=0.1)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--lr-decay", type=_finite_float, default=0.1,
+                   help="factor on the learning rate at each of --lr-decay-epochs")
+    g.add_argument("--seed", type=int, default=0,
+                   help="the model's initialization and the data's order; each rank's own "
+                        "random numbers (dropout, attacks) derive from it and the rank")
 
 
 def _adversary_options(g) -> None:
@@ -162,8 +182,9 @@ def _output_options(g) -> None:
                    help="default 1000; for gpt 64 windows")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="tqdm progress bar on rank 0")
-    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cuda: one GPU per rank, chosen by node-local rank")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="cuda: one GPU per rank, chosen by node-local rank; auto: cuda where "
+                        "torch sees a GPU, else cpu")
 
 
 def main(argv=None) -> int:
@@ -188,10 +209,13 @@ def run(argv=None) -> int:
         return main(argv)
     except SystemExit:
         raise
-    except BaseException:
+    except BaseException as error:
         comm = MPI.COMM_WORLD
-        sys.stderr.write(f"[rank {comm.Get_rank()}] unhandled exception, aborting all "
-                         f"{comm.Get_size()} ranks:\n{traceback.format_exc()}")
+        rank, size = comm.Get_rank(), comm.Get_size()
+        sys.stderr.write(report.describe(error, rank, size, f"[rank {rank}] unhandled "
+                                         f"exception, aborting all {size} ranks:\n"))
         sys.stderr.flush()
+        if rank != 0 and report.agreed(error):
+            time.sleep(report.LEAD_TIME)   # rank 0's full report goes out before the abort
         comm.Abort(1)
         return 1

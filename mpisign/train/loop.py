@@ -10,7 +10,8 @@
 5. :func:`train_epochs`: epochs of :func:`train_step`, a ``step`` record every ``--log-every``
    steps (:func:`log_step`), and at each epoch's end :func:`end_epoch`: evaluation, the
    ``epoch`` record, a checkpoint (:func:`save`).
-6. :func:`finish`: a signal's checkpoint, or the last evaluation, and ``done``.
+6. :func:`finish`: a signal's checkpoint, or the last evaluation, and ``done``; the summary
+   on stdout and ``curves.png`` (:mod:`mpisign.train.summary`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -44,6 +46,8 @@ from .metrics import Interval, Metrics, Tally, Traffic, log_interval, run_record
 from .models import LANGUAGE_MODELS, build_language_model, build_model
 from .options import (DEFAULT_BETAS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES, DEFAULT_WEIGHT_DECAY,
                       GPT_SIZE, Config, UsageError, default_lr)
+from .summary import say, summarize
+from ..mpi.world import launched_tasks
 from .survivors import Unguarded, check_elastic, guard
 from .updates import VoteUpdate, build_update
 
@@ -92,6 +96,9 @@ class Run:
     last_traffic: Traffic | None = None  # the counters at the last step record
     saved_at: int = -1                   # the step of the last checkpoint
     caught: int = 0                      # the signal all ranks agreed to stop on (0: none)
+    last_test: Tally | None = None       # the last evaluation's sums, for the summary
+    launch_step: int = 0                 # the step this launch began at
+    launch_traffic: Traffic | None = None  # the counters when this launch began
 
     @property
     def config(self) -> Config:
@@ -141,6 +148,12 @@ def configure(args, comm) -> Config:
     check_args(args, world)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)   # the optimizer's advice (LearningRateWarning) in the log
+    warnings.formatwarning = lambda message, category, *where, **more: \
+        f"{category.__name__}: {message}"   # the advice, without the library's source line
+    if world == 1 and launched_tasks() is None:
+        log.info("1 rank: no MPI launcher (mpirun, srun, python -m mpisign.launch -n N) "
+                 "started this process, so it trains alone")
     if rank != 0:
         # What the run and its data say is the same on every rank: rank 0 alone says it.
         # The library's loggers keep their warnings: those are about this rank.
@@ -171,7 +184,9 @@ def defaults(args) -> dict:
         weight_decay=DEFAULT_WEIGHT_DECAY[opt] if args.weight_decay is None else args.weight_decay,
         dataset=CORPORA[0] if language and args.dataset is None else args.dataset,
         batch_size=args.batch_size or (32 if language else 64),
-        eval_batch_size=args.eval_batch_size or (64 if language else 1000))
+        eval_batch_size=args.eval_batch_size or (64 if language else 1000),
+        device=("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+        else args.device)
     for name, default in GPT_SIZE.items():
         filled[name] = (getattr(args, name) or default) if language else None
     return filled
@@ -284,7 +299,7 @@ def _device(config: Config, comm) -> torch.device:
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     local_rank = node.Get_rank()
     node.Free()
-    if config.device != "cuda":
+    if config.device != "cuda":   # defaults() resolved --device auto
         return torch.device("cpu")
     device = torch.device("cuda", local_rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
@@ -297,6 +312,7 @@ def _load_data(config: Config, comm) -> tuple[Config, Data | Corpus, int, int]:
     message."""
     data = collectively(comm, _read_data, config)
     config = config.replace(
+        dataset=data.name,   # the data set used: the default's choice, or its fallback
         workers=data.default_workers() if config.workers is None else config.workers,
         epochs=default_epochs(data) if config.epochs is None else config.epochs)
     world = comm.Get_size()
@@ -388,7 +404,8 @@ def _write_run_json(run: Run, record: dict) -> None:
 def train_epochs(run: Run) -> None:
     """Epochs of this rank's batches until the run's steps are done or a signal stops every
     rank; each epoch that ends is evaluated and checkpointed, also when a resume starts there."""
-    run.last_traffic = _traffic(run)
+    run.last_traffic = run.launch_traffic = _traffic(run)
+    run.launch_step = run.step
     run.built.model.train()
     while not run.caught:
         epoch, first = divmod(run.step, run.steps_per_epoch)
@@ -481,7 +498,7 @@ def end_epoch(run: Run, epoch: int) -> None:
                      run.built.device, default=nan, what="evaluation")
     run.built.update.check_consistency()
     run.guard.follow()   # --elastic: a dead rank that the check met
-    run.evaluated = epoch
+    run.evaluated, run.last_test = epoch, test
     now = run.elapsed()
     objective = run.built.data.objective
     run.metrics.write(type="epoch", epoch=epoch, step=run.step,
@@ -526,7 +543,8 @@ def finish(run: Run) -> None:
         if run.rank == 0:
             log.info("%s: checkpointing at step %d and exiting", name, run.step)
     elif run.step % run.steps_per_epoch:
-        test = evaluate(run.built.model, run.built.data, run.config, run.comm, run.built.device)
+        test = run.last_test = evaluate(run.built.model, run.built.data, run.config, run.comm,
+                                        run.built.device)
         objective = run.built.data.objective
         run.metrics.write(type="final", step=run.step, **objective.figures(test, "test_"),
                           **run.seen(), time=run.elapsed())
@@ -540,6 +558,22 @@ def finish(run: Run) -> None:
         _note_end(run)
     if run.built.omniscient is not None:
         run.built.omniscient.free()
+    if not run.caught:
+        _summary(run)
+
+
+def _summary(run: Run) -> None:
+    """Collective: the summary on rank 0's stdout, and curves.png in --out."""
+    held_out = ("not evaluated in this launch" if run.last_test is None
+                else run.built.data.objective.say(run.last_test))
+    sent = _traffic(run).bytes_sent - run.launch_traffic.bytes_sent
+    parameters = sum(p.numel() for p in run.built.model.parameters() if p.requires_grad)
+    summary = run.guard(summarize, run.comm, run.built.out, held_out, run.step,
+                        run.elapsed(), run.config.batch_size, parameters, sent,
+                        run.step - run.launch_step, timeout=run.config.vote_timeout,
+                        default=None, what="the summary")
+    if summary is not None:
+        say(summary, run.rank)
 
 
 def _note_end(run: Run) -> None:

@@ -125,7 +125,9 @@ def run_record(args, comm, data, model, device, steps_per_epoch, total_steps, re
     devices = comm.allgather(str(device))
     return {
         "config": vars(args),
-        "command": sys.argv,
+        # As typed (the interpreter, -m mpi4py -m mpisign.train, the options), where Python
+        # keeps it (3.10+); sys.argv holds the module's file instead of "-m mpisign.train".
+        "command": getattr(sys, "orig_argv", sys.argv),
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "resumed_from_step": resumed,
         "world_size": comm.Get_size(),

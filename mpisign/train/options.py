@@ -11,7 +11,8 @@ import argparse
 
 __all__ = ["Config", "UsageError", "positive_int", "nonnegative_int", "VOTING", "ALLREDUCE",
            "OPTIMIZERS", "DEFAULT_LR", "DEFAULT_LR_BY_MODEL", "DEFAULT_WEIGHT_DECAY",
-           "DEFAULT_BETAS", "GPT_SIZE", "default_lr", "DEFAULT_EPOCHS", "DEFAULT_EXAMPLES"]
+           "DEFAULT_BETAS", "GPT_SIZE", "default_lr", "in_words", "DEFAULT_EPOCHS",
+           "DEFAULT_EXAMPLES"]
 
 #: The optimizers whose ranks combine the signs they send by majority vote (mpisign's).
 VOTING = ("signum", "signsgd", "lion")
@@ -94,3 +95,13 @@ def nonnegative_int(text: str) -> int:
 def default_lr(optimizer: str, model: str) -> float:
     """--lr when not given, for ``optimizer`` on ``model``."""
     return DEFAULT_LR_BY_MODEL.get(model, DEFAULT_LR)[optimizer]
+
+
+def in_words(defaults: dict) -> str:
+    """A default that depends on the optimizer, for --help: ``{"signum": 1e-3, "sgd": 0.05}``
+    as "0.001 for signum; 0.05 for sgd" (optimizers of one value together, in order)."""
+    by_value: dict = {}
+    for optimizer, value in defaults.items():
+        shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else f"{value:g}"
+        by_value.setdefault(shown, []).append(optimizer)
+    return "; ".join(f"{value} for {', '.join(names)}" for value, names in by_value.items())
