@@ -19,6 +19,7 @@ from .optim import (HyperparameterMismatch, LayoutMismatch, Lion, ParameterDiver
                     StepMismatch, TooFewRanks, VoteStats)
 from .backends.packing import n_words, pack_signs, unpack_signs
 from .vote import majority_vote
+from .script import ShardSampler, on_root, shard
 from .optim.state import broadcast_parameters, gather_state_dict, scatter_state_dict
 from .mpi.world import SingletonWorld
 from .mpi import report as _report
@@ -50,4 +51,7 @@ __all__ = [
     "scatter_state_dict",
     "DisagreementMonitor",
     "LearningRateWarning",
+    "shard",
+    "ShardSampler",
+    "on_root",
 ]
