@@ -87,6 +87,19 @@ def test_srun_with_pmix_trains_on_3_ranks(tmp_path):
     assert info["world_size"] == 3 and info["slurm"]["SLURM_NTASKS"] == "3", info["slurm"]
     assert [r["step"] for r in records(out, "step")] == [5, 10, 15, 20]
     assert records(out, "done")[-1]["step"] == 20
+    # The summary on stdout (srun's -o), the logs on stderr (-e).
+    assert proc.stdout.startswith("mpisign.train: done, 20 steps on 3 rank(s)"), proc.stdout
+    assert "[rank 0] INFO" in proc.stderr and "[rank" not in proc.stdout
+    assert (out / "curves.png").is_file()
+
+
+def test_an_error_every_task_raises_is_printed_in_full_once(tmp_path):
+    proc = run(["srun", "--mpi=pmix", "-n", "3", "python", "tests/mpi/report_check.py",
+                "divergence"], timeout=120)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    assert text.count("Traceback (most recent call last)") == 1, text[-3000:]
+    assert text.count("(raised alike on all 3 ranks; rank 0 prints it in full)") == 2, text
 
 
 @pytest.mark.parametrize("mpi", ["none", "pmi2"])

@@ -14,6 +14,8 @@ an RMS of 0.0137, lr 0.003 reached 81% test accuracy and lr 0.01 stayed at chanc
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 
 import torch
@@ -51,6 +53,20 @@ def check_learning_rate(name: str, groups: list) -> str | None:
             f"values are Adam-like: Signum 1e-4 to 1e-3, Lion 3e-5 to 3e-4 (3-10x below "
             f"AdamW's), never SGD's 0.1 or Adadelta's 1.0. (Warned once, by rank 0; the step "
             f"goes on.)")
-        warnings.warn(message, LearningRateWarning, stacklevel=2)
+        warnings.warn(message, LearningRateWarning, stacklevel=_caller_level())
         return message
     return None
+
+
+#: Where a warning should not point: mpisign's own files, and torch's wrappers of ``step``.
+_INSIDE = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+           os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def _caller_level() -> int:
+    """``warnings.warn``'s stacklevel of the first frame outside mpisign and torch: the user's
+    ``opt.step()`` line (torch's optimizer wraps ``step`` in a varying number of frames)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level
