@@ -52,7 +52,7 @@ LAYERS = [
     ("backends", ("mpisign.backends", "mpisign.cuda")),
     ("collectives", ("mpisign.collectives",)),
     ("the vote engine and optimizers", ("mpisign.optim",)),
-    ("the public vote", ("mpisign.vote",)),
+    ("the public vote, and a script's data and rank 0", ("mpisign.vote", "mpisign.script")),
     ("applications", ("mpisign.train", "mpisign.diagnostics", "mpisign.launch", "mpisign")),
 ]
 
