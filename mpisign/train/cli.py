@@ -215,7 +215,7 @@ def run(argv=None) -> int:
         sys.stderr.write(report.describe(error, rank, size, f"[rank {rank}] unhandled "
                                          f"exception, aborting all {size} ranks:\n"))
         sys.stderr.flush()
-        if rank != 0 and report.agreed(error):
-            time.sleep(report.LEAD_TIME)   # rank 0's full report goes out before the abort
+        if report.agreed(error):   # before an abort ends the job: every rank's report out
+            time.sleep(report.LEAD_TIME if rank != 0 else report.LEAD_TIME / 2)
         comm.Abort(1)
         return 1
