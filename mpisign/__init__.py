@@ -18,7 +18,7 @@ from .mpi.elastic import ElasticUnavailable
 from .optim import (HyperparameterMismatch, LayoutMismatch, Lion, ParameterDivergence, SignSGD, Signum,
                     StepMismatch, TooFewRanks, VoteStats)
 from .backends.packing import n_words, pack_signs, unpack_signs
-from .vote import majority_vote
+from .vote import drain_votes, majority_vote
 from .script import ShardSampler, on_root, shard
 from .optim.state import broadcast_parameters, gather_state_dict, scatter_state_dict
 from .mpi.world import SingletonWorld
@@ -33,6 +33,7 @@ __all__ = [
     "SignSGD",
     "Lion",
     "majority_vote",
+    "drain_votes",
     "pack_signs",
     "unpack_signs",
     "n_words",

@@ -25,17 +25,19 @@ from mpi4py import MPI
 
 from .backends import packing, signs
 from .collectives import check_comm, check_topology, make_vote
+from .collectives.quorum import QuorumVote, check_quorum, resolve_quorum
 from .mpi.elastic import require_ulfm
 from .mpi.isolation import attached, duplicate, release
 from .optim.recovery import recover_vote, retry_on_failure
 
-__all__ = ["majority_vote"]
+__all__ = ["majority_vote", "drain_votes"]
 
 
 def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server", *,
                   step: int | None = None, timeout: float | None = None,
                   stats: dict | None = None, out: torch.Tensor | None = None,
-                  elastic: bool = False) -> torch.Tensor:
+                  elastic: bool = False, quorum: int | float | None = None, grace: float = 0.0,
+                  allow_minority: bool = False) -> torch.Tensor:
     """Elementwise majority of the signs of ``x`` over the ranks of ``comm``.
 
     Args:
@@ -60,6 +62,12 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
             from the full vote, else their own vote. Later calls on ``comm`` vote among the
             survivors; ``stats["lost_ranks"]`` names the dead by their rank in ``comm``. Every
             rank must pass the same ``elastic``.
+        quorum: close the vote once this many ranks' signs are in (an int, or a fraction of
+            the ranks, rounded up), plus up to ``grace`` seconds for the rest: the ranks that
+            are later abstain (see :mod:`mpisign.collectives.quorum`). Every rank gets the
+            same result; ``stats["counted"]`` names the ranks counted. Default: all ranks.
+            Needs ``topology="server"``; a quorum below a majority of the ranks needs
+            ``allow_minority=True``. Every rank must pass the same values.
 
     Returns:
         ``out``, or a new tensor of ``x``'s shape, dtype and device, holding -1, 0 (tie) or +1,
@@ -77,6 +85,8 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
         raise ValueError(f"x must have a floating dtype, got {x.dtype}")
     check_topology(topology)
     check_comm(comm)
+    if quorum is not None:
+        check_quorum(topology, comm, quorum, grace, allow_minority, elastic)
     if elastic:
         require_ulfm()
     if step is not None and (not isinstance(step, int) or step < 0):
@@ -87,14 +97,14 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
                          f"and device {x.device}, got {_describe(out)}")
     if comm.Get_size() == 1:   # no vote: the sign itself, 0 for 0 and NaN
         if stats is not None:
-            stats.update(bytes_sent=0, bytes_received=0)
+            stats.update(bytes_sent=0, bytes_received=0, counted=[0])
         result = torch.nan_to_num(x.detach(), nan=0.0, out=out)
         return result.sign_()
     own = vote_state(comm)
     step = own.next_step() if step is None else step
     src = x.detach().contiguous()
     n = src.numel()
-    kind = (topology, n, src.device, src.dtype, timeout)
+    kind = (topology, n, src.device, src.dtype, timeout, quorum, grace)
     zero_bit = (comm.Get_rank() + step) % 2
     if elastic:
         plus, tie, call, before = _survived(comm, own, kind, src, zero_bit, step, timeout)
@@ -104,6 +114,7 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
     if stats is not None:
         after = _counted(call.voter.traffic)
         stats.update({k: v - before.get(k, 0) for k, v in after.items()})
+        stats["counted"] = list(getattr(call.voter, "counted", range(comm.Get_size())))
         if elastic:
             stats["lost_ranks"] = list(own.lost)
     result = call.backend.unpack(plus, tie, n, x, call.results.take(x) if out is None else out)
@@ -117,7 +128,8 @@ def _prepared(comm, own, kind, src: torch.Tensor, zero_bit: int, timeout):
     shared_vote_comm(comm, timeout)
     if not own.gpu_agreed:   # at the first call on comm, on every rank: one GPU path for all
         own.gpu_level, own.gpu_agreed = signs.gpu_level([src], own.comm, timeout), True
-    call = own.keep(kind, lambda: _Call(kind[0], own.comm, timeout, src, own.gpu_level))
+    call = own.keep(kind, lambda: _Call(kind[0], own.comm, timeout, src, own.gpu_level,
+                                        kind[5], kind[6]))
     call.backend.pack(src, zero_bit, call.words)
     call.backend.settle()
     return call, _counted(call.voter.traffic)
@@ -186,12 +198,18 @@ class _Call:
     """One kind of call's signs backend, collective and word buffer, kept across calls, and
     its results' memory (:class:`_Results`)."""
 
-    def __init__(self, topology: str, comm, timeout, like: torch.Tensor, gpu_level):
+    def __init__(self, topology: str, comm, timeout, like: torch.Tensor, gpu_level,
+                 quorum=None, grace: float = 0.0):
         self.results = _Results()
         self.backend = signs.signs_for([like], gpu_level)   # as the optimizer chooses
         self.words = self.backend.words(packing.n_words(like.numel()))
-        self.voter = make_vote(topology, comm, timeout=timeout, n_coords=like.numel(),
-                               tally=self.backend.tally)
+        if quorum is None:
+            self.voter = make_vote(topology, comm, timeout=timeout, n_coords=like.numel(),
+                                   tally=self.backend.tally)
+        else:   # checked by majority_vote: a count or fraction the communicator allows
+            count = resolve_quorum(quorum, comm.Get_size(), allow_minority=True)
+            self.voter = QuorumVote(comm, timeout=timeout, tally=self.backend.tally,
+                                    quorum=count, grace=grace)
 
 
 def _counted(traffic) -> dict:
@@ -265,3 +283,14 @@ def shared_vote_comm(comm: MPI.Intracomm, timeout: float | None = None) -> _Vote
         state.comm = duplicate(comm, timeout, "majority_vote")
         state.private = True
     return state
+
+
+def drain_votes(comm: MPI.Intracomm = MPI.COMM_WORLD) -> None:
+    """Collective, after the last ``majority_vote(..., quorum=...)`` on ``comm``: the late
+    messages delivered and the requests still standing completed, so none is pending at exit
+    (see :meth:`mpisign.collectives.quorum.QuorumVote.drain`). Other votes have none."""
+    own = vote_state(comm)
+    for call in list(own.kept.values()):
+        drain = getattr(call.voter, "drain", None)
+        if drain is not None:
+            drain()

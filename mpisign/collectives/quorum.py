@@ -1,0 +1,339 @@
+"""Quorum vote: the server's vote that closes once ``quorum`` ranks have voted; late ranks abstain.
+
+A majority vote needs no reweighting when a voter is missing: a rank whose signs have not arrived
+abstains, and the result is the majority of those present. The root (rank ``root``) closes a
+step's vote as soon as ``quorum`` ranks' signs are in (its own included), plus up to ``grace``
+seconds for the rest, tallies the rows that came, and sends every rank the same result, late
+ranks included, with the set of ranks counted. So every rank applies the same bits and knows who
+was counted.
+
+1. Every worker sends ``[step | packed signs]`` to the root and posts a receive of the result. The
+   root keeps one receive posted from every worker at all times, so a late message always has
+   somewhere to land.
+2. The root takes the messages as they come: one of this step is counted; one of an earlier step
+   (a rank that was late then) is dropped, never counted, and the receive is posted again. Once
+   ``quorum`` rows are in and ``grace`` has passed (or every rank is in), the vote closes.
+3. The root tallies the counted rows (a majority of ``k`` voters: "+" where more than ``k / 2``
+   say "+", a tie where exactly ``k / 2`` do, which needs ``k`` even) and sends every worker
+   ``[step | k | counted mask | plus | tie]``. The tie plane always travels, since ``k`` varies.
+
+A worker never runs ahead of the root (it needs step s's result to begin step s + 1), but a late
+worker may fall behind: the root keeps the results of the last :attr:`QuorumVote.max_lag` steps
+in flight for it, and waits for a worker that is further behind (bounded by ``timeout``). A rank
+that is only slow is never dropped; one that stops altogether ends in :class:`VoteTimeout`, naming
+it, once the root needs its result buffer back.
+
+A coordinate that is 0 on a rank is sent as ``(rank + step) % 2`` as in every topology; among the
+counted ranks the bits of all-zero coordinates split as their ranks' parities do, so such a
+coordinate's step alternates in sign with the step's parity (bounded drift, as before).
+
+Traffic per step, for ``n`` coordinates and M ranks: each worker sends ``n + 64`` bits and
+receives ``2n + 64 (2 + ceil(M / 64))``; the root receives up to ``(M - 1)`` times as much as a
+worker sends and sends as much as they receive.
+
+Only the server's shape closes in one place. Where every rank tallies for itself (allgather)
+ranks would close on different sets unless they agree first; the tree, sharded and hierarchical
+votes are not (yet) built with a quorum: :func:`check_quorum_topology` refuses them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from fractions import Fraction
+
+import numpy as np
+from mpi4py import MPI
+
+from .base import Pending, SignVote, VoteTimeout, wait_all
+from ..mpi.comm import SPIN_SECONDS, YIELD_SECONDS
+
+__all__ = ["QuorumVote", "resolve_quorum", "check_quorum", "check_quorum_topology",
+           "QUORUM_TOPOLOGIES"]
+
+VOTES, RESULT = 0, 1  # message phases
+#: Topologies that can close on a quorum.
+QUORUM_TOPOLOGIES = ("server",)
+
+
+def resolve_quorum(quorum, size: int, allow_minority: bool = False) -> int:
+    """The number of ranks whose votes close a step, for ``quorum`` given as a count (an int)
+    or a fraction of ``size`` ranks (a float or Fraction in (0, 1], rounded up). None: all ranks.
+    A quorum of fewer than a majority of the ranks is refused unless ``allow_minority``: the
+    paper's guarantee is for a majority of all workers, not of a minority of them."""
+    if quorum is None:
+        return size
+    if isinstance(quorum, bool) or not isinstance(quorum, (int, float, Fraction)):
+        raise ValueError(f"quorum must be a number of ranks (int) or a fraction of them "
+                         f"(float in (0, 1]), got {quorum!r}")
+    if isinstance(quorum, int):
+        count = quorum
+    else:
+        if not 0 < quorum <= 1:
+            raise ValueError(f"quorum as a fraction of the ranks must be in (0, 1], got {quorum!r}")
+        count = math.ceil(Fraction(quorum).limit_denominator(10**6) * size)
+    if not 1 <= count <= size:
+        raise ValueError(f"quorum must be between 1 and the {size} ranks of the communicator, "
+                         f"got {quorum!r}")
+    if 2 * count <= size and not allow_minority:
+        raise ValueError(f"quorum {quorum!r} is {count} of {size} ranks, not a majority of them: "
+                         f"a majority of a minority no longer has the paper's guarantee against "
+                         f"adversarial or broken ranks; pass allow_minority=True to allow it")
+    return count
+
+
+def check_quorum(topology: str, comm, quorum, grace, allow_minority: bool = False,
+                 elastic: bool = False) -> int:
+    """Every check of a quorum's options before any communication (the same error on every
+    rank); the quorum as a count of ranks."""
+    count = resolve_quorum(quorum, comm.Get_size(), allow_minority)
+    check_quorum_topology(topology)
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not (
+            math.isfinite(grace) and grace >= 0):
+        raise ValueError(f"grace must be a number of seconds >= 0, got {grace!r}")
+    if elastic:
+        raise ValueError("quorum= with elastic=True is not supported yet: a rank that never "
+                         "comes back and one that is only late look alike to a quorum vote")
+    return count
+
+
+def check_quorum_topology(topology: str) -> None:
+    """ValueError unless ``topology`` can close a vote on a quorum (see the module docstring)."""
+    if topology not in QUORUM_TOPOLOGIES:
+        raise ValueError(
+            f"quorum= needs topology='server': its root closes each vote in one place. "
+            f"{topology!r} cannot: with allgather every rank tallies for itself and ranks would "
+            f"close on different sets without an extra agreement, and the tree, sharded and "
+            f"hierarchical votes are not built with a quorum yet")
+
+
+class _Pending(Pending):
+    __slots__ = ("result", "counted")   # the result buffer; the ranks counted, once finished
+
+
+class QuorumVote(SignVote):
+    """The server's vote, closed on ``quorum`` ranks (see the module docstring).
+
+    ``counted``: after each vote, the ranks it counted. ``abstained[r]``: votes rank r was not
+    counted in (on the root, where the closing happens; every rank learns it from the results).
+    """
+
+    name = "server"
+    pending_type = _Pending
+    #: Steps a worker may fall behind the root before the root waits for it.
+    max_lag = 8
+
+    def __init__(self, comm, timeout=None, tally=None, quorum: int | None = None,
+                 grace: float = 0.0, root: int = 0):
+        super().__init__(comm, timeout, tally)
+        self.quorum = self.size if quorum is None else int(quorum)
+        if not 1 <= self.quorum <= self.size:
+            raise ValueError(f"quorum must be in [1, {self.size}], got {quorum!r}")
+        if not (isinstance(grace, (int, float)) and math.isfinite(grace) and grace >= 0):
+            raise ValueError(f"grace must be a number of seconds >= 0, got {grace!r}")
+        self.grace = float(grace)
+        self.root = root
+        self.others = [r for r in range(self.size) if r != root]
+        self.mask_words = (self.size + 63) // 64
+        self.counted: list[int] = list(range(self.size))
+        self.abstained = [0] * self.size
+        self.dropped = 0          # late messages the root received and dropped
+        self._posted: dict = {}   # bucket -> {worker: request}: the root's standing receives
+        self._slots: dict = {}    # bucket -> votes so far (the root's result ring position)
+        self._ring: dict = {}     # (bucket, slot) -> (requests, peers) of that result's sends
+        self._inboxes: dict = {}  # bucket -> (M x (1 + W) receive rows, tag)
+        self._heard: dict = {}    # (bucket, worker) -> the step of its last message taken
+        self._closed: dict = {}   # bucket -> the step of its last vote
+
+    @property
+    def tie_possible(self) -> bool:
+        return True   # the number of voters varies: the tie plane always travels
+
+    def _result_shape(self, w: int) -> tuple:
+        return (2 + self.mask_words + 2 * w,)
+
+    # -- a vote ------------------------------------------------------------------------------
+    def _start(self, p):
+        if not isinstance(p.words, np.ndarray):
+            raise ValueError("a quorum vote runs on host words: the words of a GPU path are "
+                             "not supported with quorum= yet")
+        w = p.words.shape[0]
+        if self.rank != self.root:
+            # Step 1: [step | signs] to the root; the result's receive posted at once.
+            out = self._buffer(p, "out", (1 + w,))
+            out[0] = p.step
+            out[1:] = p.words
+            p.result = self._buffer(p, "result", self._result_shape(w))
+            self._isend(p, out, self.root, VOTES)
+            self._irecv(p, p.result, self.root, RESULT)
+            return
+        slot = self._slots.get(p.bucket, 0)
+        self._slots[p.bucket] = slot + 1
+        key = (p.bucket, slot % self.max_lag)
+        sent = self._ring.pop(key, None)
+        if sent is not None:   # that result's sends, max_lag votes ago: a worker that far behind
+            wait_all(sent[0], sent[1], self.timeout,   # is waited for (bounded), never dropped
+                     f"quorum vote at step {p.step} on rank {self.rank}: the result of "
+                     f"{self.max_lag} votes ago, to ranks more than {self.max_lag} steps behind")
+        p.result = self._buffer(p, f"result{key[1]}", self._result_shape(w))
+        self._inbox(p)
+
+    def _inbox(self, p) -> dict:
+        """The root's standing receives of this bucket, posted for every worker that has none."""
+        self._inboxes[p.bucket] = (self._buffer(p, "inbox", (self.size, 1 + p.words.shape[0])),
+                                   self._tag(p, VOTES))
+        return self._repost(p.bucket)
+
+    def _repost(self, bucket: int) -> dict:
+        posted = self._posted.setdefault(bucket, {})
+        inbox, tag = self._inboxes[bucket]
+        for r in self.others:
+            if r not in posted:
+                self.traffic.received += inbox[r].nbytes
+                posted[r] = self.comm.Irecv(inbox[r], source=r, tag=tag)
+        return posted
+
+    def _finish(self, p):
+        w = p.words.shape[0]
+        if self.rank != self.root:
+            self._wait(p, "waiting for the server's result (quorum vote)")
+            if int(p.result[0]) != p.step:
+                raise RuntimeError(f"quorum vote on rank {self.rank}: the server's result is "
+                                   f"for step {int(p.result[0])}, this rank is at step {p.step}")
+        else:
+            self._close(p)
+        k = int(p.result[1])
+        mask = p.result[2: 2 + self.mask_words]
+        self.counted = p.counted = [r for r in range(self.size)
+                                    if int(mask[r // 64]) >> (r % 64) & 1]
+        if self.rank != self.root:
+            for r in range(self.size):
+                self.abstained[r] += r not in p.counted
+        assert len(p.counted) == k
+        plus = p.result[2 + self.mask_words: 2 + self.mask_words + w]
+        tie = p.result[2 + self.mask_words + w:]
+        return plus, tie
+
+    def _close(self, p) -> None:
+        """The root: take the workers' messages until the vote can close, tally the counted
+        rows, and send every worker the result (left in flight, in the result ring)."""
+        w = p.words.shape[0]
+        posted = self._inbox(p)
+        inbox = self._buffer(p, "inbox", (self.size, 1 + w))
+        gathered = self._buffer(p, "gathered", (self.size, w))
+        gathered[0] = p.words
+        counted = [self.root]
+        start = since = time.monotonic()
+        quorate_at = None
+        # Step 2: wait on MPI for the workers' messages, polling, until the quorum (and grace).
+        while True:
+            ranks = list(posted)
+            done = self._testsome([posted[r] for r in ranks])
+            for i in done:
+                r = ranks[i]
+                del posted[r]
+                sent_step = self._heard[(p.bucket, r)] = int(inbox[r][0])
+                if sent_step == p.step:
+                    gathered[len(counted)] = inbox[r][1:]
+                    counted.append(r)
+                else:   # a message of a step already closed: dropped, never counted
+                    self.dropped += 1
+                # At once again: a late worker's next message has somewhere to land.
+                self._inbox(p)
+            now = time.monotonic()
+            if done:
+                since = now
+            if len(counted) == self.size:
+                break
+            if len(counted) >= self.quorum:
+                quorate_at = quorate_at or now
+                if now - quorate_at >= self.grace and not done:
+                    break   # quorate, grace over, and nothing more arrived in the last poll
+            if now - start > self.timeout:
+                missing = sorted(set(range(self.size)) - set(counted))
+                raise VoteTimeout(
+                    f"quorum vote at step {p.step} on rank {self.rank}: {len(counted)} of the "
+                    f"quorum of {self.quorum} ranks after {self.timeout:g} s; no message from "
+                    f"rank(s) {missing} (dead, stalled, or not calling the same collective; set "
+                    f"MPISIGN_TIMEOUT to wait longer)")
+            _pause(now - since)
+        # Step 3: the majority of the counted rows, and the result to every worker.
+        self._closed[p.bucket] = p.step
+        k = len(counted)
+        plus, tie = self.tally(gathered[:k], p.n)
+        result = p.result
+        result[0], result[1] = p.step, k
+        result[2: 2 + self.mask_words] = 0
+        for r in counted:
+            result[2 + r // 64] |= np.uint64(1) << np.uint64(r % 64)
+        body = 2 + self.mask_words
+        result[body: body + w] = plus
+        result[body + w:] = 0 if tie is None else tie
+        for r in range(self.size):
+            self.abstained[r] += r not in counted
+        for r in self.others:
+            self._isend(p, result, r, RESULT)
+        slot = (self._slots[p.bucket] - 1) % self.max_lag
+        self._ring[(p.bucket, slot)] = (p.requests, p.peers)
+        p.requests, p.peers, p.settled = [], [], False
+
+    @staticmethod
+    def _testsome(requests: list) -> list:
+        """Indices of ``requests`` that have completed (progresses MPI)."""
+        return (MPI.Request.Testsome(requests) or []) if requests else []
+
+    # -- the end -----------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Collective, after the last vote (every rank has voted as often): the root takes
+        every worker's messages up to the last vote's (the late ones are dropped), then
+        completes the results in flight, so that no request is left pending and no message
+        unreceived (at ``MPI_Finalize``, or when the communicator is freed). Bounded."""
+        if self.rank == self.root:
+            deadline = time.monotonic() + self.timeout
+            for bucket, last in self._closed.items():
+                posted = self._repost(bucket)
+                inbox = self._inboxes[bucket][0]
+                waiting = [r for r in self.others if self._heard.get((bucket, r), -1) < last]
+                while waiting:
+                    done = self._testsome([posted[r] for r in waiting])
+                    for i in sorted(done, reverse=True):
+                        r = waiting[i]
+                        del posted[r]
+                        self._heard[(bucket, r)] = int(inbox[r][0])
+                        self.dropped += 1   # a message of a step already closed
+                    waiting = [r for r in self.others
+                               if self._heard.get((bucket, r), -1) < last]
+                    if waiting:
+                        posted = self._repost(bucket)
+                    if time.monotonic() > deadline:
+                        raise VoteTimeout(f"quorum vote's drain on rank {self.rank}: no last "
+                                          f"message from rank(s) {waiting} after "
+                                          f"{self.timeout:g} s")
+                    _pause(0.0 if done else YIELD_SECONDS)
+                for request in posted.values():   # no worker sends any more: none can match
+                    request.Cancel()
+                    request.Wait()
+                posted.clear()
+        for requests, peers in self._ring.values():
+            wait_all(requests, peers, self.timeout,
+                     f"quorum vote's drain on rank {self.rank}: results still in flight")
+        self._ring.clear()
+        for bucket in list(self._sending):
+            self._complete_sends(bucket)
+
+    def pending_requests(self) -> int:
+        """Requests of this collective not yet completed (0 after :meth:`drain`)."""
+        return (sum(len(p) for p in self._posted.values())
+                + sum(len(r) for r, _ in self._ring.values()) + sum(
+                    len(r) for r, _, _ in self._sending.values()))
+
+
+def _pause(idle: float) -> None:
+    """Between polls: spin briefly, then yield the core, then nap (as ``wait_all`` does)."""
+    if idle < SPIN_SECONDS:
+        return
+    if idle < YIELD_SECONDS:
+        os.sched_yield()
+        return
+    time.sleep(min(1e-3, idle / 100))

@@ -1,0 +1,61 @@
+"""The quorum vote (mpisign.collectives.quorum): late ranks abstain, every rank applies the same
+result, and it is the majority of exactly the ranks it names; on real ranks
+(tests/mpi/quorum_check.py) against a numpy majority of the counted ranks' inputs."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+
+import mpirun
+from mpisign.collectives.quorum import check_quorum_topology, resolve_quorum
+
+
+@pytest.mark.parametrize("n, quorum", [(3, 2), (4, 3), (5, 4), (5, 3)])
+def test_late_ranks_abstain_and_stale_signs_never_count(n, quorum):
+    out = mpirun.run(n, "quorum_check.py", "late", str(quorum), timeout=120)
+    assert f"quorum_check OK on {n} ranks: late {quorum}" in out
+
+
+def test_ties_and_the_zero_rule_with_3_and_4_voters():
+    out = mpirun.run(4, "quorum_check.py", "ties", timeout=120)
+    assert "quorum_check OK on 4 ranks: ties" in out
+
+
+def test_no_request_is_pending_after_the_drain():
+    out = mpirun.run(4, "quorum_check.py", "drain", timeout=120)
+    assert "quorum_check OK on 4 ranks: drain" in out
+
+
+def test_bad_options_raise_on_every_rank():
+    out = mpirun.run(3, "quorum_check.py", "bad", timeout=120)
+    assert "quorum_check OK on 3 ranks: bad" in out
+
+
+@pytest.mark.parametrize("quorum, size, count", [
+    (None, 4, 4), (3, 4, 3), (4, 4, 4), (0.75, 4, 3), (0.7, 4, 3), (0.51, 4, 3), (1.0, 5, 5),
+    (Fraction(2, 3), 6, 4), (1, 1, 1), (2, 3, 2)])
+def test_a_quorum_is_a_count_or_a_fraction_rounded_up(quorum, size, count):
+    assert resolve_quorum(quorum, size) == count
+
+
+@pytest.mark.parametrize("quorum, size, match", [
+    (5, 4, "between 1 and the 4 ranks"), (0, 4, "between 1"), (2, 4, "not a majority"),
+    (0.5, 4, "not a majority"), (1.5, 4, r"in \(0, 1\]"), (-0.5, 4, r"in \(0, 1\]"),
+    ("3", 4, "number of ranks"), (True, 4, "number of ranks")])
+def test_bad_quorums_are_refused(quorum, size, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_quorum(quorum, size)
+
+
+def test_a_minority_needs_to_be_asked_for():
+    assert resolve_quorum(2, 4, allow_minority=True) == 2
+    assert resolve_quorum(0.25, 8, allow_minority=True) == 2
+
+
+@pytest.mark.parametrize("topology", ["tree", "sharded", "allgather", "hierarchical", "auto"])
+def test_topologies_that_cannot_close_on_a_quorum_say_why(topology):
+    with pytest.raises(ValueError, match="topology='server'"):
+        check_quorum_topology(topology)
+    check_quorum_topology("server")
