@@ -59,3 +59,16 @@ def test_topologies_that_cannot_close_on_a_quorum_say_why(topology):
     with pytest.raises(ValueError, match="topology='server'"):
         check_quorum_topology(topology)
     check_quorum_topology("server")
+
+
+@pytest.mark.parametrize("n", [3, 4, 5])
+def test_signum_with_a_quorum_matches_a_replay_of_the_ranks_it_counted(n):
+    """Late ranks (a slow loader, a slow backward) abstain, skip to catch up, and every rank's
+    parameters equal a one-process replay of each rank's momentum and the counted votes."""
+    out = mpirun.run(n, "quorum_check.py", "signum", timeout=180)
+    assert f"quorum_check OK on {n} ranks: signum" in out
+
+
+def test_a_rank_s_own_mistake_is_raised_on_every_rank_under_a_quorum():
+    out = mpirun.run(4, "quorum_check.py", "mistakes", timeout=180)
+    assert "quorum_check OK on 4 ranks: mistakes" in out

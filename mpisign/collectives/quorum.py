@@ -116,7 +116,8 @@ class QuorumVote(SignVote):
     """The server's vote, closed on ``quorum`` ranks (see the module docstring).
 
     ``counted``: after each vote, the ranks it counted. ``abstained[r]``: votes rank r was not
-    counted in (on the root, where the closing happens; every rank learns it from the results).
+    counted in; ``late_streak[r]``: of the last votes in a row (every rank learns them from the
+    results, so they are the same on every rank).
     """
 
     name = "server"
@@ -138,6 +139,7 @@ class QuorumVote(SignVote):
         self.mask_words = (self.size + 63) // 64
         self.counted: list[int] = list(range(self.size))
         self.abstained = [0] * self.size
+        self.late_streak = [0] * self.size   # votes in a row each rank was not counted in
         self.dropped = 0          # late messages the root received and dropped
         self._posted: dict = {}   # bucket -> {worker: request}: the root's standing receives
         self._slots: dict = {}    # bucket -> votes so far (the root's result ring position)
@@ -207,9 +209,10 @@ class QuorumVote(SignVote):
         mask = p.result[2: 2 + self.mask_words]
         self.counted = p.counted = [r for r in range(self.size)
                                     if int(mask[r // 64]) >> (r % 64) & 1]
-        if self.rank != self.root:
-            for r in range(self.size):
-                self.abstained[r] += r not in p.counted
+        for r in range(self.size):
+            missed = r not in p.counted
+            self.abstained[r] += missed
+            self.late_streak[r] = self.late_streak[r] + 1 if missed else 0
         assert len(p.counted) == k
         plus = p.result[2 + self.mask_words: 2 + self.mask_words + w]
         tie = p.result[2 + self.mask_words + w:]
@@ -270,8 +273,6 @@ class QuorumVote(SignVote):
         body = 2 + self.mask_words
         result[body: body + w] = plus
         result[body + w:] = 0 if tie is None else tie
-        for r in range(self.size):
-            self.abstained[r] += r not in counted
         for r in self.others:
             self._isend(p, result, r, RESULT)
         slot = (self._slots[p.bucket] - 1) % self.max_lag

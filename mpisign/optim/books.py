@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 
 from ..backends import packing
 from ..collectives import check_comm, check_topology, default_timeout
+from ..collectives.quorum import check_quorum
 from .detection import DisagreementMonitor
 from .engine import VoteEngine
 from .guidance import check_learning_rate
@@ -64,7 +65,8 @@ class SignOptimizer(Optimizer):
     def __init__(self, params, defaults: dict, rule, comm=None, topology: str = "server", *,
                  timeout: float | None = None, check_every: int = 0, overlap: bool = False,
                  bucket_mb: float = 25.0, monitor: DisagreementMonitor | None = None,
-                 elastic: bool = False, min_ranks: int = 1, **torch_options):
+                 elastic: bool = False, min_ranks: int = 1, quorum=None, grace: float = 0.0,
+                 allow_minority: bool = False, **torch_options):
         # Validate everything before any communication, so every rank raises the same error.
         check_torch_options(type(self).__name__, torch_options)
         rule.check(defaults)
@@ -80,6 +82,11 @@ class SignOptimizer(Optimizer):
             raise ValueError(f"monitor must be a DisagreementMonitor, got {monitor!r}")
         if not isinstance(min_ranks, int) or min_ranks < 1:
             raise ValueError(f"min_ranks must be an int >= 1, got {min_ranks!r}")
+        if quorum is not None:
+            quorum = check_quorum(topology, comm, quorum, grace, allow_minority, elastic)
+            if overlap:
+                raise ValueError("quorum= with overlap=True is not supported yet: a vote begun "
+                                 "by a gradient hook cannot count the missing gradients")
         self.rule = rule
         self._advised = False   # the first step's advice (mpisign.optim.guidance) is given
         super().__init__(params, defaults)   # each group through add_param_group: checked
@@ -87,7 +94,7 @@ class SignOptimizer(Optimizer):
         self.engine = VoteEngine(self, rule, comm, topology,
                                  default_timeout() if timeout is None else float(timeout),
                                  check_every, bool(overlap), bucket_words, monitor,
-                                 bool(elastic), min_ranks)
+                                 bool(elastic), min_ranks, quorum, float(grace))
 
     # -- the engine's options and figures, under the names users know ------------------------
     comm = property(lambda self: self.engine.comm)
@@ -183,6 +190,35 @@ class SignOptimizer(Optimizer):
                 loss = closure()
         self.engine.step()
         return loss
+
+    # -- a quorum's late rank (quorum=) ------------------------------------------------------
+    quorum = property(lambda self: self.engine.quorum)
+    grace = property(lambda self: self.engine.grace)
+
+    def late(self) -> bool:
+        """With ``quorum=``: True when the vote of this rank's coming step has already closed
+        without it (it fell behind). A loop then saves the work of that step::
+
+            if opt.late():
+                opt.skip()     # the closed vote's result, without forward, backward or send
+                continue
+
+        Without a quorum, or on the root, always False."""
+        return self.engine.late()
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def skip(self) -> None:
+        """Take the step whose vote closed without this rank: its result moves the parameters
+        as on every rank; no local step (the momentum stays). Only when :meth:`late`."""
+        self._check_groups()
+        self.engine.skip()
+
+    def drain(self) -> None:
+        """Collective, after the last step of an optimizer with ``quorum=``: the lagged
+        header checks made and the late ranks' messages taken, so no request is pending at
+        exit. Does nothing without a quorum."""
+        self.engine.drain()
 
     # -- consistency ------------------------------------------------------------------------
     def params_digest(self) -> bytes:

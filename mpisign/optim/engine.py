@@ -63,6 +63,11 @@ class VoteStats:
     suspects: list = field(default_factory=list)  # ranks the monitor flags (windowed mean)
     lost_ranks: list = field(default_factory=list)  # elastic: dead ranks, by their rank in
                                                     # the communicator the optimizer was given
+    # quorum=: votes each rank was not counted in; the last vote's counted ranks; steps this
+    # rank skipped because its vote had closed without it (skip()).
+    abstentions: list = field(default_factory=list)
+    counted: list = field(default_factory=list)
+    skipped: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -121,6 +126,15 @@ class Solo:
 
     def ranks_differing(self) -> list:
         return []
+
+    def after_vote(self) -> None:
+        pass
+
+    def late(self) -> bool:
+        return False   # every vote waits for this rank
+
+    def drain(self) -> None:
+        pass
 
 
 class Ensemble(Solo):
@@ -239,7 +253,8 @@ class VoteEngine:
                    "_waiting", "recovery", "ranks")
 
     def __init__(self, books, rule, comm, topology: str, timeout: float, check_every: int,
-                 overlap: bool, bucket_words: int, monitor, elastic: bool, min_ranks: int):
+                 overlap: bool, bucket_words: int, monitor, elastic: bool, min_ranks: int,
+                 quorum: int | None = None, grace: float = 0.0):
         self.books, self.rule = books, rule
         # What users tune.
         self.topology = topology
@@ -249,7 +264,9 @@ class VoteEngine:
         self.bucket_words = bucket_words
         self.monitor = monitor
         self.elastic, self.min_ranks = elastic, min_ranks
+        self.quorum, self.grace = quorum, grace   # votes closed on a quorum (None: all ranks)
         self.stats = VoteStats()
+        self._skipping = False   # skip(): this step's local step is left out
         # The GPU path every rank agreed on at the first step (mpisign.cuda.startup); a later
         # layout, which may change on one rank alone, keeps it without a collective.
         self.gpu_agreed, self.gpu_level = False, None
@@ -274,8 +291,14 @@ class VoteEngine:
             self.recovery = Recovery(self) if self.elastic else Unrecovered()
 
     def _ranks_policy(self) -> Solo:
-        """One rank, or several: decided here, once per communicator."""
-        return Solo(self) if self.world_size == 1 else Ensemble(self)
+        """One rank, several, or several whose votes close on a quorum: decided here, once per
+        communicator."""
+        if self.world_size == 1:
+            return Solo(self)
+        if self.quorum is not None and self.quorum < self.world_size:
+            from .quorate import Quorate   # late: quorate builds on this module's Ensemble
+            return Quorate(self)
+        return Ensemble(self)
 
     def copy_for(self, books, memo) -> VoteEngine:
         """An engine of the same options and statistics for ``books`` (a deep copy of the
@@ -363,10 +386,12 @@ class VoteEngine:
         layout = plan.layout
         if all(bucket.pending is None for bucket in layout.buckets):
             self.check.reset()   # no hook began this step: its header is still to come
-        present = [s.param.grad is not None for s in layout.slots]
+        # skip(): no gradient is read (the local step is left out), so none counts as missing.
+        present = [self._skipping or s.param.grad is not None for s in layout.slots]
         # Steps 1-4, done again among the survivors where an elastic optimizer lost a rank.
         self.recovery.run(self._vote, present)
         plan = self.plan   # a recovery may have made another collective
+        self.ranks.after_vote()
         disagree = sum(int(bucket.disagree) for bucket in layout.buckets)
         self.stats.disagreement = disagree / max(1, layout.coordinates)
         traffic = plan.voter.traffic   # the collective is this optimizer's
@@ -477,6 +502,9 @@ class VoteEngine:
         once a step (a gradient hook, or the step itself, may come first)."""
         if bucket.packed:
             return
+        if self._skipping:   # skip(): no local step; the words go, and the root drops them
+            bucket.packed = True
+            return
         plan, books = self.plan, self.books
         zero_bit = (self.rank + books.param_groups[0]["step"]) % 2
         scale = self._inv_scale()
@@ -551,6 +579,31 @@ class VoteEngine:
             torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
         self._count_nonfinite(count)
         return grads
+
+    # -- a quorum's late rank ------------------------------------------------------------------
+    def late(self) -> bool:
+        """With ``quorum=``: whether the vote of this rank's coming step has already closed
+        without it (see :mod:`mpisign.optim.quorate`); otherwise False."""
+        return self.plan is not None and not self._stale and self.ranks.late()
+
+    def skip(self) -> None:
+        """The coming step without a local step: this rank takes the closed vote's result and
+        moves its parameters by it, as every rank does, but computes nothing (its momentum
+        stays as it is). Only where :meth:`late` is True: its signs could no longer count."""
+        if not self.late():
+            raise ValueError(f"skip() is for a rank whose vote has already closed without it "
+                             f"(late() is True); rank {self.rank} is not late: call step()")
+        self._skipping = True
+        try:
+            self.step()
+        finally:
+            self._skipping = False
+        self.stats.skipped += 1
+
+    def drain(self) -> None:
+        """Collective, after the last step (with ``quorum=``): the lagged checks made and the
+        late messages taken, so that nothing is pending at exit. Without a quorum, nothing."""
+        self.ranks.drain()
 
     # -- consistency ------------------------------------------------------------------------
     def params_digest(self) -> bytes:

@@ -77,6 +77,18 @@ class Signum(SignOptimizer):
             :mod:`mpisign.optim.recovery`).
         min_ranks: with ``elastic``, the fewest survivors to carry on with (default 1: a vote
             has no quorum); below it every survivor raises :class:`TooFewRanks`.
+        quorum: close each step's vote once this many ranks have voted (an int, or a fraction
+            of the ranks, rounded up), plus up to ``grace`` seconds for the rest: a late rank
+            abstains, and every rank applies the same result (``stats.counted`` names the ranks
+            counted, ``stats.abstentions`` counts each rank's missed votes). A rank that fell
+            behind can catch up: ``if opt.late(): opt.skip()`` takes the closed step without
+            computing it. After the last step, ``opt.drain()`` (collective) leaves nothing
+            pending. Needs ``topology="server"`` and ``overlap=False``; a rank's own mistake
+            is raised on every rank two steps on, and every parameter needs a gradient at
+            every step (see :mod:`mpisign.optim.quorate`). Default: every rank.
+        grace: with ``quorum``, seconds the vote waits for the rest once the quorum is in.
+        allow_minority: allow a ``quorum`` of half the ranks or fewer (a majority of a
+            minority: not the paper's guarantee against adversarial ranks).
     """
 
     def __init__(self, params, lr: float = 1e-4, momentum: float = 0.9,

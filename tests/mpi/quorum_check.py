@@ -12,7 +12,7 @@ of exactly the ranks the result says it counted, on their inputs of that step.
   the end and messages past the eager limit (its late sends complete only when received).
 - ``bad``: the errors of bad options, on every rank before any message.
 
-Usage: quorum_check.py late QUORUM | ties | drain | bad
+Usage: quorum_check.py late QUORUM | ties | drain | bad | signum | mistakes
 """
 
 import sys
@@ -138,4 +138,143 @@ elif mode == "bad":
         y = mpisign.majority_vote(x, comm, quorum=0.75, stats=stats)
         assert (y == 1).all() and len(stats["counted"]) >= -(-3 * size // 4)
         drain_votes(comm)
-print(f"quorum_check OK on {size} ranks: {' '.join(sys.argv[1:])}", flush=True)
+if mode in ("late", "ties", "drain", "bad"):
+    print(f"quorum_check OK on {size} ranks: {' '.join(sys.argv[1:])}", flush=True)
+
+
+# -- the optimizer: Signum(quorum=) -----------------------------------------------------------
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1234)
+        self.body = torch.nn.Linear(11, 6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+def gradients(model, r, step):
+    model.zero_grad(set_to_none=True)
+    g = torch.Generator().manual_seed(1000 * step + r)
+    x, y = torch.randn(4, 11, generator=g), torch.randn(4, 3, generator=g)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def signum_run(steps: int, late: int, sleeps: dict, lr=0.01, beta=0.9, wd=0.01):
+    """Signum(quorum=size-1): rank ``late`` sleeps ``sleeps[step]`` = ("before" | "after", s)
+    its gradient; every rank skips a step whose vote has closed without it. Returns the
+    model, the optimizer, the counted sets and this rank's skipped steps."""
+    model = Net()
+    opt = mpisign.Signum(model.parameters(), lr=lr, momentum=beta, weight_decay=wd, comm=comm,
+                         quorum=size - 1)
+    counted, skipped = [], []
+    for step in range(steps):
+        when, seconds = sleeps.get(step, (None, 0)) if rank == late else (None, 0)
+        if when == "before":
+            time.sleep(seconds)   # a slow data loader
+        if opt.late():
+            opt.skip()
+            skipped.append(step)
+        else:
+            for p, g in zip(model.parameters(), gradients(model, rank, step)):
+                p.grad = g
+            if when == "after":
+                time.sleep(seconds)   # a slow backward pass: its signs come late
+            opt.step()
+        counted.append(opt.stats.counted)
+        progress(step)
+    return model, opt, counted, skipped
+
+
+def signum_reference(steps, counted, skipped_by_rank, lr=0.01, beta=0.9, wd=0.01):
+    """Every rank replayed here: each its own momentum (not updated at a step it skipped), the
+    vote a numpy majority of the counted ranks' momentum signs, with the zero rule."""
+    ref = Net()
+    params = list(ref.parameters())
+    mom = [[torch.zeros_like(p) for p in params] for _ in range(size)]
+    for step in range(steps):
+        every = [gradients(ref, r, step) for r in range(size)]
+        with torch.no_grad():
+            total = [np.zeros(p.numel(), dtype=np.int64) for p in params]
+            for r in range(size):
+                if step not in skipped_by_rank[r]:
+                    for i, g in enumerate(every[r]):
+                        mom[r][i] = beta * mom[r][i] + (1 - beta) * g
+                if r not in counted[step]:
+                    continue
+                for i in range(len(params)):
+                    m = mom[r][i].reshape(-1).double().numpy()
+                    total[i] += np.where(m > 0, 1, np.where(m < 0, -1,
+                                                            1 if (r + step) % 2 else -1))
+            for p, t in zip(params, total):
+                v = torch.from_numpy(np.sign(t).astype(np.float64)).to(p.dtype).view_as(p)
+                p.copy_(p - lr * (v + wd * p))
+    return ref
+
+
+if mode == "signum":
+    late = size - 1
+    steps = 9
+    sleeps = {2: ("before", 1.0), 5: ("after", 1.0)}
+    with case("signum quorum: late ranks, skips, against the replay"):
+        model, opt, counted, skipped = signum_run(steps, late, sleeps)
+        every_counted = comm.allgather(counted)
+        assert all(c == counted for c in every_counted), every_counted
+        assert len(set(comm.allgather(opt.params_digest()))) == 1, "ranks diverged"
+        skipped_by_rank = comm.allgather(skipped)
+        assert skipped_by_rank[late], skipped_by_rank   # it fell behind, and caught up
+        assert any(late not in c for c in counted), counted
+        assert opt.stats.abstentions[late] >= 2 and opt.stats.skipped == len(skipped)
+        ref = signum_reference(steps, counted, skipped_by_rank)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            err = (p - q).abs().max().item()
+            assert err < 1e-6, f"differs from the replay by {err}: {counted} {skipped_by_rank}"
+        opt.drain()
+        assert opt.engine.plan.voter.pending_requests() == 0
+        assert not opt.engine.ranks.lagged
+    with case("signum quorum: skip() on a rank that is not late"), \
+            expect_everywhere(ValueError, "not late"):
+        model = Net()
+        o = mpisign.Signum(model.parameters(), lr=0.01, comm=comm, quorum=size - 1)
+        for p, g in zip(model.parameters(), gradients(model, rank, 0)):
+            p.grad = g
+        o.step()
+        o.skip()   # nobody has voted on step 1 yet: no rank is late
+elif mode == "mistakes":
+    from mpisign.optim.quorate import LAG, MissingGradient
+
+    with case("quorum: an lr on rank 1 alone is raised on every rank, LAG steps on"):
+        model = Net()
+        opt = mpisign.Signum(model.parameters(), lr=0.01, comm=comm, quorum=size - 1)
+        reached = []
+        with expect_everywhere(mpisign.HyperparameterMismatch, r"rank\(s\) \[1\]"):
+            for step in range(8):
+                if rank == 1 and step == 3:
+                    opt.param_groups[0]["lr"] = 0.02
+                for p, g in zip(model.parameters(), gradients(model, rank, step)):
+                    p.grad = g
+                reached.append(step)
+                opt.step()
+        assert reached[-1] == 3 + LAG, reached   # every rank at the same step
+    with case("quorum: a missing gradient is raised on every rank"):
+        model = Net()
+        opt = mpisign.Signum(model.parameters(), lr=0.01, comm=comm, quorum=size - 1)
+        with expect_everywhere(MissingGradient, r"rank\(s\) \[2\]"):
+            for step in range(8):
+                for p, g in zip(model.parameters(), gradients(model, rank, step)):
+                    p.grad = g
+                if rank == 2 and step == 1:
+                    model.head.bias.grad = None
+                opt.step()
+    with case("quorum: bad options"):
+        params = Net().parameters()
+        for kwargs, match in [(dict(quorum=size + 1), "between 1"),
+                              (dict(quorum=size - 1, topology="tree"), "topology='server'"),
+                              (dict(quorum=size - 1, overlap=True), "overlap"),
+                              (dict(quorum=1), "not a majority")]:
+            with expect_everywhere(ValueError, match):
+                mpisign.Signum(params, lr=0.01, comm=comm, **kwargs)
+if mode in ("signum", "mistakes"):
+    print(f"quorum_check OK on {size} ranks: {mode}", flush=True)

@@ -1,0 +1,141 @@
+"""The ranks' policy of an optimizer whose votes close on a quorum (``quorum=``): nothing in a
+step waits for every rank.
+
+The votes go by :class:`mpisign.collectives.quorum.QuorumVote`: the root closes each one once
+``quorum`` ranks have voted, and a late rank abstains. What else a step exchanges changes with it:
+
+- **The step header** is posted every step as before, and checked :data:`LAG` steps later (the
+  first step of a layout at once, before any sign is sent: the layout and the parameters'
+  digest). Every rank checks step s's headers at its own step s + LAG, so a rank's own mistake
+  (another layout, step or hyperparameter) is still raised on every rank alike, naming it,
+  LAG steps on; and a late rank may fall up to LAG steps behind before anyone waits for it.
+- **No presence OR**: under a quorum every parameter must have a gradient on every rank at every
+  step. A rank without one is found by the lagged header check and every rank raises
+  :class:`MissingGradient`, naming it.
+- **A late rank catches up**: :meth:`late` says, without waiting, that this rank's vote of the
+  coming step has already closed without it; :meth:`skip` then takes that step's result without
+  computing (no local step, no momentum update), so a rank that fell behind costs the others
+  nothing and comes back within a step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+
+import numpy as np
+
+from ..collectives.base import TAG_BASE
+from ..collectives.quorum import RESULT, QuorumVote
+from ..mpi.report import Agreed
+from .engine import Ensemble
+from .header import finish, verdict
+
+__all__ = ["Quorate", "MissingGradient", "LAG", "LATE_WARNING"]
+
+log = logging.getLogger(__name__)
+
+#: Steps after which a step's headers are checked (and a late rank is waited for).
+LAG = 2
+#: Votes in a row a rank must have missed before rank 0 warns that it is late at every step.
+LATE_WARNING = 20
+
+
+class MissingGradient(Agreed, ValueError):
+    """Under a quorum, a rank stepped without a gradient for some parameter (see the module
+    docstring): raised on every rank."""
+
+
+class Quorate(Ensemble):
+    """Several ranks, votes closed on ``engine.quorum`` of them (see the module docstring)."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.lagged: deque = deque()   # posted header exchanges, oldest first
+        self.warned: set = set()       # ranks rank 0 has warned about
+
+    def voter(self, topology: str, layout, backend):
+        engine = self.engine
+        if not isinstance(layout.packed, np.ndarray):
+            raise ValueError("quorum= runs on host words: the GPU paths are not supported with "
+                             "a quorum yet (leave quorum= out on GPUs)")
+        return QuorumVote(engine.own_comm.get(), timeout=engine.timeout, tally=backend.tally,
+                          quorum=engine.quorum, grace=engine.grace)
+
+    def presence(self, layout, present: list, changed: bool = False):
+        ids = [id(s.param) for s in layout.slots]
+        return lambda: (dict.fromkeys(ids, True), False)
+
+    def check_header(self) -> None:
+        """A fresh layout's header at once; every other step's LAG steps on."""
+        engine = self.engine
+        check = engine.check
+        if check.verified:
+            return
+        if check.fresh:
+            super().check_header()
+            self._absent(check.headers)
+            return
+        self.lagged.append(check.pending)
+        check.pending, check.verified = None, True
+        while len(self.lagged) > LAG:
+            self._verdict(self.lagged.popleft())
+
+    def _verdict(self, exchange) -> None:
+        engine = self.engine
+        headers = finish(exchange, engine.timeout)
+        verdict(headers, engine.rank, engine.plan.layout.summary(),
+                engine.rule.value_names[:3])
+        self._absent(headers)
+        every = [h.previous_disagreement for h in headers]
+        if engine.monitor is not None and headers[0].step > 0 and not any(map(math.isnan, every)):
+            engine.record_disagreement(every, headers[0].step - 1)
+
+    @staticmethod
+    def _absent(headers) -> None:
+        lacking = [r for r, h in enumerate(headers) if h.absent]
+        if lacking:
+            raise MissingGradient(
+                f"at step {headers[0].step}, rank(s) {lacking} stepped without a gradient for "
+                f"some parameter ({', '.join(str(headers[r].absent) for r in lacking)} "
+                f"parameter(s)): under quorum= every optimized parameter needs a gradient on "
+                f"every rank at every step (a late rank's vote is not waited for, so no rank can "
+                f"ask the others which gradients they have). Freeze the parameters that get "
+                f"none (requires_grad_(False)), or leave quorum= out.")
+
+    def record_previous(self) -> None:
+        pass   # the monitor's figures are recorded with their lagged headers (_verdict)
+
+    def after_vote(self) -> None:
+        """Rank 0: warn once about a rank that missed every one of the last votes."""
+        engine = self.engine
+        voter = engine.plan.voter
+        engine.stats.abstentions = list(voter.abstained)
+        engine.stats.counted = list(voter.counted)
+        if engine.rank != 0:
+            return
+        streak = voter.late_streak
+        for r, n in enumerate(streak):
+            if n >= LATE_WARNING and r not in self.warned:
+                self.warned.add(r)
+                log.warning("rank %d was late for each of the last %d votes: it abstains "
+                            "(its signs are not counted) until it keeps up; a slow node, GPU or "
+                            "data loader? stats.abstentions counts each rank's", r, n)
+
+    def late(self) -> bool:
+        """Whether the vote of this rank's coming step has closed without it: its result is
+        already here (a probe, no wait). Never on the root, which closes the votes."""
+        engine = self.engine
+        voter = engine.plan.voter if engine.plan is not None else None
+        if voter is None or engine.rank == voter.root:
+            return False
+        return bool(voter.comm.Iprobe(source=voter.root, tag=TAG_BASE + RESULT))   # bucket 0's
+
+    def drain(self) -> None:
+        """Collective, after the last step: the lagged headers checked, the votes' late
+        messages taken (see :meth:`QuorumVote.drain`)."""
+        while self.lagged:
+            self._verdict(self.lagged.popleft())
+        if self.engine.plan is not None:
+            self.engine.plan.voter.drain()
