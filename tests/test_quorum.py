@@ -72,3 +72,23 @@ def test_signum_with_a_quorum_matches_a_replay_of_the_ranks_it_counted(n):
 def test_a_rank_s_own_mistake_is_raised_on_every_rank_under_a_quorum():
     out = mpirun.run(4, "quorum_check.py", "mistakes", timeout=180)
     assert "quorum_check OK on 4 ranks: mistakes" in out
+
+
+def test_a_straggler_is_slow_as_told():
+    import argparse
+
+    from mpisign.train.straggler import Straggler, parse_straggle
+
+    assert str(parse_straggle("3:x2")) == "3:x2" and str(parse_straggle("1:0.5@0.1")) == "1:0.5@0.1"
+    for bad in ("3", "x:1", "1:0.5@0", "1:0.5@1.5", "1:x0.9"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_straggle(bad)
+    none = Straggler(["3:x2"], rank=1, seed=0)
+    assert none(0.01) == 0.0
+    twice = Straggler(["3:x2"], rank=3, seed=0)
+    assert twice(0.01) == pytest.approx(0.01)        # as long again as its compute
+    some = Straggler(["2:0.001@0.25"], rank=2, seed=0)
+    slept = [some(0.0) for _ in range(400)]
+    assert 60 <= sum(1 for s in slept if s) <= 140   # a quarter of the steps, seeded
+    again = Straggler(["2:0.001@0.25"], rank=2, seed=0)
+    assert [again(0.0) for _ in range(400)] == slept

@@ -383,6 +383,20 @@ def test_one_process_without_a_launcher_says_so_and_the_default_lr_is_not_warned
     assert run["config"]["dataset"] == "digits"   # the default's choice, recorded
 
 
+def test_a_quorum_vote_leaves_a_straggler_behind_and_it_catches_up(tmp_path):
+    """--quorum 3 of 4 with rank 3 stalling 0.5 s on a third of its steps: the run ends, every
+    epoch's consistency check passes (the ranks hold the same parameters), and the records
+    count rank 3's missed votes."""
+    out = launch(4, *DIGITS, "--max-steps", "42", "--quorum", "3", "--straggle", "3:0.5@0.3",
+                 "--out", str(tmp_path), timeout=180)
+    assert "mpisign.train: done, 42 steps on 4 rank(s)" in out
+    steps = records(tmp_path, "step")
+    assert steps[-1]["abstentions"][3] >= 3, steps[-1]
+    assert steps[-1]["abstentions"][0] == 0   # the root closes the votes: never late
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["config"]["quorum"] == 3 and run["config"]["straggle"] == ["3:0.5@0.3"]
+
+
 def test_help_lists_every_choice(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
@@ -410,6 +424,14 @@ def test_help_lists_every_choice(capsys):
     (["--elastic", "--optimizer", "sgd"], "--elastic needs a voting optimizer (signum, signsgd, "
                                           "lion): the allreduce of --optimizer sgd"),
     (["--elastic"], "mpirun --with-ft ulfm"),   # this process was not launched with ULFM
+    (["--quorum", "2"], "between 1 and the 1 ranks"),
+    (["--quorum", "1", "--optimizer", "sgd"], "--quorum needs a voting optimizer"),
+    (["--quorum", "1", "--topology", "tree"], "topology='server'"),
+    (["--quorum", "1.5"], "a fraction in (0, 1]"),
+    (["--grace", "1"], "--grace is the wait after a --quorum"),
+    (["--straggle", "1:0.5"], "this job has ranks 0..0"),
+    (["--straggle", "1:x0.5"], "a compute factor must be >= 1"),
+    (["--straggle", "one"], "expected RANK:SECONDS"),
 ])
 def test_bad_options_exit_2_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

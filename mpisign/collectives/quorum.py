@@ -161,23 +161,30 @@ class QuorumVote(SignVote):
             raise ValueError("a quorum vote runs on host words: the words of a GPU path are "
                              "not supported with quorum= yet")
         w = p.words.shape[0]
-        if self.rank != self.root:
-            # Step 1: [step | signs] to the root; the result's receive posted at once.
-            out = self._buffer(p, "out", (1 + w,))
-            out[0] = p.step
-            out[1:] = p.words
-            p.result = self._buffer(p, "result", self._result_shape(w))
-            self._isend(p, out, self.root, VOTES)
-            self._irecv(p, p.result, self.root, RESULT)
-            return
+        # A ring of max_lag buffers: what this rank sent (a worker's signs, the root's results)
+        # stays in flight until it is taken; a buffer is written again max_lag votes on.
         slot = self._slots.get(p.bucket, 0)
         self._slots[p.bucket] = slot + 1
         key = (p.bucket, slot % self.max_lag)
         sent = self._ring.pop(key, None)
-        if sent is not None:   # that result's sends, max_lag votes ago: a worker that far behind
-            wait_all(sent[0], sent[1], self.timeout,   # is waited for (bounded), never dropped
-                     f"quorum vote at step {p.step} on rank {self.rank}: the result of "
-                     f"{self.max_lag} votes ago, to ranks more than {self.max_lag} steps behind")
+        if sent is not None:   # max_lag votes ago, and still not taken: waited for (bounded)
+            wait_all(sent[0], sent[1], self.timeout,
+                     f"quorum vote at step {p.step} on rank {self.rank}: what it sent "
+                     f"{self.max_lag} votes ago, still not taken")
+        if self.rank != self.root:
+            # Step 1: [step | signs] to the root; the result's receive posted at once. The send
+            # is left in flight: a late rank's message lands only once the root, voting again,
+            # has taken the one before it, and waiting for that here could hold this rank out
+            # of a collective the root is waiting in.
+            out = self._buffer(p, f"out{key[1]}", (1 + w,))
+            out[0] = p.step
+            out[1:] = p.words
+            self._isend(p, out, self.root, VOTES)
+            self._ring[key] = (p.requests, p.peers)
+            p.requests, p.peers = [], []
+            p.result = self._buffer(p, "result", self._result_shape(w))
+            self._irecv(p, p.result, self.root, RESULT)
+            return
         p.result = self._buffer(p, f"result{key[1]}", self._result_shape(w))
         self._inbox(p)
 

@@ -204,15 +204,16 @@ def _tuples(x):
 
 class StopRequest:
     """SIGUSR1 / SIGTERM set a flag; the ranks agree on it every step with a nonblocking
-    allreduce (Slurm signals the ranks at slightly different instants), so all stop together."""
+    allreduce (Slurm signals the ranks at slightly different instants), so all stop together.
+    ``lag``: the agreement posted at step s is read at step s + lag (under --quorum, so that
+    no step waits for a late rank); every rank still stops after the same step."""
 
-    def __init__(self, comm, timeout: float | None = None):
+    def __init__(self, comm, timeout: float | None = None, lag: int = 0):
         self.comm = comm
         self.timeout = timeout  # None: $MPISIGN_TIMEOUT or 300
+        self.lag = lag
         self.caught = 0
-        self.send = np.zeros(1, dtype=np.int32)
-        self.agreed = np.zeros(1, dtype=np.int32)
-        self.req = None
+        self.posted: list = []   # (request, send, agreed) of the steps not read yet
         for s in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(s, self._handler)
 
@@ -220,14 +221,28 @@ class StopRequest:
         self.caught = signum
 
     def post(self) -> None:
-        self.send[0] = self.caught
-        self.req = self.comm.Iallreduce(self.send, self.agreed, op=MPI.MAX)
+        send, agreed = np.array([self.caught], dtype=np.int32), np.zeros(1, dtype=np.int32)
+        self.posted.append((self.comm.Iallreduce(send, agreed, op=MPI.MAX), send, agreed))
 
     def wait(self) -> int:
-        """The signal number some rank caught (0: none). Overlaps with the step."""
+        """The signal number some rank caught (0: none), as agreed ``lag`` steps ago.
+        Overlaps with the step."""
+        if len(self.posted) <= self.lag:
+            return 0
+        request, _, agreed = self.posted.pop(0)
         # Wait on MPI: all ranks must reach the same verdict after the same step.
-        bounded(self.req, f"stop-signal agreement on rank {self.comm.Get_rank()}", self.timeout)
-        return int(self.agreed[0])
+        bounded(request, f"stop-signal agreement on rank {self.comm.Get_rank()}", self.timeout)
+        return int(agreed[0])
+
+    def drain(self) -> int:
+        """The agreements still in flight, completed (collective); the signal any caught."""
+        caught = 0
+        while self.posted:
+            request, _, agreed = self.posted.pop(0)
+            bounded(request, f"stop-signal agreement on rank {self.comm.Get_rank()}",
+                    self.timeout)
+            caught = caught or int(agreed[0])
+        return caught
 
 
 # -- resume --------------------------------------------------------------------------------------

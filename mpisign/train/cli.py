@@ -18,6 +18,7 @@ from .corpus import CORPORA
 from .data import DATASETS
 from .loop import train
 from .models import LANGUAGE_MODELS, MODELS
+from .straggler import parse_straggle
 from .options import (DEFAULT_BETAS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES, DEFAULT_LR,
                       DEFAULT_LR_BY_MODEL, DEFAULT_WEIGHT_DECAY, GPT_SIZE, OPTIMIZERS, UsageError,
                       in_words, nonnegative_int, positive_int)
@@ -46,6 +47,18 @@ class Parser(argparse.ArgumentParser):
             super()._print_message(message, file)
 
 
+def _quorum(text: str) -> int | float:
+    """argparse type: a number of ranks (3) or a fraction of them (0.75)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    value = _finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a number of ranks, or a fraction in (0, 1], got {text}")
+    return value
+
+
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
@@ -66,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     _optimizer_options(p.add_argument_group("optimizer"))
     _schedule_options(p.add_argument_group("schedule"))
     _adversary_options(p.add_argument_group("adversaries (Byzantine workers)"))
+    _straggler_options(p.add_argument_group("stragglers (to try --quorum)"))
     _output_options(p.add_argument_group("output"))
     return p
 
@@ -132,6 +146,13 @@ def _optimizer_options(g) -> None:
     g.add_argument("--check-every", type=nonnegative_int, default=0,
                    help="check every N steps that all ranks hold identical parameters "
                         "(always checked at epoch ends); 0: epoch ends only")
+    g.add_argument("--quorum", type=_quorum, default=None, metavar="K",
+                   help="close each step's vote once K ranks (or a fraction of them, such as "
+                        "0.75) have voted: later ranks abstain, and a rank that fell behind "
+                        "skips the steps it missed to catch up (signum, signsgd, lion; "
+                        "--topology server); default: every rank")
+    g.add_argument("--grace", type=_finite_float, default=0.0, metavar="S",
+                   help="with --quorum: seconds a vote waits for the rest once the quorum is in")
     g.add_argument("--elastic", action="store_true",
                    help="keep training when ranks die: the survivors redo the step's vote and "
                         "carry on (needs Open MPI's ULFM: launch with `mpirun --with-ft ulfm` or "
@@ -163,6 +184,14 @@ def _adversary_options(g) -> None:
                         "majority (see mpisign.train.adversary)")
     g.add_argument("--attack-factor", type=float, default=1e20,
                    help="multiplier of --attack scale")
+
+
+def _straggler_options(g) -> None:
+    g.add_argument("--straggle", type=parse_straggle, action="append", default=None,
+                   metavar="RANK:DELAY[@FRACTION]",
+                   help="make a rank slow on purpose: RANK:xF, F times its compute every step; "
+                        "RANK:S@P, S seconds more on a random fraction P of its steps (e.g. "
+                        "3:x2, 3:0.5@0.1); repeat for several ranks")
 
 
 def _output_options(g) -> None:

@@ -44,10 +44,12 @@ from .corpus import CORPORA, Corpus, load_corpus
 from .data import Data, load_data
 from .metrics import Interval, Metrics, Tally, Traffic, log_interval, run_record
 from .models import LANGUAGE_MODELS, build_language_model, build_model
-from .options import (DEFAULT_BETAS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES, DEFAULT_WEIGHT_DECAY,
-                      GPT_SIZE, Config, UsageError, default_lr)
+from ..collectives.quorum import check_quorum_topology, resolve_quorum
+from .options import (ALLREDUCE, DEFAULT_BETAS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES,
+                      DEFAULT_WEIGHT_DECAY, GPT_SIZE, Config, UsageError, default_lr)
 from .summary import say, summarize
 from ..mpi.world import launched_tasks
+from .straggler import Straggler
 from .survivors import Unguarded, check_elastic, guard
 from .updates import VoteUpdate, build_update
 
@@ -68,6 +70,7 @@ class Built:
     attack_rng: torch.Generator
     attack: Callable | None              # this rank's blind attack on its gradients
     omniscient: Omniscient | None        # the non-blind attack, a collective of every rank
+    straggler: Straggler                 # --straggle: this rank's slowness, on purpose
 
 
 @dataclass
@@ -185,6 +188,8 @@ def defaults(args) -> dict:
         dataset=CORPORA[0] if language and args.dataset is None else args.dataset,
         batch_size=args.batch_size or (32 if language else 64),
         eval_batch_size=args.eval_batch_size or (64 if language else 1000),
+        # As text: the options go into checkpoints, which hold plain data only.
+        straggle=[str(s) for s in args.straggle] if args.straggle else None,
         device=("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
         else args.device)
     for name, default in GPT_SIZE.items():
@@ -219,9 +224,32 @@ def check_args(args, world: int) -> None:
                          f"be less than the {world} ranks, got {args.adversaries}")
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out: the directory of the run to continue")
+    _check_stragglers(args, world)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA device on this node")
     check_elastic(args)
+
+
+def _check_stragglers(args, world: int) -> None:
+    """--quorum and --grace for a vote that can close on one; --straggle for ranks there are."""
+    if args.quorum is not None:
+        if args.optimizer in ALLREDUCE:
+            raise UsageError(f"--quorum needs a voting optimizer (signum, signsgd, lion): "
+                             f"--optimizer {args.optimizer}'s allreduce waits for every rank")
+        if args.elastic:
+            raise UsageError("--quorum with --elastic is not supported yet")
+        try:
+            resolve_quorum(args.quorum, world)
+            check_quorum_topology(args.topology)
+        except ValueError as e:
+            raise UsageError(f"--quorum {args.quorum}: {e}") from None
+    if args.grace and args.quorum is None:
+        raise UsageError("--grace is the wait after a --quorum: give --quorum K")
+    if args.grace < 0:
+        raise UsageError(f"--grace must be >= 0 seconds, got {args.grace}")
+    for spec in args.straggle or ():
+        if spec.rank >= world:
+            raise UsageError(f"--straggle {spec}: this job has ranks 0..{world - 1}")
 
 
 def _check_optimizer(args) -> None:
@@ -272,13 +300,15 @@ def setup(config: Config, comm) -> Run:
     collective, and the random numbers drawn depend on it)."""
     config, out = _output_dir(config, comm)
     device = _device(config, comm)
-    stop = StopRequest(comm, timeout=config.vote_timeout)
+    # Under --quorum the stop agreement is read two steps on: no step waits for a late rank.
+    stop = StopRequest(comm, timeout=config.vote_timeout, lag=0 if config.quorum is None else 2)
     config, data, steps_per_epoch, total_steps = _load_data(config, comm)
     model = _build_model(config, comm, data, device)
     attack_rng, attack = _seed_rank(config, comm.Get_rank())
     update, omniscient = _build_optimizer(config, comm, model)
     built = Built(config=config, out=out, device=device, data=data, model=model, update=update,
-                  attack_rng=attack_rng, attack=attack, omniscient=omniscient)
+                  attack_rng=attack_rng, attack=attack, omniscient=omniscient,
+                  straggler=Straggler(config.straggle, comm.Get_rank(), config.seed))
     run = Run(built=built, comm=comm, stop=stop, steps_per_epoch=steps_per_epoch,
               total_steps=total_steps)
     run.guard = guard(config, run)
@@ -447,6 +477,9 @@ def train_step(run: Run, x, y) -> None:
     for group in run.opt.param_groups:
         group["lr"] = run.lr
     run.stop.post()
+    if run.built.update.late():   # --quorum: this step's vote closed without this rank
+        _catch_up(run)
+        return
     t0 = time.perf_counter()
     x, y = x.to(run.built.device, non_blocking=True), y.to(run.built.device, non_blocking=True)
     objective = run.built.data.objective
@@ -459,6 +492,7 @@ def train_step(run: Run, x, y) -> None:
     elif run.built.omniscient is not None:
         run.built.omniscient(run.opt, run.step)   # collective: the honest ranks' vote, then a broadcast
     _sync(run.built.device)
+    run.built.straggler(time.perf_counter() - t0)   # --straggle: slow on purpose
     t1 = time.perf_counter()
     run.built.update.step()
     _sync(run.built.device)
@@ -469,6 +503,17 @@ def train_step(run: Run, x, y) -> None:
     batch = objective.tally(out, y, loss)
     run.epoch_tally.add(batch)
     run.interval.add(batch, compute_s=t1 - t0, comm_s=t2 - t1)
+
+
+def _catch_up(run: Run) -> None:
+    """A step whose vote closed without this rank (it fell behind): its result, without the
+    forward and backward pass, so that the rank catches up at once. Its batch is left out."""
+    t1 = time.perf_counter()
+    run.built.update.skip()
+    t2 = time.perf_counter()
+    run.caught = run.guard(run.stop.wait, default=0, what="the stop-signal agreement")
+    run.step += 1
+    run.interval.add(Tally(), compute_s=0.0, comm_s=t2 - t1)
 
 
 def log_step(run: Run, bar) -> None:
@@ -537,6 +582,8 @@ def save(run: Run, why: str) -> None:
 def finish(run: Run) -> None:
     """The end: after a signal, a ``stopped`` record; after a run that ended mid-epoch, the
     test set's figures; a checkpoint unless one was just taken, and ``done``."""
+    run.built.update.drain()   # --quorum: the lagged checks and the late messages
+    run.stop.drain()   # the agreements still in flight (--quorum reads them two steps on)
     if run.caught:
         name = signal.Signals(run.caught).name
         run.metrics.write(type="stopped", step=run.step, signal=name, time=run.elapsed())

@@ -101,7 +101,7 @@ class Survivor(Unguarded):
         comm = run.opt.comm
         lost = list(run.opt.stats.lost_ranks)
         run.comm = comm
-        run.stop = StopRequest(comm, timeout=run.config.vote_timeout)
+        run.stop = StopRequest(comm, timeout=run.config.vote_timeout)   # elastic: no quorum
         if run.rank == 0 and run.metrics.f is None:   # rank 0 of the launch is gone
             run.metrics = Metrics(run.built.out / "metrics.jsonl", append=True)
         run.metrics.write(type="elastic", step=run.step, lost_ranks=lost, world_size=run.world,

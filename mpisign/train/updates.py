@@ -37,8 +37,24 @@ class VoteUpdate:
         return Traffic(st.bytes_sent, st.bytes_received, st.disagreement, st.nonfinite)
 
     def watched(self) -> dict | None:
-        """What a step record adds: the monitor's suspects, where there is a monitor."""
-        return {"suspects": self.opt.stats.suspects} if self.opt.monitor is not None else None
+        """What a step record adds: the monitor's suspects, where there is a monitor; each
+        rank's missed votes so far, under a quorum."""
+        watched = {}
+        if self.opt.monitor is not None:
+            watched["suspects"] = self.opt.stats.suspects
+        if self.opt.quorum is not None:
+            watched["abstentions"] = self.opt.stats.abstentions
+        return watched or None
+
+    def late(self) -> bool:
+        """--quorum: this rank's coming vote has closed without it (see Signum.late)."""
+        return self.opt.late()
+
+    def skip(self) -> None:
+        self.opt.skip()
+
+    def drain(self) -> None:
+        self.opt.drain()
 
     def check_consistency(self) -> None:
         self.opt.check_consistency()
@@ -66,6 +82,12 @@ class AllreduceUpdate(VoteUpdate):
     def watched(self) -> None:
         return None
 
+    def late(self) -> bool:
+        return False   # an allreduce waits for every rank
+
+    def drain(self) -> None:
+        pass
+
     def check_consistency(self) -> None:
         pass   # the same mean on every rank: nothing votes, nothing to compare
 
@@ -77,6 +99,7 @@ def build_update(config, comm, model):
                                AllreduceMean(model.parameters(), comm))
     common = dict(comm=comm, topology=config.topology, timeout=config.vote_timeout,
                   check_every=config.check_every, elastic=config.elastic,
+                  quorum=config.quorum, grace=config.grace,
                   monitor=mpisign.DisagreementMonitor() if config.monitor else None)
     if config.optimizer == "lion":
         return VoteUpdate(mpisign.Lion(model.parameters(), lr=config.lr,
