@@ -325,12 +325,14 @@ def _output_dir(config: Config, comm) -> tuple[Config, Path]:
 
 
 def _device(config: Config, comm) -> torch.device:
-    """The CPU, or for --device cuda the GPU of this rank's node-local rank (collective)."""
+    """The CPU, or for --device cuda the GPU of this rank's node-local rank (collective, and
+    only then: on the emulated cluster, whose namespaces share one hostname, the split by
+    shared memory never returned on some ranks)."""
+    if config.device != "cuda":   # defaults() resolved --device auto
+        return torch.device("cpu")
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     local_rank = node.Get_rank()
     node.Free()
-    if config.device != "cuda":   # defaults() resolved --device auto
-        return torch.device("cpu")
     device = torch.device("cuda", local_rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
     return device
