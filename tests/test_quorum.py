@@ -92,3 +92,15 @@ def test_a_straggler_is_slow_as_told():
     assert 60 <= sum(1 for s in slept if s) <= 140   # a quarter of the steps, seeded
     again = Straggler(["2:0.001@0.25"], rank=2, seed=0)
     assert [again(0.0) for _ in range(400)] == slept
+
+
+@pytest.mark.parametrize("lag", [0, -1, 1.5, True, "2"])
+def test_a_bad_lag_is_refused(lag):
+    import torch
+    from mpi4py import MPI
+
+    import mpisign
+
+    with pytest.raises(ValueError, match="lag must be an int >= 1"):
+        mpisign.Signum([torch.nn.Parameter(torch.zeros(3))], lr=1e-3, comm=MPI.COMM_SELF,
+                       lag=lag)

@@ -66,7 +66,7 @@ class SignOptimizer(Optimizer):
                  timeout: float | None = None, check_every: int = 0, overlap: bool = False,
                  bucket_mb: float = 25.0, monitor: DisagreementMonitor | None = None,
                  elastic: bool = False, min_ranks: int = 1, quorum=None, grace: float = 0.0,
-                 allow_minority: bool = False, **torch_options):
+                 allow_minority: bool = False, lag: int = 2, **torch_options):
         # Validate everything before any communication, so every rank raises the same error.
         check_torch_options(type(self).__name__, torch_options)
         rule.check(defaults)
@@ -82,6 +82,8 @@ class SignOptimizer(Optimizer):
             raise ValueError(f"monitor must be a DisagreementMonitor, got {monitor!r}")
         if not isinstance(min_ranks, int) or min_ranks < 1:
             raise ValueError(f"min_ranks must be an int >= 1, got {min_ranks!r}")
+        if isinstance(lag, bool) or not isinstance(lag, int) or lag < 1:
+            raise ValueError(f"lag must be an int >= 1 (steps), got {lag!r}")
         if quorum is not None:
             quorum = check_quorum(topology, comm, quorum, grace, allow_minority, elastic)
             if overlap:
@@ -94,7 +96,7 @@ class SignOptimizer(Optimizer):
         self.engine = VoteEngine(self, rule, comm, topology,
                                  default_timeout() if timeout is None else float(timeout),
                                  check_every, bool(overlap), bucket_words, monitor,
-                                 bool(elastic), min_ranks, quorum, float(grace))
+                                 bool(elastic), min_ranks, quorum, float(grace), lag)
 
     # -- the engine's options and figures, under the names users know ------------------------
     comm = property(lambda self: self.engine.comm)

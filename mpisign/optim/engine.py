@@ -254,7 +254,7 @@ class VoteEngine:
 
     def __init__(self, books, rule, comm, topology: str, timeout: float, check_every: int,
                  overlap: bool, bucket_words: int, monitor, elastic: bool, min_ranks: int,
-                 quorum: int | None = None, grace: float = 0.0):
+                 quorum: int | None = None, grace: float = 0.0, lag: int = 2):
         self.books, self.rule = books, rule
         # What users tune.
         self.topology = topology
@@ -264,7 +264,8 @@ class VoteEngine:
         self.bucket_words = bucket_words
         self.monitor = monitor
         self.elastic, self.min_ranks = elastic, min_ranks
-        self.quorum, self.grace = quorum, grace   # votes closed on a quorum (None: all ranks)
+        # Votes closed on a quorum (None: all ranks), and the steps its header checks lag by.
+        self.quorum, self.grace, self.lag = quorum, grace, lag
         self.stats = VoteStats()
         self._skipping = False   # skip(): this step's local step is left out
         # The GPU path every rank agreed on at the first step (mpisign.cuda.startup); a later
@@ -599,6 +600,7 @@ class VoteEngine:
         finally:
             self._skipping = False
         self.stats.skipped += 1
+        self.stats.disagreement = math.nan   # it sent no signs of its own: nothing to judge
 
     def drain(self) -> None:
         """Collective, after the last step (with ``quorum=``): the lagged checks made and the

@@ -4,11 +4,12 @@ step waits for every rank.
 The votes go by :class:`mpisign.collectives.quorum.QuorumVote`: the root closes each one once
 ``quorum`` ranks have voted, and a late rank abstains. What else a step exchanges changes with it:
 
-- **The step header** is posted every step as before, and checked :data:`LAG` steps later (the
-  first step of a layout at once, before any sign is sent: the layout and the parameters'
-  digest). Every rank checks step s's headers at its own step s + LAG, so a rank's own mistake
-  (another layout, step or hyperparameter) is still raised on every rank alike, naming it,
-  LAG steps on; and a late rank may fall up to LAG steps behind before anyone waits for it.
+- **The step header** is posted every step as before, and checked ``lag`` steps later (the
+  optimizer's ``lag=``, default :data:`LAG`; the first step of a layout at once, before any
+  sign is sent: the layout and the parameters' digest). Every rank checks step s's headers at
+  its own step s + lag, so a rank's own mistake (another layout, step or hyperparameter) is
+  still raised on every rank alike, naming it, lag steps on; and a late rank may fall up to lag
+  steps behind before anyone waits for it.
 - **No presence OR**: under a quorum every parameter must have a gradient on every rank at every
   step. A rank without one is found by the lagged header check and every rank raises
   :class:`MissingGradient`, naming it.
@@ -36,7 +37,7 @@ __all__ = ["Quorate", "MissingGradient", "LAG", "LATE_WARNING"]
 
 log = logging.getLogger(__name__)
 
-#: Steps after which a step's headers are checked (and a late rank is waited for).
+#: Steps after which a step's headers are checked (and a late rank is waited for), by default.
 LAG = 2
 #: Votes in a row a rank must have missed before rank 0 warns that it is late at every step.
 LATE_WARNING = 20
@@ -79,7 +80,7 @@ class Quorate(Ensemble):
             return
         self.lagged.append(check.pending)
         check.pending, check.verified = None, True
-        while len(self.lagged) > LAG:
+        while len(self.lagged) > engine.lag:
             self._verdict(self.lagged.popleft())
 
     def _verdict(self, exchange) -> None:

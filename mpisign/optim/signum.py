@@ -84,11 +84,14 @@ class Signum(SignOptimizer):
             behind can catch up: ``if opt.late(): opt.skip()`` takes the closed step without
             computing it. After the last step, ``opt.drain()`` (collective) leaves nothing
             pending. Needs ``topology="server"`` and ``overlap=False``; a rank's own mistake
-            is raised on every rank two steps on, and every parameter needs a gradient at
+            is raised on every rank ``lag`` steps on, and every parameter needs a gradient at
             every step (see :mod:`mpisign.optim.quorate`). Default: every rank.
         grace: with ``quorum``, seconds the vote waits for the rest once the quorum is in.
         allow_minority: allow a ``quorum`` of half the ranks or fewer (a majority of a
             minority: not the paper's guarantee against adversarial ranks).
+        lag: with ``quorum``, the steps after which each step's header is checked: how far a
+            late rank may fall behind before the others wait for it, and how many steps on a
+            rank's own mistake is raised on every rank (default 2).
     """
 
     def __init__(self, params, lr: float = 1e-4, momentum: float = 0.9,

@@ -153,6 +153,9 @@ def _optimizer_options(g) -> None:
                         "--topology server); default: every rank")
     g.add_argument("--grace", type=_finite_float, default=0.0, metavar="S",
                    help="with --quorum: seconds a vote waits for the rest once the quorum is in")
+    g.add_argument("--lag", type=positive_int, default=2, metavar="N",
+                   help="with --quorum: steps a late rank may fall behind before the others "
+                        "wait for it; a rank's own mistake is raised N steps on")
     g.add_argument("--elastic", action="store_true",
                    help="keep training when ranks die: the survivors redo the step's vote and "
                         "carry on (needs Open MPI's ULFM: launch with `mpirun --with-ft ulfm` or "

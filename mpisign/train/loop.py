@@ -245,6 +245,8 @@ def _check_stragglers(args, world: int) -> None:
             raise UsageError(f"--quorum {args.quorum}: {e}") from None
     if args.grace and args.quorum is None:
         raise UsageError("--grace is the wait after a --quorum: give --quorum K")
+    if args.lag != 2 and args.quorum is None:
+        raise UsageError("--lag is how far a --quorum's late rank may fall behind: give --quorum K")
     if args.grace < 0:
         raise UsageError(f"--grace must be >= 0 seconds, got {args.grace}")
     for spec in args.straggle or ():
@@ -300,8 +302,9 @@ def setup(config: Config, comm) -> Run:
     collective, and the random numbers drawn depend on it)."""
     config, out = _output_dir(config, comm)
     device = _device(config, comm)
-    # Under --quorum the stop agreement is read two steps on: no step waits for a late rank.
-    stop = StopRequest(comm, timeout=config.vote_timeout, lag=0 if config.quorum is None else 2)
+    # Under --quorum the stop agreement is read --lag steps on: no step waits for a late rank.
+    stop = StopRequest(comm, timeout=config.vote_timeout,
+                       lag=0 if config.quorum is None else config.lag)
     config, data, steps_per_epoch, total_steps = _load_data(config, comm)
     model = _build_model(config, comm, data, device)
     attack_rng, attack = _seed_rank(config, comm.Get_rank())

@@ -99,7 +99,7 @@ def build_update(config, comm, model):
                                AllreduceMean(model.parameters(), comm))
     common = dict(comm=comm, topology=config.topology, timeout=config.vote_timeout,
                   check_every=config.check_every, elastic=config.elastic,
-                  quorum=config.quorum, grace=config.grace,
+                  quorum=config.quorum, grace=config.grace, lag=config.lag,
                   monitor=mpisign.DisagreementMonitor() if config.monitor else None)
     if config.optimizer == "lion":
         return VoteUpdate(mpisign.Lion(model.parameters(), lr=config.lr,
