@@ -32,8 +32,10 @@ receives ``2n + 64 (2 + ceil(M / 64))``; the root receives up to ``(M - 1)`` tim
 worker sends and sends as much as they receive.
 
 Only the server's shape closes in one place. Where every rank tallies for itself (allgather)
-ranks would close on different sets unless they agree first; the tree, sharded and hierarchical
-votes are not (yet) built with a quorum: :func:`check_quorum_topology` refuses them.
+ranks would close on different sets unless they agree first; where every rank owns a shard
+(sharded) a late rank holds up its own shard's close whatever the quorum; the tree and
+hierarchical votes are not (yet) built with a quorum: :func:`check_quorum_topology` refuses
+them all.
 """
 
 from __future__ import annotations
@@ -104,8 +106,9 @@ def check_quorum_topology(topology: str) -> None:
         raise ValueError(
             f"quorum= needs topology='server': its root closes each vote in one place. "
             f"{topology!r} cannot: with allgather every rank tallies for itself and ranks would "
-            f"close on different sets without an extra agreement, and the tree, sharded and "
-            f"hierarchical votes are not built with a quorum yet")
+            f"close on different sets without an extra agreement; with sharded every rank owns "
+            f"a shard, so a late rank would hold up its own shard whatever the quorum; the tree "
+            f"and hierarchical votes are not built with a quorum yet")
 
 
 class _Pending(Pending):
@@ -142,8 +145,8 @@ class QuorumVote(SignVote):
         self.late_streak = [0] * self.size   # votes in a row each rank was not counted in
         self.dropped = 0          # late messages the root received and dropped
         self._posted: dict = {}   # bucket -> {worker: request}: the root's standing receives
-        self._slots: dict = {}    # bucket -> votes so far (the root's result ring position)
-        self._ring: dict = {}     # (bucket, slot) -> (requests, peers) of that result's sends
+        self._slots: dict = {}    # bucket -> votes so far (this rank's position in its ring)
+        self._ring: dict = {}     # (bucket, slot) -> (requests, peers) of what was sent from it
         self._inboxes: dict = {}  # bucket -> (M x (1 + W) receive rows, tag)
         self._heard: dict = {}    # (bucket, worker) -> the step of its last message taken
         self._closed: dict = {}   # bucket -> the step of its last vote
