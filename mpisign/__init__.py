@@ -14,6 +14,7 @@ Lion (Chen et al., 2023) votes the same way (Distributed Lion, Liu et al., NeurI
 from .collectives import TOPOLOGIES, VoteTimeout
 from .optim.detection import DisagreementMonitor
 from .optim.guidance import LearningRateWarning
+from .optim.recovery import RanksLost
 from .mpi.elastic import ElasticUnavailable
 from .optim import (HyperparameterMismatch, LayoutMismatch, Lion, ParameterDivergence, SignSGD, Signum,
                     StepMismatch, TooFewRanks, VoteStats)
@@ -52,6 +53,7 @@ __all__ = [
     "scatter_state_dict",
     "DisagreementMonitor",
     "LearningRateWarning",
+    "RanksLost",
     "shard",
     "ShardSampler",
     "on_root",

@@ -43,6 +43,13 @@ def test_below_min_ranks_every_survivor_stops_with_a_clear_error():
     assert sorted(re.findall(r"@toofew rank=(\d+) at step 2", out)) == ["0", "1", "2"], out[-2000:]
 
 
+@pytest.mark.parametrize("topology", ["server", "tree", "sharded"])
+def test_a_dead_rank_under_an_optimizer_that_is_not_elastic_is_named_on_every_survivor(topology):
+    out = mpirun.run(4, "elastic_check.py", "unelastic", topology, elastic=True, timeout=180)
+    lost = re.findall(r"@lost rank=(\d+) at step 2: rank\(s\) \[3\]", out)
+    assert sorted(lost) == ["0", "1", "2"], out[-3000:]
+
+
 def test_elastic_without_fault_tolerance_is_refused_on_every_rank():
     out = mpirun.run(2, "elastic_check.py", "unavailable")
     assert len(re.findall(r"@unavailable rank=\d+: .*--with-ft ulfm", out)) == 2, out[-2000:]

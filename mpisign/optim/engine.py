@@ -289,7 +289,7 @@ class VoteEngine:
         self._deferred: list = []  # rules' after-vote work waiting for the presence OR
         self._waiting: list = []   # (bucket, marker): packed by a hook, its device work queued
         if not hasattr(self, "recovery"):
-            self.recovery = Recovery(self) if self.elastic else Unrecovered()
+            self.recovery = Recovery(self) if self.elastic else Unrecovered(self)
 
     def _ranks_policy(self) -> Solo:
         """One rank, several, or several whose votes close on a quorum: decided here, once per

@@ -45,7 +45,8 @@ from .header import ParameterDivergence
 from ..mpi.isolation import duplicate
 from ..mpi.report import Agreed
 
-__all__ = ["Recovery", "TooFewRanks", "Unrecovered", "recover_vote", "retry_on_failure"]
+__all__ = ["Recovery", "TooFewRanks", "RanksLost", "Unrecovered", "recover_vote",
+           "retry_on_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +55,54 @@ class TooFewRanks(Agreed, RuntimeError):
     """Fewer ranks survive than an elastic optimizer's ``min_ranks``."""
 
 
+class RanksLost(Agreed, RuntimeError):
+    """Ranks died under an optimizer that is not elastic (a launch with fault tolerance on):
+    every survivor raises it, naming them."""
+
+
 class Unrecovered:
-    """What a failure does to an optimizer without ``elastic``: it propagates (and every
-    survivor's bounded wait, or MPI itself, ends the job)."""
+    """What a failure does to an optimizer without ``elastic``: it ends the step. Under a launch
+    with fault tolerance (ULFM), where MPI reports a dead rank instead of ending the job, the
+    survivors revoke the optimizer's communicator (so that every one of them finds out), shrink
+    it to learn who is left, and each raises :class:`RanksLost` naming the same dead ranks;
+    without ULFM the launcher ends the job, or every survivor's bounded wait does."""
+
+    def __init__(self, engine=None):
+        self._engine = weakref.ref(engine) if engine is not None else lambda: None
 
     def run(self, fn, *args, redo: bool = True):
-        return fn(*args)
+        try:
+            return fn(*args)
+        except MPI.Exception as error:
+            self._name_the_dead(error)
+            raise
 
     def attempt(self, fn, *args) -> None:
-        fn(*args)
+        self.run(fn, *args)
+
+    def _name_the_dead(self, error: MPI.Exception) -> None:
+        engine = self._engine()
+        if engine is None or not hasattr(MPI.Comm, "Shrink"):
+            return
+        comm = engine.own_comm.get()
+        if not is_failure(error, comm):
+            return
+        step = engine.books.param_groups[0]["step"]
+        what = f"the step {step} on rank {engine.rank}, after a dead rank"
+        group = comm.Get_group()
+        try:
+            survivors = shrink(comm, engine.timeout, what)
+            alive = ranks_in(survivors, group)
+            survivors.Free()
+        finally:
+            group.Free()
+        dead = sorted(set(range(comm.Get_size())) - set(alive))
+        raise RanksLost(
+            f"rank(s) {dead} of the optimizer's {comm.Get_size()} died at step {step}, and "
+            f"{type(engine.books).__name__} is not elastic: every survivor stops here. To "
+            f"carry on without them, pass elastic=True (under `mpirun --with-ft ulfm` or "
+            f"`python -m mpisign.launch --elastic`), and resume from the last checkpoint "
+            f"now.") from error
 
 
 class Recovery:

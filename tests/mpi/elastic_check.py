@@ -213,6 +213,27 @@ def quorum() -> None:
     raise AssertionError("carried on below min_ranks")
 
 
+def unelastic(topology: str) -> None:
+    """A launch with fault tolerance, an optimizer without elastic: the last rank dies at step
+    2, and every survivor raises RanksLost naming it."""
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+    opt = mpisign.Signum(params, lr=LR, comm=WORLD, topology=topology)
+    for step in range(STEPS):
+        progress(step)
+        if step == 2 and rank == size - 1:
+            die()
+        for p, g in zip(params, gradient(rank, step, params)):
+            p.grad = g
+        try:
+            opt.step()
+        except mpisign.RanksLost as e:
+            assert f"rank(s) [{size - 1}] of the optimizer's {size} died at step" in str(e), e
+            assert "elastic=True" in str(e)
+            print(f"@lost rank={rank} at step {step}: {e}", flush=True)
+            return
+    raise AssertionError("a dead rank went unnoticed")
+
+
 def unavailable() -> None:
     with expect_everywhere(ElasticUnavailable, "--with-ft ulfm") as raised:
         mpisign.Signum([torch.nn.Parameter(torch.zeros(3))], comm=WORLD, elastic=True)
@@ -223,6 +244,10 @@ def main(argv: list) -> None:
     if argv[0] == "quorum":
         with case("quorum"):
             quorum()
+        return
+    if argv[0] == "unelastic":
+        with case(f"unelastic {argv[1]}"):
+            unelastic(argv[1])
         return
     if argv[0] == "unavailable":
         with case("unavailable"):
