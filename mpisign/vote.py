@@ -97,14 +97,18 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
                          f"and device {x.device}, got {_describe(out)}")
     if comm.Get_size() == 1:   # no vote: the sign itself, 0 for 0 and NaN
         if stats is not None:
-            stats.update(bytes_sent=0, bytes_received=0, counted=[0])
+            stats.update(bytes_sent=0, bytes_received=0)
+            if quorum is not None:
+                stats["counted"] = [0]
         result = torch.nan_to_num(x.detach(), nan=0.0, out=out)
         return result.sign_()
     own = vote_state(comm)
     step = own.next_step() if step is None else step
     src = x.detach().contiguous()
     n = src.numel()
-    kind = (topology, n, src.device, src.dtype, timeout, quorum, grace)
+    kind = (topology, n, src.device, src.dtype, timeout)
+    if quorum is not None:   # a quorum's collective is of a kind of its own
+        kind += (quorum, grace)
     zero_bit = (comm.Get_rank() + step) % 2
     if elastic:
         plus, tie, call, before = _survived(comm, own, kind, src, zero_bit, step, timeout)
@@ -114,7 +118,8 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
     if stats is not None:
         after = _counted(call.voter.traffic)
         stats.update({k: v - before.get(k, 0) for k, v in after.items()})
-        stats["counted"] = list(getattr(call.voter, "counted", range(comm.Get_size())))
+        if quorum is not None:
+            stats["counted"] = list(call.voter.counted)
         if elastic:
             stats["lost_ranks"] = list(own.lost)
     result = call.backend.unpack(plus, tie, n, x, call.results.take(x) if out is None else out)
@@ -129,7 +134,7 @@ def _prepared(comm, own, kind, src: torch.Tensor, zero_bit: int, timeout):
     if not own.gpu_agreed:   # at the first call on comm, on every rank: one GPU path for all
         own.gpu_level, own.gpu_agreed = signs.gpu_level([src], own.comm, timeout), True
     call = own.keep(kind, lambda: _Call(kind[0], own.comm, timeout, src, own.gpu_level,
-                                        kind[5], kind[6]))
+                                        *kind[5:]))
     call.backend.pack(src, zero_bit, call.words)
     call.backend.settle()
     return call, _counted(call.voter.traffic)
