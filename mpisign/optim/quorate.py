@@ -27,10 +27,9 @@ from collections import deque
 
 import numpy as np
 
-from ..collectives.base import TAG_BASE
-from ..collectives.quorum import RESULT, QuorumVote
+from ..collectives.quorum import QuorumVote
 from ..mpi.report import Agreed
-from .engine import Ensemble
+from .ranks import Ensemble
 from .header import finish, verdict
 
 __all__ = ["Quorate", "MissingGradient", "LAG", "LATE_WARNING"]
@@ -128,10 +127,7 @@ class Quorate(Ensemble):
         """Whether the vote of this rank's coming step has closed without it: its result is
         already here (a probe, no wait). Never on the root, which closes the votes."""
         engine = self.engine
-        voter = engine.plan.voter if engine.plan is not None else None
-        if voter is None or engine.rank == voter.root:
-            return False
-        return bool(voter.comm.Iprobe(source=voter.root, tag=TAG_BASE + RESULT))   # bucket 0's
+        return engine.plan is not None and engine.plan.voter.result_waiting()
 
     def drain(self) -> None:
         """Collective, after the last step: the lagged headers checked, the votes' late

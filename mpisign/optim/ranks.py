@@ -1,0 +1,164 @@
+"""The ranks' policies of the vote engine (:mod:`mpisign.optim.engine`): what a step does
+because of how many ranks there are. :class:`Solo` for one rank (no message at all),
+:class:`Ensemble` for several (the step header beside the votes, the presence OR, digests), and,
+in :mod:`mpisign.optim.quorate`, :class:`~mpisign.optim.quorate.Quorate` for several whose votes
+close on a quorum. The engine picks one per communicator; the step never asks again.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..collectives import LocalVote, make_vote
+from ..mpi import exchanges
+from .header import StepHeader, UNKNOWN, digest64
+from .layout import Layout
+
+__all__ = ["Solo", "Ensemble"]
+
+
+class Solo:
+    """The ranks' policy on a communicator of one rank: nothing to agree on, no message."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    topology = "local"   # what topology_used says before the first step
+
+    def vote_comm(self):
+        return self.engine.comm
+
+    def voter(self, topology: str, layout: Layout, backend):
+        return LocalVote(self.engine.comm)
+
+    def gpu_comm(self):
+        return None
+
+    def post_header(self, absent: int = UNKNOWN) -> None:
+        pass
+
+    def check_header(self) -> None:
+        pass
+
+    def presence(self, layout: Layout, present: list, changed: bool = False):
+        ids = [id(s.param) for s in layout.slots]
+        return lambda: (dict(zip(ids, present)), changed)
+
+    def record_disagreement(self) -> None:
+        """One rank: its own figure of this step, at once."""
+        engine = self.engine
+        if engine.monitor is not None:
+            engine.record_disagreement([engine.stats.disagreement],
+                                       engine.books.param_groups[0]["step"])
+
+    def record_previous(self) -> None:
+        pass
+
+    def ranks_differing(self) -> list:
+        return []
+
+    def after_vote(self) -> None:
+        pass
+
+    def late(self) -> bool:
+        return False   # every vote waits for this rank
+
+    def drain(self) -> None:
+        pass
+
+
+class Ensemble(Solo):
+    """The ranks' policy on several ranks: the step header beside the votes, the presence OR
+    where a gradient is missing somewhere, digests exchanged on the engine's own communicator."""
+
+    @property
+    def topology(self) -> str:
+        return self.engine.topology
+
+    def vote_comm(self):
+        return self.engine.own_comm.get()
+
+    def voter(self, topology: str, layout: Layout, backend):
+        engine = self.engine
+        # The tally runs where the words are: the device's kernel, or the host reference.
+        return make_vote(topology, engine.own_comm.get(), timeout=engine.timeout,
+                         n_coords=layout.coordinates, tally=backend.tally)
+
+    def gpu_comm(self):
+        return self.engine.own_comm.get()
+
+    def post_header(self, absent: int = UNKNOWN) -> None:
+        """Post this step's header: one allgather of 64 bytes a rank, beside the vote. A rank
+        that has just built its layout checks it at once, before it sends any sign."""
+        engine = self.engine
+        check = engine.check
+        if check.posted:
+            return
+        groups = engine.books.param_groups
+        step = groups[0]["step"]
+        if step == 0:
+            params = digest64(engine.params_digest())
+        else:   # the monitor's figure of the previous step rides along (see .header)
+            voted = engine.stats.steps > 0   # a resumed optimizer has no previous figure: NaN
+            params = (StepHeader.word(engine.stats.disagreement if voted else math.nan)
+                      if engine.monitor is not None else 0)
+        values = engine.rule.values(groups[0])
+        mine = StepHeader(step, engine.plan.layout.digest, engine.hparams_digest(), params,
+                          *(values + [0.0, 0.0, 0.0])[:3], absent)
+        check.post(engine.own_comm.get(), mine)
+        if check.fresh:
+            self.check_header()
+
+    def check_header(self) -> None:
+        """Every rank's header agrees with this one's, or every rank raises the same error."""
+        engine = self.engine
+        if engine.check.verified:
+            return
+        engine.check.check(engine.timeout, engine.rank, engine.plan.layout.summary,
+                           engine.rule.value_names[:3])
+
+    def presence(self, layout: Layout, present: list, changed: bool = False):
+        """A function giving ``({id(param): has a gradient on some rank}, whether some rank's
+        gradient changed after a hook started its vote)``, to call after the header check.
+        Headers that counted the missing gradients: all present when every count is 0 (the
+        usual step: no exchange), else an OR of one bit a parameter. A header begun by a hook
+        could not count: the OR starts now, beside the votes, with one more bit, ``changed``
+        (only a hook's vote can have a changed gradient, and a hook's header means an OR)."""
+        engine = self.engine
+        ids = [id(s.param) for s in layout.slots]
+
+        def start_or():
+            step = engine.books.param_groups[0]["step"]
+            wait = exchanges.start_presence(engine.own_comm.get(), present + [changed],
+                                            engine.timeout, f"gradient presence at step {step} "
+                                            f"on rank {engine.rank}")
+
+            def result():
+                bits = wait()
+                return dict(zip(ids, bits[:-1])), bits[-1]
+            return result
+        if not engine.check.absent_known:
+            return start_or()
+        return lambda: ((dict.fromkeys(ids, True), False) if engine.check.all_present
+                        else start_or()())
+
+    def record_disagreement(self) -> None:
+        pass   # the figures travel in the next step's headers (record_previous)
+
+    def record_previous(self) -> None:
+        """The previous step's disagreement of every rank, from this step's headers, to the
+        monitor: after the votes, so that the root of a vote does not keep the others waiting
+        while it keeps the books."""
+        engine = self.engine
+        headers = engine.check.headers
+        if engine.monitor is None or headers is None or headers[0].step == 0:
+            return
+        every = [h.previous_disagreement for h in headers]
+        if not any(map(math.isnan, every)):   # NaN: a rank with no previous step (a resume)
+            engine.record_disagreement(every, headers[0].step - 1)
+
+    def ranks_differing(self) -> list:
+        engine = self.engine
+        return exchanges.ranks_differing(engine.own_comm.get(), engine.params_digest(),
+                                         engine.timeout,
+                                         f"consistency check on rank {engine.rank}")
