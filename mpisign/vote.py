@@ -79,22 +79,7 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
     With ``out``, nothing is allocated at all.
     """
     # Validate everything before any communication, so every rank raises the same error.
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"x must have a floating dtype, got {x.dtype}")
-    check_topology(topology)
-    check_comm(comm)
-    if quorum is not None:
-        check_quorum(topology, comm, quorum, grace, allow_minority, elastic)
-    if elastic:
-        require_ulfm()
-    if step is not None and (not isinstance(step, int) or step < 0):
-        raise ValueError(f"step must be an int >= 0 or None, got {step!r}")
-    if out is not None and not (isinstance(out, torch.Tensor) and out.shape == x.shape
-                                and out.dtype == x.dtype and out.device == x.device):
-        raise ValueError(f"out must be a tensor of x's shape {tuple(x.shape)}, dtype {x.dtype} "
-                         f"and device {x.device}, got {_describe(out)}")
+    _check_arguments(x, comm, topology, step, out, quorum, grace, allow_minority, elastic)
     if comm.Get_size() == 1:   # no vote: the sign itself, 0 for 0 and NaN
         if stats is not None:
             stats.update(bytes_sent=0, bytes_received=0)
@@ -124,6 +109,27 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
             stats["lost_ranks"] = list(own.lost)
     result = call.backend.unpack(plus, tie, n, x, call.results.take(x) if out is None else out)
     return result if out is not None else result.view(x.shape)
+
+
+def _check_arguments(x, comm, topology: str, step, out, quorum, grace: float,
+                     allow_minority: bool, elastic: bool) -> None:
+    """majority_vote's arguments, checked before any communication: every rank raises alike."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must have a floating dtype, got {x.dtype}")
+    check_topology(topology)
+    check_comm(comm)
+    if quorum is not None:
+        check_quorum(topology, comm, quorum, grace, allow_minority, elastic)
+    if elastic:
+        require_ulfm()
+    if step is not None and (not isinstance(step, int) or step < 0):
+        raise ValueError(f"step must be an int >= 0 or None, got {step!r}")
+    if out is not None and not (isinstance(out, torch.Tensor) and out.shape == x.shape
+                                and out.dtype == x.dtype and out.device == x.device):
+        raise ValueError(f"out must be a tensor of x's shape {tuple(x.shape)}, dtype {x.dtype} "
+                         f"and device {x.device}, got {_describe(out)}")
 
 
 def _prepared(comm, own, kind, src: torch.Tensor, zero_bit: int, timeout):
