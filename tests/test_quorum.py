@@ -28,6 +28,11 @@ def test_no_request_is_pending_after_the_drain():
     assert "quorum_check OK on 4 ranks: drain" in out
 
 
+def test_two_kinds_of_quorum_call_on_one_communicator_keep_their_own_messages():
+    out = mpirun.run(3, "quorum_check.py", "kinds", timeout=120)
+    assert "quorum_check OK on 3 ranks: kinds" in out
+
+
 def test_bad_options_raise_on_every_rank():
     out = mpirun.run(3, "quorum_check.py", "bad", timeout=120)
     assert "quorum_check OK on 3 ranks: bad" in out

@@ -55,6 +55,11 @@ __all__ = ["QuorumVote", "resolve_quorum", "check_quorum", "check_quorum_topolog
            "QUORUM_TOPOLOGIES"]
 
 VOTES, RESULT = 0, 1  # message phases
+#: A quorum vote's messages use tags QUORUM_TAG_BASE + 4 * (CHANNEL_BUCKETS * channel + bucket)
+#: + phase: each QuorumVote on a communicator has a channel of its own (see QuorumVote.channel),
+#: apart from the other votes' tags (mpisign.collectives.base.TAG_BASE), below MPI's 32767.
+QUORUM_TAG_BASE, CHANNEL_BUCKETS, CHANNELS = 0x4000, 64, 32
+_channels: dict = {}   # a communicator's handle -> the quorum votes made on it so far
 #: Topologies that can close on a quorum.
 QUORUM_TOPOLOGIES = ("server",)
 
@@ -138,6 +143,13 @@ class QuorumVote(SignVote):
             raise ValueError(f"grace must be a number of seconds >= 0, got {grace!r}")
         self.grace = float(grace)
         self.root = root
+        # Its own tags: the root's standing receives stay posted between votes, and could take
+        # another quorum vote's message on the same communicator (a second kind of
+        # majority_vote call, or the optimizer's next layout). Every rank makes its quorum
+        # votes on a communicator in the same order, so the channels agree.
+        handle = comm.py2f()
+        self.channel = _channels.get(handle, 0) % CHANNELS
+        _channels[handle] = _channels.get(handle, 0) + 1
         self.others = [r for r in range(self.size) if r != root]
         self.mask_words = (self.size + 63) // 64
         self.counted: list[int] = list(range(self.size))
@@ -150,6 +162,21 @@ class QuorumVote(SignVote):
         self._inboxes: dict = {}  # bucket -> (M x (1 + W) receive rows, tag)
         self._heard: dict = {}    # (bucket, worker) -> the step of its last message taken
         self._closed: dict = {}   # bucket -> the step of its last vote
+
+    def _tag(self, pending, phase: int) -> int:
+        return self._channel_tag(pending.bucket, phase)
+
+    def _channel_tag(self, bucket: int, phase: int) -> int:
+        if not 0 <= bucket < CHANNEL_BUCKETS:
+            raise ValueError(f"a quorum vote has buckets 0 to {CHANNEL_BUCKETS - 1}, got {bucket}")
+        return QUORUM_TAG_BASE + 4 * (CHANNEL_BUCKETS * self.channel + bucket) + phase
+
+    def result_waiting(self, bucket: int = 0) -> bool:
+        """A worker: whether the root's result of its coming vote is already here (a probe,
+        no wait): the vote has closed without it. False on the root, which closes the votes."""
+        if self.rank == self.root:
+            return False
+        return bool(self.comm.Iprobe(source=self.root, tag=self._channel_tag(bucket, RESULT)))
 
     @property
     def tie_possible(self) -> bool:

@@ -12,7 +12,9 @@ of exactly the ranks the result says it counted, on their inputs of that step.
   the end and messages past the eager limit (its late sends complete only when received).
 - ``bad``: the errors of bad options, on every rank before any message.
 
-Usage: quorum_check.py late QUORUM | ties | drain | bad | signum | mistakes
+- ``kinds``: two kinds of quorum call taking turns on one communicator, each with its own tags.
+
+Usage: quorum_check.py late QUORUM | kinds | ties | drain | bad | signum | mistakes
 """
 
 import sys
@@ -48,12 +50,16 @@ def data(step: int, r: int) -> torch.Tensor:
     return torch.from_numpy(x).float()
 
 
-def run_steps(late_at: dict, quorum, steps: int, grace: float = 0.0):
+def run_steps(late_at: dict, quorum, steps: int, grace: float = 0.0, kinds: int = 1):
     """A first call with every rank (it makes the vote's communicator: collective), then
     ``steps`` steps: at each, the ranks ``late_at[step]`` sleep 1 s before voting; where the
     root is among them it sleeps 2 s instead, so that every worker's signs are in when it
-    closes the vote. Returns this rank's inputs, results and counted sets."""
-    mpisign.majority_vote(torch.ones(N), comm, quorum=quorum, grace=grace)
+    closes the vote. With ``kinds`` > 1, the steps take turns among that many kinds of call
+    (graces differing by 1 ns: each its own collective on the one communicator). Returns this
+    rank's inputs, results and counted sets."""
+    graces = [grace + 1e-9 * k for k in range(kinds)]
+    for g in graces:
+        mpisign.majority_vote(torch.ones(N), comm, quorum=quorum, grace=g)
     inputs, results, counted = [], [], []
     for step in range(1, steps + 1):
         x = data(step, rank)
@@ -62,7 +68,8 @@ def run_steps(late_at: dict, quorum, steps: int, grace: float = 0.0):
         if rank in late_at.get(step, ()):
             time.sleep(2.0 if rank == 0 else 1.0)
         stats = {}
-        y = mpisign.majority_vote(x, comm, quorum=quorum, grace=grace, stats=stats)
+        y = mpisign.majority_vote(x, comm, quorum=quorum, grace=graces[step % kinds],
+                                  stats=stats)
         inputs.append(x)
         results.append(y.numpy().copy())
         counted.append(stats["counted"])
@@ -70,7 +77,7 @@ def run_steps(late_at: dict, quorum, steps: int, grace: float = 0.0):
     return inputs, results, counted
 
 
-def check_against_reference(inputs, results, counted):
+def check_against_reference(inputs, results, counted, first: int = 1):
     every_input = comm.allgather(inputs)
     every_result = comm.allgather(results)
     every_counted = comm.allgather(counted)
@@ -78,8 +85,8 @@ def check_against_reference(inputs, results, counted):
         assert all(c[i] == counted[i] for c in every_counted), (i, every_counted)
         for r in range(size):
             assert np.array_equal(every_result[r][i], results[i]), (i, r)
-        # The call's step: majority_vote's count on the communicator (the first call was 0).
-        ref = reference({r: every_input[r][i] for r in counted[i]}, i + 1)
+        # The call's step: majority_vote's count on the communicator (``first`` calls before).
+        ref = reference({r: every_input[r][i] for r in counted[i]}, i + first)
         assert np.array_equal(results[i], ref), (i, counted[i])
 
 
@@ -103,6 +110,20 @@ if mode == "late":
         assert voter.pending_requests() == 0
         if rank == 0:   # the late messages of steps 1 and 4 at least, dropped
             assert voter.dropped >= 1 + spare, voter.dropped
+elif mode == "kinds":
+    # Two kinds of quorum call on one communicator, taking turns, the root's receives of each
+    # standing between its votes: a message of one kind is never taken by the other's.
+    late = size - 1
+    with case("two kinds"):
+        inputs, results, counted = run_steps({1: {late}, 2: {0}, 5: {late}, 6: {0}}, size - 1,
+                                             8, kinds=2)
+        assert late not in counted[0] and late not in counted[4], counted
+        assert counted[1] == counted[5] == list(range(size)), counted   # waited for: counted
+        check_against_reference(inputs, results, counted, first=2)
+        drain_votes(comm)
+        voters = [c.voter for c in vote_state(comm).kept.values()]
+        assert len({v.channel for v in voters}) == 2, [v.channel for v in voters]
+        assert [v.pending_requests() for v in voters] == [0, 0]
 elif mode == "ties":
     with case("ties"):
         inputs, results, counted = run_steps({1: {3}, 2: {0}, 3: {2}, 4: {0}}, 3, 4)
@@ -138,7 +159,7 @@ elif mode == "bad":
         y = mpisign.majority_vote(x, comm, quorum=0.75, stats=stats)
         assert (y == 1).all() and len(stats["counted"]) >= -(-3 * size // 4)
         drain_votes(comm)
-if mode in ("late", "ties", "drain", "bad"):
+if mode in ("late", "kinds", "ties", "drain", "bad"):
     print(f"quorum_check OK on {size} ranks: {' '.join(sys.argv[1:])}", flush=True)
 
 
