@@ -52,7 +52,8 @@ LAYERS = [
     ("backends", ("mpisign.backends", "mpisign.cuda")),
     ("collectives", ("mpisign.collectives",)),
     ("the vote engine and optimizers", ("mpisign.optim",)),
-    ("the public vote, and a script's data and rank 0", ("mpisign.vote", "mpisign.script")),
+    ("the public vote, a script's data and rank 0, the DDP hook",
+     ("mpisign.vote", "mpisign.script", "mpisign.ddp")),
     ("applications", ("mpisign.train", "mpisign.diagnostics", "mpisign.launch", "mpisign")),
 ]
 

@@ -1,0 +1,84 @@
+"""mpisign.ddp: the DDP communication hook, over a torch.distributed process group and over MPI,
+against mpisign.Signum bit for bit on real ranks (tests/mpi/ddp_check.py), the example under
+torchrun and under mpisign.launch, and its bad input."""
+
+import os
+import re
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import mpirun
+import mpisign.ddp
+from mpisign.collectives.torchdist import ProcessGroupVote
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.parametrize("ranks, transport, topology", [
+    (3, "group", "server"), (3, "mpi", "server"), (4, "group", "allgather"), (3, "mpi", "tree")])
+def test_the_hook_steps_as_signum_does_bit_for_bit(ranks, transport, topology):
+    """One bucket, buckets rebuilt after the first step, no_sync accumulation,
+    find_unused_parameters, a checkpoint and restart, gradient_as_bucket_view + static_graph."""
+    out = mpirun.run(ranks, "ddp_check.py", transport, topology, timeout=300)
+    assert f"ddp_check OK on {ranks} ranks: {transport} {topology}" in out
+
+
+def losses(out: str) -> list:
+    return re.findall(r"step \d+: loss [0-9.]+", out)
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_the_example_under_torchrun_and_under_mpi_gives_the_same_losses():
+    """A torchrun job with gloo and no MPI, and the same script under mpisign.launch voting
+    over MPI: the same vote, so the same losses, digit for digit."""
+    args = ["examples/ddp_signum.py", "--max-steps", "50", "--test-limit", "200"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                               "3", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert torchrun.returncode == 0, torchrun.stderr[-3000:]
+    assert "test accuracy after 50 steps on 3 ranks (group)" in torchrun.stdout
+    launched = subprocess.run([sys.executable, "-m", "mpisign.launch", "-n", "3", "--", "python",
+                               *args, "--transport", "mpi"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    assert "test accuracy after 50 steps on 3 ranks (mpi)" in launched.stdout
+    assert losses(torchrun.stdout) == losses(launched.stdout) != [], (torchrun.stdout,
+                                                                      launched.stdout)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1, timeout=timedelta(seconds=30))
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_group_of_one_rank_is_refused(one_rank_group):
+    with pytest.raises(ValueError, match="one rank: there is no vote"):
+        mpisign.ddp.SignumState()
+
+
+def test_a_topology_a_group_cannot_carry_is_refused(one_rank_group):
+    for topology in ("tree", "sharded", "hierarchical"):
+        with pytest.raises(ValueError, match="cannot run over a torch.distributed process"):
+            ProcessGroupVote(topology=topology)
+
+
+def test_without_a_process_group_the_hook_says_so():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        mpisign.ddp.SignumState()
+
+
+def test_bad_momentum_is_refused():
+    with pytest.raises(ValueError, match="momentum"):
+        mpisign.ddp.SignumState(momentum=1.0)
