@@ -37,6 +37,9 @@ from .backends import packing
 from .backends.signs import signs_for
 from .collectives import TOPOLOGIES, make_vote
 from .collectives.torchdist import ProcessGroupVote
+from .collectives.base import default_timeout
+from .mpi import exchanges
+from .optim.header import digest64
 from .optim.rules import SignumRule, check_range
 
 __all__ = ["SignumState", "signum_hook"]
@@ -63,6 +66,7 @@ class SignumState:
             self.voter = ProcessGroupVote(process_group, topology)
             self.rank, self.size = self.voter.rank, self.voter.size
             self._make = None
+            self._differing = self.voter.ranks_differing
         else:
             if topology not in TOPOLOGIES and topology != "auto":
                 raise ValueError(f"topology must be one of {sorted(TOPOLOGIES)} or 'auto', "
@@ -71,6 +75,9 @@ class SignumState:
             own = comm.Dup()   # the hook's messages never meet the user's on comm
             self._make = lambda n, tally: make_vote(topology, own, timeout=timeout,
                                                     n_coords=n, tally=tally)
+            self._differing = lambda digest: exchanges.ranks_differing(
+                own, digest, default_timeout() if timeout is None else timeout,
+                f"mpisign.ddp: the buckets' layout on rank {self.rank}")
         if self.size == 1:
             raise ValueError("SignumState: the process group has one rank: there is no vote; "
                              "use mpisign.Signum on one process")
@@ -100,8 +107,23 @@ class SignumState:
         key = tuple(id(p) for p in params)
         kept = self._buckets.get(index)
         if kept is None or kept.key != key:
+            self._check_layout(index, params)
             kept = self._buckets[index] = _Bucket(self, key, params, grads)
         return kept
+
+    def _check_layout(self, index: int, params: list) -> None:
+        """A new bucket (the first iteration, DDP's rebuild): every rank's has the same
+        parameters' shapes and dtypes at the same step, or every rank raises, naming the ranks
+        that differ. Their votes would not line up: a message of another size, or signs of other
+        coordinates counted together. One all-gather of 8 bytes, once per bucket layout."""
+        layout = repr((index, self.step, [(tuple(p.shape), str(p.dtype)) for p in params]))
+        differing = self._differing(digest64(layout.encode()).to_bytes(8, "little"))
+        if differing:
+            raise ValueError(
+                f"mpisign.ddp: rank(s) {differing} have another layout of DDP's bucket {index} "
+                f"than rank 0 at step {self.step} (this rank's: {layout}): every rank must wrap "
+                f"the same model with the same DDP options (bucket_cap_mb, "
+                f"find_unused_parameters) and load the hook's state of the same step")
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:

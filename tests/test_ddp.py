@@ -10,7 +10,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
 
 import mpirun
@@ -28,6 +27,14 @@ def test_the_hook_steps_as_signum_does_bit_for_bit(ranks, transport, topology):
     find_unused_parameters, a checkpoint and restart, gradient_as_bucket_view + static_graph."""
     out = mpirun.run(ranks, "ddp_check.py", transport, topology, timeout=300)
     assert f"ddp_check OK on {ranks} ranks: {transport} {topology}" in out
+
+
+@pytest.mark.parametrize("transport", ["group", "mpi"])
+def test_a_rank_whose_hook_state_is_of_another_step_raises_on_every_rank(transport):
+    """A restart from two checkpoints: the layout check (shapes, dtypes, step) of each new
+    bucket names the rank; DDP itself checks the shapes when it is made."""
+    out = mpirun.run(3, "ddp_check.py", transport, "mismatch", timeout=180)
+    assert f"ddp_check OK on 3 ranks: {transport} mismatch" in out
 
 
 def losses(out: str) -> list:

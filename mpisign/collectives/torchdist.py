@@ -71,6 +71,16 @@ class ProcessGroupVote:
                        if dist.get_backend(self.group) == "nccl" else torch.device("cpu"))
         self.traffic = Traffic()
 
+    def ranks_differing(self, digest: bytes) -> list:
+        """All-gather every rank's ``digest`` (8 bytes); the ranks whose digest differs from
+        the first rank's."""
+        mine = torch.tensor([int.from_bytes(digest[:8], "little", signed=True)],
+                            dtype=torch.int64, device=self.device)
+        every = torch.empty(self.size, dtype=torch.int64, device=self.device)
+        dist.all_gather_into_tensor(every, mine, group=self.group)
+        every = every.cpu().tolist()
+        return [r for r in range(self.size) if every[r] != every[0]]
+
     def vote(self, words: np.ndarray, n: int, step: int | None = None, bucket: int = 0):
         """Majority of every rank's ``words`` (``n`` packed bits): ``(plus, tie)`` as numpy
         words. ``step`` and ``bucket`` are accepted for the SignVote interface."""

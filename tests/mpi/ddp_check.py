@@ -4,7 +4,7 @@ after N steps against mpisign.Signum's on the same data, bit for bit.
 The process group is made beside MPI (rank 0 picks a free port and tells the others), so one
 launch runs both transports: the hook over the group (``comm=None``) and over MPI.
 
-Usage: ddp_check.py group|mpi [TOPOLOGY]
+Usage: ddp_check.py group|mpi [TOPOLOGY | mismatch]
 """
 
 import copy
@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from common import WORLD, case, progress
+from common import WORLD, case, expect_everywhere, progress
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import mpisign
@@ -110,6 +110,19 @@ def same(a, b, what):
     for i, (x, y) in enumerate(zip(a, b)):
         assert torch.equal(x, y), (what, i, (x - y).abs().max().item())
 
+
+if topology == "mismatch":   # rank 1 restarts from another step's state: raised everywhere
+    with case(f"{transport}: a hook state of another step on rank 1"):
+        ddp = DDP(Net())
+        state = mpisign.ddp.SignumState(comm=None if transport == "group" else WORLD)
+        if rank == 1:
+            state.load_state_dict(dict(state.state_dict(), step=5))
+        ddp.register_comm_hook(state, mpisign.ddp.signum_hook)
+        with expect_everywhere(ValueError, r"rank\(s\) \[1\] have another layout"):
+            loss_of(ddp, 0).backward()
+    dist.destroy_process_group()
+    print(f"ddp_check OK on {size} ranks: {transport} {topology}", flush=True)
+    sys.exit(0)
 
 with case(f"{transport} {topology}: one bucket"):
     same(with_hook(1), reference(1), "one bucket")
