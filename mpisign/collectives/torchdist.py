@@ -30,6 +30,9 @@ from ..backends.signs import host_tally
 
 __all__ = ["ProcessGroupVote", "GROUP_TOPOLOGIES", "is_process_group"]
 
+#: torch 2.14 names the all-gather into one tensor all_gather_single (the old name warns).
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 #: The topologies a process group can carry.
 GROUP_TOPOLOGIES = ("server", "allgather")
 
@@ -77,7 +80,7 @@ class ProcessGroupVote:
         mine = torch.tensor([int.from_bytes(digest[:8], "little", signed=True)],
                             dtype=torch.int64, device=self.device)
         every = torch.empty(self.size, dtype=torch.int64, device=self.device)
-        dist.all_gather_into_tensor(every, mine, group=self.group)
+        _all_gather(every, mine, group=self.group)
         every = every.cpu().tolist()
         return [r for r in range(self.size) if every[r] != every[0]]
 
@@ -88,7 +91,7 @@ class ProcessGroupVote:
         w = mine.numel()
         if self.name == "allgather":
             every = torch.empty(self.size * w, dtype=torch.int64, device=self.device)
-            dist.all_gather_into_tensor(every, mine, group=self.group)
+            _all_gather(every, mine, group=self.group)
             self.traffic.sent += 8 * w * (self.size - 1)
             self.traffic.received += 8 * w * (self.size - 1)
             return self.tally(every.cpu().numpy().view(np.uint64).reshape(self.size, w), n)
