@@ -398,7 +398,9 @@ def test_a_quorum_vote_leaves_a_straggler_behind_and_it_catches_up(tmp_path):
 
 
 def test_a_rank_late_at_every_step_is_named_once(tmp_path):
-    out = launch(4, *DIGITS, "--max-steps", "42", "--quorum", "3", "--straggle", "3:x4",
+    """Rank 3 sleeps 0.2 s every step, long beside a digits step whatever the load (x4 of a
+    few milliseconds of compute was not, under a loaded CI run): late at every vote."""
+    out = launch(4, *DIGITS, "--max-steps", "42", "--quorum", "3", "--straggle", "3:0.2",
                  "--out", str(tmp_path), timeout=180)
     assert out.count("rank 3 was late for each of the last 20 votes") == 1, out[-3000:]
     assert "rank 1 was late" not in out and "rank 2 was late" not in out
