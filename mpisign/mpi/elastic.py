@@ -29,6 +29,7 @@ import threading
 
 from mpi4py import MPI
 
+from . import shutdown
 from .comm import VoteTimeout
 
 __all__ = ["ElasticUnavailable", "FT_VARIABLE", "require_ulfm", "is_failure", "shrink",
@@ -92,6 +93,7 @@ def shrink(comm: MPI.Intracomm, timeout: float, what: str) -> MPI.Intracomm:
     the blocking shrink runs on a helper thread, which the caller waits on with a bound (where
     MPI was started with ``MPI_THREAD_MULTIPLE``, mpi4py's default; else it runs unbounded).
     """
+    shutdown.arm()   # a survivor of a dead rank: its MPI_Finalize is bounded from now on
     try:
         comm.Revoke()
     except MPI.Exception:
