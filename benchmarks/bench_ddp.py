@@ -20,6 +20,7 @@ On the emulated cluster the process group's gloo runs over each namespace's ``mp
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import fcntl
 import json
 import os
@@ -84,6 +85,8 @@ def methods(lr: float) -> dict:
     net = model()
     made["mpisign.Signum (own step)"] = (net, mpisign.Signum(net.parameters(), lr=lr,
                                                               comm=WORLD))
+    net = model()
+    made[DRAINED] = (net, mpisign.Signum(net.parameters(), lr=lr, comm=WORLD))
 
     def ddp(name, hook=None, state=None):
         wrapped = DDP(model(), bucket_cap_mb=BUCKET_MB)
@@ -101,10 +104,26 @@ def methods(lr: float) -> dict:
     return made
 
 
-def step(module, opt, x, y) -> None:
+#: Signum whose root completes its results' sends at the end of each step (opt.drain()), as the
+#: hook does over MPI: by default they are left in flight, and over TCP only the root's next MPI
+#: call moves them on, after its next forward and backward.
+DRAINED = "mpisign.Signum, drain() each step"
+
+
+def step(module, opt, x, y, drain: bool = False) -> None:
     opt.zero_grad()
     torch.nn.functional.cross_entropy(module(x), y).backward()
     opt.step()
+    if drain:
+        opt.drain()
+
+
+def settle(opt) -> None:
+    """Before another method's gloo collectives: the Signum root's results left in flight
+    completed (only its MPI calls move them; gloo's wait would not, and the workers would
+    wait for them while the root waits in gloo for the workers)."""
+    if isinstance(opt, mpisign.Signum):
+        opt.drain()
 
 
 def main() -> None:
@@ -115,27 +134,34 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--json", default="")
+    parser.add_argument("--only", default="", help="run the methods whose names contain this")
+    parser.add_argument("--dump-after", type=float, default=0.0,
+                        help="print every thread's stack after this many seconds (diagnosis)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     init_group()
     g = torch.Generator().manual_seed(RANK)
     x = torch.randn(args.batch, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (args.batch,), generator=g)
-    made = methods(args.lr)
+    if args.dump_after:
+        faulthandler.dump_traceback_later(args.dump_after)
+    made = {name: m for name, m in methods(args.lr).items() if args.only in name}
     for module, opt in made.values():
         for _ in range(args.warmup):
             step(module, opt, x, y)
+        settle(opt)
     times: dict = {name: [] for name in made}
     for _ in range(args.rounds):
         for name, (module, opt) in made.items():
             WORLD.Barrier()
             start = time.perf_counter()
             for _ in range(args.steps):
-                step(module, opt, x, y)
+                step(module, opt, x, y, drain=name == DRAINED)
+            settle(opt)
             elapsed = (time.perf_counter() - start) / args.steps
             times[name].append(WORLD.allreduce(elapsed, op=MPI.MAX))
     if RANK == 0:
-        base = float(np.median(times["mpisign.Signum (own step)"]))
+        base = float(np.median(times.get("mpisign.Signum (own step)", [np.nan])))
         rows = {name: float(np.median(t)) for name, t in times.items()}
         print(f"ResNet-18, {SIZE} ranks, batch {args.batch} a rank, median of {args.rounds} "
               f"rounds of {args.steps} steps (slowest rank)")

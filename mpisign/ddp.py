@@ -195,6 +195,9 @@ def signum_hook(state: SignumState,
     _pack(state, b, grads)
     plus, tie = b.voter.vote(b.words, b.words.shape[0] * packing.WORD_BITS, step=state.step,
                              bucket=bucket.index())
+    complete = getattr(b.voter, "complete_sends", None)
+    if complete is not None:   # over MPI: DDP's next collective (gloo, NCCL) does not move MPI
+        complete()             # on, and a root's results left in flight would never arrive
     for (a, n), (w0, w1) in zip(zip(b.offsets, b.numels), zip(b.word0, b.word0[1:])):
         b.backend.unpack(plus[w0:w1], None if tie is None else tie[w0:w1], n,
                          buffer, out=buffer[a:a + n])

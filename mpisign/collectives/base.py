@@ -264,6 +264,15 @@ class SignVote:
                                          f"{self.rank}: {what} (left in flight)")
         pending.requests, pending.peers, pending.settled = [], [], False
 
+    def complete_sends(self) -> None:
+        """Wait on MPI (bounded) for every send a vote left in flight. A root's results stay in
+        flight after its vote returns (see :meth:`_leave_sends`), and only this rank's later
+        MPI calls move them on: a program about to block outside MPI (a torch.distributed
+        collective, a file lock) calls this first, or the workers wait for their results while
+        it waits for them. Local: no message."""
+        for bucket in list(self._sending):
+            self._complete_sends(bucket)
+
     def _complete_sends(self, bucket: int) -> None:
         """Wait on MPI for the sends the bucket's last vote left in flight (bounded)."""
         left = self._sending.pop(bucket, None)

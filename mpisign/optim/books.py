@@ -217,9 +217,12 @@ class SignOptimizer(Optimizer):
         self.engine.skip()
 
     def drain(self) -> None:
-        """Collective, after the last step of an optimizer with ``quorum=``: the lagged
-        header checks made and the late ranks' messages taken, so no request is pending at
-        exit. Does nothing without a quorum."""
+        """Nothing left in flight: call it after the last step, and before this rank blocks
+        outside MPI (a torch.distributed collective, a file lock) while other ranks still
+        wait for this step's result (the root of a vote leaves its results in flight, and only
+        its own MPI calls move them). With ``quorum=``, collective: the lagged header checks
+        made and the late ranks' messages taken, so no request is pending at exit; without,
+        local."""
         self.engine.drain()
 
     # -- consistency ------------------------------------------------------------------------

@@ -457,8 +457,7 @@ class VoteEngine:
         self.stats.disagreement = math.nan   # it sent no signs of its own: nothing to judge
 
     def drain(self) -> None:
-        """Collective, after the last step (with ``quorum=``): the lagged checks made and the
-        late messages taken, so that nothing is pending at exit. Without a quorum, nothing."""
+        """Nothing left in flight (see :meth:`mpisign.optim.books.SignOptimizer.drain`)."""
         self.ranks.drain()
 
     # -- consistency ------------------------------------------------------------------------

@@ -157,6 +157,14 @@ class Ensemble(Solo):
         if not any(map(math.isnan, every)):   # NaN: a rank with no previous step (a resume)
             engine.record_disagreement(every, headers[0].step - 1)
 
+    def drain(self) -> None:
+        """The sends the votes left in flight, completed (local: see
+        :meth:`mpisign.collectives.SignVote.complete_sends`)."""
+        plan = self.engine.plan
+        complete = getattr(plan.voter, "complete_sends", None) if plan is not None else None
+        if complete is not None:
+            complete()
+
     def ranks_differing(self) -> list:
         engine = self.engine
         return exchanges.ranks_differing(engine.own_comm.get(), engine.params_digest(),
