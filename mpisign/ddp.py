@@ -11,7 +11,7 @@ coordinate), votes them with every rank, and returns the vote (-1, 0 at a tie, +
 bucket's gradient; the user's SGD then steps ``p -= lr * (v + wd * p)``. That is
 :class:`mpisign.Signum`'s step: the same kernels pack the same momentum, the same tally counts
 the same words, so with ``weight_decay=0`` the parameters are :class:`mpisign.Signum`'s, bit for
-bit (with weight decay torch's SGD rounds ``v + wd * p`` its own way: within an ulp).
+bit (with weight decay torch's SGD may round ``v + wd * p`` its own way: not bit for bit).
 
 Two transports, one vote:
 
