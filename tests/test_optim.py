@@ -431,3 +431,16 @@ def test_grad_scaler_with_overlap_is_refused_before_anything_moves():
                 break
             scaler.step(opt)
             scaler.update()
+
+
+def test_the_non_finite_warning_names_the_step_call_and_the_optimizer_s_count(caplog):
+    """#31 item 5: the user's second step() call is "call 2", after 1 completed step."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = mpisign.Signum([p], lr=0.01)
+    p.grad = torch.ones(3)
+    opt.step()
+    p.grad = torch.tensor([1.0, float("nan"), float("inf")])
+    with caplog.at_level("WARNING", logger="mpisign.optim.engine"):
+        opt.step()
+    assert "2 non-finite gradient entries in step() call 2 (after 1 completed steps: " \
+           "param_groups[0]['step'] == 1)" in caplog.text, caplog.text

@@ -408,8 +408,10 @@ class VoteEngine:
     def _count_nonfinite(self, count: int) -> None:
         self.stats.nonfinite += count
         self.stats.nonfinite_steps += 1
-        log.warning("rank %d: %d non-finite gradient entries at step %d, treated as 0",
-                    self.rank, count, self.books.param_groups[0]["step"])
+        done = self.books.param_groups[0]["step"]
+        log.warning("rank %d: %d non-finite gradient entries in step() call %d (after %d "
+                    "completed steps: param_groups[0]['step'] == %d), voted as 0", self.rank,
+                    count, done + 1, done, done)
 
     def _clean_grads(self, params: list) -> list:
         """Each parameter's gradient, None where it has none here, with NaN/inf entries
