@@ -62,11 +62,11 @@ class SignumState:
     def __init__(self, momentum: float = 0.9, comm=None, topology: str = "server",
                  process_group=None, timeout: float | None = None):
         self.momentum = check_range("momentum", momentum, "SignumState: ", below_one=True)
-        if comm is None:
-            self.voter = ProcessGroupVote(process_group, topology)
-            self.rank, self.size = self.voter.rank, self.voter.size
-            self._make = None
-            self._differing = self.voter.ranks_differing
+        if comm is None:   # one vote over the group serves every bucket
+            voter = ProcessGroupVote(process_group, topology)
+            self.rank, self.size = voter.rank, voter.size
+            self._make = lambda n, tally: voter
+            self._differing = voter.ranks_differing
         else:
             if topology not in TOPOLOGIES and topology != "auto":
                 raise ValueError(f"topology must be one of {sorted(TOPOLOGIES)} or 'auto', "
@@ -103,12 +103,12 @@ class SignumState:
                 else torch.zeros_like(p, memory_format=torch.contiguous_format))
         return self.momentum_buffers[i]
 
-    def bucket(self, index: int, params: list, grads: list) -> "_Bucket":
+    def bucket(self, index: int, params: list, buffer: torch.Tensor) -> "_Bucket":
         key = tuple(id(p) for p in params)
         kept = self._buckets.get(index)
         if kept is None or kept.key != key:
             self._check_layout(index, params)
-            kept = self._buckets[index] = _Bucket(self, key, params, grads)
+            kept = self._buckets[index] = _Bucket(self, key, params, buffer)
         return kept
 
     def _check_layout(self, index: int, params: list) -> None:
@@ -147,22 +147,26 @@ class _Bucket:
     """One DDP bucket's parameters as the vote sees them: each parameter's words, word-aligned
     as in :mod:`mpisign.optim.layout`, its offset in DDP's flat buffer, the backend, the vote."""
 
-    def __init__(self, state: SignumState, key: tuple, params: list, grads: list):
+    def __init__(self, state: SignumState, key: tuple, params: list, buffer: torch.Tensor):
         self.key = key
         self.params = params
         self.numels = [p.numel() for p in params]
         self.offsets = np.cumsum([0] + self.numels).tolist()
         counts = [packing.n_words(n) for n in self.numels]
         self.word0 = np.cumsum([0] + counts).tolist()
-        self.backend = signs_for(grads)
+        self.backend = signs_for(self.views(buffer))
         self.words = np.zeros(self.word0[-1], dtype=np.uint64)
         if self.backend.resident:
             raise ValueError("mpisign.ddp packs into host words: device-resident words are "
                              "not supported by the hook yet")
         self.outs = [self.words[a:b] for a, b in zip(self.word0, self.word0[1:])]
-        n = self.words.shape[0] * packing.WORD_BITS
-        self.voter = (state.voter if state._make is None
-                      else state._make(n, self.backend.tally))
+        self.voter = state._make(self.words.shape[0] * packing.WORD_BITS, self.backend.tally)
+
+    def views(self, buffer: torch.Tensor) -> list:
+        """Each parameter's gradient in DDP's flat buffer, which holds them one after another
+        in the bucket's order."""
+        return [buffer[a: a + n].view_as(p)
+                for a, n, p in zip(self.offsets, self.numels, self.params)]
 
 
 def _pack(state: SignumState, b: _Bucket, grads: list) -> None:
@@ -186,18 +190,14 @@ def signum_hook(state: SignumState,
                 bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: this rank's Signum step packed, voted with every rank, and the
     vote (-1, 0, +1) returned as the bucket's gradient (see the module docstring)."""
-    buffer, params = bucket.buffer(), bucket.parameters()
-    offset, grads = 0, []
-    for p in params:   # DDP's flat buffer holds the gradients one after another, in this order
-        grads.append(buffer[offset: offset + p.numel()].view_as(p))
-        offset += p.numel()
-    b = state.bucket(bucket.index(), params, grads)
-    _pack(state, b, grads)
+    buffer = bucket.buffer()
+    b = state.bucket(bucket.index(), bucket.parameters(), buffer)
+    _pack(state, b, b.views(buffer))
     plus, tie = b.voter.vote(b.words, b.words.shape[0] * packing.WORD_BITS, step=state.step,
                              bucket=bucket.index())
-    complete = getattr(b.voter, "complete_sends", None)
-    if complete is not None:   # over MPI: DDP's next collective (gloo, NCCL) does not move MPI
-        complete()             # on, and a root's results left in flight would never arrive
+    # Over MPI: DDP's next collective (gloo, NCCL) does not move MPI on, and a root's results
+    # left in flight would never arrive.
+    b.voter.complete_sends()
     for (a, n), (w0, w1) in zip(zip(b.offsets, b.numels), zip(b.word0, b.word0[1:])):
         b.backend.unpack(plus[w0:w1], None if tie is None else tie[w0:w1], n,
                          buffer, out=buffer[a:a + n])

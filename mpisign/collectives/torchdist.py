@@ -16,8 +16,7 @@ design, several in flight at once under their tags, which a process group's coll
 express: they are refused at construction (use them over MPI).
 
 NCCL needs the words on the GPU: with an NCCL group they travel as a CUDA tensor on the
-current device. A group's own timeout (``init_process_group(timeout=...)``) bounds each call;
-``timeout`` here is only reported.
+current device. A group's own timeout (``init_process_group(timeout=...)``) bounds each call.
 """
 
 from __future__ import annotations
@@ -27,26 +26,15 @@ import torch
 import torch.distributed as dist
 
 from ..backends.signs import host_tally
+from .base import Traffic
 
-__all__ = ["ProcessGroupVote", "GROUP_TOPOLOGIES", "is_process_group"]
+__all__ = ["ProcessGroupVote", "GROUP_TOPOLOGIES"]
 
 #: torch 2.14 names the all-gather into one tensor all_gather_single (the old name warns).
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 #: The topologies a process group can carry.
 GROUP_TOPOLOGIES = ("server", "allgather")
-
-
-def is_process_group(comm) -> bool:
-    """Whether ``comm`` is a ``torch.distributed`` process group (not an mpi4py communicator)."""
-    return isinstance(comm, dist.ProcessGroup)
-
-
-class Traffic:
-    """Payload bytes this rank handed to the process group, and took from it."""
-
-    def __init__(self):
-        self.sent = self.received = 0
 
 
 class ProcessGroupVote:
@@ -67,12 +55,15 @@ class ProcessGroupVote:
         self.name = topology
         self.rank = dist.get_rank(self.group)
         self.size = dist.get_world_size(self.group)
-        self.root = dist.get_global_rank(self.group, 0) if self.group is not dist.group.WORLD \
-            else 0
+        self.root = dist.get_global_rank(self.group, 0)   # the group's first rank, globally
         self.tally = host_tally if tally is None else tally
         self.device = (torch.device("cuda", torch.cuda.current_device())
                        if dist.get_backend(self.group) == "nccl" else torch.device("cpu"))
         self.traffic = Traffic()
+
+    def complete_sends(self) -> None:
+        """Nothing is left in flight: the group's collectives return when done (SignVote's
+        interface)."""
 
     def ranks_differing(self, digest: bytes) -> list:
         """All-gather every rank's ``digest`` (8 bytes); the ranks whose digest differs from

@@ -62,10 +62,9 @@ def _library_finalize():
         paths = set()
     for path in sorted(paths):
         try:
-            call = ctypes.CDLL(path).MPI_Finalize
+            return ctypes.CDLL(path).MPI_Finalize
         except (OSError, AttributeError):
             continue
-        return lambda: call()
     return MPI.Finalize
 
 

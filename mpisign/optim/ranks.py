@@ -160,10 +160,8 @@ class Ensemble(Solo):
     def drain(self) -> None:
         """The sends the votes left in flight, completed (local: see
         :meth:`mpisign.collectives.SignVote.complete_sends`)."""
-        plan = self.engine.plan
-        complete = getattr(plan.voter, "complete_sends", None) if plan is not None else None
-        if complete is not None:
-            complete()
+        if self.engine.plan is not None:
+            self.engine.plan.voter.complete_sends()
 
     def ranks_differing(self) -> list:
         engine = self.engine
