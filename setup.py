@@ -38,8 +38,10 @@ setup(
         "cuda12": ["cupy-cuda12x"],
         # NVRTC 12 lets the tests compile the kernels for sm_70, which CUDA 13's nvcc dropped.
         # lion-pytorch and timm: the published Lions that mpisign.Lion is tested against.
+        # expecttest: what torch.testing._internal needs to import torch's OptimizerInfo
+        # (tests/test_contract.py describes the optimizers with it).
         "test": ["pytest>=7", "pytest-timeout", "nvidia-cuda-nvrtc-cu12", "lion-pytorch",
-                 "timm"],
+                 "timm", "expecttest"],
     },
     entry_points={"console_scripts": []},
 )

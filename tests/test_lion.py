@@ -37,7 +37,9 @@ def _grads(params, step, seed=1):
 
 def _side_by_side(make_ours, make_theirs, steps=40, dtype=torch.float32):
     """The same gradients into both optimizers; both after ``steps`` steps, and how many
-    coordinates of Lion's ``c`` were exactly 0 on the way (see :func:`_zero_rule`)."""
+    coordinates of Lion's ``c`` were exactly 0 on the way: there ``sign(0) = 0`` leaves the
+    parameter alone, in both (bfloat16 rounds ``c`` to 0 about 3 times in 10^6 here; float32
+    not once in these tests)."""
     base = _params(dtype)
     ours = [p.clone().requires_grad_() for p in base]
     theirs = [p.clone().requires_grad_() for p in base]
@@ -49,7 +51,7 @@ def _side_by_side(make_ours, make_theirs, steps=40, dtype=torch.float32):
         exact_zeros = [_c(b, y) == 0 for y in theirs]
         a.step()
         b.step()
-        zeros += sum(_zero_rule(a, x, y, z) for x, y, z in zip(ours, theirs, exact_zeros))
+        zeros += sum(int(z.sum()) for z in exact_zeros)
     return (a, ours), (b, theirs), zeros
 
 
@@ -57,23 +59,6 @@ def _c(opt, p):
     """Lion's c = b1 m + (1 - b1) g before the step, from the published Lion's own state."""
     m = opt.state[p].get("exp_avg", torch.zeros_like(p))
     return m.mul(0.9).add(p.grad, alpha=0.1)
-
-
-@torch.no_grad()
-def _zero_rule(opt, x, y, zero) -> int:
-    """Where c was exactly 0 (bfloat16 rounds to it about 3 times in 10^6 here; float32 not
-    once in these tests), Lion's sign(0) = 0 leaves p alone, and mpisign's zero rule moves it
-    by lr, up or down, as it does a coordinate that one rank of many abstains on (#30 makes
-    that exact). Check that this is the whole difference there, and align those coordinates,
-    so that every other coordinate is compared bit for bit."""
-    if not zero.any():
-        return 0
-    lr = float(torch.tensor(opt.param_groups[0]["lr"], dtype=x.dtype))
-    moved = (x[zero].double() - y[zero].double()).abs()
-    ulp = y[zero].double().abs() * torch.finfo(x.dtype).eps   # p +- lr, rounded to the dtype
-    assert (moved <= lr + ulp).all(), moved
-    x[zero] = y[zero]
-    return int(zero.sum())
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.3])

@@ -215,7 +215,7 @@ def test_the_portable_bodies_too():
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=120).stdout.strip() == "portable"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           __file__, "-k", "is_the_reference or nan_parameters"],
+                           __file__, "-k", "is_the_reference or nan_parameters or zero_mask"],
                           env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -245,6 +245,37 @@ def test_update_pack_is_torch_then_the_reference_pack(n, dtype):
             assert np.array_equal(out, want), (n, dtype, beta, zero_bit)
             if beta:
                 assert np.array_equal(bits(m), bits(want_m)), (n, dtype, beta)
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", LENGTHS)
+def test_the_fused_kernels_zero_mask_is_where_the_zero_bit_matters(n, dtype):
+    """``zeros=``: bit 1 exactly where the packed value is 0 or NaN, i.e. where packing with
+    zero bit 0 and with zero bit 1 differ (two runs from the same state); padding bits 0; the
+    packed words and the momentum are those of a call without it."""
+    g = special_values(n, dtype, seed=5) * 100
+    g[::5] = 0.0
+    m0 = torch.randn(n, dtype=dtype, generator=torch.Generator().manual_seed(n))
+    m0[::3] = 0.0   # with g = 0 there: an exact 0 of the momentum and of Lion's c
+    calls = [lambda m, zb, out, z: native.update_pack(g, m, 0.9, 0.1, zb, out, z),
+             lambda m, zb, out, z: native.update_pack(g, None, 0.0, 1.0, zb, out, z),
+             lambda m, zb, out, z: native.lion_update_pack(g, m, (0.9, 0.99), (0.1, 0.01), zb,
+                                                           out, z)]
+    for call in calls:
+        runs = {}
+        for zero_bit in (0, 1):
+            m, out = m0.clone(), np.zeros(packing.n_words(n), np.uint64)
+            zeros = np.full(packing.n_words(n), 7, np.uint64)
+            call(m, zero_bit, out, zeros)
+            plain_m, plain = m0.clone(), np.zeros_like(out)
+            call(plain_m, zero_bit, plain, None)
+            assert np.array_equal(out, plain) and torch.equal(m, plain_m)
+            runs[zero_bit] = out, zeros
+        (w0, z0), (w1, z1) = runs[0], runs[1]
+        assert np.array_equal(z0, z1) and np.array_equal(z0, w0 ^ w1), (n, dtype)
+        if n % 64:
+            assert z0[-1] >> np.uint64(n % 64) == 0
 
 
 @built

@@ -300,7 +300,7 @@ static void apply32(float *p, const uint64_t *plus, const uint64_t *tie, int64_t
 #define UPDATE_PACK_BODY(FLOAT, UINT, EXP, FMA)                                               \
     int64_t bad = 0;                                                                          \
     for (int64_t j = 0; j < (n + 63) / 64; j++) {                                           \
-        uint64_t word = 0;                                                                    \
+        uint64_t word = 0, zword = 0;                                                         \
         int64_t end = n - 64 * j < 64 ? n - 64 * j : 64;                                      \
         for (int64_t i = 0; i < end; i++) {                                                   \
             int64_t k = 64 * j + i;                                                           \
@@ -313,18 +313,20 @@ static void apply32(float *p, const uint64_t *plus, const uint64_t *tie, int64_t
                 v = m[k] = fused ? FMA(gi, alpha, mk) : mk + alpha * gi;                       \
             }                                                                                 \
             word |= (uint64_t)(zero_bit ? !(v < 0) : v > 0) << i;                             \
+            zword |= (uint64_t)!(v > 0 || v < 0) << i;                                       \
         }                                                                                     \
         out[j] = word;                                                                        \
+        if (zout) zout[j] = zword;                                                           \
     }                                                                                         \
     return bad;
 
 static int64_t update_pack32_scalar(const float *g, float *m, int64_t n, float beta,
-                                    float alpha, int fused, int zero_bit, uint64_t *out) {
+                                    float alpha, int fused, int zero_bit, uint64_t *out, uint64_t *zout) {
     UPDATE_PACK_BODY(float, uint32_t, 0x7f800000u, fmaf)
 }
 
 static int64_t update_pack64(const double *g, double *m, int64_t n, double beta, double alpha,
-                             int fused, int zero_bit, uint64_t *out) {
+                             int fused, int zero_bit, uint64_t *out, uint64_t *zout) {
     UPDATE_PACK_BODY(double, uint64_t, 0x7ff0000000000000ull, fma)
 }
 
@@ -333,13 +335,13 @@ static int64_t update_pack64(const double *g, double *m, int64_t n, double beta,
  * body. Non-finite lanes: exponent all ones; zeroed with an and-not, counted by popcount. */
 __attribute__((target("avx2,fma")))
 static int64_t update_pack32_avx2(const float *g, float *m, int64_t n, float beta, float alpha,
-                                  int fused, int zero_bit, uint64_t *out) {
+                                  int fused, int zero_bit, uint64_t *out, uint64_t *zout) {
     const __m256i exp = _mm256_set1_epi32(0x7f800000);
     const __m256 zero = _mm256_setzero_ps(), bv = _mm256_set1_ps(beta),
                  av = _mm256_set1_ps(alpha);
     int64_t words = n / 64, bad = 0;
     for (int64_t j = 0; j < words; j++) {
-        uint64_t word = 0;
+        uint64_t word = 0, zword = 0;
         for (int k = 0; k < 8; k++) {
             int64_t at = 64 * j + 8 * k;
             __m256 gv = _mm256_loadu_ps(g + at);
@@ -356,12 +358,16 @@ static int64_t update_pack32_avx2(const float *g, float *m, int64_t n, float bet
             __m256 c = zero_bit ? _mm256_cmp_ps(v, zero, _CMP_NLT_UQ)
                                 : _mm256_cmp_ps(v, zero, _CMP_GT_OQ);
             word |= (uint64_t)(uint32_t)_mm256_movemask_ps(c) << (8 * k);
+            zword |= (uint64_t)(uint32_t)_mm256_movemask_ps(
+                         _mm256_cmp_ps(v, zero, _CMP_EQ_UQ)) << (8 * k);
         }
         out[j] = word;
+        if (zout) zout[j] = zword;
     }
     if (n % 64)
         bad += update_pack32_scalar(g + 64 * words, m ? m + 64 * words : NULL, n % 64, beta,
-                                    alpha, fused, zero_bit, out + words);
+                                    alpha, fused, zero_bit, out + words,
+                                    zout ? zout + words : NULL);
     return bad;
 }
 
@@ -373,12 +379,12 @@ static int have_fma(void) {
 #endif
 
 static int64_t update_pack32(const float *g, float *m, int64_t n, float beta, float alpha,
-                             int fused, int zero_bit, uint64_t *out) {
+                             int fused, int zero_bit, uint64_t *out, uint64_t *zout) {
 #if HAVE_X86
     if (avx2() && have_fma())
-        return update_pack32_avx2(g, m, n, beta, alpha, fused, zero_bit, out);
+        return update_pack32_avx2(g, m, n, beta, alpha, fused, zero_bit, out, zout);
 #endif
-    return update_pack32_scalar(g, m, n, beta, alpha, fused, zero_bit, out);
+    return update_pack32_scalar(g, m, n, beta, alpha, fused, zero_bit, out, zout);
 }
 
 /* ---- Lion's local step, scrub and pack in one pass ---------------------------------------- */
@@ -390,7 +396,7 @@ static int64_t update_pack32(const float *g, float *m, int64_t n, float beta, fl
 #define LION_PACK_BODY(FLOAT, UINT, EXP, FMA)                                                 \
     int64_t bad = 0;                                                                          \
     for (int64_t j = 0; j < (n + 63) / 64; j++) {                                           \
-        uint64_t word = 0;                                                                    \
+        uint64_t word = 0, zword = 0;                                                         \
         int64_t end = n - 64 * j < 64 ? n - 64 * j : 64;                                      \
         for (int64_t i = 0; i < end; i++) {                                                   \
             int64_t k = 64 * j + i;                                                           \
@@ -401,18 +407,20 @@ static int64_t update_pack32(const float *g, float *m, int64_t n, float beta, fl
             FLOAT c = fused ? FMA(gi, a1, c1) : c1 + a1 * gi;                                 \
             m[k] = fused ? FMA(gi, a2, m2) : m2 + a2 * gi;                                    \
             word |= (uint64_t)(zero_bit ? !(c < 0) : c > 0) << i;                             \
+            zword |= (uint64_t)!(c > 0 || c < 0) << i;                                       \
         }                                                                                     \
         out[j] = word;                                                                        \
+        if (zout) zout[j] = zword;                                                           \
     }                                                                                         \
     return bad;
 
 static int64_t lion_pack32_scalar(const float *g, float *m, int64_t n, float b1, float a1,
-                                  float b2, float a2, int fused, int zero_bit, uint64_t *out) {
+                                  float b2, float a2, int fused, int zero_bit, uint64_t *out, uint64_t *zout) {
     LION_PACK_BODY(float, uint32_t, 0x7f800000u, fmaf)
 }
 
 static int64_t lion_pack64(const double *g, double *m, int64_t n, double b1, double a1,
-                           double b2, double a2, int fused, int zero_bit, uint64_t *out) {
+                           double b2, double a2, int fused, int zero_bit, uint64_t *out, uint64_t *zout) {
     LION_PACK_BODY(double, uint64_t, 0x7ff0000000000000ull, fma)
 }
 
@@ -420,13 +428,13 @@ static int64_t lion_pack64(const double *g, double *m, int64_t n, double b1, dou
 /* AVX2 (+FMA where torch fuses), as update_pack32_avx2: 8 lanes at a time over whole words. */
 __attribute__((target("avx2,fma")))
 static int64_t lion_pack32_avx2(const float *g, float *m, int64_t n, float b1, float a1,
-                                float b2, float a2, int fused, int zero_bit, uint64_t *out) {
+                                float b2, float a2, int fused, int zero_bit, uint64_t *out, uint64_t *zout) {
     const __m256i exp = _mm256_set1_epi32(0x7f800000);
     const __m256 zero = _mm256_setzero_ps(), b1v = _mm256_set1_ps(b1), a1v = _mm256_set1_ps(a1),
                  b2v = _mm256_set1_ps(b2), a2v = _mm256_set1_ps(a2);
     int64_t words = n / 64, bad = 0;
     for (int64_t j = 0; j < words; j++) {
-        uint64_t word = 0;
+        uint64_t word = 0, zword = 0;
         for (int k = 0; k < 8; k++) {
             int64_t at = 64 * j + 8 * k;
             __m256 gv = _mm256_loadu_ps(g + at), mv = _mm256_loadu_ps(m + at);
@@ -441,23 +449,26 @@ static int64_t lion_pack32_avx2(const float *g, float *m, int64_t n, float b1, f
             __m256 bits = zero_bit ? _mm256_cmp_ps(c, zero, _CMP_NLT_UQ)
                                    : _mm256_cmp_ps(c, zero, _CMP_GT_OQ);
             word |= (uint64_t)(uint32_t)_mm256_movemask_ps(bits) << (8 * k);
+            zword |= (uint64_t)(uint32_t)_mm256_movemask_ps(
+                         _mm256_cmp_ps(c, zero, _CMP_EQ_UQ)) << (8 * k);
         }
         out[j] = word;
+        if (zout) zout[j] = zword;
     }
     if (n % 64)
         bad += lion_pack32_scalar(g + 64 * words, m + 64 * words, n % 64, b1, a1, b2, a2, fused,
-                                  zero_bit, out + words);
+                                  zero_bit, out + words, zout ? zout + words : NULL);
     return bad;
 }
 #endif
 
 static int64_t lion_pack32(const float *g, float *m, int64_t n, float b1, float a1, float b2,
-                           float a2, int fused, int zero_bit, uint64_t *out) {
+                           float a2, int fused, int zero_bit, uint64_t *out, uint64_t *zout) {
 #if HAVE_X86
     if (avx2() && have_fma())
-        return lion_pack32_avx2(g, m, n, b1, a1, b2, a2, fused, zero_bit, out);
+        return lion_pack32_avx2(g, m, n, b1, a1, b2, a2, fused, zero_bit, out, zout);
 #endif
-    return lion_pack32_scalar(g, m, n, b1, a1, b2, a2, fused, zero_bit, out);
+    return lion_pack32_scalar(g, m, n, b1, a1, b2, a2, fused, zero_bit, out, zout);
 }
 
 /* ---- Python ----------------------------------------------------------------------------- */
@@ -525,9 +536,11 @@ static PyObject *py_apply(PyObject *self, PyObject *const *args, Py_ssize_t narg
     Py_RETURN_NONE;
 }
 
-/* update_pack(g_addr, m_addr or 0, dtype, n, beta, alpha, fused, zero_bit, out_addr) -> bad */
+/* update_pack(g_addr, m_addr or 0, dtype, n, beta, alpha, fused, zero_bit, out_addr,
+ *             zout_addr or 0) -> bad. zout: where given, bit i = 1 where the packed value is 0
+ * or NaN (a coordinate that casts no vote) */
 static PyObject *py_update_pack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (!args_ok(nargs, 9, "update_pack")) return NULL;
+    if (!args_ok(nargs, 10, "update_pack")) return NULL;
     const void *g = PyLong_AsVoidPtr(args[0]);
     void *m = PyLong_AsVoidPtr(args[1]);
     int dtype = (int)PyLong_AsLong(args[2]);
@@ -535,7 +548,7 @@ static PyObject *py_update_pack(PyObject *self, PyObject *const *args, Py_ssize_
     double beta = PyFloat_AsDouble(args[4]), alpha = PyFloat_AsDouble(args[5]);
     int fused = PyObject_IsTrue(args[6]);
     int zero_bit = (int)PyLong_AsLong(args[7]);
-    uint64_t *out = PyLong_AsVoidPtr(args[8]);
+    uint64_t *out = PyLong_AsVoidPtr(args[8]), *zout = PyLong_AsVoidPtr(args[9]);
     if (PyErr_Occurred()) return NULL;
     if (dtype != F32 && dtype != F64) {
         PyErr_SetString(PyExc_ValueError, "update_pack takes float32 or float64 tensors");
@@ -544,9 +557,9 @@ static PyObject *py_update_pack(PyObject *self, PyObject *const *args, Py_ssize_
     int64_t bad;
     Py_BEGIN_ALLOW_THREADS
     if (dtype == F32)
-        bad = update_pack32(g, m, n, (float)beta, (float)alpha, fused, zero_bit, out);
+        bad = update_pack32(g, m, n, (float)beta, (float)alpha, fused, zero_bit, out, zout);
     else
-        bad = update_pack64(g, m, n, beta, alpha, fused, zero_bit, out);
+        bad = update_pack64(g, m, n, beta, alpha, fused, zero_bit, out, zout);
     Py_END_ALLOW_THREADS
     return PyLong_FromLongLong(bad);
 }
@@ -575,9 +588,10 @@ static PyObject *py_apply_decayed(PyObject *self, PyObject *const *args, Py_ssiz
     Py_RETURN_NONE;
 }
 
-/* lion_update_pack(g_addr, m_addr, dtype, n, b1, a1, b2, a2, fused, zero_bit, out_addr) -> bad */
+/* lion_update_pack(g_addr, m_addr, dtype, n, b1, a1, b2, a2, fused, zero_bit, out_addr,
+ *                  zout_addr or 0) -> bad. zout: as update_pack's, for c */
 static PyObject *py_lion_update_pack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (!args_ok(nargs, 11, "lion_update_pack")) return NULL;
+    if (!args_ok(nargs, 12, "lion_update_pack")) return NULL;
     const void *g = PyLong_AsVoidPtr(args[0]);
     void *m = PyLong_AsVoidPtr(args[1]);
     int dtype = (int)PyLong_AsLong(args[2]);
@@ -586,7 +600,7 @@ static PyObject *py_lion_update_pack(PyObject *self, PyObject *const *args, Py_s
     double b2 = PyFloat_AsDouble(args[6]), a2 = PyFloat_AsDouble(args[7]);
     int fused = PyObject_IsTrue(args[8]);
     int zero_bit = (int)PyLong_AsLong(args[9]);
-    uint64_t *out = PyLong_AsVoidPtr(args[10]);
+    uint64_t *out = PyLong_AsVoidPtr(args[10]), *zout = PyLong_AsVoidPtr(args[11]);
     if (PyErr_Occurred()) return NULL;
     if (dtype != F32 && dtype != F64) {
         PyErr_SetString(PyExc_ValueError, "lion_update_pack takes float32 or float64 g and m");
@@ -596,9 +610,9 @@ static PyObject *py_lion_update_pack(PyObject *self, PyObject *const *args, Py_s
     Py_BEGIN_ALLOW_THREADS
     if (dtype == F32)
         bad = lion_pack32(g, m, n, (float)b1, (float)a1, (float)b2, (float)a2, fused, zero_bit,
-                          out);
+                          out, zout);
     else
-        bad = lion_pack64(g, m, n, b1, a1, b2, a2, fused, zero_bit, out);
+        bad = lion_pack64(g, m, n, b1, a1, b2, a2, fused, zero_bit, out, zout);
     Py_END_ALLOW_THREADS
     return PyLong_FromLongLong(bad);
 }

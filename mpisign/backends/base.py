@@ -9,6 +9,8 @@ for the GPU paths); :mod:`mpisign.backends.signs` chooses one per layout. The op
 * ``pack(src, zero_bit, out)``: the signs of ``src`` into ``out`` (0 and NaN as ``zero_bit``).
   A pack may only be queued (the GPU paths): ``mark()`` says, without waiting, when queued packs
   are done, and ``settle()`` finishes them into their ``out``s;
+* ``zeros(src, out)``: the zero mask of ``src`` into ``out`` (bit 1 where ``src`` is 0 or NaN: a
+  coordinate that casts no vote), queued as ``pack`` is;
 * ``tally(votes, n)``: the majority ``(plus, tie)`` of an M x W array of words, for the
   topologies that count raw votes (:class:`mpisign.collectives.SignVote`);
 * ``apply(p, plus, tie, lr, wd)``: ``p -= lr * (v + wd * p)`` in place, ``v`` the packed vote;
@@ -26,7 +28,8 @@ for the GPU paths); :mod:`mpisign.backends.signs` chooses one per layout. The op
 
 A backend may also offer a rule's local step fused with its pack (``update_and_pack``: Signum's,
 ``lion_update_and_pack``: Lion's; :class:`mpisign.backends.host.CompiledSigns`); the rule, not
-the backend, decides whether it is used (:mod:`mpisign.optim.rules`).
+the backend, decides whether it is used (:mod:`mpisign.optim.rules`). Where such a kernel also
+writes the zero mask (``zeros=``), the backend says so with ``fused_zeros = True``.
 """
 
 from __future__ import annotations
@@ -51,12 +54,18 @@ class Signs:
     """The interface (see the module docstring); ``resident``: words live on the device."""
 
     resident = False
+    fused_zeros = False   # whether update_and_pack / lion_update_and_pack take zeros=
 
     def words(self, n_words: int):
         raise NotImplementedError
 
     def pack(self, src: torch.Tensor, zero_bit: int, out) -> None:
         raise NotImplementedError
+
+    def zeros(self, src: torch.Tensor, out) -> None:
+        """The zero mask of ``src``: the signs of a tensor that is 1 where ``src`` is 0 or NaN
+        and 0 elsewhere, by this backend's own ``pack`` (one more pass over ``src``)."""
+        self.pack(((src == 0) | src.isnan()).to(torch.float32), 0, out)
 
     def mark(self):
         """Something whose ``query()`` says, without waiting, whether the packs queued so far

@@ -64,7 +64,10 @@ class CompiledSigns(HostSigns):
     """:class:`HostSigns` with CPU tensors packed, applied and unpacked by the compiled kernels
     (:mod:`mpisign.backends.native`); what they do not take (other devices, half-precision apply,
     non-contiguous parameters) goes to :class:`HostSigns`. It also fuses Signum's local step
-    (:meth:`update_and_pack`) and Lion's (:meth:`lion_update_and_pack`)."""
+    (:meth:`update_and_pack`) and Lion's (:meth:`lion_update_and_pack`), each with the zero
+    mask of what it packs where it is asked for one."""
+
+    fused_zeros = True
 
     @staticmethod
     def _fusable(grads: list, bufs: list) -> bool:
@@ -80,7 +83,7 @@ class CompiledSigns(HostSigns):
         return True
 
     def update_and_pack(self, grads: list, bufs: list, beta: float, alpha: float,
-                        zero_bit: int, outs: list) -> int | None:
+                        zero_bit: int, outs: list, zeros: list | None = None) -> int | None:
         """Signum's local step for several parameters, one pass each: non-finite gradient
         entries vote as 0 (returned: how many); with momentum (``bufs`` of tensors),
         ``m = m * beta + alpha * g`` exactly as torch rounds it, then the signs of ``m``; without
@@ -88,20 +91,23 @@ class CompiledSigns(HostSigns):
         contiguous float32/float64 CPU tensor whose update the kernel rounds as torch does."""
         if not self._fusable(grads, bufs):
             return None
-        return sum(native.update_pack(g, m, beta, alpha, zero_bit, out)
-                   for g, m, out in zip(grads, bufs, outs))
+        zeros = zeros or [None] * len(outs)
+        return sum(native.update_pack(g, m, beta, alpha, zero_bit, out, z)
+                   for g, m, out, z in zip(grads, bufs, outs, zeros))
 
     def lion_update_and_pack(self, grads: list, bufs: list, beta1: float, alpha1: float,
                              beta2: float, alpha2: float, zero_bit: int,
-                             outs: list) -> int | None:
+                             outs: list, zeros: list | None = None) -> int | None:
         """Lion's local step for several parameters, one pass each
         (:func:`mpisign.backends.native.lion_update_pack`): the signs of ``m * beta1 + alpha1 *
         g`` packed, then ``m = m * beta2 + alpha2 * g``, non-finite gradient entries as 0
         (returned: how many). None, with nothing done, unless :meth:`_fusable`."""
         if not self._fusable(grads, bufs):
             return None
-        return sum(native.lion_update_pack(g, m, (beta1, beta2), (alpha1, alpha2), zero_bit, out)
-                   for g, m, out in zip(grads, bufs, outs))
+        zeros = zeros or [None] * len(outs)
+        return sum(native.lion_update_pack(g, m, (beta1, beta2), (alpha1, alpha2), zero_bit, out,
+                                           z)
+                   for g, m, out, z in zip(grads, bufs, outs, zeros))
 
     def pack(self, src: torch.Tensor, zero_bit: int, out: np.ndarray) -> None:
         if src.device.type == "cpu" and src.dtype in native.DTYPES:

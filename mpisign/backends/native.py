@@ -162,7 +162,7 @@ def momentum_form(dtype) -> str | None:
         for form in ("fused", "separate"):
             got = m0.clone()
             _signs.update_pack(g.data_ptr(), got.data_ptr(), DTYPES[dtype], n, beta, alpha,
-                               form == "fused", 0, np.empty(n_words(n), np.uint64).ctypes.data)
+                               form == "fused", 0, np.empty(n_words(n), np.uint64).ctypes.data, 0)
             if torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
                 _forms[dtype] = form
                 break
@@ -172,12 +172,18 @@ def momentum_form(dtype) -> str | None:
     return _forms[dtype]
 
 
+def _zeros_at(zeros: np.ndarray | None, n: int) -> int:
+    """The address of ``zeros`` (a zero mask's words), or 0 where none is wanted."""
+    return 0 if zeros is None else _words(zeros, n, "zeros")
+
+
 def update_pack(g: torch.Tensor, m: torch.Tensor | None, beta: float, alpha: float,
-                zero_bit: int, out: np.ndarray) -> int:
+                zero_bit: int, out: np.ndarray, zeros: np.ndarray | None = None) -> int:
     """Signum's local step for one parameter in one pass: non-finite entries of ``g`` count and
     vote as 0; ``m = m * beta + alpha * g`` as torch rounds it (:func:`momentum_form`, which
-    must not be None); the signs of ``m`` (or of ``g`` when ``m`` is None) into ``out``.
-    Returns the number of non-finite entries of ``g``."""
+    must not be None); the signs of ``m`` (or of ``g`` when ``m`` is None) into ``out``, and,
+    where ``zeros`` is given, its zero mask there (bit 1: the value is exactly 0, so it casts no
+    vote). Returns the number of non-finite entries of ``g``."""
     g = _flat(g, "g")
     if g.dtype not in UPDATE_DTYPES:
         raise ValueError(f"update_pack takes {UPDATE_DTYPES}, got {g.dtype}")
@@ -189,13 +195,14 @@ def update_pack(g: torch.Tensor, m: torch.Tensor | None, beta: float, alpha: flo
     fused = momentum_form(g.dtype) == "fused"
     return _signs.update_pack(g.data_ptr(), 0 if m is None else m.data_ptr(), DTYPES[g.dtype],
                               n, float(beta), float(alpha), fused, zero_bit,
-                              _words(out, n, "out"))
+                              _words(out, n, "out"), _zeros_at(zeros, n))
 
 
 def lion_update_pack(g: torch.Tensor, m: torch.Tensor, betas: tuple, alphas: tuple, zero_bit: int,
-                     out: np.ndarray) -> int:
+                     out: np.ndarray, zeros: np.ndarray | None = None) -> int:
     """Lion's local step for one parameter in one pass: non-finite entries of ``g`` count and
-    vote as 0; the signs of ``c = m * b1 + a1 * g`` into ``out``; ``m = m * b2 + a2 * g``; each
+    vote as 0; the signs of ``c = m * b1 + a1 * g`` into ``out`` (and its zero mask into ``zeros``,
+    as :func:`update_pack`); ``m = m * b2 + a2 * g``; each
     add rounded as torch rounds it (:func:`momentum_form`, which must not be None). Returns the
     number of non-finite entries of ``g``."""
     g, m = _flat(g, "g"), _flat(m, "m")
@@ -210,4 +217,4 @@ def lion_update_pack(g: torch.Tensor, m: torch.Tensor, betas: tuple, alphas: tup
     (b1, b2), (a1, a2) = betas, alphas
     return _signs.lion_update_pack(g.data_ptr(), m.data_ptr(), DTYPES[g.dtype], n, float(b1),
                                    float(a1), float(b2), float(a2), fused, zero_bit,
-                                   _words(out, n, "out"))
+                                   _words(out, n, "out"), _zeros_at(zeros, n))

@@ -165,8 +165,8 @@ class SignOptimizer(Optimizer):
         self.rule.check({**self.defaults, **param_group})
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)   # a generator
-        for p in params:
-            check_param(p)
+        for p in params:   # a (name, tensor) pair from named_parameters(), as torch.optim takes
+            check_param(p[1] if isinstance(p, tuple) else p)
         param_group = {**param_group, "params": params}
         param_group.setdefault("step", 0)
         super().add_param_group(param_group)

@@ -97,6 +97,7 @@ class Plan:
     backend: signs.Signs   # where the words live and what packs, tallies and applies them
     voter: object          # the collective (mpisign.collectives.SignVote)
     fused: object = None   # the rule's fused local step for this backend, or None
+    zeros: object = None   # one rank: the words' zero mask (coordinates that do not move)
 
 
 class VoteEngine:
@@ -191,7 +192,8 @@ class VoteEngine:
         old = self.plan
         voter = (old.voter if old is not None and old.voter.tally == backend.tally
                  else self.ranks.voter(self.topology, layout, backend))
-        self.plan = Plan(layout, backend, voter, self.rule.fused(backend))
+        self.plan = Plan(layout, backend, voter, self.rule.fused(backend),
+                         self.ranks.zero_words(backend, layout.words))
         self._stale = False
         self.check.fresh = True   # its header is checked before any sign is sent
         self.stats.coordinates = layout.coordinates
@@ -370,15 +372,19 @@ class VoteEngine:
             group = books.param_groups[gi]
             params = [s.param for s in slots]
             outs = [plan.layout.packed[s.word0: s.word0 + s.words] for s in slots]
+            zeros = (None if plan.zeros is None
+                     else [plan.zeros[s.word0: s.word0 + s.words] for s in slots])
             bad = (None if plan.fused is None
-                   else plan.fused(params, books.state, group, scale, zero_bit, outs))
+                   else plan.fused(params, books.state, group, scale, zero_bit, outs, zeros))
             if bad is None:   # no fused kernel for these tensors: the rule, then the pack
                 sources, after = self.rule.send(params, self._clean_grads(params),
                                                 books.state, group, scale)
                 if after is not None:
                     self._deferred.append((after, params))
-                for src, out in zip(sources, outs):
+                for i, (src, out) in enumerate(zip(sources, outs)):
                     plan.backend.pack(src, zero_bit, out)
+                    if zeros is not None:
+                        plan.backend.zeros(src, zeros[i])
             elif bad:
                 self._count_nonfinite(bad)
         bucket.packed = True
@@ -388,6 +394,8 @@ class VoteEngine:
         the rule; keeps this rank's disagreement count on the bucket."""
         plan = self.plan
         plus, tie = plan.voter.finish(bucket.pending)
+        if plan.zeros is not None:   # one rank: what is exactly 0 casts no vote and stays
+            tie = plan.zeros[bucket.word0: bucket.word1]
         mine = plan.layout.packed[bucket.word0: bucket.word1]
         bucket.disagree = plan.backend.disagreement(mine, plus, tie)
         for slot in bucket.slots:

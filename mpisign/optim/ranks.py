@@ -34,6 +34,11 @@ class Solo:
     def gpu_comm(self):
         return None
 
+    def zero_words(self, backend, words: int):
+        """One rank has no vote to share: a coordinate it holds at exactly 0 does not move,
+        as in torch's own optimizers; the plan keeps the zero mask of its words here."""
+        return backend.words(words)
+
     def post_header(self, absent: int = UNKNOWN) -> None:
         pass
 
@@ -86,6 +91,9 @@ class Ensemble(Solo):
 
     def gpu_comm(self):
         return self.engine.own_comm.get()
+
+    def zero_words(self, backend, words: int):
+        return None   # several ranks: the zero rule of the vote (README, *Rules worth knowing*)
 
     def post_header(self, absent: int = UNKNOWN) -> None:
         """Post this step's header: one allgather of 64 bytes a rank, beside the vote. A rank

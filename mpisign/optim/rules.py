@@ -46,6 +46,8 @@ def number(value) -> float | None:
 
 def check_range(name: str, value, where: str = "", below_one: bool = False) -> float:
     """``value`` as a float, or ValueError: a finite number >= 0 (and < 1 with ``below_one``)."""
+    if isinstance(value, torch.Tensor) and value.numel() != 1:   # torch.optim's own words
+        raise ValueError(f"{where}Tensor {name} must be 1-element, got {value.numel()} elements")
     x = number(value)
     if below_one:
         if x is None or not 0.0 <= x < 1.0:
@@ -164,12 +166,14 @@ class SignumRule(Rule):
         if kernel is None or type(self).send is not SignumRule.send:
             return None
 
-        def update_and_pack(params, state, group, scale, zero_bit, outs):
+        def update_and_pack(params, state, group, scale, zero_bit, outs, zeros=None):
             if any(p.grad is None for p in params):
                 return None
+            if zeros and not getattr(backend, "fused_zeros", False):
+                return None   # this backend's kernel writes no zero mask: the rule's path
             beta = number(group["momentum"])
             bufs = ([self.momentum_buffer(state, p) for p in params] if beta
                     else [None] * len(params))
             return kernel([p.grad for p in params], bufs, beta, (1 - beta) * scale, zero_bit,
-                          outs)
+                          outs, **({"zeros": zeros} if zeros else {}))
         return update_and_pack

@@ -1,0 +1,125 @@
+"""torch.optim's contract where a vote is involved, for every optimizer and every input of
+``tests/optimizer_db.py``, on real ranks (``tests/test_contract.py`` runs it on 3):
+
+* every rank's state through ``state_dict()`` and ``load_state_dict()`` into a new optimizer
+  over copies of the parameters: the same bits as the run that went on, on every rank;
+* ``overlap`` off and on: the same bits (the input's own ``overlap`` aside);
+* exact-zero gradients on every rank: on an even number of ranks the zero rule's bits tie and
+  nothing moves; on an odd number the coordinate moves by at most ``lr`` from where it was
+  (README, *Rules worth knowing*: the all-zero case is exact on one rank and on an even count);
+* the parameters agree on every rank (``params_digest``).
+
+Usage: contract_check.py
+"""
+
+import copy
+import os
+import sys
+
+import torch
+from common import WORLD, case, progress
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from optimizer_db import OPTIMIZERS, inputs_of, make  # noqa: E402  (tests/, beside this folder)
+
+comm = WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+
+
+def model():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(9, 70, generator=gen)),
+            torch.nn.Parameter(torch.randn(70, generator=gen)),
+            torch.nn.Parameter(torch.randn(70, 9, generator=gen).t())]
+
+
+def grads(params, steps, seed):
+    """This rank's gradients: each rank its own noise."""
+    gen = torch.Generator().manual_seed(1000 * seed + rank)
+    return [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(steps)]
+
+
+def run(opt, params, steps_grads) -> None:
+    for gs in steps_grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+
+
+def same(a, b, what) -> None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert torch.equal(x.detach(), y.detach()), \
+            f"{what}: parameter {i} off by {(x - y).abs().max().item()}"
+
+
+def agree(opt) -> None:
+    assert len(set(comm.allgather(opt.params_digest()))) == 1, "ranks differ"
+
+
+def state_dict_round_trip(info, kwargs) -> None:
+    params = model()
+    gs = grads(params, 6, seed=1)
+    opt = make(info, params, kwargs, comm)
+    run(opt, params, gs[:3])
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    other = make(info, twins, kwargs, comm)
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
+    run(opt, params, gs[3:])
+    run(other, twins, gs[3:])
+    same(params, twins, "after load_state_dict")
+    agree(other)
+
+
+def overlap_agrees(info, kwargs) -> None:
+    results = []
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(),
+                                  torch.nn.Linear(20, 3))
+        opt = make(info, net.parameters(), {**kwargs, "overlap": overlap, "bucket_mb": 1e-3},
+                   comm)
+        gen = torch.Generator().manual_seed(5 + rank)
+        for _ in range(4):
+            opt.zero_grad()
+            net(torch.randn(8, 12, generator=gen)).square().sum().backward()
+            opt.step()
+        agree(opt)
+        results.append(list(net.parameters()))
+    same(*results, "overlap on against off")
+
+
+def zeros_everywhere(info, kwargs) -> None:
+    params = model()
+    before = [p.detach().clone() for p in params]
+    kwargs = {**kwargs, "weight_decay": 0.0, "lr": 0.01}
+    opt = make(info, params, kwargs, comm)
+    for step in range(5):
+        run(opt, params, [[torch.zeros_like(p) for p in params]])
+        for p, b in zip(params, before):
+            moved = (p.detach() - b).abs().max().item()
+            if size % 2 == 0:
+                assert moved == 0, f"step {step}: an all-zero coordinate moved by {moved}"
+            else:
+                ulp = torch.finfo(b.dtype).eps * b.abs().max().item()   # p - lr, rounded
+                assert moved <= 0.01 + ulp, f"step {step}: moved by {moved} > lr"
+    agree(opt)
+
+
+n = 0
+for info in OPTIMIZERS:
+    for optim_input in inputs_of(info):
+        kwargs = copy.deepcopy(optim_input.kwargs)
+        label = f"{info.name} {optim_input.desc}"
+        with case(f"{label}: state_dict round trip"):
+            state_dict_round_trip(info, kwargs)
+        if not kwargs.get("overlap"):
+            with case(f"{label}: overlap on and off"):
+                overlap_agrees(info, kwargs)
+        with case(f"{label}: zeros on every rank"):
+            zeros_everywhere(info, kwargs)
+        n += 1
+        progress(n)
+comm.Barrier()
+if rank == 0:
+    print(f"contract_check OK on {size} ranks: {n} inputs of {len(OPTIMIZERS)} optimizers",
+          flush=True)
