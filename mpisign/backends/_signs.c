@@ -358,8 +358,9 @@ static int64_t update_pack32_avx2(const float *g, float *m, int64_t n, float bet
             __m256 c = zero_bit ? _mm256_cmp_ps(v, zero, _CMP_NLT_UQ)
                                 : _mm256_cmp_ps(v, zero, _CMP_GT_OQ);
             word |= (uint64_t)(uint32_t)_mm256_movemask_ps(c) << (8 * k);
-            zword |= (uint64_t)(uint32_t)_mm256_movemask_ps(
-                         _mm256_cmp_ps(v, zero, _CMP_EQ_UQ)) << (8 * k);
+            if (zout)
+                zword |= (uint64_t)(uint32_t)_mm256_movemask_ps(
+                             _mm256_cmp_ps(v, zero, _CMP_EQ_UQ)) << (8 * k);
         }
         out[j] = word;
         if (zout) zout[j] = zword;
@@ -449,8 +450,9 @@ static int64_t lion_pack32_avx2(const float *g, float *m, int64_t n, float b1, f
             __m256 bits = zero_bit ? _mm256_cmp_ps(c, zero, _CMP_NLT_UQ)
                                    : _mm256_cmp_ps(c, zero, _CMP_GT_OQ);
             word |= (uint64_t)(uint32_t)_mm256_movemask_ps(bits) << (8 * k);
-            zword |= (uint64_t)(uint32_t)_mm256_movemask_ps(
-                         _mm256_cmp_ps(c, zero, _CMP_EQ_UQ)) << (8 * k);
+            if (zout)
+                zword |= (uint64_t)(uint32_t)_mm256_movemask_ps(
+                             _mm256_cmp_ps(c, zero, _CMP_EQ_UQ)) << (8 * k);
         }
         out[j] = word;
         if (zout) zout[j] = zword;

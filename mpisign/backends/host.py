@@ -36,6 +36,15 @@ class HostSigns(Signs):
             self._pack_scratch = torch.empty(src.numel(), dtype=torch.bool)
         packing.pack_signs(src, zero_bit, out=out, scratch=self._pack_scratch)
 
+    def zeros(self, src: torch.Tensor, out: np.ndarray) -> None:
+        """The zero mask in one numpy pass over a bool tensor: bit 1 where ``src`` is 0 or
+        NaN, packed little-endian as the wire format's words (padding bits 0)."""
+        flat = src.detach().cpu().reshape(-1)
+        mask = np.packbits(((flat == 0) | flat.isnan()).numpy(), bitorder="little")
+        view = out.view(np.uint8)
+        view[: mask.size] = mask
+        view[mask.size: 8 * packing.n_words(flat.numel())] = 0
+
     def apply(self, p: torch.Tensor, plus: np.ndarray, tie: np.ndarray | None, lr: float,
               wd: float) -> None:
         if p.device.type == "cpu":   # the reference; a non-contiguous p through a copy

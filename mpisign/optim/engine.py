@@ -395,7 +395,8 @@ class VoteEngine:
         plan = self.plan
         plus, tie = plan.voter.finish(bucket.pending)
         if plan.zeros is not None:   # one rank: what is exactly 0 casts no vote and stays
-            tie = plan.zeros[bucket.word0: bucket.word1]
+            zeros = plan.zeros[bucket.word0: bucket.word1]
+            tie = zeros if zeros.any() else None   # none: the apply without a tie is faster
         mine = plan.layout.packed[bucket.word0: bucket.word1]
         bucket.disagree = plan.backend.disagreement(mine, plus, tie)
         for slot in bucket.slots:
