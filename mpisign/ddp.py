@@ -10,8 +10,10 @@ DDP hands the hook each bucket of this rank's gradients. The hook keeps this ran
 coordinate), votes them with every rank, and returns the vote (-1, 0 at a tie, +1) as the
 bucket's gradient; the user's SGD then steps ``p -= lr * (v + wd * p)``. That is
 :class:`mpisign.Signum`'s step: the same kernels pack the same momentum, the same tally counts
-the same words, so with ``weight_decay=0`` the parameters are :class:`mpisign.Signum`'s, bit for
-bit (with weight decay torch's SGD may round ``v + wd * p`` its own way: not bit for bit).
+the same words, and on an odd number of ranks the same ANDs find the coordinates that are
+exactly 0 on every rank (a tie), so with ``weight_decay=0`` the parameters are
+:class:`mpisign.Signum`'s, bit for bit (with weight decay torch's SGD may round ``v + wd * p``
+its own way: not bit for bit).
 
 Two transports, one vote:
 
@@ -67,6 +69,7 @@ class SignumState:
             self.rank, self.size = voter.rank, voter.size
             self._make = lambda n, tally: voter
             self._differing = voter.ranks_differing
+            self._all_zero = voter.all_zero
         else:
             if topology not in TOPOLOGIES and topology != "auto":
                 raise ValueError(f"topology must be one of {sorted(TOPOLOGIES)} or 'auto', "
@@ -78,6 +81,9 @@ class SignumState:
             self._differing = lambda digest: exchanges.ranks_differing(
                 own, digest, default_timeout() if timeout is None else timeout,
                 f"mpisign.ddp: the buckets' layout on rank {self.rank}")
+            self._all_zero = lambda zeros: exchanges.all_zero(
+                own, zeros, default_timeout() if timeout is None else timeout,
+                f"mpisign.ddp: exact zeros at step {self.step} on rank {self.rank}")
         if self.size == 1:
             raise ValueError("SignumState: the process group has one rank: there is no vote; "
                              "use mpisign.Signum on one process")
@@ -160,6 +166,11 @@ class _Bucket:
             raise ValueError("mpisign.ddp packs into host words: device-resident words are "
                              "not supported by the hook yet")
         self.outs = [self.words[a:b] for a, b in zip(self.word0, self.word0[1:])]
+        # An odd number of ranks: the zero mask, to find what is 0 on every rank (a tie, as
+        # mpisign.Signum makes it; an even number ties by the zero bits alone).
+        self.zeros = np.zeros_like(self.words) if state.size % 2 else None
+        self.zouts = (None if self.zeros is None
+                      else [self.zeros[a:b] for a, b in zip(self.word0, self.word0[1:])])
         self.voter = state._make(self.words.shape[0] * packing.WORD_BITS, self.backend.tally)
 
     def views(self, buffer: torch.Tensor) -> list:
@@ -176,13 +187,18 @@ def _pack(state: SignumState, b: _Bucket, grads: list) -> None:
     zero_bit = (state.rank + state.step) % 2
     bufs = [state.buffer(p) for p in b.params] if beta else [None] * len(b.params)
     fused = getattr(b.backend, "update_and_pack", None)
-    if fused is not None and fused(grads, bufs, beta, 1 - beta, zero_bit, b.outs) is not None:
+    if b.zouts is not None and not getattr(b.backend, "fused_zeros", False):
+        fused = None   # its kernel writes no zero mask: the rule's ops, then two packs
+    if fused is not None and fused(grads, bufs, beta, 1 - beta, zero_bit, b.outs,
+                                   **({"zeros": b.zouts} if b.zouts else {})) is not None:
         return
     grads = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
     books = {p: {"momentum_buffer": m} for p, m in zip(b.params, bufs) if m is not None}
     sources, _ = SignumRule().send(b.params, grads, books, {"momentum": beta}, 1.0)
-    for src, out in zip(sources, b.outs):
+    for i, (src, out) in enumerate(zip(sources, b.outs)):
         b.backend.pack(src, zero_bit, out)
+        if b.zouts is not None:
+            b.backend.zeros(src, b.zouts[i])
     b.backend.settle()
 
 
@@ -198,6 +214,9 @@ def signum_hook(state: SignumState,
     # Over MPI: DDP's next collective (gloo, NCCL) does not move MPI on, and a root's results
     # left in flight would never arrive.
     b.voter.complete_sends()
+    ties = None if b.zeros is None else state._all_zero(b.zeros)
+    if ties is not None:   # what is exactly 0 on every rank: a tie (tie is None: odd ranks)
+        tie = ties
     for (a, n), (w0, w1) in zip(zip(b.offsets, b.numels), zip(b.word0, b.word0[1:])):
         b.backend.unpack(plus[w0:w1], None if tie is None else tie[w0:w1], n,
                          buffer, out=buffer[a:a + n])

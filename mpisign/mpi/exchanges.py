@@ -12,7 +12,7 @@ from mpi4py import MPI
 
 from .comm import bounded
 
-__all__ = ["start_presence", "params_digest", "ranks_differing"]
+__all__ = ["start_presence", "all_zero", "params_digest", "ranks_differing"]
 
 
 def start_presence(comm, present: list, timeout: float, what: str):
@@ -27,6 +27,28 @@ def start_presence(comm, present: list, timeout: float, what: str):
         bounded(req, what, timeout)
         return np.unpackbits(every, count=len(present), bitorder="little").astype(bool).tolist()
     return wait
+
+
+def all_zero(comm, zeros: np.ndarray, timeout: float, what: str) -> np.ndarray | None:
+    """The coordinates that are exactly 0 on every rank, as packed words, from each rank's
+    zero mask ``zeros``: an AND over the ranks of one flag a word (some coordinate of it is 0
+    here: 1/64 of the words' bytes), then, only for the words that every rank flagged, an AND
+    of their masks. None when no word is flagged by every rank (a model without exact zeros
+    pays the flags alone). Every rank must pass masks of the same length."""
+    if zeros.size == 0:
+        return None
+    flags = np.packbits(zeros != 0, bitorder="little")
+    every = np.empty_like(flags)
+    bounded(comm.Iallreduce(flags, every, op=MPI.BAND), what, timeout)
+    shared = np.flatnonzero(np.unpackbits(every, count=zeros.size, bitorder="little"))
+    if shared.size == 0:
+        return None
+    mine = np.ascontiguousarray(zeros[shared])
+    both = np.empty_like(mine)
+    bounded(comm.Iallreduce(mine, both, op=MPI.BAND), what, timeout)
+    mask = np.zeros_like(zeros)
+    mask[shared] = both
+    return mask
 
 
 def params_digest(tensors) -> bytes:

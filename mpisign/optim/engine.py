@@ -9,7 +9,9 @@ An optimizer keeps books (:mod:`mpisign.optim.books`) and holds a rule
    rank lacks a gradient, an OR of one presence bit a parameter;
 3. each bucket's vote started, over the collective of the topology;
 4. once every rank's header agrees, each vote finished and the rule's ``move`` applied to every
-   parameter that some rank has a gradient for; the rule's after-vote work;
+   parameter that some rank has a gradient for, where the vote and the zero masks say so (a
+   coordinate exactly 0 on every rank is a tie: the ranks' policy finds them); the rule's
+   after-vote work;
 5. the books: the step counter, statistics, the monitor, the consistency check.
 
 What a step needs is decided once per layout, in a :class:`Plan`: the layout and its words, the
@@ -219,7 +221,11 @@ class VoteEngine:
             return
         voter = self.ranks.voter(old.voter.name, old.layout, old.backend)
         voter.traffic = old.voter.traffic
-        self.plan = Plan(old.layout, old.backend, voter, old.fused)
+        # The zero masks packed before the failure serve the step redone now; a plan that had
+        # none gets them from the next step on, if the survivors' count needs them.
+        zeros = (old.zeros if old.zeros is not None
+                 else self.ranks.zero_words(old.backend, old.layout.words))
+        self.plan = Plan(old.layout, old.backend, voter, old.fused, zeros)
         self.check.reset()
         self.check.fresh = True   # the survivors check their layouts again, once
         for bucket in old.layout.buckets:
@@ -304,9 +310,10 @@ class VoteEngine:
         for after, params in self._deferred:   # the rules' work that waited for the OR
             after([has_grad[id(p)] for p in params])
         self._deferred = []
+        ties = self.ranks.all_zero(layout)   # what is exactly 0 on every rank does not move
         for bucket in layout.buckets:
             if not bucket.applied:
-                self._finish_bucket(bucket, has_grad)
+                self._finish_bucket(bucket, has_grad, ties)
         self.ranks.record_previous()
 
     def record_disagreement(self, every: list, step: int) -> None:
@@ -389,14 +396,14 @@ class VoteEngine:
                 self._count_nonfinite(bad)
         bucket.packed = True
 
-    def _finish_bucket(self, bucket: Bucket, has_grad: dict) -> None:
+    def _finish_bucket(self, bucket: Bucket, has_grad: dict, ties=None) -> None:
         """Finish one bucket's vote and move each parameter that has a gradient somewhere by
         the rule; keeps this rank's disagreement count on the bucket."""
         plan = self.plan
         plus, tie = plan.voter.finish(bucket.pending)
-        if plan.zeros is not None:   # one rank: what is exactly 0 casts no vote and stays
-            zeros = plan.zeros[bucket.word0: bucket.word1]
-            tie = zeros if zeros.any() else None   # none: the apply without a tie is faster
+        if ties is not None:   # the coordinates exactly 0 on every rank: no step there
+            extra = ties[bucket.word0: bucket.word1]
+            tie = extra if tie is None else tie | extra
         mine = plan.layout.packed[bucket.word0: bucket.word1]
         bucket.disagree = plan.backend.disagreement(mine, plus, tie)
         for slot in bucket.slots:

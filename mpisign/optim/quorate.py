@@ -55,6 +55,11 @@ class Quorate(Ensemble):
         self.lagged: deque = deque()   # posted header exchanges, oldest first
         self.warned: set = set()       # ranks rank 0 has warned about
 
+    def zero_words(self, backend, words: int):
+        """None: the voters of a quorum vary from step to step, and a late rank's zeros are
+        not known when the vote closes; an exact 0 keeps the zero bit's rule here."""
+        return None
+
     def voter(self, topology: str, layout, backend):
         engine = self.engine
         if not isinstance(layout.packed, np.ndarray):

@@ -35,9 +35,17 @@ class Solo:
         return None
 
     def zero_words(self, backend, words: int):
-        """One rank has no vote to share: a coordinate it holds at exactly 0 does not move,
-        as in torch's own optimizers; the plan keeps the zero mask of its words here."""
+        """Where the plan keeps the zero mask of this rank's words (coordinates whose value
+        is exactly 0, which cast no vote), or None where the vote needs none. One rank has no
+        vote to share: a coordinate it holds at exactly 0 does not move, as in torch's own
+        optimizers."""
         return backend.words(words)
+
+    def all_zero(self, layout: Layout):
+        """The words' coordinates that stay where they are because every rank holds them at
+        exactly 0 (a tie plane to add to the vote's), or None: on one rank, its own zeros."""
+        zeros = self.engine.plan.zeros
+        return zeros if zeros is not None and zeros.any() else None
 
     def post_header(self, absent: int = UNKNOWN) -> None:
         pass
@@ -93,7 +101,23 @@ class Ensemble(Solo):
         return self.engine.own_comm.get()
 
     def zero_words(self, backend, words: int):
-        return None   # several ranks: the zero rule of the vote (README, *Rules worth knowing*)
+        """An even number of ranks needs no mask: the zero bits ``(rank + step) % 2`` of a
+        coordinate that is 0 on every rank split evenly, a tie. An odd number does, to find
+        those coordinates (host words; the device-resident words keep the zero bit's rule)."""
+        if self.engine.world_size % 2 == 0 or backend.resident:
+            return None
+        return backend.words(words)
+
+    def all_zero(self, layout: Layout):
+        """On an odd number of ranks: the coordinates that are exactly 0 on every rank, by
+        two bounded ANDs on the optimizer's own communicator (a flag a word, then only the
+        flagged words' masks: :func:`mpisign.mpi.exchanges.all_zero`)."""
+        engine = self.engine
+        if engine.plan.zeros is None:
+            return None
+        step = engine.books.param_groups[0]["step"]
+        return exchanges.all_zero(engine.own_comm.get(), engine.plan.zeros, engine.timeout,
+                                  f"exact zeros at step {step} on rank {engine.rank}")
 
     def post_header(self, absent: int = UNKNOWN) -> None:
         """Post this step's header: one allgather of 64 bytes a rank, beside the vote. A rank

@@ -4,9 +4,10 @@
 * every rank's state through ``state_dict()`` and ``load_state_dict()`` into a new optimizer
   over copies of the parameters: the same bits as the run that went on, on every rank;
 * ``overlap`` off and on: the same bits (the input's own ``overlap`` aside);
-* exact-zero gradients on every rank: on an even number of ranks the zero rule's bits tie and
-  nothing moves; on an odd number the coordinate moves by at most ``lr`` from where it was
-  (README, *Rules worth knowing*: the all-zero case is exact on one rank and on an even count);
+* exact-zero gradients on every rank: nothing moves (an even number of ranks: the zero bits
+  tie; an odd number: the coordinates found 0 on every rank are a tie), and an embedding whose
+  padding row is 0 on every rank and whose other rows are 0 on some ranks only: the padding row
+  keeps its bits;
 * the parameters agree on every rank (``params_digest``).
 
 Usage: contract_check.py
@@ -97,11 +98,25 @@ def zeros_everywhere(info, kwargs) -> None:
         run(opt, params, [[torch.zeros_like(p) for p in params]])
         for p, b in zip(params, before):
             moved = (p.detach() - b).abs().max().item()
-            if size % 2 == 0:
-                assert moved == 0, f"step {step}: an all-zero coordinate moved by {moved}"
-            else:
-                ulp = torch.finfo(b.dtype).eps * b.abs().max().item()   # p - lr, rounded
-                assert moved <= 0.01 + ulp, f"step {step}: moved by {moved} > lr"
+            assert moved == 0, f"step {step}: an all-zero coordinate moved by {moved}"
+    agree(opt)
+
+
+def padding_row(info, kwargs) -> None:
+    emb = torch.nn.Embedding(6, 70, padding_idx=0)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(6, 70, generator=torch.Generator().manual_seed(2)))
+        emb.weight[0] = 0.5   # a padding row that is not 0 itself
+    before = emb.weight.detach().clone()
+    opt = make(info, emb.parameters(), {**kwargs, "weight_decay": 0.0}, comm)
+    for step in range(5):
+        opt.zero_grad()
+        rows = [0, 1, 2, 0, (3, 5)[(rank + step) % 2]]   # 3 and 5 on some ranks; 4 on none
+        emb(torch.tensor(rows)).square().sum().backward()
+        opt.step()
+        assert torch.equal(emb.weight[0], before[0]), f"step {step}: the padding row moved"
+        assert torch.equal(emb.weight[4], before[4]), f"step {step}: an unseen row moved"
+    assert (emb.weight[1:3] != before[1:3]).all()
     agree(opt)
 
 
@@ -117,6 +132,8 @@ for info in OPTIMIZERS:
                 overlap_agrees(info, kwargs)
         with case(f"{label}: zeros on every rank"):
             zeros_everywhere(info, kwargs)
+        with case(f"{label}: an embedding's padding row"):
+            padding_row(info, kwargs)
         n += 1
         progress(n)
 comm.Barrier()

@@ -1,6 +1,6 @@
 """Distributed Lion (mpisign.Lion) on real ranks, against a one-process reference that replays
 every rank's momentum in torch, as the published Lion writes it, and takes the majority of the
-signs with numpy on unpacked values, with the documented zero rule.
+signs with numpy on unpacked values, with the documented zero rules.
 
 Covered for each topology named, with and without overlap: two param groups (their own lr and
 weight decay), a float64 parameter, a parameter whose .grad is None on even ranks (the presence
@@ -56,11 +56,15 @@ def group_of(i):
 
 
 def majority(sent: list, zero_bits: list) -> np.ndarray:
-    """sign(sum of signs) in numpy, an exact 0 voting +1 where its zero bit is 1, else -1."""
+    """sign(sum of signs) in numpy, an exact 0 voting +1 where its zero bit is 1, else -1;
+    0 (no step) where every voter sent an exact 0."""
     total = np.zeros(sent[0].numel(), dtype=np.int64)
+    everywhere = np.ones(sent[0].numel(), dtype=bool)
     for c, bit in zip(sent, zero_bits):
         a = c.double().numpy().reshape(-1)
         total += np.where(a > 0, 1, np.where(a < 0, -1, 1 if bit else -1))
+        everywhere &= a == 0
+    total[everywhere] = 0
     return np.sign(total)
 
 

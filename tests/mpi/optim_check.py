@@ -83,6 +83,7 @@ with case(f"{topology}: training, and its reference"):
     with torch.no_grad():
         for step in range(STEPS):
             total = [np.zeros(p.numel(), dtype=np.int64) for p in params]
+            everywhere = [np.ones(p.numel(), dtype=bool) for p in params]   # 0 on every rank
             with torch.enable_grad():
                 every = [gradients(ref, r, step) for r in range(size)]
             # A parameter with no gradient on any rank is left alone, momentum and all.
@@ -97,9 +98,11 @@ with case(f"{topology}: training, and its reference"):
                     mom[r][i] = BETA * mom[r][i] + (1 - BETA) * g
                     m = mom[r][i].reshape(-1).double().numpy()
                     total[i] += np.where(m > 0, 1, np.where(m < 0, -1, 1 if (r + step) % 2 else -1))
+                    everywhere[i] &= m == 0
             for i, (p, lr) in enumerate(zip(params, lrs)):
                 if not anywhere[i]:
                     continue
+                total[i][everywhere[i]] = 0   # exactly 0 on every rank: no step
                 v = torch.from_numpy(np.sign(total[i]).astype(np.float64)).to(p.dtype).view_as(p)
                 p.copy_(p - lr * (v + WD * p))
 

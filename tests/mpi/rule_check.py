@@ -70,9 +70,12 @@ def reference():
             if all(g is None for g in grads):
                 continue
             total = np.zeros(p.numel(), dtype=np.int64)
+            everywhere = np.ones(p.numel(), dtype=bool)
             for r, g in enumerate(grads):
                 a = np.zeros(p.numel()) if g is None else g.double().numpy().reshape(-1)
                 total += np.where(a > 0, 1, np.where(a < 0, -1, 1 if (r + step) % 2 else -1))
+                everywhere &= a == 0
+            total[everywhere] = 0   # exactly 0 on every rank: no step
             v = torch.from_numpy(np.sign(total)).to(p.dtype).view_as(p)
             p -= 2 * lrs[i] * v
     return params

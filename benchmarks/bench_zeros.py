@@ -1,0 +1,126 @@
+"""What the exact-zero rule costs: Signum.step() on several ranks with the rule (coordinates
+exactly 0 on every rank found by two ANDs beside the vote, on an odd number of ranks) and
+without it (the zero bit alone), side by side in one run, on two models:
+
+* the small CNN of ``mpisign.train`` (random data: no coordinate is 0 on every rank), and
+* an embedding with a padding row, 0 on every rank at every step, and rows no rank sees in
+  a step, in front of a small MLP.
+
+Per model and rule: the median step time over rounds, the vote's bytes per step
+(``stats.bytes_sent``) and the AND's bytes in the last step (the flags of every word, plus the
+masks of the words that every rank flagged), and how far the padding row moved.
+
+    python -m mpisign.launch -n 3 -- python benchmarks/bench_zeros.py [--steps 30 --rounds 5]
+
+On an even number of ranks the rule needs no exchange (the zero bits tie): both columns are
+the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+import mpisign
+from mpisign.optim import ranks
+from mpisign.train.models import build_model
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+
+
+class PaddedEmbedding(torch.nn.Module):
+    def __init__(self, vocab=20000, width=64):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, width, padding_idx=0)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 256), torch.nn.ReLU(),
+                                       torch.nn.Linear(256, 10))
+
+    def forward(self, tokens):
+        return self.mlp(self.emb(tokens).mean(1))
+
+
+def batches(model_name: str, steps: int):
+    gen = torch.Generator().manual_seed(100 + rank)
+    for _ in range(steps):
+        if model_name == "cnn":
+            yield torch.randn(32, 1, 28, 28, generator=gen), torch.randint(10, (32,),
+                                                                          generator=gen)
+        else:
+            tokens = torch.randint(1, 2000, (32, 24), generator=gen)
+            tokens[:, 16:] = 0   # padding
+            yield tokens, torch.randint(10, (32,), generator=gen)
+
+
+def model_of(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("cnn", 1, 10, 28) if name == "cnn" else PaddedEmbedding()
+
+
+def and_bytes(opt) -> float:
+    """The bytes one rank sends in the ANDs of the last step (not timed): the flags of every
+    word, plus the masks of the words that every rank flagged; 0 without a mask."""
+    zeros = opt.engine.plan.zeros
+    if zeros is None:
+        return 0.0
+    flags = (zeros != 0).astype(np.uint8)
+    shared = comm.allreduce(flags, op=MPI.BAND)
+    return (zeros.size + 7) // 8 + (8 * int(shared.sum()) if shared.any() else 0)
+
+
+def run(model_name: str, exact: bool, steps: int) -> dict:
+    saved = ranks.Ensemble.zero_words
+    if not exact:   # the rule before: no mask on several ranks, the zero bit alone
+        ranks.Ensemble.zero_words = lambda self, backend, words: None
+    try:
+        model = model_of(model_name)
+        opt = mpisign.Signum(model.parameters(), lr=1e-3, comm=comm)
+        pad = model.emb.weight[0].detach().clone() if model_name != "cnn" else None
+        times = []
+        for x, y in batches(model_name, steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            comm.Barrier()
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        moved = (float((model.emb.weight[0] - pad).abs().max()) if pad is not None
+                 else float("nan"))
+        return dict(ms=1e3 * statistics.median(times[2:]),
+                    vote=opt.stats.bytes_sent / opt.stats.steps,
+                    extra=and_bytes(opt), moved=moved)
+    finally:
+        ranks.Ensemble.zero_words = saved
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    for model_name in ("cnn", "embedding"):
+        rows = {True: [], False: []}
+        for _ in range(args.rounds):
+            for exact in (False, True):   # alternated: drift hits both alike
+                rows[exact].append(run(model_name, exact, args.steps))
+        if rank == 0:
+            base = statistics.median(r["ms"] for r in rows[False])
+            for exact in (False, True):
+                r = rows[exact]
+                ms = statistics.median(x["ms"] for x in r)
+                print(f"{model_name:9s} {'exact zeros' if exact else 'zero bit only':14s} "
+                      f"step {ms:7.2f} ms  x{ms / base:5.2f}   vote {r[0]['vote']:9.0f} B/step"
+                      f"   AND {r[0]['extra']:7.0f} B/step   padding row moved "
+                      f"{max(x['moved'] for x in r):.4g}", flush=True)
+    if rank == 0:
+        print(f"({size} ranks, Signum.step() median of {args.rounds} rounds x {args.steps} "
+              f"steps, first 2 of each round left out)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
