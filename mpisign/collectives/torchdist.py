@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..backends.signs import host_tally
+from ..mpi.exchanges import zero_flags, zero_mask
 from .base import Traffic
 
 __all__ = ["ProcessGroupVote", "GROUP_TOPOLOGIES"]
@@ -77,24 +78,21 @@ class ProcessGroupVote:
 
     def all_zero(self, zeros: np.ndarray) -> np.ndarray | None:
         """The coordinates exactly 0 on every rank, from each rank's zero mask ``zeros``
-        (words), as :func:`mpisign.mpi.exchanges.all_zero` finds them over MPI: a flag a word
-        first, then only the words every rank flagged. A MIN of 0/1 bytes is an AND that every
+        (words), as :func:`mpisign.mpi.exchanges.all_zero` finds them over MPI: two flags a
+        word first, then only the words every rank flagged. A MIN of 0/1 bytes is an AND that every
         backend reduces (NCCL has no bitwise AND), so the masks travel unpacked, one byte a
         coordinate of the shared words. None where no word is flagged by every rank."""
         if zeros.size == 0:
             return None
-        flags = torch.from_numpy((zeros != 0).astype(np.uint8)).to(self.device)
+        flags = torch.from_numpy(zero_flags(zeros)).to(self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.group)
-        shared = np.flatnonzero(flags.cpu().numpy())
-        if shared.size == 0:
-            return None
-        bits = np.unpackbits(np.ascontiguousarray(zeros[shared]).view(np.uint8),
-                             bitorder="little")
-        every = torch.from_numpy(bits).to(self.device)
-        dist.all_reduce(every, op=dist.ReduceOp.MIN, group=self.group)
-        mask = np.zeros_like(zeros)
-        mask[shared] = np.packbits(every.cpu().numpy(), bitorder="little").view(np.uint64)
-        return mask
+
+        def and_words(words: np.ndarray) -> np.ndarray:
+            bits = torch.from_numpy(np.unpackbits(words.view(np.uint8), bitorder="little"))
+            bits = bits.to(self.device)
+            dist.all_reduce(bits, op=dist.ReduceOp.MIN, group=self.group)
+            return np.packbits(bits.cpu().numpy(), bitorder="little").view(np.uint64)
+        return zero_mask(zeros, flags.cpu().numpy(), and_words)
 
     def vote(self, words: np.ndarray, n: int, step: int | None = None, bucket: int = 0):
         """Majority of every rank's ``words`` (``n`` packed bits): ``(plus, tie)`` as numpy

@@ -92,6 +92,7 @@ def discover(comm: MPI.Intracomm, name: str | None = None,
 def _trade(comm, key: int, timeout: float, what: str) -> np.ndarray:
     """Every rank's ``key`` (nonzero), or 0 where a rank has none; bounded."""
     keys = np.empty(comm.Get_size(), dtype=np.uint64)
-    bounded(comm.Iallgather(np.array([key], dtype=np.uint64), keys),
-            f"exchanging the {what} on rank {comm.Get_rank()}", timeout)
+    mine = np.array([key], dtype=np.uint64)   # a name: alive until MPI is done with it
+    bounded(comm.Iallgather(mine, keys), f"exchanging the {what} on rank {comm.Get_rank()}",
+            timeout)
     return keys

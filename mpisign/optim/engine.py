@@ -307,10 +307,13 @@ class VoteEngine:
         if changed_somewhere:   # before any parameter moves, on every rank
             self.hooks.raise_changed(changed, self.books.param_groups[0]["step"],
                                      type(self.books).__name__)
+        # After the presence OR, which a rank may post before the header's verdict and
+        # another after it: the collectives on the engine's communicator keep one order.
+        zeros_everywhere = self.ranks.start_all_zero()
         for after, params in self._deferred:   # the rules' work that waited for the OR
             after([has_grad[id(p)] for p in params])
         self._deferred = []
-        ties = self.ranks.all_zero(layout)   # what is exactly 0 on every rank does not move
+        ties = zeros_everywhere()   # what is exactly 0 on every rank does not move
         for bucket in layout.buckets:
             if not bucket.applied:
                 self._finish_bucket(bucket, has_grad, ties)

@@ -41,11 +41,12 @@ class Solo:
         optimizers."""
         return backend.words(words)
 
-    def all_zero(self, layout: Layout):
-        """The words' coordinates that stay where they are because every rank holds them at
-        exactly 0 (a tie plane to add to the vote's), or None: on one rank, its own zeros."""
+    def start_all_zero(self):
+        """A function giving the words' coordinates that stay where they are because every
+        rank holds them at exactly 0 (a tie plane to add to the vote's), or None; started
+        beside the votes, called before they are applied. On one rank: its own zeros."""
         zeros = self.engine.plan.zeros
-        return zeros if zeros is not None and zeros.any() else None
+        return lambda: zeros if zeros is not None and zeros.any() else None
 
     def post_header(self, absent: int = UNKNOWN) -> None:
         pass
@@ -108,16 +109,18 @@ class Ensemble(Solo):
             return None
         return backend.words(words)
 
-    def all_zero(self, layout: Layout):
+    def start_all_zero(self):
         """On an odd number of ranks: the coordinates that are exactly 0 on every rank, by
-        two bounded ANDs on the optimizer's own communicator (a flag a word, then only the
-        flagged words' masks: :func:`mpisign.mpi.exchanges.all_zero`)."""
+        bounded ANDs on the optimizer's own communicator (two flags a word, posted after the
+        header and the presence OR on every rank, so that the collectives there keep one
+        order; then only the flagged words' masks: :func:`mpisign.mpi.exchanges.start_all_zero`)."""
         engine = self.engine
         if engine.plan.zeros is None:
-            return None
+            return lambda: None
         step = engine.books.param_groups[0]["step"]
-        return exchanges.all_zero(engine.own_comm.get(), engine.plan.zeros, engine.timeout,
-                                  f"exact zeros at step {step} on rank {engine.rank}")
+        return exchanges.start_all_zero(engine.own_comm.get(), engine.plan.zeros,
+                                        engine.timeout,
+                                        f"exact zeros at step {step} on rank {engine.rank}")
 
     def post_header(self, absent: int = UNKNOWN) -> None:
         """Post this step's header: one allgather of 64 bytes a rank, beside the vote. A rank

@@ -233,8 +233,8 @@ def recover_vote(own, words, timeout: float):
 
     def agree(new):
         calls = np.empty(new.Get_size(), dtype=np.int64)
-        bounded(new.Iallgather(np.array([own.calls], dtype=np.int64), calls),
-                f"{what}: where each survivor is", timeout)
+        mine = np.array([own.calls], dtype=np.int64)   # a name: alive until MPI is done
+        bounded(new.Iallgather(mine, calls), f"{what}: where each survivor is", timeout)
         if calls.max() - calls.min() > 1:
             raise RuntimeError(f"{what}: survivors are more than one call apart "
                                f"({calls.tolist()}), which a vote cannot allow")

@@ -77,8 +77,9 @@ def gather_state_dict(opt, root: int = 0) -> dict | None:
     mine = _encode(opt.state_dict())
     sizes = np.zeros(size, dtype=np.int64)
     # Wait on MPI: root sizes its receive buffers from every rank's length.
-    bounded(comm.Igather(np.array([mine.size], dtype=np.int64), sizes, root=root),
-            f"gather_state_dict: lengths on rank {rank}", timeout)
+    length = np.array([mine.size], dtype=np.int64)   # a name: alive until MPI is done
+    bounded(comm.Igather(length, sizes, root=root), f"gather_state_dict: lengths on rank {rank}",
+            timeout)
     if rank != root:
         req = comm.Isend(mine, dest=root, tag=_STATE_TAG)
         wait_all([req], [root], timeout, f"gather_state_dict: rank {rank} sending to {root}")

@@ -17,6 +17,7 @@ import copy
 import os
 import sys
 
+import numpy as np
 import torch
 from common import WORLD, case, progress
 
@@ -120,6 +121,25 @@ def padding_row(info, kwargs) -> None:
     agree(opt)
 
 
+def zero_masks_and() -> None:
+    """exchanges.all_zero against numpy's AND of every rank's mask: words whole, empty and
+    mixed, on every rank and on some; large enough that a freed buffer shows."""
+    from mpisign.mpi import exchanges
+    for it in range(5):
+        rng = np.random.default_rng(100 * it + rank)
+        words = 18455
+        zeros = (rng.integers(0, 2**63, size=words, dtype=np.uint64)
+                 & rng.integers(0, 2**63, size=words, dtype=np.uint64))
+        zeros[rng.random(words) < 0.3] = exchanges.FULL
+        zeros[rng.random(words) < 0.3] = 0
+        zeros[:7] = exchanges.FULL   # whole on every rank
+        got = exchanges.all_zero(comm, zeros, 60, "a test's AND")
+        want = np.bitwise_and.reduce(np.array(comm.allgather(zeros)), axis=0)
+        assert np.array_equal(np.zeros_like(zeros) if got is None else got, want), it
+
+
+with case("the AND of the zero masks"):
+    zero_masks_and()
 n = 0
 for info in OPTIMIZERS:
     for optim_input in inputs_of(info):
