@@ -42,6 +42,38 @@ def mpi_env(extra: dict | None = None) -> dict:
     return env
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), children first."""
+    parents: dict = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher's session and every process below it: Open MPI's ranks are not
+    in the launcher's process group, and a killed launcher leaves them running (a rank that
+    sleeps on purpose lived on for an hour, 720 MB each)."""
+    below = descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run(n: int, script: str, *args: str, timeout: float = 180, env: dict | None = None,
         expect_fail: bool = False, elastic: bool = False) -> str:
     """Run ``script`` (a file under tests/mpi/) on ``n`` ranks; return its output.
@@ -57,7 +89,7 @@ def run(n: int, script: str, *args: str, timeout: float = 180, env: dict | None 
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_job(proc)
             out, _ = proc.communicate()
             raise AssertionError(f"{script} on {n} ranks stalled: killed after {timeout:g} s; "
                                  f"{failed_cases(out)}{stall_report(out, n)}\n"

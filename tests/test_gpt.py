@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
 import subprocess
@@ -265,7 +264,7 @@ def launch(n: int, *args: str, timeout: float = 150) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        mpirun.kill_job(proc)   # the ranks too, not only the launcher's group
         out, _ = proc.communicate()
         raise AssertionError(f"{' '.join(args)}: killed after {timeout:g} s\n{out[-4000:]}")
     assert proc.returncode == 0, f"exit status {proc.returncode}\n{out[-4000:]}"

@@ -434,6 +434,41 @@ def test_grad_scaler_with_overlap_is_refused_before_anything_moves():
             scaler.update()
 
 
+@pytest.mark.parametrize("make", [Signum, mpisign.Lion])
+def test_grad_scaler_with_overlap_given_the_scaler_is_bit_for_bit(make):
+    """#30: ``grad_scaler=scaler``: the hooks ask the scaler for the scale its loss was
+    multiplied by, so overlap=True under GradScaler is bit for bit overlap=False, while the
+    scale grows every step and backs off after an inf gradient."""
+    results = []
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=1)
+        opt = make(model.parameters(), lr=0.01, comm=SELF, overlap=overlap, bucket_mb=1e-5,
+                   grad_scaler=scaler if overlap else None)
+        scales = []
+        for step in range(6):
+            opt.zero_grad()
+            loss = model(torch.randn(4, 6, generator=torch.Generator().manual_seed(step))).sum()
+            if step == 3:
+                loss = loss * float("inf")   # found_inf: the scale backs off
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale())
+        assert len(set(scales)) > 2, scales
+        assert (opt.stats.overlapped > 0) == overlap   # the hooks did pack under the scaler
+        results.append(([p.detach().clone() for p in model.parameters()], scales))
+    (a, scales_a), (b, scales_b) = results
+    assert scales_a == scales_b
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_grad_scaler_must_be_a_scaler():
+    with pytest.raises(ValueError, match="grad_scaler must be a torch.amp.GradScaler"):
+        Signum([torch.nn.Parameter(torch.zeros(3))], comm=SELF, grad_scaler=2.0)
+
+
 def test_the_non_finite_warning_names_the_step_call_and_the_optimizer_s_count(caplog):
     """#31 item 5: the user's second step() call is "call 2", after 1 completed step."""
     p = torch.nn.Parameter(torch.zeros(3))

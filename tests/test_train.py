@@ -54,7 +54,7 @@ def finish(proc: subprocess.Popen, timeout: float, expect: int | None, what: str
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        mpirun.kill_job(proc)   # the ranks too, not only the launcher's group
         out, _ = proc.communicate()
         raise AssertionError(f"{what}: killed after {timeout:g} s\n{out[-4000:]}")
     ok = proc.returncode != 0 if expect is None else proc.returncode == expect

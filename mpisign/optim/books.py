@@ -66,7 +66,7 @@ class SignOptimizer(Optimizer):
                  timeout: float | None = None, check_every: int = 0, overlap: bool = False,
                  bucket_mb: float = 25.0, monitor: DisagreementMonitor | None = None,
                  elastic: bool = False, min_ranks: int = 1, quorum=None, grace: float = 0.0,
-                 allow_minority: bool = False, lag: int = 2, **torch_options):
+                 allow_minority: bool = False, lag: int = 2, grad_scaler=None, **torch_options):
         # Validate everything before any communication, so every rank raises the same error.
         check_torch_options(type(self).__name__, torch_options)
         rule.check(defaults)
@@ -84,6 +84,10 @@ class SignOptimizer(Optimizer):
             raise ValueError(f"min_ranks must be an int >= 1, got {min_ranks!r}")
         if isinstance(lag, bool) or not isinstance(lag, int) or lag < 1:
             raise ValueError(f"lag must be an int >= 1 (steps), got {lag!r}")
+        if grad_scaler is not None and not (callable(getattr(grad_scaler, "get_scale", None))
+                                            and callable(getattr(grad_scaler, "is_enabled",
+                                                                 None))):
+            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {grad_scaler!r}")
         if quorum is not None:
             quorum = check_quorum(topology, comm, quorum, grace, allow_minority, elastic)
             if overlap:
@@ -97,6 +101,7 @@ class SignOptimizer(Optimizer):
                                  default_timeout() if timeout is None else float(timeout),
                                  check_every, bool(overlap), bucket_words, monitor,
                                  bool(elastic), min_ranks, quorum, float(grace), lag)
+        self.engine.scaler = grad_scaler
 
     # -- the engine's options and figures, under the names users know ------------------------
     comm = property(lambda self: self.engine.comm)

@@ -108,7 +108,7 @@ class VoteEngine:
 
     #: Left out of a copy: the collective, the layout and the hooks belong to the original.
     _NOT_COPIED = ("books", "comm", "own_comm", "plan", "hooks", "check", "_deferred",
-                   "_waiting", "recovery", "ranks")
+                   "_waiting", "recovery", "ranks", "scaler")
 
     def __init__(self, books, rule, comm, topology: str, timeout: float, check_every: int,
                  overlap: bool, bucket_words: int, monitor, elastic: bool, min_ranks: int,
@@ -129,6 +129,7 @@ class VoteEngine:
         # The GPU path every rank agreed on at the first step (mpisign.cuda.startup); a later
         # layout, which may change on one rank alone, keeps it without a collective.
         self.gpu_agreed, self.gpu_level = False, None
+        self.scaler = None   # the user's GradScaler (grad_scaler=), for the hooks' unscale
         self._attach(comm)
 
     def _attach(self, comm, own: OwnComm | None = None) -> None:
@@ -166,7 +167,7 @@ class VoteEngine:
         for key, value in self.__dict__.items():
             if key not in self._NOT_COPIED:
                 setattr(new, key, copy.deepcopy(value, memo))
-        new.books = books
+        new.books, new.scaler = books, self.scaler   # a copy steps under the same scaler
         new._attach(self.comm)
         return new
 
@@ -420,8 +421,15 @@ class VoteEngine:
 
     def _inv_scale(self) -> float:
         """Under torch.amp.GradScaler, gradients arrive scaled (``_step_supports_amp_scaling``
-        of the books): the rule takes them unscaled, as it would after scaler.unscale_(opt)."""
-        scale = getattr(self.books, "grad_scale", None)
+        of the books): the rule takes them unscaled, as it would after scaler.unscale_(opt).
+        ``scaler.step(opt)`` sets ``grad_scale`` for the step; a gradient hook runs before it,
+        in backward, and asks the scaler the optimizer was given (``grad_scaler=``) for the
+        scale its loss was multiplied by: the same float, so overlap is bit for bit."""
+        if not hasattr(self.books, "grad_scale"):   # not inside scaler.step(): a hook, or
+            scaler = self.scaler                    # opt.step() called by the user
+            return (1.0 / scaler.get_scale() if scaler is not None and scaler.is_enabled()
+                    else 1.0)
+        scale = self.books.grad_scale
         return 1.0 if scale is None else 1.0 / float(scale)
 
     def _count_nonfinite(self, count: int) -> None:

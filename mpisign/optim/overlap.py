@@ -97,8 +97,9 @@ class BucketHooks:
                 f"{name}(overlap=True) at step {step} under torch.amp.GradScaler: the hooks "
                 f"sent signs of gradients before scaler.step() told the optimizer their scale, "
                 f"so the momentum would take them scaled. No parameter moved at this step on "
-                f"any rank; this optimizer cannot go on. Use overlap=False with GradScaler "
-                f"(bit for bit as without the scaler).")
+                f"any rank; this optimizer cannot go on. Give the optimizer its scaler "
+                f"(grad_scaler=scaler: the hooks then ask it for the scale), or use "
+                f"overlap=False.")
         here = (f"here the gradient of {len(changed)} parameter(s) of shape(s) "
                 f"{changed[:4]}{' ...' if len(changed) > 4 else ''} changed"
                 if changed else "on another rank a gradient changed")

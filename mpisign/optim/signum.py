@@ -92,6 +92,11 @@ class Signum(SignOptimizer):
         lag: with ``quorum``, the steps after which each step's header is checked: how far a
             late rank may fall behind before the others wait for it, and how many steps on a
             rank's own mistake is raised on every rank (default 2).
+        grad_scaler: the ``torch.amp.GradScaler`` that scales this optimizer's loss, for
+            ``overlap=True``: the gradient hooks run in backward, before ``scaler.step(opt)``
+            tells the optimizer the scale, and ask the scaler for it instead (bit for bit
+            ``overlap=False``). Without it, GradScaler under overlap is refused at the first
+            step whose hooks packed. Not needed without overlap.
     """
 
     def __init__(self, params, lr: float = 1e-4, momentum: float = 0.9,

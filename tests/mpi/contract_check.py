@@ -8,6 +8,8 @@
   tie; an odd number: the coordinates found 0 on every rank are a tie), and an embedding whose
   padding row is 0 on every rank and whose other rows are 0 on some ranks only: the padding row
   keeps its bits;
+* GradScaler with overlap, the optimizer given its scaler (``grad_scaler=``): overlap=False's
+  bits;
 * the parameters agree on every rank (``params_digest``).
 
 Usage: contract_check.py
@@ -138,10 +140,37 @@ def zero_masks_and() -> None:
         assert np.array_equal(np.zeros_like(zeros) if got is None else got, want), it
 
 
+def scaled_overlap(info) -> None:
+    """GradScaler with overlap, the optimizer given its scaler: bit for bit overlap=False,
+    the scale growing every step and backing off after an inf on one rank."""
+    results = []
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(),
+                                  torch.nn.Linear(20, 3))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=1)
+        opt = make(info, net.parameters(), {"overlap": overlap, "bucket_mb": 1e-3,
+                                            "grad_scaler": scaler if overlap else None}, comm)
+        gen = torch.Generator().manual_seed(5 + rank)
+        for step in range(5):
+            opt.zero_grad()
+            loss = net(torch.randn(8, 12, generator=gen)).square().sum()
+            if step == 2 and rank == 1:
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        agree(opt)
+        results.append(list(net.parameters()))
+    same(*results, "GradScaler with overlap against without")
+
+
 with case("the AND of the zero masks"):
     zero_masks_and()
 n = 0
 for info in OPTIMIZERS:
+    with case(f"{info.name}: GradScaler with overlap"):
+        scaled_overlap(info)
     for optim_input in inputs_of(info):
         kwargs = copy.deepcopy(optim_input.kwargs)
         label = f"{info.name} {optim_input.desc}"
