@@ -8,8 +8,8 @@ without it (the zero bit alone), side by side in one run, on two models:
 
 Per model and rule: the median step time over rounds, the vote's bytes per step
 (``stats.bytes_sent``) and the AND's bytes in the last step (two flags a word, plus the masks
-of the words that every rank flagged but not all whole), and how far the padding row moved at
-most.
+of the words that every rank flagged but not all whole), how far the padding row moved at
+most, and what a full abstention rule (zeros on some ranks only, not built) would send more.
 
     python -m mpisign.launch -n 3 -- python benchmarks/bench_zeros.py [--steps 30 --rounds 5]
 
@@ -23,10 +23,12 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
 import mpisign
+from mpisign.mpi import exchanges
 from mpisign.mpi.exchanges import zero_flags
 from mpisign.optim import ranks
 from mpisign.train.models import build_model
@@ -63,6 +65,19 @@ def model_of(name: str) -> torch.nn.Module:
     return build_model("cnn", 1, 10, 28) if name == "cnn" else PaddedEmbedding()
 
 
+def full_rule_bytes(opt) -> float:
+    """What a rank would send more a step (last step, not timed) under the full abstention
+    rule, which is not built: a flag a word (a zero here), and its zero mask for every word
+    where it has a zero, except the words whole on every rank (a tie already). The mean over
+    the ranks. None without masks (an even number of ranks makes none)."""
+    zeros = opt.engine.plan.zeros
+    if zeros is None:
+        return float("nan")
+    whole_everywhere = comm.allreduce((zeros == exchanges.FULL).astype(np.uint8), op=MPI.BAND)
+    mine = int(((zeros != 0) & ~whole_everywhere.astype(bool)).sum())
+    return (zeros.size + 7) // 8 + 8 * comm.allreduce(mine) / size
+
+
 def and_bytes(opt) -> float:
     """The bytes one rank sends in the ANDs of the last step (not timed): two flags a word,
     plus the masks of the words that every rank flagged but not every rank has whole; 0
@@ -97,7 +112,7 @@ def run(model_name: str, exact: bool, steps: int) -> dict:
                 moved = now if moved != moved else max(moved, now)
         return dict(ms=1e3 * statistics.median(times[2:]),
                     vote=opt.stats.bytes_sent / opt.stats.steps,
-                    extra=and_bytes(opt), moved=moved)
+                    extra=and_bytes(opt), full=full_rule_bytes(opt), moved=moved)
     finally:
         ranks.Ensemble.zero_words = saved
 
@@ -120,7 +135,9 @@ def main() -> None:
                 print(f"{model_name:9s} {'exact zeros' if exact else 'zero bit only':14s} "
                       f"step {ms:7.2f} ms  x{ms / base:5.2f}   vote {r[0]['vote']:9.0f} B/step"
                       f"   AND {r[0]['extra']:7.0f} B/step   padding row moved "
-                      f"{max(x['moved'] for x in r):.4g}", flush=True)
+                      f"{max(x['moved'] for x in r):.4g}"
+                      + (f"   (a full abstention rule: +{r[0]['full']:.0f} B/step a rank)"
+                         if exact else ""), flush=True)
     if rank == 0:
         print(f"({size} ranks, Signum.step() median of {args.rounds} rounds x {args.steps} "
               f"steps, first 2 of each round left out)", flush=True)

@@ -464,6 +464,32 @@ def test_grad_scaler_with_overlap_given_the_scaler_is_bit_for_bit(make):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_momentum_rounds_as_torch_s_foreach_sgd(dtype):
+    """#30: the momentum of a half-precision parameter is torch.optim.SGD(foreach=True)'s
+    buffer (momentum=dampening=beta: m = beta m + (1 - beta) g), bit for bit, not the
+    per-tensor loop's (foreach=False), which rounds otherwise."""
+    torch.manual_seed(0)
+    base = torch.randn(5000).to(dtype)
+    grads = [torch.randn(5000).to(dtype) for _ in range(5)]
+    buffers = {}
+    for name in ("ours", "foreach", "loop"):
+        p = torch.nn.Parameter(base.clone())
+        if name == "ours":
+            opt = Signum([p], lr=0.0, momentum=0.9, comm=SELF)
+        else:
+            opt = torch.optim.SGD([p], lr=0.0, momentum=0.9, dampening=0.9,
+                                  foreach=name == "foreach")
+            p.grad = torch.zeros_like(p)
+            opt.step()   # SGD's first step takes the gradient as the buffer: start from 0
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        buffers[name] = opt.state[p]["momentum_buffer"]
+    assert torch.equal(buffers["ours"], buffers["foreach"])
+    assert not torch.equal(buffers["ours"], buffers["loop"])   # the README's "not the loop"
+
+
 def test_grad_scaler_must_be_a_scaler():
     with pytest.raises(ValueError, match="grad_scaler must be a torch.amp.GradScaler"):
         Signum([torch.nn.Parameter(torch.zeros(3))], comm=SELF, grad_scaler=2.0)
