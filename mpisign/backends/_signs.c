@@ -19,6 +19,8 @@
  *           pack, in one pass instead of four.                              float32, float64
  *   lion_update_pack  Lion's: c = m * b1 + a1 * g packed, m = m * b2 + a2 * g, the scrub, in one
  *           pass instead of six.                                            float32, float64
+ *           Both write, where given an address for it, the zero mask of what they pack (bit 1
+ *           where the value is 0 or NaN: a coordinate that casts no vote) in the same pass.
  *
  * Half-precision apply stays on the reference: torch's own float->half rounding of NaN differs
  * between its scalar and vector paths, so only torch can match torch there.

@@ -99,7 +99,8 @@ class Plan:
     backend: signs.Signs   # where the words live and what packs, tallies and applies them
     voter: object          # the collective (mpisign.collectives.SignVote)
     fused: object = None   # the rule's fused local step for this backend, or None
-    zeros: object = None   # one rank: the words' zero mask (coordinates that do not move)
+    zeros: object = None   # the words' zero mask where the ranks' policy needs it (one rank;
+                           # an odd number of them), else None
 
 
 class VoteEngine:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import torch
+
 from ..collectives import LocalVote, make_vote
 from ..mpi import exchanges
 from .header import StepHeader, UNKNOWN, digest64
@@ -44,7 +47,8 @@ class Solo:
     def start_all_zero(self):
         """A function giving the words' coordinates that stay where they are because every
         rank holds them at exactly 0 (a tie plane to add to the vote's), or None; started
-        beside the votes, called before they are applied. On one rank: its own zeros."""
+        once the header and the presence OR are done, called before the votes are applied.
+        On one rank: its own zeros."""
         zeros = self.engine.plan.zeros
         return lambda: zeros if zeros is not None and zeros.any() else None
 
@@ -104,8 +108,8 @@ class Ensemble(Solo):
     def zero_words(self, backend, words: int):
         """An even number of ranks needs no mask: the zero bits ``(rank + step) % 2`` of a
         coordinate that is 0 on every rank split evenly, a tie. An odd number does, to find
-        those coordinates (host words; the device-resident words keep the zero bit's rule)."""
-        if self.engine.world_size % 2 == 0 or backend.resident:
+        those coordinates."""
+        if self.engine.world_size % 2 == 0:
             return None
         return backend.words(words)
 
@@ -115,12 +119,22 @@ class Ensemble(Solo):
         header and the presence OR on every rank, so that the collectives there keep one
         order; then only the flagged words' masks: :func:`mpisign.mpi.exchanges.start_all_zero`)."""
         engine = self.engine
-        if engine.plan.zeros is None:
+        zeros = engine.plan.zeros
+        if zeros is None:
             return lambda: None
         step = engine.books.param_groups[0]["step"]
-        return exchanges.start_all_zero(engine.own_comm.get(), engine.plan.zeros,
-                                        engine.timeout,
-                                        f"exact zeros at step {step} on rank {engine.rank}")
+        resident = isinstance(zeros, torch.Tensor)   # device words: their flags go by the host
+        wait = exchanges.start_all_zero(
+            engine.own_comm.get(), zeros.cpu().numpy().view(np.uint64) if resident else zeros,
+            engine.timeout, f"exact zeros at step {step} on rank {engine.rank}")
+        if not resident:
+            return wait
+
+        def on_device():
+            mask = wait()
+            return (None if mask is None
+                    else torch.from_numpy(mask.view(np.int64)).to(zeros.device))
+        return on_device
 
     def post_header(self, absent: int = UNKNOWN) -> None:
         """Post this step's header: one allgather of 64 bytes a rank, beside the vote. A rank

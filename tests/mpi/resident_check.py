@@ -103,6 +103,7 @@ with emulate.kernels_on_cpu() as kernels:
         torch.manual_seed(3)
         m = torch.nn.Sequential(torch.nn.Linear(20, 48), torch.nn.ReLU(), torch.nn.Linear(48, 5))
         m.scale = torch.nn.Parameter(torch.ones(5, dtype=torch.bfloat16))  # half precision too
+        m.still = torch.nn.Parameter(torch.ones(7))   # a gradient of exact zeros on every rank
         return m
 
     class SlowEvent:
@@ -129,7 +130,7 @@ with emulate.kernels_on_cpu() as kernels:
             x, y = torch.randn(8, 20, generator=g), torch.randn(8, 5, generator=g)
             clear()  # before backward: with overlap, the hooks start the votes
             opt.zero_grad(set_to_none=True)
-            out = model(x) * model.scale.float()
+            out = model(x) * model.scale.float() + 0.0 * model.still.sum()
             torch.nn.functional.mse_loss(out, y).backward()
             opt.step()
             if resident and size > 1:
@@ -155,6 +156,11 @@ with emulate.kernels_on_cpu() as kernels:
             assert (dopt.stats.bytes_sent, dopt.stats.bytes_received) == \
                 (hopt.stats.bytes_sent, hopt.stats.bytes_received)
             assert len(set(comm.allgather(dopt.params_digest()))) == 1
+            # Exactly 0 on every rank: no step, weight decay aside (an odd number of ranks: the
+            # AND of the zero masks, from device words too; an even number: the zero bits tie).
+            # A vote would have moved it by lr = 0.01 a step; the decay moves it by 1e-5.
+            assert (dev.still.detach() - 1).abs().max() < 1e-4, dev.still
+            assert isinstance(dopt.engine.plan.zeros, torch.Tensor) == (size % 2 == 1)
 
 comm.Barrier()
 if rank == 0:
