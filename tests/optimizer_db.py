@@ -12,6 +12,7 @@ refused (``supports_complex``/``supports_sparse`` False).
 
 from __future__ import annotations
 
+import torch
 from mpi4py import MPI
 from torch.optim.lr_scheduler import (CosineAnnealingLR, ExponentialLR, LinearLR,
                                       ReduceLROnPlateau, StepLR)
@@ -21,12 +22,11 @@ from torch.testing._internal.common_optimizers import (ErrorOptimizerInput, Opti
 
 import mpisign
 
-__all__ = ["OPTIMIZERS", "inputs_of", "errors_of", "make"]
+__all__ = ["OPTIMIZERS", "inputs_of", "errors_of", "make", "run_steps", "assert_same"]
 
 
 def _common(device, dtype=None) -> list:
     """What every rule takes: the engine's options and the books' lr and weight decay."""
-    import torch
     return [
         OptimizerInput(params=None, kwargs={}, desc="default"),
         OptimizerInput(params=None, kwargs={"lr": 1e-2}, desc="non-default lr"),
@@ -127,6 +127,21 @@ def inputs_of(info: OptimizerInfo, device: str = "cpu") -> list:
 
 def errors_of(info: OptimizerInfo, device: str = "cpu") -> list:
     return info.optim_error_inputs_func(device=device, dtype=None)
+
+
+def run_steps(opt, params: list, steps_grads: list) -> None:
+    """One ``opt.step()`` for each list of gradients (a copy of each into its ``.grad``)."""
+    for grads in steps_grads:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+
+
+def assert_same(a: list, b: list, what: str = "") -> None:
+    """The same bits in each pair of tensors, or an AssertionError saying by how much not."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert torch.equal(x.detach(), y.detach()), \
+            f"{what}: parameter {i} off by {(x - y).abs().max().item()}"
 
 
 def make(info: OptimizerInfo, params, kwargs: dict, comm=MPI.COMM_SELF):

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from optimizer_db import OPTIMIZERS, errors_of, inputs_of, make
+from optimizer_db import OPTIMIZERS, assert_same, errors_of, inputs_of, make, run_steps
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.optim.swa_utils import SWALR, AveragedModel
 from torch.testing._internal.common_optimizers import OptimizerErrorEnum
@@ -35,18 +35,6 @@ def _grads(params, steps, seed=1):
     gen = torch.Generator().manual_seed(seed)
     return [[torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
             for _ in range(steps)]
-
-
-def _run(opt, params, grads) -> None:
-    for gs in grads:
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        opt.step()
-
-
-def _same(a: list, b: list) -> None:
-    for x, y in zip(a, b):
-        assert torch.equal(x.detach(), y.detach()), f"off by {(x - y).abs().max().item()}"
 
 
 def _kw(case, **more) -> dict:
@@ -82,8 +70,8 @@ def test_step_is_noop_for_zero_grads(info, case):
     params = _model()
     before = [p.detach().clone() for p in params]
     opt = make(info, params, kwargs)
-    _run(opt, params, [[torch.zeros_like(p) for p in params]] * 3)
-    _same(params, before)
+    run_steps(opt, params, [[torch.zeros_like(p) for p in params]] * 3)
+    assert_same(params, before)
 
 
 @pytest.mark.parametrize("info,case", CASES)
@@ -111,10 +99,10 @@ def test_params_without_grads_do_not_move(info, case):
     before = [p.detach().clone() for p in params]
     opt = make(info, params, _kw(case))
     opt.step()
-    _same(params, before)
+    assert_same(params, before)
     params[0].grad = torch.ones_like(params[0])
     opt.step()
-    _same(params[1:], before[1:])
+    assert_same(params[1:], before[1:])
     for p in params[1:]:
         for value in opt.state[p].values():
             assert not torch.is_tensor(value) or value.dim() == 0 or not value.any()
@@ -136,14 +124,14 @@ def test_state_dict_round_trip(info, case):
     params = _model()
     grads = _grads(params, 6)
     opt = make(info, params, _kw(case))
-    _run(opt, params, grads[:3])
+    run_steps(opt, params, grads[:3])
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     other = make(info, twins, _kw(case))
     other.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert other.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
-    _run(opt, params, grads[3:])
-    _run(other, twins, grads[3:])
-    _same(params, twins)
+    run_steps(opt, params, grads[3:])
+    run_steps(other, twins, grads[3:])
+    assert_same(params, twins)
 
 
 @pytest.mark.parametrize("info", INFOS)
@@ -152,7 +140,7 @@ def test_load_state_dict_casts_state_to_the_params_dtype(info):
     float64 (and the step goes on)."""
     params = _model(torch.float32)
     opt = make(info, params, {})
-    _run(opt, params, _grads(params, 2))
+    run_steps(opt, params, _grads(params, 2))
     wide = _model(torch.float64)
     other = make(info, wide, {})
     other.load_state_dict(opt.state_dict())
@@ -160,7 +148,7 @@ def test_load_state_dict_casts_state_to_the_params_dtype(info):
         for value in other.state[p].values():
             if torch.is_tensor(value) and value.is_floating_point() and value.dim() > 0:
                 assert value.dtype == torch.float64
-    _run(other, wide, _grads(wide, 2))
+    run_steps(other, wide, _grads(wide, 2))
 
 
 @pytest.mark.parametrize("info", INFOS)
@@ -173,8 +161,8 @@ def test_schedulers_drive_lr_as_they_drive_sgd(info):
         ours = [f(opt) for f in factories]
         theirs = [f(sgd) for f in factories]
         for step, gs in enumerate(_grads(params, 8)):
-            _run(opt, params, [gs])
-            _run(sgd, twins, [gs])
+            run_steps(opt, params, [gs])
+            run_steps(sgd, twins, [gs])
             for s, t in zip(ours, theirs):
                 if isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau):
                     s.step(1.0), t.step(1.0)
@@ -201,7 +189,7 @@ def test_hooks_run_in_torch_order(info):
     glob = register_optimizer_step_pre_hook(
         lambda o, a, k: calls.append("global-pre"))
     try:
-        _run(opt, params, _grads(params, 1))
+        run_steps(opt, params, _grads(params, 1))
         opt.load_state_dict(opt.state_dict())
     finally:
         glob.remove()
@@ -209,7 +197,7 @@ def test_hooks_run_in_torch_order(info):
     for h in handles:
         h.remove()
     calls.clear()
-    _run(opt, params, _grads(params, 1))
+    run_steps(opt, params, _grads(params, 1))
     assert calls == []
 
 
@@ -222,8 +210,8 @@ def test_views_and_noncontiguous_params_step_as_their_copies(info, case):
     dense = torch.nn.Parameter(base.clone().t().contiguous())
     assert not strided.is_contiguous()
     grads = _grads([dense], 4)
-    _run(make(info, [strided], _kw(case)), [strided], grads)
-    _run(make(info, [dense], _kw(case)), [dense], grads)
+    run_steps(make(info, [strided], _kw(case)), [strided], grads)
+    run_steps(make(info, [dense], _kw(case)), [dense], grads)
     assert torch.equal(strided.detach(), dense.detach())
 
 
@@ -232,7 +220,7 @@ def test_empty_and_zero_dim_params(info):
     """Empty tensors (0 coordinates) and 0-dim scalars: the step runs, the scalar moves."""
     empty, scalar = torch.nn.Parameter(torch.zeros(0, 3)), torch.nn.Parameter(torch.tensor(1.0))
     opt = make(info, [empty, scalar], {"lr": 0.5})
-    _run(opt, [empty, scalar], [[torch.zeros(0, 3), torch.tensor(2.0)]] * 2)
+    run_steps(opt, [empty, scalar], [[torch.zeros(0, 3), torch.tensor(2.0)]] * 2)
     assert scalar.item() < 1.0 and empty.shape == (0, 3)
 
 
@@ -243,7 +231,7 @@ def test_every_float_dtype(info, dtype):
     params = _model(dtype)
     opt = make(info, params, {"lr": 0.05, "weight_decay": 0.1})
     before = [p.detach().clone() for p in params]
-    _run(opt, params, _grads(params, 3))
+    run_steps(opt, params, _grads(params, 3))
     for p, b in zip(params, before):
         assert p.dtype == dtype and torch.isfinite(p).all() and not torch.equal(p, b)
         for value in opt.state[p].values():
@@ -267,7 +255,7 @@ def test_overlap_is_bit_identical_to_no_overlap(info, case):
             model(torch.randn(8, 12, generator=gen)).square().sum().backward()
             opt.step()
         results.append(list(model.parameters()))
-    _same(*results)
+    assert_same(*results)
 
 
 @pytest.mark.parametrize("info", INFOS)
@@ -290,12 +278,12 @@ def test_deepcopy_steps_alike(info):
     """A deep copy of optimizer and model goes on exactly as the original."""
     params = _model()
     opt = make(info, params, {})
-    _run(opt, params, _grads(params, 2))
+    run_steps(opt, params, _grads(params, 2))
     params2, opt2 = copy.deepcopy((params, opt))
     more = _grads(params, 2, seed=7)
-    _run(opt, params, more)
-    _run(opt2, params2, more)
-    _same(params, params2)
+    run_steps(opt, params, more)
+    run_steps(opt2, params2, more)
+    assert_same(params, params2)
 
 
 @pytest.mark.parametrize("info", INFOS)
@@ -331,6 +319,6 @@ def test_named_parameters_as_torch_takes_them(info):
     bare.load_state_dict(named.state_dict())
     a, b = make(info, named.named_parameters(), {}), make(info, bare.parameters(), {})
     for model, opt in ((named, a), (bare, b)):
-        _run(opt, list(model.parameters()), _grads(list(model.parameters()), 3))
-    _same(list(named.parameters()), list(bare.parameters()))
+        run_steps(opt, list(model.parameters()), _grads(list(model.parameters()), 3))
+    assert_same(list(named.parameters()), list(bare.parameters()))
     assert a.state_dict()["param_groups"][0]["param_names"] == ["weight", "bias"]

@@ -29,7 +29,8 @@ for the GPU paths); :mod:`mpisign.backends.signs` chooses one per layout. The op
 A backend may also offer a rule's local step fused with its pack (``update_and_pack``: Signum's,
 ``lion_update_and_pack``: Lion's; :class:`mpisign.backends.host.CompiledSigns`); the rule, not
 the backend, decides whether it is used (:mod:`mpisign.optim.rules`). Where such a kernel also
-writes the zero mask (``zeros=``), the backend says so with ``fused_zeros = True``.
+writes the zero mask (``zeros=``), the backend says so with ``fused_zeros = True``; where a
+plan needs the mask and the backend's kernel cannot write it, the engine does not use it.
 """
 
 from __future__ import annotations

@@ -143,6 +143,7 @@ class VoteEngine:
         self.plan: Plan | None = None
         self._stale = False        # the plan's layout is to be made again (forget_layout)
         self._hooks_current = None  # this step's hooks pack: decided at its first hook
+        self._hook_scale = None     # this step's 1 / scale from grad_scaler=, asked once
         self.hooks = BucketHooks(self._start_from_hook,
                                  lambda: (self.rank, self.books.param_groups[0]["step"]))
         self.check = StepCheck()   # this step's header (see mpisign.optim.header)
@@ -243,8 +244,8 @@ class VoteEngine:
         """One voted step (see the module docstring). Every rank must take it."""
         try:
             self._step()
-        finally:   # the next step's hooks look at the layout again, once
-            self._hooks_current = None
+        finally:   # the next step's hooks look at the layout (and the scaler) again, once
+            self._hooks_current = self._hook_scale = None
 
     def _step(self) -> None:
         plan = self.recovery.run(self.ensure_plan)
@@ -386,8 +387,10 @@ class VoteEngine:
             outs = [plan.layout.packed[s.word0: s.word0 + s.words] for s in slots]
             zeros = (None if plan.zeros is None
                      else [plan.zeros[s.word0: s.word0 + s.words] for s in slots])
-            bad = (None if plan.fused is None
-                   else plan.fused(params, books.state, group, scale, zero_bit, outs, zeros))
+            # A fused kernel that cannot write the zero mask the plan needs is not used.
+            fused = (plan.fused if zeros is None or plan.backend.fused_zeros else None)
+            bad = (None if fused is None
+                   else fused(params, books.state, group, scale, zero_bit, outs, zeros))
             if bad is None:   # no fused kernel for these tensors: the rule, then the pack
                 sources, after = self.rule.send(params, self._clean_grads(params),
                                                 books.state, group, scale)
@@ -427,9 +430,11 @@ class VoteEngine:
         in backward, and asks the scaler the optimizer was given (``grad_scaler=``) for the
         scale its loss was multiplied by: the same float, so overlap is bit for bit."""
         if not hasattr(self.books, "grad_scale"):   # not inside scaler.step(): a hook, or
-            scaler = self.scaler                    # opt.step() called by the user
-            return (1.0 / scaler.get_scale() if scaler is not None and scaler.is_enabled()
-                    else 1.0)
+            if self._hook_scale is None:            # opt.step() called by the user. Asked
+                scaler = self.scaler                # once a step: get_scale() waits for the
+                self._hook_scale = (1.0 / scaler.get_scale()   # device, and the scale stays
+                                    if scaler is not None and scaler.is_enabled() else 1.0)
+            return self._hook_scale
         scale = self.books.grad_scale
         return 1.0 if scale is None else 1.0 / float(scale)
 

@@ -110,8 +110,6 @@ class LionRule(Rule):
         def lion_update_and_pack(params, state, group, scale, zero_bit, outs, zeros=None):
             if any(p.grad is None for p in params):
                 return None
-            if zeros and not getattr(backend, "fused_zeros", False):
-                return None   # this backend's kernel writes no zero mask: the rule's path
             b1, b2 = (number(b) for b in group["betas"])
             return kernel([p.grad for p in params], [self.exp_avg(state, p) for p in params],
                           b1, (1 - b1) * scale, b2, (1 - b2) * scale, zero_bit, outs,

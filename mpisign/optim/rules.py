@@ -169,8 +169,6 @@ class SignumRule(Rule):
         def update_and_pack(params, state, group, scale, zero_bit, outs, zeros=None):
             if any(p.grad is None for p in params):
                 return None
-            if zeros and not getattr(backend, "fused_zeros", False):
-                return None   # this backend's kernel writes no zero mask: the rule's path
             beta = number(group["momentum"])
             bufs = ([self.momentum_buffer(state, p) for p in params] if beta
                     else [None] * len(params))

@@ -24,7 +24,7 @@ import torch
 from common import WORLD, case, progress
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from optimizer_db import OPTIMIZERS, inputs_of, make  # noqa: E402  (tests/, beside this folder)
+from optimizer_db import OPTIMIZERS, assert_same, inputs_of, make, run_steps  # noqa: E402  (tests/, beside this folder)
 
 comm = WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
@@ -43,19 +43,6 @@ def grads(params, steps, seed):
     return [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(steps)]
 
 
-def run(opt, params, steps_grads) -> None:
-    for gs in steps_grads:
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        opt.step()
-
-
-def same(a, b, what) -> None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert torch.equal(x.detach(), y.detach()), \
-            f"{what}: parameter {i} off by {(x - y).abs().max().item()}"
-
-
 def agree(opt) -> None:
     assert len(set(comm.allgather(opt.params_digest()))) == 1, "ranks differ"
 
@@ -64,13 +51,13 @@ def state_dict_round_trip(info, kwargs) -> None:
     params = model()
     gs = grads(params, 6, seed=1)
     opt = make(info, params, kwargs, comm)
-    run(opt, params, gs[:3])
+    run_steps(opt, params, gs[:3])
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     other = make(info, twins, kwargs, comm)
     other.load_state_dict(copy.deepcopy(opt.state_dict()))
-    run(opt, params, gs[3:])
-    run(other, twins, gs[3:])
-    same(params, twins, "after load_state_dict")
+    run_steps(opt, params, gs[3:])
+    run_steps(other, twins, gs[3:])
+    assert_same(params, twins, "after load_state_dict")
     agree(other)
 
 
@@ -89,7 +76,7 @@ def overlap_agrees(info, kwargs) -> None:
             opt.step()
         agree(opt)
         results.append(list(net.parameters()))
-    same(*results, "overlap on against off")
+    assert_same(*results, "overlap on against off")
 
 
 def zeros_everywhere(info, kwargs) -> None:
@@ -98,7 +85,7 @@ def zeros_everywhere(info, kwargs) -> None:
     kwargs = {**kwargs, "weight_decay": 0.0, "lr": 0.01}
     opt = make(info, params, kwargs, comm)
     for step in range(5):
-        run(opt, params, [[torch.zeros_like(p) for p in params]])
+        run_steps(opt, params, [[torch.zeros_like(p) for p in params]])
         for p, b in zip(params, before):
             moved = (p.detach() - b).abs().max().item()
             assert moved == 0, f"step {step}: an all-zero coordinate moved by {moved}"
@@ -162,7 +149,7 @@ def scaled_overlap(info) -> None:
             scaler.update()
         agree(opt)
         results.append(list(net.parameters()))
-    same(*results, "GradScaler with overlap against without")
+    assert_same(*results, "GradScaler with overlap against without")
 
 
 with case("the AND of the zero masks"):
