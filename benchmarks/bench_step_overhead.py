@@ -6,7 +6,7 @@ process: the median of ``--steps`` timed ``step()`` calls each, after a warm-up.
     python benchmarks/bench_step_overhead.py                       # 1 rank: Signum vs SGD, Adam
     python -m mpisign.launch -n 4 -- python benchmarks/bench_step_overhead.py   # + the header
 
-On several ranks it also times the step header's exchange alone (one 64-byte allgather, as ``Signum.step`` posts it beside
+On several ranks it also times the step header's exchange alone (one 72-byte allgather, as ``Signum.step`` posts it beside
 the vote) on the optimizer's own communicator,
 so its share of the step is measured, not guessed.
 """

@@ -10,16 +10,18 @@ from mpisign.optim.header import (UNKNOWN, HyperparameterMismatch, LayoutMismatc
                                   every_gradient_everywhere, verdict)
 
 
-def header(step=3, layout=11, hparams=22, params=0, values=(0.01, 0.9, 0.0), absent=0):
-    return StepHeader(step, layout, hparams, params, *values, absent)
+def header(step=3, layout=11, hparams=22, params=0, values=(0.01, 0.9, 0.0), absent=0,
+           nonfinite=0):
+    return StepHeader(step, layout, hparams, params, *values, absent, nonfinite)
 
 
-def test_a_header_travels_as_eight_words_and_back():
-    h = header(params=StepHeader.word(0.125), values=(1e-3, 0.99, 5e-4), absent=UNKNOWN)
+def test_a_header_travels_as_nine_words_and_back():
+    h = header(params=StepHeader.word(0.125), values=(1e-3, 0.99, 5e-4), absent=UNKNOWN,
+               nonfinite=2**40 + 3)
     words = h.pack()
-    assert words.shape == (8,)
+    assert words.shape == (9,)
     back = StepHeader.unpack(words)
-    assert back == h and back.previous_disagreement == 0.125
+    assert back == h and back.previous_disagreement == 0.125 and back.nonfinite == 2**40 + 3
     assert math.isnan(StepHeader.unpack(header(params=StepHeader.word(math.nan)).pack())
                       .previous_disagreement)
 

@@ -64,6 +64,8 @@ class VoteStats:
     coordinates: int = 0         # coordinates voted on per step
     overlapped: int = 0          # bucket votes started from a gradient hook (overlap=True)
     disagreement_by_rank: list = field(default_factory=list)  # see Signum's `monitor`
+    # every rank's `nonfinite` as its last checked step header stated it (its previous steps')
+    nonfinite_by_rank: list = field(default_factory=list)
     suspects: list = field(default_factory=list)  # ranks the monitor flags (windowed mean)
     lost_ranks: list = field(default_factory=list)  # elastic: dead ranks, by their rank in
                                                     # the communicator the optimizer was given
@@ -217,6 +219,7 @@ class VoteEngine:
         self.comm, self.rank, self.world_size = comm, comm.Get_rank(), comm.Get_size()
         self.own_comm.adopt(comm, own)
         self.ranks = self._ranks_policy()
+        self.stats.nonfinite_by_rank = []   # the survivors are renumbered
         if self.monitor is not None:
             self.monitor.forget()
             self.stats.disagreement_by_rank, self.stats.suspects = [], []
@@ -321,6 +324,19 @@ class VoteEngine:
             if not bucket.applied:
                 self._finish_bucket(bucket, has_grad, ties)
         self.ranks.record_previous()
+
+    def record_nonfinite(self, headers: list) -> None:
+        """Every rank's non-finite count, from a step's headers, to the statistics; rank 0
+        names another rank whose count grew (each rank warns about its own as it counts)."""
+        every = [h.nonfinite for h in headers]
+        before = self.stats.nonfinite_by_rank
+        if self.rank == 0 and len(before) == len(every):
+            for r, (was, now) in enumerate(zip(before, every)):
+                if r != 0 and now > was:
+                    log.warning("rank %d reports %d non-finite gradient entries (voted as 0) "
+                                "in its steps before step %d, %d in all", r, now - was,
+                                headers[0].step, now)
+        self.stats.nonfinite_by_rank = every
 
     def record_disagreement(self, every: list, step: int) -> None:
         """Every rank's disagreement at ``step``, to the monitor and the statistics."""

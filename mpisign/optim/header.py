@@ -4,7 +4,7 @@ A mistake one rank makes alone (a parameter group added on rank 0 only, a learni
 scheduler fed with that rank's own loss lowered, a resume from another step's file, models
 initialised apart) used to end in a ``VoteTimeout`` minutes later, or in ranks that drift apart
 without a word. Every step of a multi-rank optimizer therefore begins with one allgather of a
-fixed 8-word (64-byte) header from each rank:
+fixed 9-word (72-byte) header from each rank:
 
 ====  ============================================================================
 word  what
@@ -17,11 +17,14 @@ word  what
       disagreement with the previous step's vote (float64); else 0
 4-6   group 0's first three hyperparameters of the rule (float64), to name them in errors
 7     how many parameters have no gradient on this rank (all ones: not known yet)
+8     the non-finite gradient entries this rank has voted as 0 so far (its
+      ``stats.nonfinite`` when it posts the header: its previous steps')
 ====  ============================================================================
 
 Word 3 spares the monitor (:class:`mpisign.optim.detection.DisagreementMonitor`) an exchange of its
 own, which cost a quarter of a small model's step: each rank's disagreement travels in the next
-step's header. Word 7 spares the usual step a second exchange: when every rank has every gradient, every
+step's header. Word 8 does the same for the non-finite counts, so that every rank, rank 0's log
+included, learns which rank's gradients broke (``stats.nonfinite_by_rank``), not only that rank. Word 7 spares the usual step a second exchange: when every rank has every gradient, every
 parameter is updated. Otherwise one bit a parameter is OR-ed over the ranks
 (:mod:`mpisign.optim.engine`), and a parameter with no gradient anywhere is left alone.
 
@@ -51,7 +54,7 @@ __all__ = ["LayoutMismatch", "ParameterDivergence", "HyperparameterMismatch", "S
            "StepHeader", "StepCheck", "Exchange", "digest64", "post", "finish", "exchange",
            "verdict"]
 
-WORDS = 8
+WORDS = 9
 #: Word 7 when the count of missing gradients is not known yet (a vote begun by a hook).
 UNKNOWN = 2**64 - 1
 
@@ -88,6 +91,7 @@ class StepHeader:
     value1: float
     value2: float
     absent: int = UNKNOWN  # parameters without a gradient on this rank
+    nonfinite: int = 0     # non-finite gradient entries voted as 0 so far (previous steps)
 
     @property
     def values(self) -> tuple:
@@ -98,6 +102,7 @@ class StepHeader:
         words[:4] = [self.step, self.layout, self.hparams, self.params]
         words[4:7] = np.array(self.values, dtype=np.float64).view(np.uint64)
         words[7] = self.absent
+        words[8] = self.nonfinite
         return words
 
     @property
@@ -113,7 +118,7 @@ class StepHeader:
     @classmethod
     def unpack(cls, words: np.ndarray) -> StepHeader:
         values = words[4:7].copy().view(np.float64).tolist()
-        return cls(*(int(w) for w in words[:4]), *values, int(words[7]))
+        return cls(*(int(w) for w in words[:4]), *values, int(words[7]), int(words[8]))
 
 
 @dataclass

@@ -93,6 +93,7 @@ class Quorate(Ensemble):
         verdict(headers, engine.rank, engine.plan.layout.summary(),
                 engine.rule.value_names[:3])
         self._absent(headers)
+        engine.record_nonfinite(headers)
         every = [h.previous_disagreement for h in headers]
         if engine.monitor is not None and headers[0].step > 0 and not any(map(math.isnan, every)):
             engine.record_disagreement(every, headers[0].step - 1)

@@ -137,7 +137,7 @@ class Ensemble(Solo):
         return on_device
 
     def post_header(self, absent: int = UNKNOWN) -> None:
-        """Post this step's header: one allgather of 64 bytes a rank, beside the vote. A rank
+        """Post this step's header: one allgather of 72 bytes a rank, beside the vote. A rank
         that has just built its layout checks it at once, before it sends any sign."""
         engine = self.engine
         check = engine.check
@@ -153,7 +153,7 @@ class Ensemble(Solo):
                       if engine.monitor is not None else 0)
         values = engine.rule.values(groups[0])
         mine = StepHeader(step, engine.plan.layout.digest, engine.hparams_digest(), params,
-                          *(values + [0.0, 0.0, 0.0])[:3], absent)
+                          *(values + [0.0, 0.0, 0.0])[:3], absent, engine.stats.nonfinite)
         check.post(engine.own_comm.get(), mine)
         if check.fresh:
             self.check_header()
@@ -196,10 +196,12 @@ class Ensemble(Solo):
 
     def record_previous(self) -> None:
         """The previous step's disagreement of every rank, from this step's headers, to the
-        monitor: after the votes, so that the root of a vote does not keep the others waiting
-        while it keeps the books."""
+        monitor, and every rank's non-finite count: after the votes, so that the root of a vote
+        does not keep the others waiting while it keeps the books."""
         engine = self.engine
         headers = engine.check.headers
+        if headers is not None:
+            engine.record_nonfinite(headers)
         if engine.monitor is None or headers is None or headers[0].step == 0:
             return
         every = [h.previous_disagreement for h in headers]

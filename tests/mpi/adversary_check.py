@@ -72,6 +72,8 @@ with case(f"{attack_name} x{k}/{size}: Signum trains through it"):
         assert opt.stats.suspects == list(range(k)), opt.stats.suspects
     if attack_name in ("inf", "nan"):
         assert opt.stats.nonfinite > 0 if rank < k else opt.stats.nonfinite == 0
+        by_rank = opt.stats.nonfinite_by_rank   # every rank knows every rank's count
+        assert [n > 0 for n in by_rank] == [r < k for r in range(size)], by_rank
 if attack_name in ("inf", "nan"):
     with case(f"{attack_name} x{k}/{size}: the fp32 mean breaks"):
         mean_model, _, mean_acc = train(False)

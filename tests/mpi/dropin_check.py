@@ -80,6 +80,9 @@ def grad_scaler():
         progress(i)
     assert scaler.get_scale() == (2.0 ** 11 if rank == 1 else 2.0 ** 12), scaler.get_scale()
     assert opt.stats.steps == 6 and opt.stats.nonfinite == (1 if rank == 1 else 0)
+    # every rank learns rank 1's count from the step headers (the last header: steps 0-4)
+    assert opt.stats.nonfinite_by_rank == [int(r == 1) for r in range(size)], \
+        opt.stats.nonfinite_by_rank
     for a, b in zip(model.parameters(), plain.parameters()):
         assert torch.equal(a, b)
     same_everywhere(model)
