@@ -42,3 +42,24 @@ def test_vote_trains_through_blind_adversaries(attack, k, n):
     """90% test accuracy with K < M/2 adversaries; for inf/nan the fp32 mean breaks."""
     out = mpirun.run(n, "adversary_check.py", attack, str(k))
     assert f"adversary_check {attack} {k}/{n} OK" in out
+
+
+ROLLCALL = re.compile(r"@rollcall rank=(\d+) (.*)")
+
+
+@pytest.mark.parametrize("topology, stalled", [("server", 2), ("server", 0), ("tree", 0),
+                                               ("sharded", 1), ("allgather", 3)])
+def test_a_stalled_rank_is_named_on_every_rank(topology, stalled):
+    """Rank ``stalled`` is SIGSTOPped before step 3 and woken after the others gave up: every
+    other rank names it (the roll call, whatever each one waited on: the root, a header's
+    allgather), and the woken rank raises too, naming itself, with step 3 not applied."""
+    out = mpirun.run(4, "rollcall_check.py", topology, str(stalled), "12", timeout=120,
+                     env={"MPISIGN_TIMEOUT": "3"})
+    said = {int(r): text for r, text in ROLLCALL.findall(out)}
+    assert sorted(said) == [0, 1, 2, 3], out[-3000:]
+    for rank, text in said.items():
+        if rank == stalled:
+            assert "steps=3 VoteTimeout" in text and "named this rank missing" in text, text
+        else:
+            assert f"rank(s) [{stalled}] did not answer" in text, (rank, text)
+        assert "steps=3 " in text, (rank, text)   # no rank applied step 3

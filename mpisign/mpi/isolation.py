@@ -57,6 +57,10 @@ class OwnComm:
                 weakref.finalize(owner, release, self._dup)
         return self._dup
 
+    def made(self) -> MPI.Intracomm | None:
+        """The duplicate, or None if it was never made (local)."""
+        return self._dup
+
     def current(self) -> MPI.Intracomm:
         """The duplicate if it was made, else the user's communicator (local: never makes one)."""
         return self.user if self._dup is None else self._dup

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..backends import packing, signs
+from ..collectives import VoteTimeout
 from ..mpi import exchanges
 from ..mpi.isolation import OwnComm
 from .header import ParameterDivergence, StepCheck, digest64
@@ -247,10 +248,16 @@ class VoteEngine:
         """One voted step (see the module docstring). Every rank must take it."""
         try:
             self._step()
+        except VoteTimeout as err:   # every rank that gave up names the same missing ranks
+            named = self.ranks.roll_call(err)
+            if named is err:
+                raise
+            raise named from err
         finally:   # the next step's hooks look at the layout (and the scaler) again, once
             self._hooks_current = self._hook_scale = None
 
     def _step(self) -> None:
+        self.ranks.check_roll()   # no rank gave up on an earlier step while this one stalled
         plan = self.recovery.run(self.ensure_plan)
         layout = plan.layout
         if all(bucket.pending is None for bucket in layout.buckets):
@@ -425,6 +432,7 @@ class VoteEngine:
         the rule; keeps this rank's disagreement count on the bucket."""
         plan = self.plan
         plus, tie = plan.voter.finish(bucket.pending)
+        self.ranks.check_roll()   # no rank has given up on this step
         if ties is not None:   # the coordinates exactly 0 on every rank: no step there
             extra = ties[bucket.word0: bucket.word1]
             tie = extra if tie is None else tie | extra

@@ -12,8 +12,10 @@ import math
 import numpy as np
 import torch
 
-from ..collectives import LocalVote, make_vote
-from ..mpi import exchanges
+from mpi4py import MPI
+
+from ..collectives import LocalVote, VoteTimeout, make_vote
+from ..mpi import exchanges, rollcall
 from .header import StepHeader, UNKNOWN, digest64
 from .layout import Layout
 
@@ -74,6 +76,12 @@ class Solo:
 
     def ranks_differing(self) -> list:
         return []
+
+    def roll_call(self, err: VoteTimeout) -> VoteTimeout:
+        return err   # one rank waits on no one
+
+    def check_roll(self) -> None:
+        pass
 
     def after_vote(self) -> None:
         pass
@@ -219,3 +227,45 @@ class Ensemble(Solo):
         return exchanges.ranks_differing(engine.own_comm.get(), engine.params_digest(),
                                          engine.timeout,
                                          f"consistency check on rank {engine.rank}")
+
+    def roll_call(self, err: VoteTimeout) -> VoteTimeout:
+        """A step's wait timed out on this rank: call the roll (:mod:`mpisign.mpi.rollcall`) so
+        that every rank that gave up names the same missing ranks, whatever it waited on (a
+        header's allgather names nobody; a worker waiting on the root names the root, not
+        the rank the root waited on). Returns the error to raise."""
+        engine = self.engine
+        comm = engine.own_comm.made()
+        if err.rolled or comm is None:   # a duplicate never made: nothing voted on it yet
+            return err
+        found = rollcall.waiting(comm)
+        if found.verdicts:   # the others gave up long ago: this rank was the stalled one
+            return self._gave_up(found)
+        evidence = []
+        if err.group is not None and err.missing:
+            evidence = [r for r in MPI.Group.Translate_ranks(err.group, err.missing,
+                                                             comm.Get_group())
+                        if r != MPI.UNDEFINED]
+        step = engine.books.param_groups[0]["step"]
+        verdict = rollcall.call(comm, step, evidence, rollcall.grace_for(engine.timeout),
+                                already=found)
+        return VoteTimeout(f"{err}; {verdict.describe(engine.rank)}", verdict.missing,
+                           comm.Get_group(), rolled=True)
+
+    def check_roll(self) -> None:
+        """At the start of a step and before a vote moves any parameter: if some rank has
+        given up and called the roll (this rank was stalled past their timeout, and its own
+        wait then completed from messages they had left in flight), raise as they did rather
+        than apply a step they did not. Two local probes."""
+        comm = self.engine.own_comm.made()
+        if comm is None:
+            return
+        found = rollcall.waiting(comm)
+        if found:
+            raise self._gave_up(found)
+
+    def _gave_up(self, found) -> VoteTimeout:
+        engine = self.engine
+        return VoteTimeout(
+            f"{type(engine.books).__name__} on rank {engine.rank} at step "
+            f"{engine.books.param_groups[0]['step']}: {found.describe(engine.rank)}; this rank "
+            f"raises too rather than apply a step that they did not", [], None, rolled=True)

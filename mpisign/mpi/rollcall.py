@@ -1,0 +1,153 @@
+"""After a timeout, a roll call: the ranks that gave up agree on who is missing before they raise.
+
+A wait that times out on a collective cannot tell which rank never came (``MPI_Iallgather``
+names nobody), and a wait on a point-to-point message names only the peer this rank waited on:
+with rank 2 stalled under a server vote, the root named rank 2 but the other workers, waiting on
+the root, said nothing useful or blamed the root. So every rank that times out calls the roll:
+
+1. it sends every other rank, on the optimizer's own communicator under a tag of its own
+   (:data:`ROLL_TAG`), the step it gave up at and the ranks it has evidence against (the peers of
+   its own point-to-point waits that never arrived);
+2. it listens for the same from the others, for at most ``grace`` seconds, and stops early once
+   every rank is either heard or named by someone's evidence;
+3. the missing are the ranks nobody heard plus the ranks anyone heard named.
+
+4. it sends every other rank its verdict (the missing ranks) under :data:`VERDICT_TAG`.
+
+Ranks that time out within ``grace`` of one another hear one another, so they name the same
+ranks. A stalled rank that wakes up later finds the calls and verdicts waiting for it
+(:func:`waiting`, probed at the start of every step and before every vote is applied) and raises
+too, naming itself, instead of applying a step the others did not.
+
+The sends to a rank that never answers may never complete; their buffers are kept here for the
+life of the process (a few bytes a rank), as MPI requires of a buffer in flight.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+__all__ = ["ROLL_TAG", "VERDICT_TAG", "Verdict", "Waiting", "call", "waiting", "grace_for"]
+
+#: The roll call's tags: above every vote's (mpisign.collectives.base.TAG_BASE, the quorum
+#: vote's channels), below the 32767 that MPI guarantees.
+ROLL_TAG, VERDICT_TAG = 0x7F00, 0x7F01
+
+_in_flight: list = []   # (request, buffer) of sends that may never complete
+
+
+def grace_for(timeout: float) -> float:
+    """How long a roll call listens: the ranks blocked on one stalled rank time out about a
+    step apart, so the wait's own timeout, up to a minute."""
+    return min(float(timeout), 60.0)
+
+
+class Verdict:
+    """What a roll call found: ``missing`` (ranks nobody heard, or that someone named), the
+    ``heard`` ranks and the step each gave up at."""
+
+    def __init__(self, missing: list[int], heard: dict[int, int]):
+        self.missing, self.heard = missing, heard
+
+    def describe(self, rank: int) -> str:
+        steps = sorted(set(self.heard.values()))
+        who = (f"rank(s) {self.missing} did not answer (stalled or dead)" if self.missing else
+               "every rank answered: none is missing, one was only slower than the timeout")
+        return (f"roll call after the timeout: {who}; rank(s) {sorted(self.heard)} gave up too "
+                f"(at step(s) {steps})")
+
+
+class Waiting:
+    """Roll-call messages found waiting: ``calls`` (rank -> the step it gave up at) and
+    ``verdicts`` (rank -> the ranks it found missing)."""
+
+    def __init__(self):
+        self.calls: dict[int, int] = {}
+        self.evidence: set[int] = set()   # the ranks the calls have evidence against
+        self.verdicts: dict[int, list[int]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.calls or self.verdicts)
+
+    def describe(self, rank: int) -> str:
+        gave_up = sorted(set(self.calls) | set(self.verdicts))
+        named = sorted({r for missing in self.verdicts.values() for r in missing})
+        text = f"rank(s) {gave_up} gave up after their timeout"
+        if self.calls:
+            text += f" (at step(s) {sorted(set(self.calls.values()))})"
+        if rank in named:
+            text += (" and named this rank missing: it did not answer in time (stopped, "
+                     "swapping, in a debugger?)")
+        elif named:
+            text += f" and named rank(s) {named} missing"
+        return text
+
+
+def _message(size: int, step: int, evidence) -> np.ndarray:
+    msg = np.zeros(1 + size, dtype=np.int64)
+    msg[0] = step
+    for r in evidence:
+        msg[1 + r] = 1
+    return msg
+
+
+def call(comm: MPI.Intracomm, step: int, evidence, grace: float,
+         already: Waiting | None = None) -> Verdict:
+    """Tell every other rank of ``comm`` that this one gave up at ``step``, with the ranks it
+    has ``evidence`` against, and hear the others for at most ``grace`` seconds (``already``:
+    calls received before, by :func:`waiting`)."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    mine = _message(size, step, evidence)
+    named = set(evidence) | (already.evidence if already else set())
+    heard = {**(already.calls if already else {}), rank: step}
+    for r in range(size):
+        if r != rank:
+            try:
+                _in_flight.append((comm.Isend(mine, dest=r, tag=ROLL_TAG), mine))
+            except MPI.Exception:   # a dead peer under ULFM: it is not heard, that is all
+                pass
+    deadline = time.monotonic() + grace
+    msg = np.empty(1 + size, dtype=np.int64)
+    status = MPI.Status()
+    while len(set(heard) | named) < size and time.monotonic() < deadline:
+        try:
+            if not comm.Iprobe(source=MPI.ANY_SOURCE, tag=ROLL_TAG, status=status):
+                time.sleep(1e-3)
+                continue
+            source = status.Get_source()
+            comm.Recv(msg, source=source, tag=ROLL_TAG)
+        except MPI.Exception:
+            break
+        heard[source] = int(msg[0])
+        named |= {r for r in range(size) if msg[1 + r]}
+    missing = sorted((set(range(size)) - set(heard)) | named)
+    verdict = _message(size, step, missing)
+    for r in range(size):
+        if r != rank:
+            try:
+                _in_flight.append((comm.Isend(verdict, dest=r, tag=VERDICT_TAG), verdict))
+            except MPI.Exception:
+                pass
+    return Verdict(missing, {r: s for r, s in sorted(heard.items())})
+
+
+def waiting(comm: MPI.Intracomm) -> Waiting:
+    """The roll-call messages waiting on ``comm``, received: none, the usual case, after two
+    local probes."""
+    found = Waiting()
+    status = MPI.Status()
+    size = comm.Get_size()
+    msg = np.empty(1 + size, dtype=np.int64)
+    for tag in (ROLL_TAG, VERDICT_TAG):
+        while comm.Iprobe(source=MPI.ANY_SOURCE, tag=tag, status=status):
+            source = status.Get_source()
+            comm.Recv(msg, source=source, tag=tag)
+            if tag == ROLL_TAG:
+                found.calls[source] = int(msg[0])
+                found.evidence |= {r for r in range(size) if msg[1 + r]}
+            else:
+                found.verdicts[source] = [r for r in range(size) if msg[1 + r]]
+    return found
