@@ -3,6 +3,7 @@ survivors finish every step with the parameters a single-process reference compu
 tests/mpi/elastic_check.py); without fault tolerance, elastic=True is refused clearly."""
 
 import re
+import time
 
 import pytest
 
@@ -36,6 +37,20 @@ def test_survivors_finish_every_step_identically(n, args, lost):
     assert sorted(int(r) for r, _, _ in found) == sorted(set(range(n)) - set(lost)), out[-3000:]
     assert all(int(size) == n - len(lost) and seen == str(lost) for _, size, seen in found)
     assert f"rank(s) {lost[:1]} lost in " in out
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_an_elastic_job_that_lost_a_rank_exits_promptly(attempt):
+    """#31: survivors that finished used to stay in MPI_Finalize (1 elastic kill in 9), and the
+    launcher with them. Rank 3 of 5 is killed at step 3; the launcher must be gone a few
+    seconds after the last survivor's last line, with the exit watchdog set to 5 s (what a
+    launch that exits cleanly takes here is about 2-4 s, the watchdog's bound on top)."""
+    out = mpirun.run(5, "elastic_check.py", "server", "3@3", elastic=True, timeout=180,
+                     env={"MPISIGN_EXIT_TIMEOUT": "5"})
+    gone = time.time()
+    finished = [float(t) for t in re.findall(r"@elastic rank=\d+ .* at=([\d.]+)", out)]
+    assert len(finished) == 4, out[-3000:]
+    assert gone - max(finished) < 20, (gone - max(finished), out[-3000:])
 
 
 def test_below_min_ranks_every_survivor_stops_with_a_clear_error():

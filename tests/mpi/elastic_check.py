@@ -163,7 +163,8 @@ def run(topology: str, kills: dict, mid: bool, in_check: bool, overlap: bool) ->
     assert after < 0.6 * before, (before, after)
     assert after < 1.25 * clean_after, (after, clean_after)
     print(f"@elastic rank={rank} now={opt.rank} size={opt.comm.Get_size()} lost={victims} "
-          f"loss {before:.2f}->{after:.2f} (clean {clean_after:.2f})", flush=True)
+          f"loss {before:.2f}->{after:.2f} (clean {clean_after:.2f}) at={time.time():.3f}",
+          flush=True)
 
 
 def votes(topology: str, kills: dict, mid: bool) -> None:
