@@ -24,8 +24,9 @@ import torch
 from mpi4py import MPI
 
 from .backends import packing, signs
-from .collectives import check_comm, check_topology, make_vote
+from .collectives import VoteTimeout, check_comm, check_topology, default_timeout, make_vote
 from .collectives.quorum import QuorumVote, check_quorum, resolve_quorum
+from .mpi import rollcall
 from .mpi.elastic import require_ulfm
 from .mpi.isolation import attached, duplicate, release
 from .optim.recovery import recover_vote, retry_on_failure
@@ -99,7 +100,7 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
         plus, tie, call, before = _survived(comm, own, kind, src, zero_bit, step, timeout)
     else:
         call, before = _prepared(comm, own, kind, src, zero_bit, timeout)
-        plus, tie = call.voter.vote(call.words, n, step=step)
+        plus, tie = _voted(call, own.comm, n, step, timeout)
     if stats is not None:
         after = _counted(call.voter.traffic)
         stats.update({k: v - before.get(k, 0) for k, v in after.items()})
@@ -144,6 +145,23 @@ def _prepared(comm, own, kind, src: torch.Tensor, zero_bit: int, timeout):
     call.backend.pack(src, zero_bit, call.words)
     call.backend.settle()
     return call, _counted(call.voter.traffic)
+
+
+def _voted(call, comm, n: int, step: int, timeout):
+    """The call's vote on ``comm`` (majority_vote's duplicate). A rank whose wait times out
+    calls the roll, so that every rank names the same missing ranks; a rank that finds the
+    others gave up on an earlier call (it was the stalled one) raises before it votes
+    (:mod:`mpisign.mpi.rollcall`)."""
+    wait = default_timeout() if timeout is None else timeout
+    who = f"majority_vote on rank {comm.Get_rank()}"
+    rollcall.check(comm, step, wait, who)
+    try:
+        return call.voter.vote(call.words, n, step=step)
+    except VoteTimeout as err:
+        named = rollcall.after_timeout(comm, err, step, wait, who)
+        if named is err:
+            raise
+        raise named from err
 
 
 def _survived(comm, own, kind, src: torch.Tensor, zero_bit: int, step: int, timeout):

@@ -47,13 +47,16 @@ def test_vote_trains_through_blind_adversaries(attack, k, n):
 ROLLCALL = re.compile(r"@rollcall rank=(\d+) (.*)")
 
 
-@pytest.mark.parametrize("topology, stalled", [("server", 2), ("server", 0), ("tree", 0),
-                                               ("sharded", 1), ("allgather", 3)])
-def test_a_stalled_rank_is_named_on_every_rank(topology, stalled):
+@pytest.mark.parametrize("topology, stalled, how", [
+    ("server", 2, "step"), ("server", 0, "step"), ("tree", 0, "step"), ("sharded", 1, "step"),
+    ("allgather", 3, "step"), ("server", 1, "vote"), ("tree", 0, "vote")])
+def test_a_stalled_rank_is_named_on_every_rank(topology, stalled, how):
     """Rank ``stalled`` is SIGSTOPped before step 3 and woken after the others gave up: every
     other rank names it (the roll call, whatever each one waited on: the root, a header's
-    allgather), and the woken rank raises too, naming itself, with step 3 not applied."""
-    out = mpirun.run(4, "rollcall_check.py", topology, str(stalled), "12", timeout=120,
+    allgather), and the woken rank raises too, naming itself, with step 3 not applied; the
+    same with majority_vote's calls (``vote``)."""
+    out = mpirun.run(4, "rollcall_check.py", topology, str(stalled), "12",
+                     *(["vote"] if how == "vote" else []), timeout=120,
                      env={"MPISIGN_TIMEOUT": "3"})
     said = {int(r): text for r, text in ROLLCALL.findall(out)}
     assert sorted(said) == [0, 1, 2, 3], out[-3000:]

@@ -25,7 +25,7 @@ from mpi4py import MPI
 
 from ..backends.signs import host_tally
 from ..mpi.comm import (ANY_RANK, VoteTimeout, bounded, check_comm,  # noqa: F401
-                        default_timeout, device_of, naming, wait_all)
+                        default_timeout, device_of, wait_all)
 
 __all__ = ["packed_bytes", "result_planes", "ANY_RANK", "Pending", "Traffic", "VoteTimeout", "SignVote", "bounded", "check_comm",
            "check_words", "default_timeout", "device_of", "host_tally", "on_device",
@@ -278,13 +278,11 @@ class SignVote:
         left = self._sending.pop(bucket, None)
         if left is not None:
             requests, peers, what = left
-            with naming(self.comm):
-                wait_all(requests, peers, self.timeout, what)
+            wait_all(requests, peers, self.timeout, what)
 
     def _wait(self, pending: Pending, what: str) -> None:
         """Wait on MPI for everything ``pending`` has posted so far (bounded, see wait_all)."""
         requests, peers = pending.requests, pending.peers
         pending.requests, pending.peers, pending.settled = [], [], False
-        with naming(self.comm):
-            wait_all(requests, peers, self.timeout,
-                     f"{self.name} vote at step {pending.step} on rank {self.rank}: {what}")
+        wait_all(requests, peers, self.timeout,
+                 f"{self.name} vote at step {pending.step} on rank {self.rank}: {what}")

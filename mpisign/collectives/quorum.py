@@ -48,7 +48,6 @@ from fractions import Fraction
 import numpy as np
 from mpi4py import MPI
 
-from ..mpi.comm import naming
 from .base import Pending, SignVote, VoteTimeout, wait_all
 from ..mpi.comm import SPIN_SECONDS, YIELD_SECONDS
 
@@ -199,10 +198,9 @@ class QuorumVote(SignVote):
         key = (p.bucket, slot % self.max_lag)
         sent = self._ring.pop(key, None)
         if sent is not None:   # max_lag votes ago, and still not taken: waited for (bounded)
-            with naming(self.comm):
-                wait_all(sent[0], sent[1], self.timeout,
-                         f"quorum vote at step {p.step} on rank {self.rank}: what it sent "
-                         f"{self.max_lag} votes ago, still not taken")
+            wait_all(sent[0], sent[1], self.timeout,
+                     f"quorum vote at step {p.step} on rank {self.rank}: what it sent "
+                     f"{self.max_lag} votes ago, still not taken")
         if self.rank != self.root:
             # Step 1: [step | signs] to the root; the result's receive posted at once. The send
             # is left in flight: a late rank's message lands only once the root, voting again,
@@ -298,7 +296,7 @@ class QuorumVote(SignVote):
                     f"quorum vote at step {p.step} on rank {self.rank}: {len(counted)} of the "
                     f"quorum of {self.quorum} ranks after {self.timeout:g} s; no message from "
                     f"rank(s) {missing} (dead, stalled, or not calling the same collective; set "
-                    f"MPISIGN_TIMEOUT to wait longer)", missing, self.comm.Get_group())
+                    f"MPISIGN_TIMEOUT to wait longer)")
             _pause(now - since)
         # Step 3: the majority of the counted rows, and the result to every worker.
         self._closed[p.bucket] = p.step

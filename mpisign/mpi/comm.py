@@ -20,7 +20,7 @@ from mpi4py import MPI
 from .world import check_world
 
 __all__ = ["ANY_RANK", "SPIN_SECONDS", "VoteTimeout", "bounded", "check_comm", "default_timeout",
-           "device_of", "naming", "wait_all"]
+           "device_of", "wait_all"]
 
 #: How long a wait polls without sleeping before it starts to nap (and yield the core).
 SPIN_SECONDS = 1e-4
@@ -53,26 +53,12 @@ def check_comm(comm) -> MPI.Intracomm:
 class VoteTimeout(RuntimeError):
     """A collective did not complete in time: a rank is dead, stalled or out of step.
 
-    ``missing``: the peers this rank waited on by name and never heard from (empty after a
-    collective's wait, which cannot tell), ranks of ``group`` (None: not known whose);
-    ``rolled``: whether the ranks' roll call (:mod:`mpisign.mpi.rollcall`) has named the
-    missing in the message already."""
+    ``rolled``: the ranks' roll call (:mod:`mpisign.mpi.rollcall`) has named the missing ranks
+    in the message already."""
 
-    def __init__(self, message: str, missing=(), group: MPI.Group | None = None,
-                 rolled: bool = False):
+    def __init__(self, message: str, rolled: bool = False):
         super().__init__(message)
-        self.missing, self.group, self.rolled = list(missing), group, rolled
-
-
-@contextlib.contextmanager
-def naming(comm: MPI.Comm):
-    """Within: a :class:`VoteTimeout` says that its ``missing`` are ranks of ``comm``."""
-    try:
-        yield
-    except VoteTimeout as err:
-        if err.group is None and err.missing:
-            err.group = comm.Get_group()
-        raise
+        self.rolled = rolled
 
 
 def device_of(buf):
@@ -137,7 +123,7 @@ def wait_all(requests: list[MPI.Request], peers: list, timeout: float, what: str
                 "not every rank joined (a collective cannot say which rank is missing)"
             raise VoteTimeout(
                 f"{what}: {who} after {timeout:g} s (dead, stalled, or not calling the same "
-                f"collective; set MPISIGN_TIMEOUT to wait longer)", missing)
+                f"collective; set MPISIGN_TIMEOUT to wait longer)")
         if now - since < YIELD_SECONDS:
             os.sched_yield()
             continue

@@ -5,14 +5,15 @@ names nobody), and a wait on a point-to-point message names only the peer this r
 with rank 2 stalled under a server vote, the root named rank 2 but the other workers, waiting on
 the root, said nothing useful or blamed the root. So every rank that times out calls the roll:
 
-1. it sends every other rank, on the optimizer's own communicator under a tag of its own
-   (:data:`ROLL_TAG`), the step it gave up at and the ranks it has evidence against (the peers of
-   its own point-to-point waits that never arrived);
-2. it listens for the same from the others, for at most ``grace`` seconds, and stops early once
-   every rank is either heard or named by someone's evidence;
-3. the missing are the ranks nobody heard plus the ranks anyone heard named.
+1. it sends every other rank, on its own communicator (the optimizer's, majority_vote's) under
+   a tag of its own (:data:`ROLL_TAG`), the step it gave up at;
+2. it listens for the same from the others for ``grace`` seconds, or until every rank is heard;
+3. the missing are the ranks it did not hear; it sends every other rank this verdict under
+   :data:`VERDICT_TAG`.
 
-4. it sends every other rank its verdict (the missing ranks) under :data:`VERDICT_TAG`.
+A peer that a point-to-point wait names ("no message from rank(s) [2]") is no proof: in a tree
+a rank waits on its parent, which may itself wait on a stalled root. Only silence in the roll
+call counts, which is why the listening does not stop early while some rank is unheard.
 
 Ranks that time out within ``grace`` of one another hear one another, so they name the same
 ranks. A stalled rank that wakes up later finds the calls and verdicts waiting for it
@@ -30,7 +31,10 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-__all__ = ["ROLL_TAG", "VERDICT_TAG", "Verdict", "Waiting", "call", "waiting", "grace_for"]
+from .comm import VoteTimeout
+
+__all__ = ["ROLL_TAG", "VERDICT_TAG", "Verdict", "Waiting", "call", "waiting", "grace_for",
+           "after_timeout", "check"]
 
 #: The roll call's tags: above every vote's (mpisign.collectives.base.TAG_BASE, the quorum
 #: vote's channels), below the 32767 that MPI guarantees.
@@ -46,7 +50,7 @@ def grace_for(timeout: float) -> float:
 
 
 class Verdict:
-    """What a roll call found: ``missing`` (ranks nobody heard, or that someone named), the
+    """What a roll call found: ``missing`` (the ranks not heard), the
     ``heard`` ranks and the step each gave up at."""
 
     def __init__(self, missing: list[int], heard: dict[int, int]):
@@ -56,7 +60,7 @@ class Verdict:
         steps = sorted(set(self.heard.values()))
         who = (f"rank(s) {self.missing} did not answer (stalled or dead)" if self.missing else
                "every rank answered: none is missing, one was only slower than the timeout")
-        return (f"roll call after the timeout: {who}; rank(s) {sorted(self.heard)} gave up too "
+        return (f"roll call after the timeout: {who}; rank(s) {sorted(self.heard)} gave up "
                 f"(at step(s) {steps})")
 
 
@@ -66,7 +70,6 @@ class Waiting:
 
     def __init__(self):
         self.calls: dict[int, int] = {}
-        self.evidence: set[int] = set()   # the ranks the calls have evidence against
         self.verdicts: dict[int, list[int]] = {}
 
     def __bool__(self) -> bool:
@@ -86,22 +89,22 @@ class Waiting:
         return text
 
 
-def _message(size: int, step: int, evidence) -> np.ndarray:
+def _message(size: int, step: int, missing) -> np.ndarray:
+    """``[step, 1 for each missing rank]``: a call (no rank named) or a verdict."""
     msg = np.zeros(1 + size, dtype=np.int64)
     msg[0] = step
-    for r in evidence:
+    for r in missing:
         msg[1 + r] = 1
     return msg
 
 
-def call(comm: MPI.Intracomm, step: int, evidence, grace: float,
+def call(comm: MPI.Intracomm, step: int, grace: float,
          already: Waiting | None = None) -> Verdict:
-    """Tell every other rank of ``comm`` that this one gave up at ``step``, with the ranks it
-    has ``evidence`` against, and hear the others for at most ``grace`` seconds (``already``:
-    calls received before, by :func:`waiting`)."""
+    """Tell every other rank of ``comm`` that this one gave up at ``step``, and hear the
+    others for ``grace`` seconds, or until every rank is heard (``already``: calls received
+    before, by :func:`waiting`)."""
     rank, size = comm.Get_rank(), comm.Get_size()
-    mine = _message(size, step, evidence)
-    named = set(evidence) | (already.evidence if already else set())
+    mine = _message(size, step, ())
     heard = {**(already.calls if already else {}), rank: step}
     for r in range(size):
         if r != rank:
@@ -112,7 +115,7 @@ def call(comm: MPI.Intracomm, step: int, evidence, grace: float,
     deadline = time.monotonic() + grace
     msg = np.empty(1 + size, dtype=np.int64)
     status = MPI.Status()
-    while len(set(heard) | named) < size and time.monotonic() < deadline:
+    while len(heard) < size and time.monotonic() < deadline:
         try:
             if not comm.Iprobe(source=MPI.ANY_SOURCE, tag=ROLL_TAG, status=status):
                 time.sleep(1e-3)
@@ -122,8 +125,7 @@ def call(comm: MPI.Intracomm, step: int, evidence, grace: float,
         except MPI.Exception:
             break
         heard[source] = int(msg[0])
-        named |= {r for r in range(size) if msg[1 + r]}
-    missing = sorted((set(range(size)) - set(heard)) | named)
+    missing = sorted(set(range(size)) - set(heard))
     verdict = _message(size, step, missing)
     for r in range(size):
         if r != rank:
@@ -147,7 +149,35 @@ def waiting(comm: MPI.Intracomm) -> Waiting:
             comm.Recv(msg, source=source, tag=tag)
             if tag == ROLL_TAG:
                 found.calls[source] = int(msg[0])
-                found.evidence |= {r for r in range(size) if msg[1 + r]}
             else:
                 found.verdicts[source] = [r for r in range(size) if msg[1 + r]]
     return found
+
+
+def after_timeout(comm: MPI.Intracomm, err: VoteTimeout, step: int, timeout: float,
+                  who: str) -> VoteTimeout:
+    """What to raise on a rank whose wait on ``comm`` timed out with ``err`` at ``step``: the
+    same ``VoteTimeout``, with the roll call's verdict (a new call, or the verdicts waiting
+    for a rank that was the stalled one). ``who``: this rank's caller in words, e.g. "Signum
+    on rank 2"."""
+    if err.rolled:
+        return err
+    found = waiting(comm)
+    if found.verdicts:   # the others gave up long ago: this rank was the stalled one
+        return gave_up(found, comm.Get_rank(), step, timeout, who)
+    verdict = call(comm, step, grace_for(timeout), already=found)
+    return VoteTimeout(f"{err}; {verdict.describe(comm.Get_rank())}", rolled=True)
+
+
+def check(comm: MPI.Intracomm, step: int, timeout: float, who: str) -> None:
+    """Raise if some rank of ``comm`` has given up and called the roll: this rank was stalled
+    past their timeout (its own wait may then complete from messages they left in flight), and
+    must not apply a step that they did not. Two local probes."""
+    found = waiting(comm)
+    if found:
+        raise gave_up(found, comm.Get_rank(), step, timeout, who)
+
+
+def gave_up(found: Waiting, rank: int, step: int, timeout: float, who: str) -> VoteTimeout:
+    return VoteTimeout(f"{who} at step {step}: {found.describe(rank)}; this rank raises too "
+                       f"rather than apply a step that they did not", rolled=True)

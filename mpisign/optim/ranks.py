@@ -12,8 +12,6 @@ import math
 import numpy as np
 import torch
 
-from mpi4py import MPI
-
 from ..collectives import LocalVote, VoteTimeout, make_vote
 from ..mpi import exchanges, rollcall
 from .header import StepHeader, UNKNOWN, digest64
@@ -235,37 +233,19 @@ class Ensemble(Solo):
         the rank the root waited on). Returns the error to raise."""
         engine = self.engine
         comm = engine.own_comm.made()
-        if err.rolled or comm is None:   # a duplicate never made: nothing voted on it yet
+        if comm is None:   # a duplicate never made: nothing voted on it yet
             return err
-        found = rollcall.waiting(comm)
-        if found.verdicts:   # the others gave up long ago: this rank was the stalled one
-            return self._gave_up(found)
-        evidence = []
-        if err.group is not None and err.missing:
-            evidence = [r for r in MPI.Group.Translate_ranks(err.group, err.missing,
-                                                             comm.Get_group())
-                        if r != MPI.UNDEFINED]
-        step = engine.books.param_groups[0]["step"]
-        verdict = rollcall.call(comm, step, evidence, rollcall.grace_for(engine.timeout),
-                                already=found)
-        return VoteTimeout(f"{err}; {verdict.describe(engine.rank)}", verdict.missing,
-                           comm.Get_group(), rolled=True)
+        return rollcall.after_timeout(comm, err, engine.books.param_groups[0]["step"],
+                                      engine.timeout, self._who())
 
     def check_roll(self) -> None:
-        """At the start of a step and before a vote moves any parameter: if some rank has
-        given up and called the roll (this rank was stalled past their timeout, and its own
-        wait then completed from messages they had left in flight), raise as they did rather
-        than apply a step they did not. Two local probes."""
-        comm = self.engine.own_comm.made()
-        if comm is None:
-            return
-        found = rollcall.waiting(comm)
-        if found:
-            raise self._gave_up(found)
-
-    def _gave_up(self, found) -> VoteTimeout:
+        """At the start of a step and before a vote moves any parameter: no rank has given up
+        on a step (:func:`mpisign.mpi.rollcall.check`)."""
         engine = self.engine
-        return VoteTimeout(
-            f"{type(engine.books).__name__} on rank {engine.rank} at step "
-            f"{engine.books.param_groups[0]['step']}: {found.describe(engine.rank)}; this rank "
-            f"raises too rather than apply a step that they did not", [], None, rolled=True)
+        comm = engine.own_comm.made()
+        if comm is not None:
+            rollcall.check(comm, engine.books.param_groups[0]["step"], engine.timeout,
+                           self._who())
+
+    def _who(self) -> str:
+        return f"{type(self.engine.books).__name__} on rank {self.engine.rank}"

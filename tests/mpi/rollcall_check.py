@@ -4,7 +4,8 @@ timeout and roll call. Every rank prints the error it ended with, and the test r
 the others must all name rank STALLED as missing, and the stalled rank must raise on waking,
 naming itself, without applying step 3.
 
-Usage: rollcall_check.py TOPOLOGY STALLED WAKE
+Usage: rollcall_check.py TOPOLOGY STALLED WAKE [vote]
+  vote: the same with majority_vote calls in place of Signum's steps.
 """
 
 import os
@@ -18,9 +19,10 @@ from common import WORLD, case, progress
 import mpisign
 
 topology, stalled, wake = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+use_vote = sys.argv[4:] == ["vote"]
 rank, size = WORLD.Get_rank(), WORLD.Get_size()
 timeout = float(os.environ["MPISIGN_TIMEOUT"])
-with case(f"stall of rank {stalled}, {topology}"):
+with case(f"stall of rank {stalled}, {topology}{', majority_vote' if use_vote else ''}"):
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 8)
     opt = mpisign.Signum(model.parameters(), lr=0.01, momentum=0.9, comm=WORLD,
@@ -32,9 +34,13 @@ with case(f"stall of rank {stalled}, {topology}"):
             if rank == stalled and step == 3:
                 subprocess.Popen(["sh", "-c", f"sleep {wake}; kill -CONT {os.getpid()}"])
                 os.kill(os.getpid(), signal.SIGSTOP)
-            opt.zero_grad()
-            model(torch.randn(16, 64, generator=data)).square().mean().backward()
-            opt.step()
+            if use_vote:
+                mpisign.majority_vote(torch.randn(1000, generator=data), WORLD, topology,
+                                      timeout=timeout)
+            else:
+                opt.zero_grad()
+                model(torch.randn(16, 64, generator=data)).square().mean().backward()
+                opt.step()
             applied += 1
             progress(step)
         print(f"@rollcall rank={rank} finished", flush=True)
