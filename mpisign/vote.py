@@ -100,7 +100,7 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
         plus, tie, call, before = _survived(comm, own, kind, src, zero_bit, step, timeout)
     else:
         call, before = _prepared(comm, own, kind, src, zero_bit, timeout)
-        plus, tie = _voted(call, own.comm, n, step, timeout)
+        plus, tie = _voted(call, own, n, step, timeout)
     if stats is not None:
         after = _counted(call.voter.traffic)
         stats.update({k: v - before.get(k, 0) for k, v in after.items()})
@@ -147,14 +147,15 @@ def _prepared(comm, own, kind, src: torch.Tensor, zero_bit: int, timeout):
     return call, _counted(call.voter.traffic)
 
 
-def _voted(call, comm, n: int, step: int, timeout):
-    """The call's vote on ``comm`` (majority_vote's duplicate). A rank whose wait times out
+def _voted(call, own, n: int, step: int, timeout):
+    """The call's vote on ``own.comm`` (majority_vote's duplicate). A rank whose wait times out
     calls the roll, so that every rank names the same missing ranks; a rank that finds the
     others gave up on an earlier call (it was the stalled one) raises before it votes
     (:mod:`mpisign.mpi.rollcall`)."""
+    comm = own.comm
     wait = default_timeout() if timeout is None else timeout
     who = f"majority_vote on rank {comm.Get_rank()}"
-    rollcall.check(comm, step, wait, who)
+    rollcall.check(comm, step, wait, who, own.watch)
     try:
         return call.voter.vote(call.words, n, step=step)
     except VoteTimeout as err:
@@ -278,6 +279,7 @@ class _VoteState:
         self.lost: list[int] = []
         self.members = list(range(comm.Get_size()))
         self.original = comm.Get_group()
+        self.watch = rollcall.Watch()   # when a call looks for the others' roll call
 
     def keep(self, kind, build):
         """What ``build()`` made the first time this ``kind`` of call was seen (then reused);

@@ -95,6 +95,10 @@ class Ensemble(Solo):
     """The ranks' policy on several ranks: the step header beside the votes, the presence OR
     where a gradient is missing somewhere, digests exchanged on the engine's own communicator."""
 
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.watch = rollcall.Watch()   # when check_roll looks for a roll call
+
     @property
     def topology(self) -> str:
         return self.engine.topology
@@ -245,7 +249,7 @@ class Ensemble(Solo):
         comm = engine.own_comm.made()
         if comm is not None:
             rollcall.check(comm, engine.books.param_groups[0]["step"], engine.timeout,
-                           self._who())
+                           self._who(), self.watch)
 
     def _who(self) -> str:
         return f"{type(self.engine.books).__name__} on rank {self.engine.rank}"
