@@ -12,9 +12,12 @@ between. :class:`DisagreementMonitor` keeps each rank's fraction over a sliding 
     \qquad\qquad
     \text{relative } (M \ge 3):\quad m_r - \tilde m >
         \max\big(\text{margin},\ \text{mad\_k} \cdot 1.4826\,
-        \operatorname{median}_j |m_j - \tilde m|\big)
+        \operatorname{median}_j |m_j - \tilde m|,\ \text{noise\_k} \cdot \tilde s\big)
 
-with :math:`\tilde m` the median of the M ranks' windowed means. The relative rule compares a
+with :math:`\tilde m` the median of the M ranks' windowed means and :math:`\tilde s` the median
+of the ranks' standard deviations of their per-step fractions over the window: how much one
+honest rank's figure jumps from step to step, which a model with few coordinates makes large
+(see :func:`crowd_margin`). The relative rule compares a
 rank with the crowd it votes among, so it needs no guess of the honest level, which moves with
 the model, the batch size and M (see :func:`crowd_margin` for the choice of its numbers).
 """
@@ -35,9 +38,11 @@ MAD_TO_SD = 1.4826  # 1 / Phi^-1(3/4): MAD * this estimates the standard deviati
 MIN_RANKS_RELATIVE = 3  # a median of 1 or 2 values describes no crowd
 
 
-def crowd_margin(means: np.ndarray, margin: float, mad_k: float) -> tuple[float, float]:
+def crowd_margin(means: np.ndarray, margin: float, mad_k: float, spread: float = 0.0,
+                 noise_k: float = 0.0) -> tuple[float, float]:
     """The relative rule's reference and tolerance: ``(median, max(margin, mad_k * 1.4826 *
-    MAD))`` of the ranks' windowed means.
+    MAD, noise_k * spread))`` of the ranks' windowed means, ``spread`` being the median over
+    the ranks of the standard deviation of each one's per-step fractions in the window.
 
     Why these statistics: the median and the MAD (median absolute deviation) have a breakdown
     point of 1/2, so they describe the honest ranks whenever fewer than half of the ranks
@@ -57,10 +62,18 @@ def crowd_margin(means: np.ndarray, margin: float, mad_k: float) -> tuple[float,
     (clean; invert K = 1; random and zero rule K = 1, 2), the defaults flagged no honest rank
     in any window, the inverter and one K = 2 zero-rule sender in every window and the other in
     89% of them (mad_k = 2.5: 62%; margin alone: 100%).
+
+    Why the third term: the fraction of a few coordinates is noisy. With 30 coordinates of pure
+    noise, 4 honest ranks and momentum 0.9, one rank's per-step figure has a standard deviation
+    of 0.06 and its 20-step mean ranged from 0.04 to 0.24 around a median of about 0.12: the
+    first two terms flagged honest ranks 5 times in 5,000 steps (#31 saw 7). ``noise_k`` times
+    the ranks' median step-to-step spread scales the tolerance with that noise, measured, not
+    guessed from the model's size; on a real model the spread is small and the term is below
+    ``margin`` (benchmarks/monitor_calibration.py measures both, README "Detecting bad ranks").
     """
     median = float(np.median(means))
     mad = float(np.median(np.abs(means - median)))
-    return median, max(margin, mad_k * MAD_TO_SD * mad)
+    return median, max(margin, mad_k * MAD_TO_SD * mad, noise_k * spread)
 
 
 class DisagreementMonitor:
@@ -91,10 +104,13 @@ class DisagreementMonitor:
             rule alone, as before the relative rule existed).
         mad_k: relative rule: the excess must also exceed ``mad_k`` robust standard deviations
             (``1.4826 * MAD``) of the ranks' means; 0 leaves the ``margin`` floor alone.
+        noise_k: relative rule: the excess must also exceed ``noise_k`` times the ranks'
+            median standard deviation of their per-step fractions over the window; 0 turns
+            this term off.
     """
 
     def __init__(self, threshold: float = 0.5, window: int = 20, *,
-                 margin: float | None = 0.1, mad_k: float = 2.0):
+                 margin: float | None = 0.1, mad_k: float = 2.0, noise_k: float = 3.0):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
         if not isinstance(window, int) or window < 1:
@@ -105,18 +121,22 @@ class DisagreementMonitor:
         if not (_is_real(mad_k) and math.isfinite(mad_k) and mad_k >= 0):
             raise ValueError(f"mad_k must be a finite number >= 0 (robust standard deviations; "
                              f"0 keeps only the margin floor), got {mad_k!r}")
+        if not (_is_real(noise_k) and math.isfinite(noise_k) and noise_k >= 0):
+            raise ValueError(f"noise_k must be a finite number >= 0 (step-to-step standard "
+                             f"deviations; 0 turns the term off), got {noise_k!r}")
         # What users tune.
         self.threshold = threshold
         self.window = window
         self.margin = margin
         self.mad_k = float(mad_k)
+        self.noise_k = float(noise_k)
         # Internal: the last ``window`` steps' per-rank fractions.
         self.history: deque = deque(maxlen=window)
         # Statistics, as of the last full window.
         self.flagged: set[int] = set()  # ranks currently breaking a rule
         self.rules: dict[int, tuple[str, ...]] = {}  # flagged rank -> "absolute" / "relative"
         self.median: float | None = None  # the relative rule's reference (None: rule not applied)
-        self.margin_used: float | None = None  # its tolerance, max(margin, mad_k * 1.4826 * MAD)
+        self.margin_used: float | None = None  # its tolerance (see crowd_margin)
 
     def record(self, fractions, step: int, verbose: bool = True) -> list[int]:
         """Add one step's per-rank fractions; return the ranks that break a rule (after a full
@@ -130,7 +150,9 @@ class DisagreementMonitor:
         # Step 2: the relative rule, when there is a crowd to compare with.
         self.median = self.margin_used = None
         if self.margin is not None and len(means) >= MIN_RANKS_RELATIVE:
-            self.median, self.margin_used = crowd_margin(means, self.margin, self.mad_k)
+            spread = float(np.median(np.std(np.stack(self.history), axis=0)))
+            self.median, self.margin_used = crowd_margin(means, self.margin, self.mad_k,
+                                                         spread, self.noise_k)
             for r in np.flatnonzero(means - self.median > self.margin_used):
                 rules.setdefault(int(r), []).append("relative")
         # Step 3: warn about the ranks that were not flagged at the last step.
