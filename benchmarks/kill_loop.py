@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from mpirun import descendants  # noqa: E402  (every process below the launcher, from /proc)
 PID = re.compile(r"@pid rank=(\d+) pid=(\d+)")
 STEP = re.compile(r"@step rank=(\d+) step=(\d+)")
 DONE = re.compile(r"@done rank=(\d+)")
@@ -81,24 +84,6 @@ def stacks(pid: int) -> str:
     return "\n".join(out)
 
 
-def _below(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc)."""
-    parents: dict = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def one_run(i: int, args, rng: random.Random) -> dict:
     victim = rng.randrange(args.ranks) if not args.no_kill else -1
     at = rng.randrange(2, args.steps // 10 - 2) * 10
@@ -139,7 +124,7 @@ def one_run(i: int, args, rng: random.Random) -> dict:
             dump = Path(args.out) / f"run{i:03d}-stacks.txt"
             procs = {f"rank {r}": pids[r] for r in sorted(survivors) if r in pids}
             procs["launcher"] = proc.pid
-            procs.update({f"below the launcher {pid}": pid for pid in _below(proc.pid)
+            procs.update({f"below the launcher {pid}": pid for pid in descendants(proc.pid)
                           if pid not in procs.values()})
             dump.write_text("\n".join(f"===== {name} pid {pid} =====\n{stacks(pid)}"
                                       for name, pid in procs.items()))
@@ -148,7 +133,7 @@ def one_run(i: int, args, rng: random.Random) -> dict:
     ended_at = time.monotonic()
     if not ended:   # a hang even the watchdog did not end
         os.killpg(proc.pid, signal.SIGKILL)
-        for pid in _below(proc.pid):
+        for pid in descendants(proc.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
