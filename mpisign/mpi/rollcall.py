@@ -156,12 +156,18 @@ def waiting(comm: MPI.Intracomm, settle: float = 0.0) -> Waiting:
     msg = np.empty(2 + size, dtype=np.int64)
     until = time.monotonic() + settle
     while True:
-        if not comm.Iprobe(source=MPI.ANY_SOURCE, tag=ROLL_TAG, status=status):
-            if time.monotonic() >= until:
-                break
-            continue
-        source = status.Get_source()
-        comm.Recv(msg, source=source, tag=ROLL_TAG)
+        try:
+            if not comm.Iprobe(source=MPI.ANY_SOURCE, tag=ROLL_TAG, status=status):
+                if time.monotonic() >= until:
+                    break
+                continue
+            source = status.Get_source()
+            comm.Recv(msg, source=source, tag=ROLL_TAG)
+        except MPI.Exception:
+            # Under ULFM a wildcard probe fails once a peer has died (or the communicator was
+            # revoked): not a roll call. The vote's own calls meet the failure, where an
+            # elastic optimizer recovers from it.
+            break
         if msg[0] == CALL:
             found.calls[source] = int(msg[1])
         else:
@@ -193,7 +199,7 @@ def after_timeout(comm: MPI.Intracomm, err: VoteTimeout, step: int, timeout: flo
         return err
     found = waiting(comm)
     if found.verdicts:   # the others gave up long ago: this rank was the stalled one
-        return gave_up(found, comm.Get_rank(), step, timeout, who)
+        return gave_up(found, comm.Get_rank(), step, who)
     verdict = call(comm, step, grace_for(timeout), already=found)
     return VoteTimeout(f"{err}; {verdict.describe(comm.Get_rank())}", rolled=True)
 
@@ -201,14 +207,16 @@ def after_timeout(comm: MPI.Intracomm, err: VoteTimeout, step: int, timeout: flo
 def check(comm: MPI.Intracomm, step: int, timeout: float, who: str, watch: Watch) -> None:
     """Raise if some rank of ``comm`` has given up and called the roll: this rank was stalled
     past their timeout (its own wait may then complete from messages they left in flight), and
-    must not apply a step that they did not. One local probe, when ``watch`` says it is due."""
+    must not apply a step that they did not. Nothing unless ``watch`` says a look is due; then
+    probes for :data:`SETTLE_SECONDS`."""
     if not watch.due(timeout):
         return
     found = waiting(comm, SETTLE_SECONDS)
     if found:
-        raise gave_up(found, comm.Get_rank(), step, timeout, who)
+        raise gave_up(found, comm.Get_rank(), step, who)
 
 
-def gave_up(found: Waiting, rank: int, step: int, timeout: float, who: str) -> VoteTimeout:
+def gave_up(found: Waiting, rank: int, step: int, who: str) -> VoteTimeout:
+    """The error of a rank that finds the others gave up (``found``) at ``step``."""
     return VoteTimeout(f"{who} at step {step}: {found.describe(rank)}; this rank raises too "
                        f"rather than apply a step that they did not", rolled=True)
