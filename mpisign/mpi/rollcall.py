@@ -75,6 +75,7 @@ class Waiting:
     def __init__(self):
         self.calls: dict[int, int] = {}
         self.verdicts: dict[int, list[int]] = {}
+        self.failed = False   # a probe failed (a peer died under ULFM, a revoked communicator)
 
     def __bool__(self) -> bool:
         return bool(self.calls or self.verdicts)
@@ -108,37 +109,31 @@ def call(comm: MPI.Intracomm, step: int, grace: float,
     others for ``grace`` seconds, or until every rank is heard (``already``: calls received
     before, by :func:`waiting`)."""
     rank, size = comm.Get_rank(), comm.Get_size()
-    mine = _message(CALL, size, step)
+    _send_others(comm, _message(CALL, size, step))
     heard = {**(already.calls if already else {}), rank: step}
-    for r in range(size):
+    deadline = time.monotonic() + grace
+    while len(heard) < size and time.monotonic() < deadline:
+        found = waiting(comm)
+        heard.update(found.calls)
+        if found.failed:
+            break
+        if not found:
+            time.sleep(1e-3)
+    missing = sorted(set(range(size)) - set(heard))
+    _send_others(comm, _message(VERDICT, size, step, missing))
+    return Verdict(missing, {r: s for r, s in sorted(heard.items())})
+
+
+def _send_others(comm: MPI.Intracomm, msg: np.ndarray) -> None:
+    """``msg`` to every other rank of ``comm``, its sends kept in flight (they may never
+    complete: a stalled or dead peer)."""
+    rank = comm.Get_rank()
+    for r in range(comm.Get_size()):
         if r != rank:
             try:
-                _in_flight.append((comm.Isend(mine, dest=r, tag=ROLL_TAG), mine))
+                _in_flight.append((comm.Isend(msg, dest=r, tag=ROLL_TAG), msg))
             except MPI.Exception:   # a dead peer under ULFM: it is not heard, that is all
                 pass
-    deadline = time.monotonic() + grace
-    msg = np.empty(2 + size, dtype=np.int64)
-    status = MPI.Status()
-    while len(heard) < size and time.monotonic() < deadline:
-        try:
-            if not comm.Iprobe(source=MPI.ANY_SOURCE, tag=ROLL_TAG, status=status):
-                time.sleep(1e-3)
-                continue
-            source = status.Get_source()
-            comm.Recv(msg, source=source, tag=ROLL_TAG)
-        except MPI.Exception:
-            break
-        if msg[0] == CALL:
-            heard[source] = int(msg[1])
-    missing = sorted(set(range(size)) - set(heard))
-    verdict = _message(VERDICT, size, step, missing)
-    for r in range(size):
-        if r != rank:
-            try:
-                _in_flight.append((comm.Isend(verdict, dest=r, tag=ROLL_TAG), verdict))
-            except MPI.Exception:
-                pass
-    return Verdict(missing, {r: s for r, s in sorted(heard.items())})
 
 
 #: How long :func:`check` keeps probing once it is due: a message that has sat in a socket or a
@@ -167,6 +162,7 @@ def waiting(comm: MPI.Intracomm, settle: float = 0.0) -> Waiting:
             # Under ULFM a wildcard probe fails once a peer has died (or the communicator was
             # revoked): not a roll call. The vote's own calls meet the failure, where an
             # elastic optimizer recovers from it.
+            found.failed = True
             break
         if msg[0] == CALL:
             found.calls[source] = int(msg[1])
