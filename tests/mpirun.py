@@ -7,7 +7,9 @@ environment that oversubscribed ranks need on a small machine. Scripts report pr
 ``@failed rank=R NAME: error``, see ``tests/mpi/common.py``); a job that fails or outlives its
 timeout (then killed) fails the test with the cases that failed and each rank's last case and
 step first, so the report says which case broke and where. A launch that the launcher itself
-could not start (no rank ran; see :data:`LAUNCH_FAILURES`) is tried once more.
+could not start (no rank ran; see :data:`LAUNCH_FAILURES`) is tried once more, and so is an
+elastic launch that Open MPI itself aborted in a known bug of its own (see
+:data:`OPEN_MPI_ABORTS`); the second try must pass.
 """
 
 from __future__ import annotations
@@ -94,10 +96,17 @@ def run(n: int, script: str, *args: str, timeout: float = 180, env: dict | None 
             raise AssertionError(f"{script} on {n} ranks stalled: killed after {timeout:g} s; "
                                  f"{failed_cases(out)}{stall_report(out, n)}\n"
                                  f"--- output tail ---\n{out[-3000:]}")
-        if proc.returncode == 0 or attempt == 2 or not launch_failed(out):
+        if proc.returncode == 0 or attempt == 2:
             break
-        print(f"{script} on {n} ranks: the launcher could not start the job, once more:\n"
-              f"{out[-600:]}", file=sys.stderr)
+        if launch_failed(out):
+            print(f"{script} on {n} ranks: the launcher could not start the job, once more:\n"
+                  f"{out[-600:]}", file=sys.stderr)
+        elif elastic and open_mpi_aborted(out):
+            print(f"{script} on {n} ranks: Open MPI aborted the job in its known libnbc bug "
+                  f"(see tests/mpirun.py's OPEN_MPI_ABORTS), once more:\n{out[-1200:]}",
+                  file=sys.stderr)
+        else:
+            break
     if expect_fail:
         if proc.returncode == 0:
             raise AssertionError(f"{script} on {n} ranks was expected to fail but exited 0:\n"
@@ -118,6 +127,20 @@ def launch_failed(out: str) -> bool:
     """The launcher failed before any rank ran: no rank reported, and it said why."""
     return (not PROGRESS.search(out) and not CASE.search(out)
             and any(message in out for message in LAUNCH_FAILURES))
+
+
+#: Open MPI 5.0's own fatal errors after a rank died under ULFM, which no caller can handle:
+#: libnbc, when one round of a nonblocking collective meets the dead peer, aborts the schedule
+#: and frees its other requests of that round while they are still pending (open-mpi/ompi#2245
+#: describes this error path); when one of them then fails (a send to the dead rank), ob1
+#: calls MPI_ERRORS_ARE_FATAL directly, "on a NULL communicator". Seen in about 1 of 24
+#: loaded runs of the elastic test that kills rank 0 before the first step's communicator
+#: duplicate (whose CID allocation is such an iallreduce); never in a run that got past it.
+OPEN_MPI_ABORTS = ("Send error after request freed",)
+
+
+def open_mpi_aborted(out: str) -> bool:
+    return any(message in out for message in OPEN_MPI_ABORTS)
 
 
 def failed_cases(out: str) -> str:
