@@ -20,13 +20,17 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.mark.parametrize("ranks, transport, topology", [
-    (3, "group", "server"), (3, "mpi", "server"), (4, "group", "allgather"), (3, "mpi", "tree")])
-def test_the_hook_steps_as_signum_does_bit_for_bit(ranks, transport, topology):
-    """One bucket, buckets rebuilt after the first step, no_sync accumulation,
-    find_unused_parameters, a checkpoint and restart, gradient_as_bucket_view + static_graph."""
-    out = mpirun.run(ranks, "ddp_check.py", transport, topology, timeout=300)
-    assert f"ddp_check OK on {ranks} ranks: {transport} {topology}" in out
+@pytest.mark.parametrize("ranks, transport, topology, rule", [
+    (3, "group", "server", "signum"), (3, "mpi", "server", "signum"),
+    (4, "group", "allgather", "signum"), (3, "mpi", "tree", "signum"),
+    (3, "group", "server", "lion"), (4, "group", "allgather", "lion"),
+    (3, "mpi", "sharded", "lion")])
+def test_the_hook_steps_as_the_optimizer_does_bit_for_bit(ranks, transport, topology, rule):
+    """mpisign.Signum's (mpisign.Lion's) parameters: one bucket, buckets rebuilt after the
+    first step, no_sync accumulation, find_unused_parameters, a checkpoint and restart,
+    gradient_as_bucket_view + static_graph, a GradScaler, torch.compile of the DDP model."""
+    out = mpirun.run(ranks, "ddp_check.py", transport, topology, rule, timeout=300)
+    assert f"ddp_check OK on {ranks} ranks: {transport} {topology} {rule}" in out
 
 
 @pytest.mark.parametrize("transport", ["group", "mpi"])
@@ -34,7 +38,7 @@ def test_a_rank_whose_hook_state_is_of_another_step_raises_on_every_rank(transpo
     """A restart from two checkpoints: the layout check (shapes, dtypes, step) of each new
     bucket names the rank; DDP itself checks the shapes when it is made."""
     out = mpirun.run(3, "ddp_check.py", transport, "mismatch", timeout=180)
-    assert f"ddp_check OK on 3 ranks: {transport} mismatch" in out
+    assert f"ddp_check OK on 3 ranks: {transport} mismatch signum" in out
 
 
 def losses(out: str) -> list:
@@ -86,6 +90,13 @@ def test_without_a_process_group_the_hook_says_so():
         mpisign.ddp.SignumState()
 
 
-def test_bad_momentum_is_refused():
+def test_bad_hyperparameters_are_refused_before_any_communication():
+    assert not dist.is_initialized()   # the checks come before the transport's
     with pytest.raises(ValueError, match="momentum"):
         mpisign.ddp.SignumState(momentum=1.0)
+    with pytest.raises(ValueError, match=r"betas\[1\]"):
+        mpisign.ddp.LionState(betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="betas must be a pair"):
+        mpisign.ddp.LionState(betas=0.9)
+    with pytest.raises(ValueError, match="grad_scaler must be a torch.amp.GradScaler"):
+        mpisign.ddp.LionState(grad_scaler=2.0 ** 16)

@@ -45,7 +45,7 @@ from .quorate import Quorate
 from .ranks import Ensemble, Solo
 from .recovery import Recovery, Unrecovered
 
-__all__ = ["VoteEngine", "VoteStats", "Plan"]
+__all__ = ["VoteEngine", "VoteStats", "Plan", "scrubbed"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,25 @@ def _all_finite_sums(tensors: list) -> list:
         for i, ok in zip(indices, torch.isfinite(sums).tolist()):
             finite[i] = ok
     return finite
+
+
+def scrubbed(grads: list) -> tuple[list, int]:
+    """``grads`` (None where a parameter has no gradient) with NaN/inf entries replaced by 0,
+    in copies of the tensors that hold any, and how many entries that was."""
+    here = [i for i, g in enumerate(grads) if g is not None]
+    # A sum is NaN/inf whenever an entry is (and, rarely, when finite values overflow: the
+    # exact check below then finds nothing); it is about 10x cheaper than a max-norm.
+    suspect = [here[j] for j, ok in enumerate(_all_finite_sums([grads[i] for i in here]))
+               if not ok]
+    bad = [i for i in suspect if not bool(torch.isfinite(grads[i]).all())]
+    if not bad:
+        return grads, 0
+    grads, count = list(grads), 0
+    for i in bad:
+        g = grads[i] = grads[i].clone()
+        count += int(g.numel() - torch.isfinite(g).sum())
+        torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+    return grads, count
 
 
 @dataclass
@@ -413,7 +432,8 @@ class VoteEngine:
             # A fused kernel that cannot write the zero mask the plan needs is not used.
             fused = (plan.fused if zeros is None or plan.backend.fused_zeros else None)
             bad = (None if fused is None
-                   else fused(params, books.state, group, scale, zero_bit, outs, zeros))
+                   else fused(params, [p.grad for p in params], books.state, group, scale,
+                              zero_bit, outs, zeros))
             if bad is None:   # no fused kernel for these tensors: the rule, then the pack
                 sources, after = self.rule.send(params, self._clean_grads(params),
                                                 books.state, group, scale)
@@ -478,20 +498,9 @@ class VoteEngine:
             if g is not None and g.is_sparse:
                 raise ValueError(f"{type(self.books).__name__} does not take sparse gradients; "
                                  f"use dense embeddings")
-        here = [i for i, g in enumerate(grads) if g is not None]
-        # A sum is NaN/inf whenever an entry is (and, rarely, when finite values overflow: the
-        # exact check below then finds nothing); it is about 10x cheaper than a max-norm.
-        suspect = [here[j] for j, ok in enumerate(_all_finite_sums([grads[i] for i in here]))
-                   if not ok]
-        bad = [i for i in suspect if not bool(torch.isfinite(grads[i]).all())]
-        if not bad:
-            return grads
-        count = 0
-        for i in bad:
-            g = grads[i] = grads[i].clone()
-            count += int(g.numel() - torch.isfinite(g).sum())
-            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-        self._count_nonfinite(count)
+        grads, count = scrubbed(grads)
+        if count:
+            self._count_nonfinite(count)
         return grads
 
     # -- a quorum's late rank ------------------------------------------------------------------

@@ -107,11 +107,12 @@ class LionRule(Rule):
         if kernel is None or type(self).send is not LionRule.send:
             return None
 
-        def lion_update_and_pack(params, state, group, scale, zero_bit, outs, zeros=None):
-            if any(p.grad is None for p in params):
+        def lion_update_and_pack(params, grads, state, group, scale, zero_bit, outs,
+                                 zeros=None):
+            if any(g is None for g in grads):
                 return None
             b1, b2 = (number(b) for b in group["betas"])
-            return kernel([p.grad for p in params], [self.exp_avg(state, p) for p in params],
+            return kernel(grads, [self.exp_avg(state, p) for p in params],
                           b1, (1 - b1) * scale, b2, (1 - b2) * scale, zero_bit, outs,
                           **({"zeros": zeros} if zeros else {}))
         return lion_update_and_pack

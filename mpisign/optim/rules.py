@@ -107,9 +107,10 @@ class Rule:
 
     def fused(self, backend):
         """A kernel of ``backend`` that does :meth:`send` and the pack in one pass for this
-        rule, or None: ``kernel(params, state, group, scale, zero_bit, outs)`` returns how many
-        non-finite gradient entries it voted as 0, or None when it did not take these tensors
-        (nothing done). Asked once per layout."""
+        rule, or None: ``kernel(params, grads, state, group, scale, zero_bit, outs, zeros)``
+        (``grads[i]``: ``params[i]``'s gradient, or None) returns how many non-finite gradient
+        entries it voted as 0, or None when it did not take these tensors (nothing done).
+        Asked once per layout."""
         return None
 
 
@@ -166,12 +167,12 @@ class SignumRule(Rule):
         if kernel is None or type(self).send is not SignumRule.send:
             return None
 
-        def update_and_pack(params, state, group, scale, zero_bit, outs, zeros=None):
-            if any(p.grad is None for p in params):
+        def update_and_pack(params, grads, state, group, scale, zero_bit, outs, zeros=None):
+            if any(g is None for g in grads):
                 return None
             beta = number(group["momentum"])
             bufs = ([self.momentum_buffer(state, p) for p in params] if beta
                     else [None] * len(params))
-            return kernel([p.grad for p in params], bufs, beta, (1 - beta) * scale, zero_bit,
-                          outs, **({"zeros": zeros} if zeros else {}))
+            return kernel(grads, bufs, beta, (1 - beta) * scale, zero_bit, outs,
+                          **({"zeros": zeros} if zeros else {}))
         return update_and_pack

@@ -1,10 +1,11 @@
 """mpisign.ddp's hook on real ranks, in a real DDP over a real gloo process group: its parameters
-after N steps against mpisign.Signum's on the same data, bit for bit.
+after N steps against mpisign.Signum's (mpisign.Lion's, with ``lion``) on the same data, bit for
+bit.
 
 The process group is made beside MPI (rank 0 picks a free port and tells the others), so one
 launch runs both transports: the hook over the group (``comm=None``) and over MPI.
 
-Usage: ddp_check.py group|mpi [TOPOLOGY | mismatch]
+Usage: ddp_check.py group|mpi [TOPOLOGY | mismatch] [signum | lion]
 """
 
 import copy
@@ -22,7 +23,9 @@ import mpisign
 import mpisign.ddp
 
 transport = sys.argv[1]
-topology = sys.argv[2] if len(sys.argv) > 2 else "server"
+mode = sys.argv[2] if len(sys.argv) > 2 else "server"
+topology = "server" if mode == "mismatch" else mode
+rule = sys.argv[3] if len(sys.argv) > 3 else "signum"
 rank, size = WORLD.Get_rank(), WORLD.Get_size()
 
 if rank == 0:
@@ -34,7 +37,7 @@ else:
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(WORLD.bcast(port)))
 dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timedelta(seconds=120))
 
-STEPS, LR, BETA = 6, 0.01, 0.9
+STEPS, LR, BETA, BETAS = 6, 0.01, 0.9, (0.9, 0.99)
 
 
 class Net(torch.nn.Module):
@@ -53,7 +56,13 @@ def batch(step: int, micro: int = 0):
     g = torch.Generator().manual_seed(10_000 * step + 100 * rank + micro)
     x = torch.randn(8, 13, generator=g)
     x[:, 0] = 0.0   # a coordinate of body.weight whose gradient is exactly 0 on every rank
+    if poisoned and rank == 1 and step == 2:   # every gradient of rank 1 NaN at step 2
+        x[3, 5] = float("nan")
     return x, torch.randn(8, 3, generator=g)
+
+
+poisoned = False   # the case "a NaN gradient" sets it
+nonfinite = {}     # what the optimizer and the hook counted: "reference", "hook"
 
 
 def loss_of(model, step, micro=0):
@@ -61,35 +70,68 @@ def loss_of(model, step, micro=0):
     return torch.nn.functional.mse_loss(model(x), y)
 
 
-def reference(accumulate: int, unused: bool = False):
-    """mpisign.Signum over MPI on the same data: the gradients of each step summed over the
-    micro-batches, as DDP's no_sync accumulates them."""
+def optimizer(params, **options):
+    if rule == "lion":
+        return mpisign.Lion(params, lr=LR, betas=BETAS, comm=WORLD, **options)
+    return mpisign.Signum(params, lr=LR, momentum=BETA, comm=WORLD, **options)
+
+
+def hook_state(comm, saved=None, **options):
+    if rule == "lion":
+        state = mpisign.ddp.LionState(betas=BETAS, comm=comm, topology=topology, **options)
+    else:
+        state = mpisign.ddp.SignumState(momentum=BETA, comm=comm, topology=topology, **options)
+    if saved is not None:
+        state.load_state_dict(saved)
+    return state
+
+
+def reference(accumulate: int, unused: bool = False, scaled: bool = False):
+    """The optimizer over MPI on the same data: the gradients of each step summed over the
+    micro-batches, as DDP's no_sync accumulates them; ``scaled``: under a GradScaler whose
+    scale grows every step."""
     model = Net(unused)
-    opt = mpisign.Signum(model.parameters(), lr=LR, momentum=BETA, comm=WORLD)
+    scaler = grows() if scaled else None
+    opt = optimizer(model.parameters(), **({"grad_scaler": scaler} if scaled else {}))
     for step in range(STEPS):
         opt.zero_grad()
         for micro in range(accumulate):
-            loss_of(model, step, micro).backward()
-        opt.step()
+            loss = loss_of(model, step, micro)
+            (scaler.scale(loss) if scaled else loss).backward()
+        if scaled:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+    nonfinite["reference"] = opt.stats.nonfinite
     return [p.detach().clone() for p in model.parameters()]
 
 
+def grows():
+    """A GradScaler (on the CPU) whose scale doubles every step, from 2**10."""
+    return torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+
+
 def with_hook(accumulate: int, unused: bool = False, bucket_cap_mb: float = 25.0,
-              resume_at: int | None = None, **options):
+              resume_at: int | None = None, scaled: bool = False, compiled: bool = False,
+              **options):
     """The hook in a DDP of the same model; ``resume_at``: a new DDP, hook state and SGD at
-    that step, loaded from the old ones' state_dicts (a checkpoint and a restart)."""
+    that step, loaded from the old ones' state_dicts (a checkpoint and a restart); ``scaled``:
+    under a GradScaler given to the hook's state; ``compiled``: the DDP model under
+    ``torch.compile`` (aot_eager: the graph is traced and run as compiled, no C compiler)."""
     model = Net(unused)
     comm = None if transport == "group" else WORLD
+    scaler = grows() if scaled else None
 
     def make(saved=None):
         ddp = DDP(model, find_unused_parameters=unused, bucket_cap_mb=bucket_cap_mb, **options)
-        state = mpisign.ddp.SignumState(momentum=BETA, comm=comm, topology=topology)
+        state = hook_state(comm, saved and saved[0], **({"grad_scaler": scaler} if scaled else {}))
         opt = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=0.0)
         if saved is not None:
-            state.load_state_dict(saved[0])
             opt.load_state_dict(saved[1])
-        ddp.register_comm_hook(state, mpisign.ddp.signum_hook)
-        return ddp, state, opt
+        ddp.register_comm_hook(state, mpisign.ddp.lion_hook if rule == "lion"
+                               else mpisign.ddp.signum_hook)
+        return (torch.compile(ddp, backend="aot_eager") if compiled else ddp), state, opt
     ddp, state, opt = make()
     for step in range(STEPS):
         if step == resume_at:
@@ -100,9 +142,17 @@ def with_hook(accumulate: int, unused: bool = False, bucket_cap_mb: float = 25.0
         for micro in range(accumulate - 1):
             with ddp.no_sync():
                 loss_of(ddp, step, micro).backward()
-        loss_of(ddp, step, accumulate - 1).backward()
-        opt.step()
+        loss = loss_of(ddp, step, accumulate - 1)
+        (scaler.scale(loss) if scaled else loss).backward()
+        if scaled:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         progress(step)
+    if scaled:
+        assert scaler.get_scale() == 2.0 ** (10 + STEPS), scaler.get_scale()
+    nonfinite["hook"] = state.nonfinite
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -111,31 +161,47 @@ def same(a, b, what):
         assert torch.equal(x, y), (what, i, (x - y).abs().max().item())
 
 
-if topology == "mismatch":   # rank 1 restarts from another step's state: raised everywhere
+if mode == "mismatch":   # rank 1 restarts from another step's state: raised everywhere
     with case(f"{transport}: a hook state of another step on rank 1"):
         ddp = DDP(Net())
-        state = mpisign.ddp.SignumState(comm=None if transport == "group" else WORLD)
+        state = hook_state(None if transport == "group" else WORLD)
         if rank == 1:
             state.load_state_dict(dict(state.state_dict(), step=5))
-        ddp.register_comm_hook(state, mpisign.ddp.signum_hook)
+        ddp.register_comm_hook(state, mpisign.ddp.vote_hook)
         with expect_everywhere(ValueError, r"rank\(s\) \[1\] have another layout"):
             loss_of(ddp, 0).backward()
     dist.destroy_process_group()
-    print(f"ddp_check OK on {size} ranks: {transport} {topology}", flush=True)
+    print(f"ddp_check OK on {size} ranks: {transport} mismatch {rule}", flush=True)
     sys.exit(0)
 
-with case(f"{transport} {topology}: one bucket"):
+what = f"{transport} {topology} {rule}"
+with case(f"{what}: one bucket"):
     same(with_hook(1), reference(1), "one bucket")
-with case(f"{transport} {topology}: small buckets, rebuilt after the first step"):
+with case(f"{what}: small buckets, rebuilt after the first step"):
     # 0.0005 MB: each parameter its own bucket, whose order DDP rebuilds after step 0.
     same(with_hook(1, bucket_cap_mb=0.0005), reference(1), "small buckets")
-with case(f"{transport} {topology}: no_sync accumulation"):
+with case(f"{what}: no_sync accumulation"):
     same(with_hook(3), reference(3), "accumulation")
-with case(f"{transport} {topology}: find_unused_parameters"):
+with case(f"{what}: find_unused_parameters"):
     same(with_hook(1, unused=True), reference(1, unused=True), "unused")
-with case(f"{transport} {topology}: a checkpoint of the hook's state, and a restart"):
+with case(f"{what}: a checkpoint of the hook's state, and a restart"):
     same(with_hook(1, resume_at=3), reference(1), "resume")
-with case(f"{transport} {topology}: gradient_as_bucket_view, static_graph"):
+with case(f"{what}: gradient_as_bucket_view, static_graph"):
     same(with_hook(1, gradient_as_bucket_view=True, static_graph=True), reference(1), "views")
+with case(f"{what}: GradScaler, its scale doubling every step"):
+    same(with_hook(1, scaled=True), reference(1, scaled=True), "GradScaler")
+with case(f"{what}: torch.compile of the DDP model"):
+    same(with_hook(1, compiled=True), reference(1), "torch.compile")
+with case(f"{what}: a NaN gradient on rank 1 votes as 0, counted"):
+    poisoned = True
+    same(with_hook(1), reference(1), "NaN")
+    poisoned = False
+    assert nonfinite["hook"] == nonfinite["reference"] == (
+        sum(p.numel() for p in Net().parameters()) if rank == 1 else 0), nonfinite
+with case(f"{what}: another rule's state is refused"):
+    other = hook_state(None if transport == "group" else WORLD)
+    with expect_everywhere(ValueError, r"the state is (Lion|Signum)Rule's, this hook's rule is"):
+        foreign = dict(other.state_dict(), rule="LionRule" if rule == "signum" else "SignumRule")
+        other.load_state_dict(foreign)
 dist.destroy_process_group()
-print(f"ddp_check OK on {size} ranks: {transport} {topology}", flush=True)
+print(f"ddp_check OK on {size} ranks: {what}", flush=True)
