@@ -197,6 +197,9 @@ class VoteState:
                           for p in self._order]}
 
     def load_state_dict(self, saved: dict) -> None:
+        if "state" not in saved and "momentum_buffers" in saved:   # before LionState
+            saved = {**saved, "rule": "SignumRule",
+                     "state": [{"momentum_buffer": t} for t in saved["momentum_buffers"]]}
         rule = saved.get("rule", type(self.rule).__name__)
         if rule != type(self.rule).__name__:
             raise ValueError(f"{type(self).__name__}.load_state_dict: the state is {rule}'s, "

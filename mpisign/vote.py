@@ -21,11 +21,13 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from mpi4py import MPI
 
 from .backends import packing, signs
 from .collectives import VoteTimeout, check_comm, check_topology, default_timeout, make_vote
 from .collectives.quorum import QuorumVote, check_quorum, resolve_quorum
+from .group_vote import check_group_call, group_vote, is_process_group
 from .mpi import rollcall
 from .mpi.elastic import require_ulfm
 from .mpi.isolation import attached, duplicate, release
@@ -43,7 +45,8 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
 
     Args:
         x: floating tensor of any shape, different on each rank (same shape on all).
-        comm: an mpi4py intracommunicator.
+        comm: an mpi4py intracommunicator, or a ``torch.distributed`` process group: the
+            same vote over its collectives (:mod:`mpisign.group_vote` says what it takes).
         topology: a key of ``mpisign.TOPOLOGIES`` (``"server"``: gather to rank 0, ``"tree"``,
             ``"sharded"``, ``"allgather"``, ``"hierarchical"``: exact counts inside each node,
             see :mod:`mpisign.collectives.hierarchical`) or ``"auto"`` (the cost model's choice; the link is
@@ -80,14 +83,17 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
     With ``out``, nothing is allocated at all.
     """
     # Validate everything before any communication, so every rank raises the same error.
-    _check_arguments(x, comm, topology, step, out, quorum, grace, allow_minority, elastic)
-    if comm.Get_size() == 1:   # no vote: the sign itself, 0 for 0 and NaN
+    size = _checked_size(x, comm, topology, step, out, quorum, grace, allow_minority, elastic,
+                         timeout)
+    if size == 1:   # no vote: the sign itself, 0 for 0 and NaN
         if stats is not None:
             stats.update(bytes_sent=0, bytes_received=0)
             if quorum is not None:
                 stats["counted"] = [0]
         result = torch.nan_to_num(x.detach(), nan=0.0, out=out)
         return result.sign_()
+    if is_process_group(comm):   # torch.distributed's: mpisign.group_vote
+        return group_vote(x, comm, topology, step, stats, out)
     own = vote_state(comm)
     step = own.next_step() if step is None else step
     src = x.detach().contiguous()
@@ -112,19 +118,29 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
     return result if out is not None else result.view(x.shape)
 
 
-def _check_arguments(x, comm, topology: str, step, out, quorum, grace: float,
-                     allow_minority: bool, elastic: bool) -> None:
-    """majority_vote's arguments, checked before any communication: every rank raises alike."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"x must have a floating dtype, got {x.dtype}")
+def _checked_size(x, comm, topology: str, step, out, quorum, grace: float,
+                  allow_minority: bool, elastic: bool, timeout) -> int:
+    """majority_vote's arguments, checked before any communication (every rank raises alike),
+    and the number of ranks of ``comm``."""
+    _check_tensors(x, step, out)
     check_topology(topology)
+    if is_process_group(comm):
+        check_group_call(topology, quorum, elastic, timeout)
+        return dist.get_world_size(comm)
     check_comm(comm)
     if quorum is not None:
         check_quorum(topology, comm, quorum, grace, allow_minority, elastic)
     if elastic:
         require_ulfm()
+    return comm.Get_size()
+
+
+def _check_tensors(x, step, out) -> None:
+    """The arguments that do not depend on the communicator."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must have a floating dtype, got {x.dtype}")
     if step is not None and (not isinstance(step, int) or step < 0):
         raise ValueError(f"step must be an int >= 0 or None, got {step!r}")
     if out is not None and not (isinstance(out, torch.Tensor) and out.shape == x.shape

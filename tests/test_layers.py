@@ -53,7 +53,7 @@ LAYERS = [
     ("collectives", ("mpisign.collectives",)),
     ("the vote engine and optimizers", ("mpisign.optim",)),
     ("the public vote, a script's data and rank 0, the DDP hook",
-     ("mpisign.vote", "mpisign.script", "mpisign.ddp")),
+     ("mpisign.vote", "mpisign.group_vote", "mpisign.script", "mpisign.ddp")),
     ("applications", ("mpisign.train", "mpisign.diagnostics", "mpisign.launch", "mpisign")),
 ]
 

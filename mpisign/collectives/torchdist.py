@@ -67,14 +67,32 @@ class ProcessGroupVote:
         interface)."""
 
     def ranks_differing(self, digest: bytes) -> list:
-        """All-gather every rank's ``digest`` (8 bytes); the ranks whose digest differs from
-        the first rank's."""
-        mine = torch.tensor([int.from_bytes(digest[:8], "little", signed=True)],
-                            dtype=torch.int64, device=self.device)
-        every = torch.empty(self.size, dtype=torch.int64, device=self.device)
-        _all_gather(every, mine, group=self.group)
-        every = every.cpu().tolist()
+        """All-gather every rank's ``digest`` (its first 8 bytes); the ranks whose digest
+        differs from the first rank's."""
+        every = self.all_gather(np.frombuffer(digest[:8], dtype=np.uint64))[:, 0].tolist()
         return [r for r in range(self.size) if every[r] != every[0]]
+
+    def all_gather(self, words: np.ndarray) -> np.ndarray:
+        """Every rank's ``words`` (uint64, the same count on every rank), a row a rank."""
+        mine = torch.from_numpy(np.ascontiguousarray(words).view(np.int64)).to(self.device)
+        every = torch.empty(self.size * mine.numel(), dtype=torch.int64, device=self.device)
+        _all_gather(every, mine, group=self.group)
+        return every.cpu().numpy().view(np.uint64).reshape(self.size, -1)
+
+    def any_of(self, bits: np.ndarray) -> np.ndarray:
+        """The OR over the ranks of ``bits`` (0/1 bytes): a MAX, which every backend reduces."""
+        every = torch.from_numpy(np.ascontiguousarray(bits, dtype=np.uint8)).to(self.device)
+        dist.all_reduce(every, op=dist.ReduceOp.MAX, group=self.group)
+        return every.cpu().numpy()
+
+    def start(self, words, n: int, step: int | None = None, bucket: int = 0):
+        """SignVote's interface: the group's collectives return done, so the vote is taken
+        here, and :meth:`finish` hands its result on. Every rank starts its votes in one order
+        (the optimizer's buckets')."""
+        return self.vote(words, n, step, bucket)
+
+    def finish(self, pending):
+        return pending
 
     def all_zero(self, zeros: np.ndarray) -> np.ndarray | None:
         """The coordinates exactly 0 on every rank, from each rank's zero mask ``zeros``

@@ -17,6 +17,7 @@ from ..backends import packing
 from ..collectives import check_comm, check_topology, default_timeout
 from ..collectives.quorum import check_quorum
 from .detection import DisagreementMonitor
+from .grouped import check_group_options, is_process_group
 from .engine import VoteEngine
 from .guidance import check_learning_rate
 from .layout import check_param
@@ -71,7 +72,10 @@ class SignOptimizer(Optimizer):
         check_torch_options(type(self).__name__, torch_options)
         rule.check(defaults)
         check_topology(topology)
-        comm = check_comm(MPI.COMM_WORLD if comm is None else comm)
+        if is_process_group(comm):   # torch.distributed's: mpisign.optim.grouped
+            check_group_options(type(self).__name__, topology, elastic, quorum, overlap)
+        else:
+            comm = check_comm(MPI.COMM_WORLD if comm is None else comm)
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         if not isinstance(check_every, int) or check_every < 0:

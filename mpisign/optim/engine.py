@@ -41,6 +41,7 @@ from ..mpi.isolation import OwnComm
 from .header import ParameterDivergence, StepCheck, digest64
 from .layout import Bucket, Layout, build_layout, signature, trainable
 from .overlap import BucketHooks, check_threads
+from .grouped import Grouped, is_process_group, rank_and_size
 from .quorate import Quorate
 from .ranks import Ensemble, Solo
 from .recovery import Recovery, Unrecovered
@@ -159,7 +160,7 @@ class VoteEngine:
         """Vote over ``comm`` (on a duplicate of its own, made at the first vote), with a new
         plan at the next step. What a dead rank does to a step: ends it (Unrecovered), or is
         survived (Recovery)."""
-        self.comm, self.rank, self.world_size = comm, comm.Get_rank(), comm.Get_size()
+        self.comm, (self.rank, self.world_size) = comm, rank_and_size(comm)
         self.own_comm = own or OwnComm(comm, self, self.timeout, type(self.books).__name__)
         self.ranks = self._ranks_policy()
         self.plan: Plan | None = None
@@ -179,6 +180,8 @@ class VoteEngine:
         communicator."""
         if self.world_size == 1:
             return Solo(self)
+        if is_process_group(self.comm):
+            return Grouped(self)
         if self.quorum is not None and self.quorum < self.world_size:
             return Quorate(self)
         return Ensemble(self)
@@ -212,7 +215,7 @@ class VoteEngine:
             return self.plan
         params = [p for _, p in trainable(groups)]
         if not self.gpu_agreed:   # at the first step, on every rank: one GPU path for all
-            self.gpu_level = signs.gpu_level(params, self.ranks.gpu_comm(), self.timeout)
+            self.gpu_level = self.ranks.gpu_level(params)
             self.gpu_agreed = True
         backend = signs.signs_for(params, self.gpu_level)
         layout = build_layout(groups, self.overlap, self.bucket_words, backend)

@@ -51,7 +51,7 @@ from ..mpi.comm import bounded
 from ..mpi.report import Agreed
 
 __all__ = ["LayoutMismatch", "ParameterDivergence", "HyperparameterMismatch", "StepMismatch",
-           "StepHeader", "StepCheck", "Exchange", "digest64", "post", "finish", "exchange",
+           "StepHeader", "StepCheck", "Exchange", "Gathered", "digest64", "post", "finish", "exchange",
            "verdict"]
 
 WORDS = 9
@@ -129,6 +129,20 @@ class Exchange:
     every: np.ndarray
     mine: np.ndarray        # kept alive until the exchange completes
     what: str
+
+    def wait(self, timeout: float) -> list[StepHeader]:
+        return finish(self, timeout)
+
+
+@dataclass
+class Gathered:
+    """A header exchange already complete: a torch.distributed group's all-gather returns
+    done (:mod:`mpisign.optim.grouped`)."""
+
+    headers: list
+
+    def wait(self, timeout: float) -> list[StepHeader]:
+        return self.headers
 
 
 def post(comm: MPI.Intracomm, header: StepHeader) -> Exchange:
@@ -223,7 +237,11 @@ class StepCheck:
         return self.verified or self.pending is not None
 
     def post(self, comm: MPI.Intracomm, mine: StepHeader) -> None:
-        self.pending = post(comm, mine)
+        self.posted_as(post(comm, mine), mine)
+
+    def posted_as(self, exchange, mine: StepHeader) -> None:
+        """``mine`` went out in ``exchange`` (an :class:`Exchange`, or :class:`Gathered`)."""
+        self.pending = exchange
         self.absent_known = mine.absent != UNKNOWN
 
     def check(self, timeout: float, rank: int, describe, names: tuple) -> None:
@@ -232,7 +250,7 @@ class StepCheck:
         three hyperparameters."""
         if self.verified:
             return
-        headers = finish(self.pending, timeout)
+        headers = self.pending.wait(timeout)
         self.pending = None
         verdict(headers, rank, describe(), names)
         self.headers, self.verified, self.fresh = headers, True, False

@@ -30,7 +30,7 @@ import numpy as np
 from ..collectives.quorum import QuorumVote
 from ..mpi.report import Agreed
 from .ranks import Ensemble
-from .header import finish, verdict
+from .header import verdict
 
 __all__ = ["Quorate", "MissingGradient", "LAG", "LATE_WARNING"]
 
@@ -89,7 +89,7 @@ class Quorate(Ensemble):
 
     def _verdict(self, exchange) -> None:
         engine = self.engine
-        headers = finish(exchange, engine.timeout)
+        headers = exchange.wait(engine.timeout)
         verdict(headers, engine.rank, engine.plan.layout.summary(),
                 engine.rule.value_names[:3])
         self._absent(headers)

@@ -11,7 +11,9 @@ import math
 
 import numpy as np
 import torch
+from mpi4py import MPI
 
+from ..backends import signs
 from ..collectives import LocalVote, VoteTimeout, make_vote
 from ..mpi import exchanges, rollcall
 from .header import StepHeader, UNKNOWN, digest64
@@ -32,10 +34,15 @@ class Solo:
         return self.engine.comm
 
     def voter(self, topology: str, layout: Layout, backend):
-        return LocalVote(self.engine.comm)
+        return LocalVote(MPI.COMM_SELF)   # one rank's vote is its own: no message, any comm
 
     def gpu_comm(self):
         return None
+
+    def gpu_level(self, params: list):
+        """The GPU path every rank takes (:func:`mpisign.backends.signs.gpu_level`): agreed
+        over :meth:`gpu_comm` at the first step."""
+        return signs.gpu_level(params, self.gpu_comm(), self.engine.timeout)
 
     def zero_words(self, backend, words: int):
         """Where the plan keeps the zero mask of this rank's words (coordinates whose value
@@ -153,6 +160,13 @@ class Ensemble(Solo):
         check = engine.check
         if check.posted:
             return
+        check.post(engine.own_comm.get(), self.header(absent))
+        if check.fresh:
+            self.check_header()
+
+    def header(self, absent: int) -> StepHeader:
+        """This rank's header of this step (:mod:`mpisign.optim.header`)."""
+        engine = self.engine
         groups = engine.books.param_groups
         step = groups[0]["step"]
         if step == 0:
@@ -162,11 +176,8 @@ class Ensemble(Solo):
             params = (StepHeader.word(engine.stats.disagreement if voted else math.nan)
                       if engine.monitor is not None else 0)
         values = engine.rule.values(groups[0])
-        mine = StepHeader(step, engine.plan.layout.digest, engine.hparams_digest(), params,
+        return StepHeader(step, engine.plan.layout.digest, engine.hparams_digest(), params,
                           *(values + [0.0, 0.0, 0.0])[:3], absent, engine.stats.nonfinite)
-        check.post(engine.own_comm.get(), mine)
-        if check.fresh:
-            self.check_header()
 
     def check_header(self) -> None:
         """Every rank's header agrees with this one's, or every rank raises the same error."""

@@ -46,7 +46,9 @@ class Signum(SignOptimizer):
         momentum: beta of the local momentum, in [0, 1); 0 gives signSGD.
         weight_decay: lambda, applied as ``p -= lr * (v + lambda * p)``, outside the vote.
         comm: mpi4py intracommunicator; None means ``MPI.COMM_WORLD``. On a communicator of
-            size 1 this is plain single-worker Signum with no MPI traffic.
+            size 1 this is plain single-worker Signum with no MPI traffic. Or a
+            ``torch.distributed`` process group, for a job without MPI (what it takes:
+            :mod:`mpisign.optim.grouped`).
         topology: how the vote travels, a key of :data:`mpisign.TOPOLOGIES`: ``"server"`` (the
             paper's), ``"tree"``, ``"sharded"``, ``"allgather"``, ``"hierarchical"`` (exact
             counts inside each node, far fewer bytes between nodes); or ``"auto"``: the cost

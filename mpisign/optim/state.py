@@ -23,6 +23,7 @@ import torch
 from mpi4py import MPI
 
 from ..mpi.comm import bounded, check_comm, wait_all
+from .grouped import is_process_group
 
 __all__ = ["broadcast_parameters", "gather_state_dict", "scatter_state_dict"]
 
@@ -65,7 +66,12 @@ def _own_comm(opt):
     if engine is None:
         raise ValueError(f"expected an mpisign optimizer (Signum, SignSGD), got "
                          f"{type(opt).__name__}")
-    return engine.private_comm()
+    comm = engine.private_comm()
+    if is_process_group(comm):
+        raise ValueError(f"{type(opt).__name__} votes over a torch.distributed process group: "
+                         f"gathering and scattering its state go over MPI, not supported "
+                         f"there yet; save opt.state_dict() on every rank (one file a rank)")
+    return comm
 
 
 def gather_state_dict(opt, root: int = 0) -> dict | None:

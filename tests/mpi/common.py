@@ -98,3 +98,21 @@ def name_nodes(sizes_arg: str | None, comm=WORLD) -> list[int]:
     os.environ["MPISIGN_NODE"] = str([i for i, s in enumerate(sizes) for _ in range(s)]
                                      [comm.Get_rank()])
     return sizes
+
+
+def init_gloo(comm=WORLD, timeout: float = 120.0) -> None:
+    """A torch.distributed gloo process group beside MPI, of the ranks of ``comm`` (rank 0 picks
+    a free port and tells the others)."""
+    import os
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    port = None
+    if comm.Get_rank() == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(comm.bcast(port)))
+    dist.init_process_group("gloo", rank=comm.Get_rank(), world_size=comm.Get_size(),
+                            timeout=timedelta(seconds=timeout))

@@ -9,14 +9,11 @@ Usage: ddp_check.py group|mpi [TOPOLOGY | mismatch] [signum | lion]
 """
 
 import copy
-import os
-import socket
 import sys
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from common import WORLD, case, expect_everywhere, progress
+from common import WORLD, case, expect_everywhere, init_gloo, progress
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import mpisign
@@ -28,14 +25,7 @@ topology = "server" if mode == "mismatch" else mode
 rule = sys.argv[3] if len(sys.argv) > 3 else "signum"
 rank, size = WORLD.Get_rank(), WORLD.Get_size()
 
-if rank == 0:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-else:
-    port = None
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(WORLD.bcast(port)))
-dist.init_process_group("gloo", rank=rank, world_size=size, timeout=timedelta(seconds=120))
+init_gloo()
 
 STEPS, LR, BETA, BETAS = 6, 0.01, 0.9, (0.9, 0.99)
 
