@@ -4,6 +4,10 @@ majority_vote(x, comm=process_group) against numpy and against the same call ove
 same optimizers over MPI, bit for bit, with their header's errors (tests/mpi/group_optim_check.py);
 and the refusals on one process. (The DDP hook over a group: tests/test_ddp.py.)"""
 
+import os
+import re
+import subprocess
+import sys
 from datetime import timedelta
 
 import pytest
@@ -24,6 +28,24 @@ def test_the_vote_over_a_process_group_is_numpys_and_mpis(ranks):
 def test_the_optimizers_over_a_process_group_step_as_over_mpi(ranks, topology):
     out = mpirun.run(ranks, "group_optim_check.py", topology, timeout=300)
     assert f"group_optim_check OK on {ranks} ranks: {topology}" in out
+
+
+@pytest.mark.parametrize("ranks", [3, 4])
+def test_signum_under_torchrun_with_no_mpi_launcher_is_a_plain_torch_reference(ranks):
+    """torchrun's own process group, every process an MPI singleton: Signum over the group
+    against plain torch recomputing every rank's gradients and voting them in numpy."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                             str(ranks), "torchrun_optim.py"], cwd=mpirun.SCRIPTS,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        mpirun.kill_job(proc)
+        raise
+    assert proc.returncode == 0, out[-3000:]
+    assert sorted(re.findall(r"torchrun_optim OK on rank (\d+) of", out)) == [
+        str(r) for r in range(ranks)], out[-3000:]
 
 
 @pytest.fixture

@@ -73,8 +73,9 @@ class ProcessGroupVote:
         return [r for r in range(self.size) if every[r] != every[0]]
 
     def all_gather(self, words: np.ndarray) -> np.ndarray:
-        """Every rank's ``words`` (uint64, the same count on every rank), a row a rank."""
-        mine = torch.from_numpy(np.ascontiguousarray(words).view(np.int64)).to(self.device)
+        """Every rank's ``words`` (uint64, the same count on every rank; a few: they are
+        copied), a row a rank."""
+        mine = torch.from_numpy(np.array(words, dtype=np.uint64).view(np.int64)).to(self.device)
         every = torch.empty(self.size * mine.numel(), dtype=torch.int64, device=self.device)
         _all_gather(every, mine, group=self.group)
         return every.cpu().numpy().view(np.uint64).reshape(self.size, -1)
