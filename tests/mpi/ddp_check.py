@@ -85,16 +85,25 @@ def reference(accumulate: int, unused: bool = False, scaled: bool = False):
     opt = optimizer(model.parameters(), **({"grad_scaler": scaler} if scaled else {}))
     for step in range(STEPS):
         opt.zero_grad()
-        for micro in range(accumulate):
-            loss = loss_of(model, step, micro)
-            (scaler.scale(loss) if scaled else loss).backward()
-        if scaled:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
+        for micro in range(accumulate - 1):
+            scaled_backward(loss_of(model, step, micro), scaler)
+        backward_and_step(loss_of(model, step, accumulate - 1), opt, scaler)
     nonfinite["reference"] = opt.stats.nonfinite
     return [p.detach().clone() for p in model.parameters()]
+
+
+def scaled_backward(loss, scaler) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def backward_and_step(loss, opt, scaler) -> None:
+    """``loss.backward()`` and ``opt.step()``, through the GradScaler if there is one."""
+    scaled_backward(loss, scaler)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
 
 
 def grows():
@@ -132,13 +141,7 @@ def with_hook(accumulate: int, unused: bool = False, bucket_cap_mb: float = 25.0
         for micro in range(accumulate - 1):
             with ddp.no_sync():
                 loss_of(ddp, step, micro).backward()
-        loss = loss_of(ddp, step, accumulate - 1)
-        (scaler.scale(loss) if scaled else loss).backward()
-        if scaled:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
+        backward_and_step(loss_of(ddp, step, accumulate - 1), opt, scaler)
         progress(step)
     if scaled:
         assert scaler.get_scale() == 2.0 ** (10 + STEPS), scaler.get_scale()
