@@ -1,6 +1,7 @@
-"""DDP's communication hooks side by side: mpisign's vote as a hook (over gloo and over MPI)
-against DDP's fp32 allreduce, its fp16 hook and PowerSGD (rank 1 and 4), and mpisign.Signum's
-own step, in one job, on the same model and data.
+"""DDP's communication hooks side by side: mpisign's vote as a hook (Signum over gloo, over MPI
+with the server and the sharded vote; Lion over gloo) against DDP's fp32 allreduce, its fp16 hook
+and PowerSGD (rank 1 and 4), and mpisign.Signum's own step (over MPI, and over the gloo group),
+in one job, on the same model and data.
 
     sudo PATH=$PWD/.venv/bin:$PATH benchmarks/netns_cluster.sh run -n 4 -- \\
         bash -c '$NETNS_MPIRUN -n 4 python -m mpi4py benchmarks/bench_ddp.py'
@@ -87,6 +88,9 @@ def methods(lr: float) -> dict:
                                                               comm=WORLD))
     net = model()
     made[DRAINED] = (net, mpisign.Signum(net.parameters(), lr=lr, comm=WORLD))
+    net = model()
+    made["mpisign.Signum over the gloo group"] = (
+        net, mpisign.Signum(net.parameters(), lr=lr, comm=dist.group.WORLD))
 
     def ddp(name, hook=None, state=None):
         wrapped = DDP(model(), bucket_cap_mb=BUCKET_MB)
@@ -95,6 +99,9 @@ def methods(lr: float) -> dict:
         made[name] = (wrapped, torch.optim.SGD(wrapped.parameters(), lr=lr, momentum=0.0))
     ddp("DDP + mpisign hook, gloo", mpisign.ddp.signum_hook, mpisign.ddp.SignumState())
     ddp("DDP + mpisign hook, MPI", mpisign.ddp.signum_hook, mpisign.ddp.SignumState(comm=WORLD))
+    ddp("DDP + mpisign hook, MPI sharded", mpisign.ddp.signum_hook,
+        mpisign.ddp.SignumState(comm=WORLD, topology="sharded"))
+    ddp("DDP + mpisign Lion hook, gloo", mpisign.ddp.lion_hook, mpisign.ddp.LionState())
     ddp("DDP fp32 allreduce")
     ddp("DDP + fp16 hook", default_hooks.fp16_compress_hook, None)
     for rank in (1, 4):
