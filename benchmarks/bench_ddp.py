@@ -80,8 +80,9 @@ def model() -> torch.nn.Module:
     return torchvision.models.resnet18(num_classes=10)
 
 
-def methods(lr: float) -> dict:
-    """name -> (the module to call, the optimizer): each method with a model of its own."""
+def methods(lr: float, broadcast_buffers: bool = True) -> dict:
+    """name -> (the module to call, the optimizer): each method with a model of its own;
+    ``broadcast_buffers``: DDP's own option (rank 0's BatchNorm buffers at each forward)."""
     made = {}
     net = model()
     made["mpisign.Signum (own step)"] = (net, mpisign.Signum(net.parameters(), lr=lr,
@@ -93,7 +94,7 @@ def methods(lr: float) -> dict:
         net, mpisign.Signum(net.parameters(), lr=lr, comm=dist.group.WORLD))
 
     def ddp(name, hook=None, state=None):
-        wrapped = DDP(model(), bucket_cap_mb=BUCKET_MB)
+        wrapped = DDP(model(), bucket_cap_mb=BUCKET_MB, broadcast_buffers=broadcast_buffers)
         if hook is not None:
             wrapped.register_comm_hook(state, hook)
         made[name] = (wrapped, torch.optim.SGD(wrapped.parameters(), lr=lr, momentum=0.0))
@@ -142,6 +143,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--json", default="")
     parser.add_argument("--only", default="", help="run the methods whose names contain this")
+    parser.add_argument("--no-broadcast-buffers", action="store_true",
+                        help="DDP(broadcast_buffers=False), a diagnosis")
     parser.add_argument("--dump-after", type=float, default=0.0,
                         help="print every thread's stack after this many seconds (diagnosis)")
     args = parser.parse_args()
@@ -152,7 +155,8 @@ def main() -> None:
     y = torch.randint(0, 10, (args.batch,), generator=g)
     if args.dump_after:
         faulthandler.dump_traceback_later(args.dump_after)
-    made = {name: m for name, m in methods(args.lr).items() if args.only in name}
+    made = {name: m for name, m in methods(args.lr, not args.no_broadcast_buffers).items()
+            if args.only in name}
     for module, opt in made.values():
         for _ in range(args.warmup):
             step(module, opt, x, y)
