@@ -286,7 +286,7 @@ class _Bucket:
 def _pack(state: VoteState, b: _Bucket, grads: list) -> None:
     """The rule's local step on this rank, through the backend's fused kernel where it takes
     the tensors, packed into the bucket's words (the optimizer's own path:
-    :meth:`mpisign.optim.engine.Engine` packs a bucket the same way)."""
+    :class:`mpisign.optim.engine.VoteEngine` packs a bucket the same way)."""
     zero_bit = (state.rank + state.step) % 2
     scale = state.inv_scale()
     bad = (None if b.fused is None else

@@ -19,18 +19,14 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.distributed as dist
 
 from .backends import packing, signs
 from .collectives.base import Traffic
 from .collectives.torchdist import GROUP_TOPOLOGIES, ProcessGroupVote
+from .optim.grouped import is_process_group
 from .optim.header import digest64
 
 __all__ = ["is_process_group", "check_group_call", "group_vote"]
-
-
-def is_process_group(comm) -> bool:
-    return isinstance(comm, dist.ProcessGroup)
 
 
 def check_group_call(topology: str, quorum, elastic: bool, timeout) -> None:
