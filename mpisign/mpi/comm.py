@@ -42,8 +42,9 @@ def check_comm(comm) -> MPI.Intracomm:
     """Return ``comm`` if it is a usable intracommunicator, else raise ValueError (or
     :class:`mpisign.mpi.world.SingletonWorld` for a launch that gave every task a world of its own)."""
     if not isinstance(comm, MPI.Comm) or comm == MPI.COMM_NULL:
-        raise ValueError(f"comm must be an mpi4py communicator (or, for majority_vote and "
-                         f"mpisign.ddp, a torch.distributed process group), got {comm!r}")
+        raise ValueError(f"comm must be an mpi4py communicator (or, for the optimizers, "
+                         f"majority_vote and mpisign.ddp, a torch.distributed process group), "
+                         f"got {comm!r}")
     if comm.Is_inter():
         raise ValueError("comm must be an intracommunicator: a majority vote needs every rank "
                          "in one group (got an intercommunicator)")
