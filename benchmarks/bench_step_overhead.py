@@ -64,7 +64,8 @@ def main() -> None:
         def header_alone():
             exchange(own, header, 60.0)
         timed(header_alone, 20, comm)
-        results["step header alone (allgather 64 B)"] = timed(header_alone, args.steps, comm)
+        results[f"step header alone (allgather {header.pack().nbytes} B)"] = timed(
+            header_alone, args.steps, comm)
     if comm.Get_rank() == 0:
         sgd = results["torch SGD(momentum=0.9)"]
         coords = sum(p.numel() for p in model.parameters())
