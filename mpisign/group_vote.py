@@ -22,8 +22,8 @@ import torch
 
 from .backends import packing, signs
 from .collectives.base import Traffic
-from .collectives.torchdist import GROUP_TOPOLOGIES, ProcessGroupVote
-from .optim.grouped import is_process_group
+from .collectives.torchdist import ProcessGroupVote
+from .optim.grouped import check_group_options, is_process_group
 from .optim.header import digest64
 
 __all__ = ["is_process_group", "check_group_call", "group_vote"]
@@ -31,19 +31,8 @@ __all__ = ["is_process_group", "check_group_call", "group_vote"]
 
 def check_group_call(topology: str, quorum, elastic: bool, timeout) -> None:
     """The options of ``majority_vote`` that a process group cannot carry: ValueError, before
-    any communication, on every rank alike."""
-    if topology not in GROUP_TOPOLOGIES:
-        raise ValueError(f"majority_vote over a torch.distributed process group: topology "
-                         f"must be one of {GROUP_TOPOLOGIES}, got {topology!r} (the others "
-                         f"need several tagged point-to-point messages in flight: vote over "
-                         f"MPI for them)")
-    if quorum is not None:
-        raise ValueError("majority_vote over a torch.distributed process group: quorum= needs "
-                         "messages that a late rank can leave unanswered, which a group's "
-                         "collectives cannot do: vote over MPI for a quorum")
-    if elastic:
-        raise ValueError("majority_vote over a torch.distributed process group: elastic=True "
-                         "needs MPI's ULFM: vote over MPI (mpisign.launch --elastic)")
+    any communication, on every rank alike (the optimizers' checks, and ``timeout=``)."""
+    check_group_options("majority_vote", topology, elastic, quorum, overlap=False)
     if timeout is not None:
         raise ValueError("majority_vote over a torch.distributed process group: its calls are "
                          "bounded by the group's own timeout (init_process_group(timeout=...)), "

@@ -51,8 +51,8 @@ from ..mpi.comm import bounded
 from ..mpi.report import Agreed
 
 __all__ = ["LayoutMismatch", "ParameterDivergence", "HyperparameterMismatch", "StepMismatch",
-           "StepHeader", "StepCheck", "Exchange", "Gathered", "digest64", "post", "finish", "exchange",
-           "verdict"]
+           "StepHeader", "StepCheck", "Exchange", "Gathered", "digest64", "post", "finish",
+           "exchange", "verdict"]
 
 WORDS = 9
 #: Word 7 when the count of missing gradients is not known yet (a vote begun by a hook).
