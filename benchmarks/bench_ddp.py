@@ -1,7 +1,7 @@
-"""DDP's communication hooks side by side: mpisign's vote as a hook (Signum over gloo, over MPI
-with the server and the sharded vote; Lion over gloo) against DDP's fp32 allreduce, its fp16 hook
-and PowerSGD (rank 1 and 4), and mpisign.Signum's own step (over MPI, and over the gloo group),
-in one job, on the same model and data.
+"""DDP's communication hooks side by side: mpisign's vote as a hook (Signum over gloo with the
+server, sharded and tree votes, over MPI with the server and the sharded vote; Lion over gloo)
+against DDP's fp32 allreduce, its fp16 hook and PowerSGD (rank 1 and 4), and mpisign.Signum's
+own step (over MPI, and over the gloo group), in one job, on the same model and data.
 
     sudo PATH=$PWD/.venv/bin:$PATH benchmarks/netns_cluster.sh run -n 4 -- \\
         bash -c '$NETNS_MPIRUN -n 4 python -m mpi4py benchmarks/bench_ddp.py'
@@ -99,6 +99,9 @@ def methods(lr: float, broadcast_buffers: bool = True) -> dict:
             wrapped.register_comm_hook(state, hook)
         made[name] = (wrapped, torch.optim.SGD(wrapped.parameters(), lr=lr, momentum=0.0))
     ddp("DDP + mpisign hook, gloo", mpisign.ddp.signum_hook, mpisign.ddp.SignumState())
+    for topology in ("sharded", "tree"):
+        ddp(f"DDP + mpisign hook, gloo {topology}", mpisign.ddp.signum_hook,
+            mpisign.ddp.SignumState(topology=topology))
     ddp("DDP + mpisign hook, MPI", mpisign.ddp.signum_hook, mpisign.ddp.SignumState(comm=WORLD))
     ddp("DDP + mpisign hook, MPI sharded", mpisign.ddp.signum_hook,
         mpisign.ddp.SignumState(comm=WORLD, topology="sharded"))

@@ -25,8 +25,8 @@ bit).
 Two transports, one vote:
 
 - ``comm=None``: over the process group DDP itself uses (``process_group=``, else the default
-  group), through :class:`mpisign.collectives.torchdist.ProcessGroupVote`: a ``torchrun`` job
-  with gloo or NCCL and no MPI at all. Topologies ``"server"``, ``"allgather"``.
+  group), through :mod:`mpisign.collectives.torchdist`: a ``torchrun`` job with gloo or NCCL
+  and no MPI at all. Topologies ``"server"``, ``"allgather"``, ``"sharded"``, ``"tree"``.
 - ``comm=MPI.COMM_WORLD``: over MPI, with every topology of :data:`mpisign.TOPOLOGIES` (a
   duplicate of ``comm``, made when the state is made: collective).
 
@@ -54,7 +54,7 @@ import torch.distributed as dist
 from .backends import packing
 from .backends.signs import signs_for
 from .collectives import TOPOLOGIES, make_vote
-from .collectives.torchdist import ProcessGroupVote
+from .collectives.torchdist import make_group_vote
 from .collectives.base import default_timeout
 from .mpi import exchanges
 from .optim.engine import scrubbed
@@ -79,8 +79,8 @@ class VoteState:
             belong to the user's SGD and are not the hook's).
         comm: an mpi4py communicator to vote over, or None for the DDP model's process group
             (``process_group``, else torch.distributed's default group).
-        topology: ``"server"`` (default) or ``"allgather"`` over a process group; any of
-            :data:`mpisign.TOPOLOGIES` over MPI.
+        topology: ``"server"`` (default), ``"allgather"``, ``"sharded"`` or ``"tree"`` over a
+            process group; any of :data:`mpisign.TOPOLOGIES` over MPI.
         process_group: the group DDP was given, when ``comm`` is None and it is not the default.
         timeout: seconds an MPI vote waits on its peers (a process group's own timeout bounds
             its calls).
@@ -98,7 +98,7 @@ class VoteState:
                              f"torch.amp.GradScaler, got {grad_scaler!r}")
         self.scaler = grad_scaler
         if comm is None:   # one vote over the group serves every bucket
-            voter = ProcessGroupVote(process_group, topology)
+            voter = make_group_vote(process_group, topology)
             self.rank, self.size = voter.rank, voter.size
             self._make = lambda n, tally: voter
             self._differing = voter.ranks_differing

@@ -2,8 +2,8 @@
 group, for a job that has torch.distributed and no MPI (``torchrun``, gloo or NCCL).
 
 The same packed words, the same zero rule (``(rank + step) % 2``) and the same tally as over MPI
-(:class:`mpisign.collectives.torchdist.ProcessGroupVote`), so the result is the MPI vote's, bit
-for bit, over the group's ``"server"`` (gather, tally, broadcast) or ``"allgather"`` topology.
+(:mod:`mpisign.collectives.torchdist`), so the result is the MPI vote's, bit for bit, over
+the group's ``"server"``, ``"allgather"``, ``"sharded"`` or ``"tree"`` topology.
 What each group keeps is :class:`_Kept`: the call count (the default ``step``) and one vote and
 word buffer per kind of call (topology, size, device, dtype). The first call of a kind checks,
 with one all-gather of 8 bytes, that every rank of the group calls it alike (the same topology
@@ -22,7 +22,7 @@ import torch
 
 from .backends import packing, signs
 from .collectives.base import Traffic
-from .collectives.torchdist import ProcessGroupVote
+from .collectives.torchdist import make_group_vote
 from .optim.grouped import check_group_options, is_process_group
 from .optim.header import digest64
 
@@ -49,7 +49,7 @@ class _Call:
             agreed = startup.STAGED
         self.backend = signs.signs_for([like], agreed)
         self.words = self.backend.words(packing.n_words(like.numel()))
-        self.voter = ProcessGroupVote(group, topology, tally=self.backend.tally)
+        self.voter = make_group_vote(group, topology, tally=self.backend.tally)
 
 
 class _Kept:

@@ -24,7 +24,8 @@ def test_the_vote_over_a_process_group_is_numpys_and_mpis(ranks):
     assert f"group_vote_check OK on {ranks} ranks" in out
 
 
-@pytest.mark.parametrize("ranks, topology", [(3, "server"), (4, "allgather"), (4, "server")])
+@pytest.mark.parametrize("ranks, topology", [(3, "server"), (4, "allgather"), (4, "tree"),
+                                             (3, "sharded")])
 def test_the_optimizers_over_a_process_group_step_as_over_mpi(ranks, topology):
     out = mpirun.run(ranks, "group_optim_check.py", topology, timeout=300)
     assert f"group_optim_check OK on {ranks} ranks: {topology}" in out
@@ -65,7 +66,7 @@ def test_bad_input_over_a_group_is_refused_before_any_communication(one_rank_gro
     with pytest.raises(ValueError, match="floating dtype"):
         majority_vote(torch.ones(3, dtype=torch.int64), comm=one_rank_group)
     with pytest.raises(ValueError, match="topology must be one of"):
-        majority_vote(torch.ones(3), comm=one_rank_group, topology="sharded")
+        majority_vote(torch.ones(3), comm=one_rank_group, topology="hierarchical")
     with pytest.raises(ValueError, match="quorum= needs"):
         majority_vote(torch.ones(3), comm=one_rank_group, quorum=1)
 

@@ -2,18 +2,18 @@
 for a job that has torch.distributed and no MPI (``torchrun``, gloo or NCCL).
 
 The step is :class:`~mpisign.optim.ranks.Ensemble`'s, with the group's collectives
-(:class:`mpisign.collectives.torchdist.ProcessGroupVote`) for MPI's: the same 72-byte step header
-(one all-gather, checked by the same verdict, so the same errors on every rank), the same
-presence OR where some rank lacks a gradient (a MAX of 0/1 bytes), the same ANDs for the
-coordinates exactly 0 on every rank (odd ranks), the same vote (``"server"`` or
-``"allgather"``), and so the same bits as over MPI. A group's collectives return done: nothing
-travels beside the backward pass, and the group's own timeout
+(:mod:`mpisign.collectives.torchdist`) for MPI's: the same 72-byte step header (one
+all-gather, checked by the same verdict, so the same errors on every rank), the same presence
+OR where some rank lacks a gradient (a MAX of 0/1 bytes), the same ANDs for the coordinates
+exactly 0 on every rank (odd ranks), the same vote (``"server"``, ``"allgather"``,
+``"sharded"`` or ``"tree"``), and so the same bits as over MPI. A group's vote is waited for
+within the call: nothing travels beside the backward pass, and the group's own timeout
 (``init_process_group(timeout=...)``) bounds each call.
 
 What needs MPI is refused when the optimizer is made (:func:`check_group_options`): elastic
 recovery (ULFM), a quorum (messages a late rank leaves unanswered), overlap (votes started from
-gradient hooks, beside the group's own traffic), the tree, sharded and hierarchical topologies
-(several tagged point-to-point messages in flight). Device-resident words need a CUDA-aware MPI:
+gradient hooks, beside the group's own traffic), the hierarchical topology (its groups split by
+node would have to be made by the whole default group) and ``"auto"``. Device-resident words need a CUDA-aware MPI:
 over a group the words stay on the host (the GPU's kernels still pack and apply).
 """
 
@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ..backends import signs
 from ..collectives import VoteTimeout
-from ..collectives.torchdist import GROUP_TOPOLOGIES, ProcessGroupVote
+from ..collectives.torchdist import GROUP_TOPOLOGIES, make_group_vote
 from .header import Gathered, StepHeader, UNKNOWN, digest64
 from .layout import Layout
 from .ranks import Ensemble
@@ -49,8 +49,9 @@ def check_group_options(name: str, topology: str, elastic: bool, quorum, overlap
     where = f"{name}(comm=process_group)"
     if topology not in GROUP_TOPOLOGIES:
         raise ValueError(f"{where}: topology must be one of {GROUP_TOPOLOGIES}, got "
-                         f"{topology!r} (the others need several tagged point-to-point "
-                         f"messages in flight: vote over MPI for them)")
+                         f"{topology!r} (\"hierarchical\" needs groups split by node, which "
+                         f"only the whole default group can make, and \"auto\" a measured "
+                         f"link: vote over MPI for them)")
     for given, what in ((elastic, "elastic=True needs MPI's ULFM"),
                         (quorum is not None, "quorum= needs messages that a late rank can "
                                              "leave unanswered"),
@@ -66,13 +67,13 @@ class Grouped(Ensemble):
 
     def __init__(self, engine):
         super().__init__(engine)
-        self.side = ProcessGroupVote(engine.comm, engine.topology)   # the header, the ORs
+        self.side = make_group_vote(engine.comm, engine.topology)   # the header, the ORs
 
     def vote_comm(self):
         return self.engine.comm
 
     def voter(self, topology: str, layout: Layout, backend):
-        return ProcessGroupVote(self.engine.comm, topology, tally=backend.tally)
+        return make_group_vote(self.engine.comm, topology, tally=backend.tally)
 
     def gpu_comm(self):
         return None

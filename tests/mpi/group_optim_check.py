@@ -86,7 +86,7 @@ with case(f"{topology}: a layout that differs on rank 2 is raised on every rank"
 
 with case(f"{topology}: what a process group cannot carry is refused"):
     params = list(model().parameters())
-    for options, match in (({"topology": "tree"}, "topology must be one of"),
+    for options, match in (({"topology": "hierarchical"}, "topology must be one of"),
                            ({"quorum": size - 1}, "quorum= needs"),
                            ({"elastic": True}, "elastic=True needs MPI's ULFM"),
                            ({"overlap": True}, "overlap=True starts votes")):

@@ -25,9 +25,9 @@ def everyone(n: int, seed: int, dtype=torch.float32, ranks=None) -> list:
     return xs
 
 
-for topology in ("server", "allgather"):
-    for n, dtype in ((1, torch.float32), (1000, torch.float32), (4099, torch.bfloat16),
-                     (70_001, torch.float64)):
+for topology in ("server", "allgather", "sharded", "tree"):
+    for n, dtype in ((1, torch.float32), (130, torch.float32), (1000, torch.float32),
+                     (4099, torch.bfloat16), (70_001, torch.float64)):
         with case(f"{topology} {dtype} n={n}: numpy's majority, and MPI's bits"):
             xs = everyone(n, seed=n, dtype=dtype)
             for step in (0, 1, 7):
@@ -37,10 +37,14 @@ for topology in ("server", "allgather"):
                 assert got.dtype == dtype and got.numel() == n
                 expect = reference_vote(xs, step)
                 assert np.array_equal(got.reshape(-1).to(torch.float64).numpy(), expect), step
-                over_mpi = majority_vote(xs[rank], comm=WORLD, topology=topology, step=step)
+                mpi_stats = {}
+                over_mpi = majority_vote(xs[rank], comm=WORLD, topology=topology, step=step,
+                                         stats=mpi_stats)
                 assert torch.equal(got.reshape(-1), over_mpi), step
                 if topology == "server" and rank:   # a worker sends its words, no more
                     assert stats["bytes_sent"] == 8 * -(-n // 64), stats
+                if topology != "sharded":   # the same messages as over MPI (sharded pads)
+                    assert stats == mpi_stats, (stats, mpi_stats)
                 assert stats["bytes_sent"] > 0 and stats["bytes_received"] > 0, stats
 
 with case("the call count is the default step, per group"):
@@ -61,8 +65,9 @@ with case("a group of some of the ranks votes among them"):
     sub = dist.new_group(members)   # collective over the default group: every rank makes it
     if rank in members:
         xs = everyone(800, seed=8, ranks=members)
-        got = majority_vote(xs[rank], comm=sub, step=2)
-        assert np.array_equal(got.to(torch.float64).numpy(), reference_vote(xs, 2))
+        for topology in ("server", "sharded", "tree"):
+            got = majority_vote(xs[rank], comm=sub, step=2, topology=topology)
+            assert np.array_equal(got.to(torch.float64).numpy(), reference_vote(xs, 2)), topology
 
 with case("a rank that calls with another size: every rank raises, naming it"):
     n = 600 if rank == 1 else 640
@@ -71,7 +76,7 @@ with case("a rank that calls with another size: every rank raises, naming it"):
 
 with case("what a process group cannot carry is refused"):
     x = torch.ones(10)
-    for options, match in (({"topology": "tree"}, "topology must be one of"),
+    for options, match in (({"topology": "hierarchical"}, "topology must be one of"),
                            ({"quorum": size - 1}, "quorum= needs"),
                            ({"elastic": True}, "elastic=True needs MPI's ULFM"),
                            ({"timeout": 5.0}, "group's own timeout")):
