@@ -9,6 +9,9 @@ construction; :class:`mpisign.Signum` and :class:`mpisign.SignSGD` are a few lin
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 from mpi4py import MPI
 from torch.optim import Optimizer
@@ -21,6 +24,37 @@ from .grouped import check_group_options, is_process_group
 from .engine import VoteEngine
 from .guidance import check_learning_rate
 from .layout import check_param
+
+
+# -- torch.compile's exclusions, without importing torch._dynamo before anything else has ----
+# Importing torch._dynamo costs 1.2 s of every rank's start (python -X importtime), and
+# torch.optim.Optimizer imports it at the first call of add_param_group, zero_grad, state_dict
+# and load_state_dict (each wrapped in torch._disable_dynamo). A call made while nothing has
+# imported it cannot be under torch.compile: it runs the plain function. Once something has
+# (torch.compile did), calls go through the disabled wrapper, as torch's own do.
+
+def _plain_or_disabled(plain, disabled):
+    @functools.wraps(plain)
+    def call(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return plain(*args, **kwargs)
+        return disabled(*args, **kwargs)
+    return call
+
+
+def compile_disabled(fn):
+    """``torch.compiler.disable(fn)``, made lazily (see above): a compiled training step still
+    runs ``fn`` as it is."""
+    return _plain_or_disabled(fn, torch._disable_dynamo(fn))
+
+
+def _optimizers(name: str):
+    """``torch.optim.Optimizer``'s method ``name``, called as it is while nothing compiles."""
+    disabled = getattr(Optimizer, name)
+    return _plain_or_disabled(disabled.__wrapped__, disabled)
+
+
+_optimizers_add_param_group = _optimizers("add_param_group")
 
 __all__ = ["SignOptimizer", "check_torch_options"]
 
@@ -56,6 +90,11 @@ class SignOptimizer(Optimizer):
         comm, topology, timeout, check_every, overlap, bucket_mb, monitor, elastic, min_ranks:
             the vote's options, as :class:`mpisign.Signum` documents them.
     """
+
+    # torch.optim's own, without importing torch._dynamo while nothing compiles (see above).
+    zero_grad = _optimizers("zero_grad")
+    state_dict = _optimizers("state_dict")
+    load_state_dict = _optimizers("load_state_dict")
 
     #: torch.amp.GradScaler's protocol: ``scaler.step(opt)`` always calls :meth:`step`, whose
     #: rule takes the gradients unscaled itself. A sign does not care about the scale, and an
@@ -178,10 +217,10 @@ class SignOptimizer(Optimizer):
             check_param(p[1] if isinstance(p, tuple) else p)
         param_group = {**param_group, "params": params}
         param_group.setdefault("step", 0)
-        super().add_param_group(param_group)
+        _optimizers_add_param_group(self, param_group)
 
     # -- the step ---------------------------------------------------------------------------
-    @torch.compiler.disable
+    @compile_disabled
     @torch.no_grad()
     def step(self, closure=None):
         """One voted step. Every rank of ``comm`` must call it the same number of times.
@@ -217,7 +256,7 @@ class SignOptimizer(Optimizer):
         Without a quorum, or on the root, always False."""
         return self.engine.late()
 
-    @torch.compiler.disable
+    @compile_disabled
     @torch.no_grad()
     def skip(self) -> None:
         """Take the step whose vote closed without this rank: its result moves the parameters
