@@ -7,7 +7,8 @@
 
 It runs the ``mpiexec`` beside this Python (the PyPI MPI wheels put it there) or on PATH, with:
 oversubscription allowed and ranks yielding instead of busy-polling (more ranks than cores), one
-compute thread per rank, Open MPI allowed to run as root (containers, CI), and
+compute thread per rank, Open MPI allowed to run as root (containers, CI), no libfabric
+transport (its probe costs every rank 1 s at start; local ranks use shared memory), and
 ``python -m mpi4py`` so that an exception on any rank aborts the whole job. ``--elastic`` adds
 Open MPI's ``--with-ft ulfm``: a rank that dies no longer ends the job, so that an elastic
 optimizer (``Signum(..., elastic=True)``) can carry on without it; and, unless
@@ -60,6 +61,9 @@ def local_env(base: dict | None = None) -> dict:
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
         # More ranks than cores: a waiting rank must yield its core, not spin on it.
         "OMPI_MCA_mpi_yield_when_idle": "1",
+        # Local ranks talk over shared memory: without libfabric's network transport, whose
+        # provider probe sleeps 1 s in every rank's MPI_Init (Open MPI 5.0.11's btl ofi).
+        "OMPI_MCA_btl": "^ofi",
         # One compute thread per rank, or the ranks' thread pools fight over the cores.
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
