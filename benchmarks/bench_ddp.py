@@ -109,12 +109,24 @@ def methods(lr: float, broadcast_buffers: bool = True) -> dict:
         mpisign.ddp.SignumState(comm=WORLD, topology="sharded"))
     ddp("DDP + mpisign Lion hook, gloo", mpisign.ddp.lion_hook, mpisign.ddp.LionState())
     ddp("DDP fp32 allreduce")
+    ddp(NOOP, noop_hook, None)
     ddp("DDP + fp16 hook", default_hooks.fp16_compress_hook, None)
     for rank in (1, 4):
         ddp(f"DDP + PowerSGD rank {rank}", powerSGD_hook.powerSGD_hook,
             powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=rank,
                                         start_powerSGD_iter=2))
     return made
+
+
+#: DDP's own cost with no communication at all: a hook that returns the bucket as it is (a
+#: diagnosis: every rank keeps its own gradient, so the models drift apart).
+NOOP = "DDP + no-op hook (no communication)"
+
+
+def noop_hook(state, bucket):
+    done = torch.futures.Future()
+    done.set_result(bucket.buffer())
+    return done
 
 
 #: Signum whose root completes its results' sends at the end of each step (opt.drain()), as the
@@ -147,7 +159,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--json", default="")
-    parser.add_argument("--only", default="", help="run the methods whose names contain this")
+    parser.add_argument("--only", default="",
+                        help="run the methods whose names contain one of these "
+                             "(comma-separated)")
     parser.add_argument("--no-broadcast-buffers", action="store_true",
                         help="DDP(broadcast_buffers=False), a diagnosis")
     parser.add_argument("--yield-seconds", type=float, default=None,
@@ -166,7 +180,7 @@ def main() -> None:
     if args.dump_after:
         faulthandler.dump_traceback_later(args.dump_after)
     made = {name: m for name, m in methods(args.lr, not args.no_broadcast_buffers).items()
-            if args.only in name}
+            if any(part in name for part in args.only.split(","))}
     for module, opt in made.values():
         for _ in range(args.warmup):
             step(module, opt, x, y)
