@@ -13,6 +13,7 @@ over MPI (``--transport mpi``), or over the group (``--transport group``, the de
 """
 
 import argparse
+import gc
 import os
 import socket
 
@@ -93,6 +94,12 @@ def main():
     if rank == 0:
         print(f"test accuracy after {step} steps on {size} ranks ({args.transport}): "
               f"{100 * correct.item() / len(test_set):.1f}% of {len(test_set)}", flush=True)
+    # DDP's reducer holds the process group (through the parameters' gradient hooks, which the
+    # optimizer keeps alive): let both go first, so that destroying the group joins gloo's
+    # threads now. A group still alive when Python exits lets a gloo thread release a tensor
+    # while the interpreter is finalizing, and that aborts the process.
+    del model, opt
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -26,7 +26,9 @@ Two transports, one vote:
 
 - ``comm=None``: over the process group DDP itself uses (``process_group=``, else the default
   group), through :mod:`mpisign.collectives.torchdist`: a ``torchrun`` job with gloo or NCCL
-  and no MPI at all. Topologies ``"server"``, ``"allgather"``, ``"sharded"``, ``"tree"``.
+  and no MPI at all. Topologies ``"server"``, ``"allgather"``, ``"sharded"``, ``"tree"``. A
+  state made before the group exists (Lightning's ``DDPStrategy(ddp_comm_state=...)``) takes
+  the group at its first bucket.
 - ``comm=MPI.COMM_WORLD``: over MPI, with every topology of :data:`mpisign.TOPOLOGIES` (a
   duplicate of ``comm``, made when the state is made: collective).
 
@@ -54,7 +56,7 @@ import torch.distributed as dist
 from .backends import packing
 from .backends.signs import signs_for
 from .collectives import TOPOLOGIES, make_vote
-from .collectives.torchdist import make_group_vote
+from .collectives.torchdist import check_group_topology, make_group_vote
 from .collectives.base import default_timeout
 from .mpi import exchanges
 from .optim.engine import scrubbed
@@ -97,12 +99,12 @@ class VoteState:
             raise ValueError(f"{type(self).__name__}: grad_scaler must be a "
                              f"torch.amp.GradScaler, got {grad_scaler!r}")
         self.scaler = grad_scaler
+        self.rank = self.size = None
         if comm is None:   # one vote over the group serves every bucket
-            voter = make_group_vote(process_group, topology)
-            self.rank, self.size = voter.rank, voter.size
-            self._make = lambda n, tally: voter
-            self._differing = voter.ranks_differing
-            self._all_zero = voter.all_zero
+            check_group_topology(topology)
+            self._group = (process_group, topology)
+            if dist.is_initialized():   # else at the first bucket (see _bind_group)
+                self._bind_group()
         else:
             if topology not in TOPOLOGIES and topology != "auto":
                 raise ValueError(f"topology must be one of {sorted(TOPOLOGIES)} or 'auto', "
@@ -117,9 +119,7 @@ class VoteState:
             self._all_zero = lambda zeros: exchanges.all_zero(
                 own, zeros, default_timeout() if timeout is None else timeout,
                 f"mpisign.ddp: exact zeros at step {self.step} on rank {self.rank}")
-        if self.size == 1:
-            raise ValueError(f"{type(self).__name__}: the process group has one rank: there is "
-                             f"no vote; use mpisign's optimizer on one process")
+            self._check_size()
         self.step = 0
         self.nonfinite = 0         # NaN/inf gradient entries this rank voted as 0
         self.state: dict = defaultdict(dict)   # parameter -> the rule's state of it, as torch's
@@ -128,6 +128,23 @@ class VoteState:
         self._loaded: list = []    # states from load_state_dict, taken in the same order
         self._buckets: dict = {}   # bucket index -> _Bucket, remade when its parameters change
         self._scale = None         # this step's 1 / scale, asked once a step
+
+    def _bind_group(self) -> None:
+        """The vote over the process group: when the state is made, or, for a state made
+        before the group exists (Lightning's ``DDPStrategy(ddp_comm_state=...)``), at its first
+        bucket. Local: every rank binds its own."""
+        process_group, topology = self._group
+        voter = make_group_vote(process_group, topology)
+        self.rank, self.size = voter.rank, voter.size
+        self._make = lambda n, tally: voter
+        self._differing = voter.ranks_differing
+        self._all_zero = voter.all_zero
+        self._check_size()
+
+    def _check_size(self) -> None:
+        if self.size == 1:
+            raise ValueError(f"{type(self).__name__}: the process group has one rank: there is "
+                             f"no vote; use mpisign's optimizer on one process")
 
     # -- what a bucket needs -----------------------------------------------------------------
     def see(self, p: torch.Tensor) -> None:
@@ -150,6 +167,8 @@ class VoteState:
                              for name, t in loaded.items()}
 
     def bucket(self, index: int, params: list, buffer: torch.Tensor) -> "_Bucket":
+        if self.size is None:
+            self._bind_group()
         key = tuple(id(p) for p in params)
         kept = self._buckets.get(index)
         if kept is None or kept.key != key:

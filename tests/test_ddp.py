@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 import mpirun
@@ -84,10 +85,23 @@ def test_a_topology_a_group_cannot_carry_is_refused(one_rank_group):
             make_group_vote(topology=topology)
 
 
-def test_without_a_process_group_the_hook_says_so():
+def test_a_state_made_before_the_group_binds_it_at_its_first_bucket(tmp_path):
+    """Lightning makes its DDPStrategy's ddp_comm_state before the process group: the state
+    checks its own options at once, and binds the group at the first bucket (here a group of
+    one rank, which it then refuses, from DDP's backward)."""
     assert not dist.is_initialized()
-    with pytest.raises(RuntimeError, match="init_process_group"):
-        mpisign.ddp.SignumState()
+    with pytest.raises(ValueError, match="cannot run over a torch.distributed process"):
+        mpisign.ddp.SignumState(topology="hierarchical")
+    state = mpisign.ddp.SignumState()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1, timeout=timedelta(seconds=30))
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+        ddp.register_comm_hook(state, mpisign.ddp.signum_hook)
+        with pytest.raises(Exception, match="one rank: there is no vote"):
+            ddp(torch.ones(4, 3)).sum().backward()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_bad_hyperparameters_are_refused_before_any_communication():

@@ -42,7 +42,7 @@ from .base import Traffic, result_planes
 from .tree import tree_children
 
 __all__ = ["ProcessGroupVote", "GroupServer", "GroupAllgather", "GroupSharded", "GroupTree",
-           "GROUP_TOPOLOGIES", "make_group_vote"]
+           "GROUP_TOPOLOGIES", "check_group_topology", "make_group_vote"]
 
 #: torch 2.14 names the all-gather into one tensor all_gather_single (the old name warns).
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -269,11 +269,16 @@ GROUP_VOTES: dict[str, type[ProcessGroupVote]] = {
 GROUP_TOPOLOGIES = tuple(GROUP_VOTES)
 
 
-def make_group_vote(group=None, topology: str = "server", tally=None) -> ProcessGroupVote:
-    """The vote for ``topology`` over ``group`` (None: the default group)."""
+def check_group_topology(topology: str) -> None:
+    """ValueError unless a process group can carry ``topology``."""
     if topology not in GROUP_VOTES:
         raise ValueError(
             f"topology {topology!r} cannot run over a torch.distributed process group: over a "
             f"process group use one of {GROUP_TOPOLOGIES} (\"hierarchical\" needs groups "
             f"split by node, which only the whole default group can make), or vote over MPI")
+
+
+def make_group_vote(group=None, topology: str = "server", tally=None) -> ProcessGroupVote:
+    """The vote for ``topology`` over ``group`` (None: the default group)."""
+    check_group_topology(topology)
     return GROUP_VOTES[topology](group, tally)

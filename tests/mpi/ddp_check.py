@@ -24,10 +24,23 @@ mode = sys.argv[2] if len(sys.argv) > 2 else "server"
 topology = "server" if mode == "mismatch" else mode
 rule = sys.argv[3] if len(sys.argv) > 3 else "signum"
 rank, size = WORLD.Get_rank(), WORLD.Get_size()
-
-init_gloo()
-
 STEPS, LR, BETA, BETAS = 6, 0.01, 0.9, (0.9, 0.99)
+
+
+def hook_state(comm, saved=None, **options):
+    if rule == "lion":
+        state = mpisign.ddp.LionState(betas=BETAS, comm=comm, topology=topology, **options)
+    else:
+        state = mpisign.ddp.SignumState(momentum=BETA, comm=comm, topology=topology, **options)
+    if saved is not None:
+        state.load_state_dict(saved)
+    return state
+
+
+# A state made before the process group exists (Lightning makes its DDPStrategy's state so):
+# it binds the group at its first bucket. The first case below uses it.
+EARLY = hook_state(None) if transport == "group" and mode != "mismatch" else None
+init_gloo()
 
 
 class Net(torch.nn.Module):
@@ -64,16 +77,6 @@ def optimizer(params, **options):
     if rule == "lion":
         return mpisign.Lion(params, lr=LR, betas=BETAS, comm=WORLD, **options)
     return mpisign.Signum(params, lr=LR, momentum=BETA, comm=WORLD, **options)
-
-
-def hook_state(comm, saved=None, **options):
-    if rule == "lion":
-        state = mpisign.ddp.LionState(betas=BETAS, comm=comm, topology=topology, **options)
-    else:
-        state = mpisign.ddp.SignumState(momentum=BETA, comm=comm, topology=topology, **options)
-    if saved is not None:
-        state.load_state_dict(saved)
-    return state
 
 
 def reference(accumulate: int, unused: bool = False, scaled: bool = False):
@@ -113,18 +116,20 @@ def grows():
 
 def with_hook(accumulate: int, unused: bool = False, bucket_cap_mb: float = 25.0,
               resume_at: int | None = None, scaled: bool = False, compiled: bool = False,
-              **options):
+              early: bool = False, **options):
     """The hook in a DDP of the same model; ``resume_at``: a new DDP, hook state and SGD at
     that step, loaded from the old ones' state_dicts (a checkpoint and a restart); ``scaled``:
     under a GradScaler given to the hook's state; ``compiled``: the DDP model under
-    ``torch.compile`` (aot_eager: the graph is traced and run as compiled, no C compiler)."""
+    ``torch.compile`` (aot_eager: the graph is traced and run as compiled, no C compiler);
+    ``early``: the state made before the process group (:data:`EARLY`)."""
     model = Net(unused)
     comm = None if transport == "group" else WORLD
     scaler = grows() if scaled else None
 
     def make(saved=None):
         ddp = DDP(model, find_unused_parameters=unused, bucket_cap_mb=bucket_cap_mb, **options)
-        state = hook_state(comm, saved and saved[0], **({"grad_scaler": scaler} if scaled else {}))
+        state = (EARLY if early and saved is None else
+                 hook_state(comm, saved and saved[0], **({"grad_scaler": scaler} if scaled else {})))
         opt = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=0.0)
         if saved is not None:
             opt.load_state_dict(saved[1])
@@ -168,8 +173,8 @@ if mode == "mismatch":   # rank 1 restarts from another step's state: raised eve
     sys.exit(0)
 
 what = f"{transport} {topology} {rule}"
-with case(f"{what}: one bucket"):
-    same(with_hook(1), reference(1), "one bucket")
+with case(f"{what}: one bucket{', the state made before the group' if EARLY else ''}"):
+    same(with_hook(1, early=EARLY is not None), reference(1), "one bucket")
 with case(f"{what}: small buckets, rebuilt after the first step"):
     # 0.0005 MB: each parameter its own bucket, whose order DDP rebuilds after step 0.
     same(with_hook(1, bucket_cap_mb=0.0005), reference(1), "small buckets")
