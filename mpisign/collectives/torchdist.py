@@ -38,7 +38,7 @@ import torch.distributed as dist
 from ..backends import packing
 from ..backends.signs import host_tally
 from ..mpi.exchanges import zero_flags, zero_mask
-from .base import Traffic, result_planes
+from .base import TAG_BASE, Traffic, result_planes
 from .tree import tree_children
 
 __all__ = ["ProcessGroupVote", "GroupServer", "GroupAllgather", "GroupSharded", "GroupTree",
@@ -47,7 +47,9 @@ __all__ = ["ProcessGroupVote", "GroupServer", "GroupAllgather", "GroupSharded", 
 #: torch 2.14 names the all-gather into one tensor all_gather_single (the old name warns).
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-COUNTS, RESULT = 1, 2   # the tree's message tags
+#: The tree's message tags: in the block the MPI votes use (above a user's small tags), on the
+#: group's own channel (NCCL ignores tags; its messages between two ranks keep their order).
+COUNTS, RESULT = TAG_BASE, TAG_BASE + 1
 
 
 class ProcessGroupVote:
