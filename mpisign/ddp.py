@@ -101,7 +101,7 @@ class VoteState:
         self.scaler = grad_scaler
         self.rank = self.size = None
         if comm is None:   # one vote over the group serves every bucket
-            check_group_topology(topology)
+            check_group_topology(topology, type(self).__name__)
             self._group = (process_group, topology)
             if dist.is_initialized():   # else at the first bucket (see _bind_group)
                 self._bind_group()
@@ -167,11 +167,11 @@ class VoteState:
                              for name, t in loaded.items()}
 
     def bucket(self, index: int, params: list, buffer: torch.Tensor) -> "_Bucket":
-        if self.size is None:
-            self._bind_group()
         key = tuple(id(p) for p in params)
         kept = self._buckets.get(index)
         if kept is None or kept.key != key:
+            if self.size is None:   # a state made before the group: it takes it now
+                self._bind_group()
             self._check_layout(index, params)
             for p in params:
                 self.see(p)

@@ -271,13 +271,15 @@ GROUP_VOTES: dict[str, type[ProcessGroupVote]] = {
 GROUP_TOPOLOGIES = tuple(GROUP_VOTES)
 
 
-def check_group_topology(topology: str) -> None:
-    """ValueError unless a process group can carry ``topology``."""
+def check_group_topology(topology: str, where: str = "mpisign") -> None:
+    """ValueError (its text starting with ``where``) unless a process group can carry
+    ``topology``."""
     if topology not in GROUP_VOTES:
         raise ValueError(
-            f"topology {topology!r} cannot run over a torch.distributed process group: over a "
-            f"process group use one of {GROUP_TOPOLOGIES} (\"hierarchical\" needs groups "
-            f"split by node, which only the whole default group can make), or vote over MPI")
+            f"{where}: topology must be one of {GROUP_TOPOLOGIES}, got {topology!r}: it cannot "
+            f"run over a torch.distributed process group (\"hierarchical\" needs groups split "
+            f"by node, which only the whole default group can make, and \"auto\" a measured "
+            f"link): vote over MPI for it")
 
 
 def make_group_vote(group=None, topology: str = "server", tally=None) -> ProcessGroupVote:

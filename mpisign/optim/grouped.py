@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ..backends import signs
 from ..collectives import VoteTimeout
-from ..collectives.torchdist import GROUP_TOPOLOGIES, make_group_vote
+from ..collectives.torchdist import check_group_topology, make_group_vote
 from .header import Gathered, StepHeader, UNKNOWN, digest64
 from .layout import Layout
 from .ranks import Ensemble
@@ -47,11 +47,7 @@ def rank_and_size(comm) -> tuple[int, int]:
 def check_group_options(name: str, topology: str, elastic: bool, quorum, overlap: bool) -> None:
     """ValueError, before any communication, for what a process group cannot carry."""
     where = f"{name}(comm=process_group)"
-    if topology not in GROUP_TOPOLOGIES:
-        raise ValueError(f"{where}: topology must be one of {GROUP_TOPOLOGIES}, got "
-                         f"{topology!r} (\"hierarchical\" needs groups split by node, which "
-                         f"only the whole default group can make, and \"auto\" a measured "
-                         f"link: vote over MPI for them)")
+    check_group_topology(topology, where)
     for given, what in ((elastic, "elastic=True needs MPI's ULFM"),
                         (quorum is not None, "quorum= needs messages that a late rank can "
                                              "leave unanswered"),
