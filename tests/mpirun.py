@@ -134,9 +134,9 @@ def launch_failed(out: str) -> bool:
 #: and frees its other requests of that round while they are still pending (open-mpi/ompi#2245
 #: describes this error path); when one of them then fails (its peer dead, or the
 #: communicator revoked by the recovery), ob1 calls MPI_ERRORS_ARE_FATAL directly, "on a NULL
-#: communicator". Seen in about 1 of 24
-#: loaded runs of the elastic test that kills rank 0 before the first step's communicator
-#: duplicate (whose CID allocation is such an iallreduce); never in a run that got past it.
+#: communicator". Seen in about 1 of 24 loaded runs of the elastic test that kills rank 0
+#: before the first step's communicator duplicate (whose CID allocation is such an
+#: iallreduce); never in a run that got past it.
 OPEN_MPI_ABORTS = ("Send error after request freed",)
 
 
