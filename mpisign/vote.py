@@ -129,7 +129,12 @@ def _checked_size(x, comm, topology: str, step, out, quorum, grace: float,
         return dist.get_world_size(comm)
     check_comm(comm)
     if quorum is not None:
-        check_quorum(topology, comm, quorum, grace, allow_minority, elastic)
+        check_quorum(topology, comm, quorum, grace, allow_minority)
+        if elastic:
+            raise ValueError("majority_vote(quorum=..., elastic=True) is not supported yet: a "
+                             "call's recovery assumes no survivor is more than one call ahead, "
+                             "and under a quorum a late rank can be several behind (the "
+                             "optimizers take both: Signum(quorum=..., elastic=True))")
     if elastic:
         require_ulfm()
     return comm.Get_size()

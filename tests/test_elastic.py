@@ -53,6 +53,21 @@ def test_an_elastic_job_that_lost_a_rank_exits_promptly(attempt):
     assert gone - max(finished) < 20, (gone - max(finished), out[-3000:])
 
 
+def test_a_quorum_survives_a_dead_rank_and_never_drops_a_slow_one():
+    """#27 with elastic: Signum(quorum=3 of 4, elastic=True). A slow rank (naps of 1 s) is
+    never lost; then rank 1 dies while the slow rank sleeps two steps behind, and the survivors
+    carry on with 2 of 3 (one may still be late). Each survivor's parameters equal a replay of
+    exactly the votes that were counted (tests/mpi/elastic_check.py)."""
+    out = mpirun.run(4, "elastic_check.py", "straggler", elastic=True, timeout=180)
+    found = re.findall(r"@straggler rank=(\d+) now=\d+ size=(\d+) lost=(\[[\d, ]*\]) quorum=(\d)",
+                       out)
+    assert sorted(f[0] for f in found) == ["0", "0", "1", "2", "2", "3", "3"], out[-3000:]
+    assert sorted(set(f[1:] for f in found)) == [("3", "[1]", "2"), ("4", "[]", "3")], found
+    # The slow rank was steps behind when rank 1 died: it took the furthest survivor's place.
+    assert re.search(r"survivor\(s\) \[2\] \(at step\(s\) \[\d\]\) took the parameters of "
+                     r"survivor 0, at step 5", out), out[-3000:]
+
+
 def test_below_min_ranks_every_survivor_stops_with_a_clear_error():
     out = mpirun.run(4, "elastic_check.py", "quorum", elastic=True)
     assert sorted(re.findall(r"@toofew rank=(\d+) at step 2", out)) == ["0", "1", "2"], out[-2000:]

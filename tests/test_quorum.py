@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 
 import mpirun
-from mpisign.collectives.quorum import check_quorum_topology, resolve_quorum
+from mpisign.collectives.quorum import check_quorum_topology, resolve_quorum, survivors_quorum
 
 
 @pytest.mark.parametrize("n, quorum", [(3, 2), (4, 3), (5, 4), (5, 3)])
@@ -57,6 +57,18 @@ def test_bad_quorums_are_refused(quorum, size, match):
 def test_a_minority_needs_to_be_asked_for():
     assert resolve_quorum(2, 4, allow_minority=True) == 2
     assert resolve_quorum(0.25, 8, allow_minority=True) == 2
+
+
+@pytest.mark.parametrize("quorum, before, after, kept", [
+    (3, 4, 3, 2),     # one rank may be late, before and after
+    (4, 5, 3, 2),     # ... but never fewer than a majority of the survivors
+    (2, 3, 2, 2),     # two survivors: both (a majority of 2)
+    (5, 8, 5, 3),     # three may be late of 8: of 5, a majority is 3
+    (8, 8, 6, 6),     # all of them stays all of them
+    (2, 4, 3, 1),     # a minority, allowed: as many late as before
+    (1, 3, 1, 1)])
+def test_the_survivors_quorum_lets_as_many_ranks_be_late_as_before(quorum, before, after, kept):
+    assert survivors_quorum(quorum, before, after) == kept
 
 
 @pytest.mark.parametrize("topology", ["tree", "sharded", "allgather", "hierarchical", "auto"])

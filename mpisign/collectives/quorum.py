@@ -52,7 +52,7 @@ from .base import Pending, SignVote, VoteTimeout, wait_all
 from ..mpi.comm import SPIN_SECONDS, YIELD_SECONDS
 
 __all__ = ["QuorumVote", "resolve_quorum", "check_quorum", "check_quorum_topology",
-           "QUORUM_TOPOLOGIES"]
+           "survivors_quorum", "QUORUM_TOPOLOGIES"]
 
 VOTES, RESULT = 0, 1  # message phases
 #: A quorum vote's messages use tags QUORUM_TAG_BASE + 4 * (CHANNEL_BUCKETS * channel + bucket)
@@ -90,8 +90,7 @@ def resolve_quorum(quorum, size: int, allow_minority: bool = False) -> int:
     return count
 
 
-def check_quorum(topology: str, comm, quorum, grace, allow_minority: bool = False,
-                 elastic: bool = False) -> int:
+def check_quorum(topology: str, comm, quorum, grace, allow_minority: bool = False) -> int:
     """Every check of a quorum's options before any communication (the same error on every
     rank); the quorum as a count of ranks."""
     count = resolve_quorum(quorum, comm.Get_size(), allow_minority)
@@ -99,10 +98,16 @@ def check_quorum(topology: str, comm, quorum, grace, allow_minority: bool = Fals
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not (
             math.isfinite(grace) and grace >= 0):
         raise ValueError(f"grace must be a number of seconds >= 0, got {grace!r}")
-    if elastic:
-        raise ValueError("quorum= with elastic=True is not supported yet: a rank that never "
-                         "comes back and one that is only late look alike to a quorum vote")
     return count
+
+
+def survivors_quorum(quorum: int, before: int, after: int) -> int:
+    """The quorum of ``after`` ranks that survive ``before`` (an elastic optimizer lost some):
+    as many ranks may still be late as before (``before - quorum``), but the quorum stays a
+    majority of the survivors if it was one of all the ranks, and is at most all of them."""
+    spare = before - quorum
+    least = after // 2 + 1 if 2 * quorum > before else 1
+    return min(after, max(after - spare, least))
 
 
 def check_quorum_topology(topology: str) -> None:

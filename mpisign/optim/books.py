@@ -132,7 +132,7 @@ class SignOptimizer(Optimizer):
                                                                  None))):
             raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {grad_scaler!r}")
         if quorum is not None:
-            quorum = check_quorum(topology, comm, quorum, grace, allow_minority, elastic)
+            quorum = check_quorum(topology, comm, quorum, grace, allow_minority)
             if overlap:
                 raise ValueError("quorum= with overlap=True is not supported yet: a vote begun "
                                  "by a gradient hook cannot count the missing gradients")

@@ -36,6 +36,7 @@ import torch
 
 from ..backends import packing, signs
 from ..collectives import VoteTimeout
+from ..collectives.quorum import survivors_quorum
 from ..mpi import exchanges
 from ..mpi.isolation import OwnComm
 from .header import ParameterDivergence, StepCheck, digest64
@@ -239,6 +240,8 @@ class VoteEngine:
         voting over ``own``, a duplicate of it, with a collective of the same topology (and
         the same byte counters); the step's unapplied votes are to be started again."""
         old = self.plan
+        if self.quorum is not None:   # as many ranks may still be late as before
+            self.quorum = survivors_quorum(self.quorum, self.world_size, comm.Get_size())
         self.comm, self.rank, self.world_size = comm, comm.Get_rank(), comm.Get_size()
         self.own_comm.adopt(comm, own)
         self.ranks = self._ranks_policy()

@@ -26,8 +26,10 @@ import math
 from collections import deque
 
 import numpy as np
+from mpi4py import MPI
 
 from ..collectives.quorum import QuorumVote
+from ..mpi.elastic import is_failure
 from ..mpi.report import Agreed
 from .ranks import Ensemble
 from .header import verdict
@@ -49,6 +51,11 @@ class MissingGradient(Agreed, ValueError):
 
 class Quorate(Ensemble):
     """Several ranks, votes closed on ``engine.quorum`` of them (see the module docstring)."""
+
+    #: A late rank may be steps behind the others (up to ``lag``), and a rank ahead may have
+    #: applied votes of a step that a late one has not begun: an elastic recovery must bring
+    #: every survivor to the one furthest on (mpisign.optim.recovery).
+    in_step = False
 
     def __init__(self, engine):
         super().__init__(engine)
@@ -133,7 +140,14 @@ class Quorate(Ensemble):
         """Whether the vote of this rank's coming step has closed without it: its result is
         already here (a probe, no wait). Never on the root, which closes the votes."""
         engine = self.engine
-        return engine.plan is not None and engine.plan.voter.result_waiting()
+        if engine.plan is None:
+            return False
+        try:
+            return engine.plan.voter.result_waiting()
+        except MPI.Exception as error:   # elastic: a dead rank; step() meets it and recovers
+            if not (engine.elastic and is_failure(error, engine.own_comm.current())):
+                raise
+            return False
 
     def drain(self) -> None:
         """Collective, after the last step: the lagged headers checked, the votes' late

@@ -25,6 +25,10 @@ __all__ = ["Solo", "Ensemble"]
 class Solo:
     """The ranks' policy on a communicator of one rank: nothing to agree on, no message."""
 
+    #: Every vote waits for every rank, so no rank is more than one step from another (an
+    #: elastic recovery relies on it: mpisign.optim.recovery).
+    in_step = True
+
     def __init__(self, engine):
         self.engine = engine
 

@@ -27,6 +27,19 @@ The recovery (:meth:`Recovery.recover`, on every survivor, after ULFM's revoke a
 
 A rank that dies during the recovery is survived the same way: the survivors shrink again.
 Nothing of this runs while no rank fails: the step's calls run inside one ``try``.
+
+**Under a quorum** (``quorum=``, :mod:`mpisign.optim.quorate`) no vote waits for every rank,
+so a late survivor may be several steps behind (up to ``lag``), and a survivor ahead may have
+applied votes of a step that a late one has not begun: the places above do not hold. Step 2
+is then: every survivor takes the parameters, the step count and the applied buckets of the
+survivor furthest on (the lowest of those level with it), whose results every survivor would
+have applied in turn; the buckets it has not applied are voted again among all of them. A
+survivor brought forward keeps its own momentum and the signs it last packed (as a late rank's
+``skip()`` leaves its momentum alone), and they count in those votes. The votes then close on
+:func:`mpisign.collectives.quorum.survivors_quorum` of the survivors: as many may be late as
+before. A rank that is only slow is not dead to ULFM (Open MPI learns of a death from its
+runtime; its heartbeat detector, which could suspect a rank that is silent for 10 s, is off by
+default), so it is never shrunk away.
 """
 
 from __future__ import annotations
@@ -168,41 +181,83 @@ class Recovery:
         engine.stats.lost_ranks = sorted(set(engine.stats.lost_ranks) | set(lost))
         if engine.rank == 0:
             log.warning("rank(s) %s lost in step %d: carrying on with %d rank(s), topology %s%s",
-                        lost, step, engine.world_size, engine.topology_used,
-                        f"; {handed} bucket(s) of the step handed on by a survivor that had "
-                        f"applied them" if handed else "")
+                        lost, step, engine.world_size, engine.topology_used, handed)
 
-    def _catch_up(self, engine, comm: MPI.Intracomm, what: str) -> tuple[int, int]:
-        """Steps 1-3 of the module's docstring, on the survivors' ``comm``; returns how many
-        buckets were handed on, and the step the failure interrupted (the earliest)."""
+    def _catch_up(self, engine, comm: MPI.Intracomm, what: str) -> tuple[str, int]:
+        """Steps 1-3 of the module's docstring, on the survivors' ``comm``; returns what was
+        handed on (words for the log, or ""), and the step the failure interrupted (the
+        earliest)."""
         buckets = engine.plan.layout.buckets if engine.plan is not None else []
-        n, me = comm.Get_size(), comm.Get_rank()
+        n = comm.Get_size()
         mine = np.array([engine.books.param_groups[0]["step"]] + [b.applied for b in buckets],
                         dtype=np.int64)
         every = np.empty((n, mine.size), dtype=np.int64)
         bounded(comm.Iallgather(mine, every), f"{what}: where each survivor is", engine.timeout)
         steps = every[:, 0]
-        if steps.max() - steps.min() > 1:
+        if not engine.ranks.in_step:   # a quorum's late survivors may be steps behind
+            handed = _to_the_furthest(engine, comm, every, what)
+        elif steps.max() - steps.min() > 1:
             raise RuntimeError(f"{what}: survivors are more than one step apart "
                                f"({steps.tolist()}), which a vote cannot allow")
-        holds = (steps > steps.min())[:, None] | every[:, 1:].astype(bool)
-        handed = 0
-        for b, bucket in enumerate(buckets):
-            holders = np.flatnonzero(holds[:, b])
-            if 0 < holders.size < n:
-                handed += 1
-                params = [slot.param for slot in bucket.slots]
-                _broadcast(comm, params, int(holders[0]), engine.timeout,
-                           f"{what}: bucket {b}'s parameters from a survivor that applied it")
-                if not holds[me, b]:
-                    bucket.pending, bucket.applied = None, True
+        else:
+            handed = _hand_on_buckets(engine, comm, every, what)
         differ = exchanges.ranks_differing(comm, engine.params_digest(), engine.timeout,
                                            f"{what}: comparing the survivors' parameters")
         if differ:
             raise ParameterDivergence(
                 f"{what}: survivor(s) {differ} hold parameters that differ from survivor 0's "
                 f"after the recovery")
-        return handed, int(steps.min())
+        # The step the failure interrupted: the earliest any survivor was in, or under a
+        # quorum, the furthest survivor's (where the others were brought).
+        return handed, int(steps.min() if engine.ranks.in_step else steps.max())
+
+
+def _hand_on_buckets(engine, comm, every: np.ndarray, what: str) -> int:
+    """Survivors at most one step apart: each bucket of the earliest step that some survivor
+    has applied and another has not comes from the lowest survivor that has (step 2 of the
+    module's docstring). Returns what was handed on, for the log."""
+    buckets = engine.plan.layout.buckets if engine.plan is not None else []
+    steps, me = every[:, 0], comm.Get_rank()
+    holds = (steps > steps.min())[:, None] | every[:, 1:].astype(bool)
+    handed = 0
+    for b, bucket in enumerate(buckets):
+        holders = np.flatnonzero(holds[:, b])
+        if 0 < holders.size < comm.Get_size():
+            handed += 1
+            params = [slot.param for slot in bucket.slots]
+            _broadcast(comm, params, int(holders[0]), engine.timeout,
+                       f"{what}: bucket {b}'s parameters from a survivor that applied it")
+            if not holds[me, b]:
+                bucket.pending, bucket.applied = None, True
+    return (f"; {handed} bucket(s) of the step handed on by a survivor that had applied them"
+            if handed else "")
+
+
+def _to_the_furthest(engine, comm, every: np.ndarray, what: str) -> int:
+    """Survivors of a quorum's votes, which may be steps apart: every survivor takes the
+    parameters, the step and the applied buckets of the one furthest on (the lowest of those
+    level with it), whose votes every survivor would have applied in turn; the buckets it has
+    not applied are voted again among all of them. A survivor that was behind keeps its own
+    momentum and the signs it last packed (a late rank's skip() leaves its momentum alone in
+    the same way), and they count in the votes done again. Returns what was handed on, for
+    the log."""
+    buckets = engine.plan.layout.buckets if engine.plan is not None else []
+    done = every[:, 0] * (len(buckets) + 1) + every[:, 1:].sum(axis=1)   # buckets are applied
+    furthest = int(np.argmax(done))                                       # in their order
+    if (done == done[furthest]).all():
+        return ""
+    params = [p for group in engine.books.param_groups for p in group["params"]]
+    _broadcast(comm, params, furthest, engine.timeout,
+               f"{what}: the parameters of survivor {furthest}, the furthest on")
+    if done[comm.Get_rank()] < done[furthest]:
+        step = int(every[furthest, 0])
+        for group in engine.books.param_groups:
+            group["step"] = step
+        for b, bucket in enumerate(buckets):
+            bucket.pending, bucket.applied = None, bool(every[furthest, 1 + b])
+    behind = [r for r in range(comm.Get_size()) if done[r] < done[furthest]]
+    return (f"; survivor(s) {behind} (at step(s) {every[behind, 0].tolist()}) took the "
+            f"parameters of survivor {furthest}, at step {int(every[furthest, 0])}")
 
 
 def _broadcast(comm, params: list, root: int, timeout: float, what: str) -> None:

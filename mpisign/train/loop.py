@@ -237,7 +237,10 @@ def _check_stragglers(args, world: int) -> None:
             raise UsageError(f"--quorum needs a voting optimizer (signum, signsgd, lion): "
                              f"--optimizer {args.optimizer}'s allreduce waits for every rank")
         if args.elastic:
-            raise UsageError("--quorum with --elastic is not supported yet")
+            raise UsageError("--quorum with --elastic is not supported by the training job "
+                             "yet: its stop agreement, evaluation and checkpoints are not built "
+                             "for survivors that are steps apart (the optimizers take both: "
+                             "Signum(quorum=..., elastic=True))")
         try:
             resolve_quorum(args.quorum, world)
             check_quorum_topology(args.topology)

@@ -3,6 +3,7 @@
 Usage: elastic_check.py TOPOLOGY KILLS [--mid] [--overlap] [--nodes 2,2]
        elastic_check.py vote TOPOLOGY KILLS [--mid]
        elastic_check.py quorum
+       elastic_check.py straggler
        elastic_check.py unavailable
 
   KILLS      who dies when: "2@3" (rank 2 kills itself at the start of step 3), "1@2,3@5", ...
@@ -26,6 +27,10 @@ in the call where the server answered one worker before it died).
 
 ``quorum``: with ``min_ranks`` equal to the world, the last rank dies at step 2: every survivor
 raises ``TooFewRanks`` naming the survivors, instead of carrying on.
+
+``straggler``: ``Signum(quorum=size-1, elastic=True)`` with the last rank slow: never lost
+while it is only slow; then rank 1 dies while the slow rank is steps behind, and the survivors
+carry on, every one of them with the parameters of a replay of exactly the votes counted.
 
 ``unavailable``: ``elastic=True`` in a launch without fault tolerance raises
 ``ElasticUnavailable`` at construction, on every rank, saying how to enable it.
@@ -214,6 +219,74 @@ def quorum() -> None:
     raise AssertionError("carried on below min_ranks")
 
 
+def straggler(kill: int | None, lag: int) -> None:
+    """Signum(quorum=size-1, elastic=True): the last rank is slow (it sleeps before its
+    gradient, as a stalled data loader would, and skips the steps whose votes closed without
+    it); with ``kill``, rank 1 dies at the start of step ``kill`` while the slow one is still
+    asleep, steps behind the others (``lag`` lets the root run that far ahead). Every survivor
+    checks its parameters against a replay: each rank's momentum updated at the steps it
+    computed (recorded), and each step's vote the majority of exactly the ranks its result says
+    it counted (rank 0's record, in the launch's ranks)."""
+    slow = size - 1
+    naps = {3: 3.0} if kill is not None else {2: 1.0, 6: 1.0}
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+    opt = mpisign.Signum(params, lr=LR, momentum=BETA, comm=WORLD, elastic=True,
+                         quorum=size - 1, lag=lag)
+    computed, counted = [], {}
+    while opt.param_groups[0]["step"] < STEPS:
+        step = opt.param_groups[0]["step"]
+        progress(step)
+        if rank == 1 and step == kill:
+            die()
+        if rank == slow:
+            time.sleep(naps.get(step, 0.0))
+        if opt.late():
+            opt.skip()
+        else:
+            computed.append(step)
+            for p, g in zip(params, gradient(rank, step, params)):
+                p.grad = g
+            opt.step()
+        # What this step's vote counted (a step done again after a loss: its last vote).
+        members = opt.engine.recovery.members
+        counted[opt.param_groups[0]["step"] - 1] = [members[r] for r in opt.stats.counted]
+    opt.drain()
+
+    lost = [] if kill is None else [1]
+    assert opt.stats.lost_ranks == lost, opt.stats.lost_ranks     # the slow rank stays
+    assert opt.comm.Get_size() == size - len(lost)
+    if kill is not None:   # as many ranks may be late as before: 2 of the 3 survivors
+        assert opt.engine.quorum == size - 2, opt.engine.quorum
+    assert len(set(opt.comm.allgather(opt.params_digest()))) == 1, "the survivors differ"
+    every_computed = dict(zip(opt.engine.recovery.members, opt.comm.allgather(computed)))
+    if kill is not None:   # rank 1 computed every step until it died: never the late one
+        every_computed[1] = list(range(kill))
+    skipped = sorted(set(range(STEPS)) - set(every_computed[slow]))
+    assert skipped, every_computed   # the slow rank fell behind, and caught up by skip()
+    at = opt.comm.bcast(counted, root=0)   # rank 0 closes the votes: it has every step's
+    assert any(slow not in at[s] for s in range(STEPS)), at
+
+    ref = [torch.zeros(s) for s in SHAPES]
+    momenta = {r: [torch.zeros(s) for s in SHAPES] for r in range(size)}
+    for step in range(STEPS):
+        for r in range(size):
+            if step in every_computed.get(r, ()):
+                torch._foreach_mul_(momenta[r], BETA)
+                torch._foreach_add_(momenta[r], gradient(r, step, ref), alpha=1 - BETA)
+        total = [torch.zeros(s) for s in SHAPES]
+        for r in at[step]:
+            for t, m in zip(total, momenta[r]):
+                t.add_(torch.sign(m))
+        for p, t in zip(ref, total):
+            p.sub_(torch.sign(t) * LR)
+    for p, e in zip(params, ref):
+        assert torch.equal(p.detach(), e), f"differs from the replay in " \
+            f"{int((p.detach() != e).sum())} of {e.numel()} coordinates: {at} {every_computed}"
+    print(f"@straggler rank={rank} now={opt.rank} size={opt.comm.Get_size()} lost={lost} "
+          f"quorum={opt.engine.quorum} skipped={skipped} counted={[at[s] for s in range(STEPS)]}",
+          flush=True)
+
+
 def unelastic(topology: str) -> None:
     """A launch with fault tolerance, an optimizer without elastic: the last rank dies at step
     2, and every survivor raises RanksLost naming it."""
@@ -245,6 +318,12 @@ def main(argv: list) -> None:
     if argv[0] == "quorum":
         with case("quorum"):
             quorum()
+        return
+    if argv[0] == "straggler":
+        with case("quorum, elastic: a slow rank, never lost"):
+            straggler(None, lag=2)
+        with case("quorum, elastic: a rank dies while the slow one is steps behind"):
+            straggler(5, lag=4)
         return
     if argv[0] == "unelastic":
         with case(f"unelastic {argv[1]}"):
