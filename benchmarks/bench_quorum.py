@@ -34,7 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 METHODS = {"quorum 3 of 4": ["--optimizer", "signum", "--quorum", "3"],
            "quorum 3 of 4, lag 4": ["--optimizer", "signum", "--quorum", "3", "--lag", "4"],
+           "quorum 3 of 4, sharded, lag 4": ["--optimizer", "signum", "--quorum", "3", "--lag",
+                                             "4", "--topology", "sharded"],
            "full vote": ["--optimizer", "signum"],
+           "full vote, sharded": ["--optimizer", "signum", "--topology", "sharded"],
            "fp32 allreduce SGD": ["--optimizer", "sgd"]}
 STRAGGLERS = {"none": [], "x2": ["--straggle", "3:x2"], "0.5@0.1": ["--straggle", "3:0.5@0.1"]}
 

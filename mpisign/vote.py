@@ -25,8 +25,9 @@ import torch.distributed as dist
 from mpi4py import MPI
 
 from .backends import packing, signs
-from .collectives import VoteTimeout, check_comm, check_topology, default_timeout, make_vote
-from .collectives.quorum import QuorumVote, check_quorum, resolve_quorum
+from .collectives import (VoteTimeout, check_comm, check_topology, default_timeout,
+                          make_quorum_vote, make_vote)
+from .collectives.quorum import check_quorum, resolve_quorum
 from .group_vote import check_group_call, group_vote, is_process_group
 from .mpi import rollcall
 from .mpi.elastic import require_ulfm
@@ -70,8 +71,8 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
             the ranks, rounded up), plus up to ``grace`` seconds for the rest: the ranks that
             are later abstain (see :mod:`mpisign.collectives.quorum`). Every rank gets the
             same result; ``stats["counted"]`` names the ranks counted. Default: all ranks.
-            Needs ``topology="server"``; a quorum below a majority of the ranks needs
-            ``allow_minority=True``. Every rank must pass the same values.
+            Needs ``topology="server"`` or ``"sharded"``; a quorum below a majority of the
+            ranks needs ``allow_minority=True``. Every rank must pass the same values.
 
     Returns:
         ``out``, or a new tensor of ``x``'s shape, dtype and device, holding -1, 0 (tie) or +1,
@@ -259,8 +260,8 @@ class _Call:
                                    tally=self.backend.tally)
         else:   # checked by majority_vote: a count or fraction the communicator allows
             count = resolve_quorum(quorum, comm.Get_size(), allow_minority=True)
-            self.voter = QuorumVote(comm, timeout=timeout, tally=self.backend.tally,
-                                    quorum=count, grace=grace)
+            self.voter = make_quorum_vote(topology, comm, count, grace, timeout=timeout,
+                                          tally=self.backend.tally)
 
 
 def _counted(traffic) -> dict:

@@ -19,11 +19,13 @@ from .base import SignVote, Traffic, VoteTimeout, bounded, check_comm, default_t
 from .allgather import AllgatherVote
 from .hierarchical import HierarchicalVote
 from .local import LocalVote
+from .quorum import QuorumVote
+from .quorum_sharded import ShardedQuorumVote
 from .server import ServerVote
 from .sharded import ShardedVote
 from .tree import TreeVote
 
-__all__ = ["TOPOLOGIES", "AUTO", "make_vote", "check_topology", "resolve_topology", "SignVote",
+__all__ = ["TOPOLOGIES", "QUORUM_VOTES", "AUTO", "make_vote", "make_quorum_vote", "check_topology", "resolve_topology", "SignVote",
            "ServerVote", "TreeVote", "ShardedVote", "AllgatherVote", "HierarchicalVote", "LocalVote",
            "Traffic",
            "VoteTimeout", "bounded", "check_comm", "default_timeout", "wait_all"]
@@ -37,6 +39,11 @@ TOPOLOGIES: dict[str, type[SignVote]] = {
     "hierarchical": HierarchicalVote,
 }
 
+#: Topology name -> the class of its vote closed on a quorum (mpisign.collectives.quorum).
+QUORUM_VOTES: dict[str, type[SignVote]] = {
+    "server": QuorumVote,
+    "sharded": ShardedQuorumVote,
+}
 
 #: Let the cost model choose (see :func:`resolve_topology`).
 AUTO = "auto"
@@ -113,3 +120,12 @@ def make_vote(topology: str, comm, timeout: float | None = None, n_coords: int =
     :class:`SignVote` (default: the host reference, for numpy or torch words)."""
     chosen = resolve_topology(topology, comm, n_coords)
     return TOPOLOGIES[chosen](comm, timeout=timeout, tally=tally)
+
+
+def make_quorum_vote(topology: str, comm, quorum: int, grace: float = 0.0,
+                     timeout: float | None = None, tally=None) -> SignVote:
+    """The vote of ``topology`` over ``comm`` that closes once ``quorum`` ranks have voted,
+    plus up to ``grace`` seconds (see :mod:`mpisign.collectives.quorum`; the topology is
+    checked by :func:`mpisign.collectives.quorum.check_quorum_topology`)."""
+    return QUORUM_VOTES[topology](comm, timeout=timeout, tally=tally, quorum=quorum,
+                                  grace=grace)

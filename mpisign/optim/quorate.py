@@ -28,7 +28,7 @@ from collections import deque
 import numpy as np
 from mpi4py import MPI
 
-from ..collectives.quorum import QuorumVote
+from ..collectives import make_quorum_vote
 from ..mpi.elastic import is_failure
 from ..mpi.report import Agreed
 from .ranks import Ensemble
@@ -72,8 +72,8 @@ class Quorate(Ensemble):
         if not isinstance(layout.packed, np.ndarray):
             raise ValueError("quorum= runs on host words: the GPU paths are not supported with "
                              "a quorum yet (leave quorum= out on GPUs)")
-        return QuorumVote(engine.own_comm.get(), timeout=engine.timeout, tally=backend.tally,
-                          quorum=engine.quorum, grace=engine.grace)
+        return make_quorum_vote(topology, engine.own_comm.get(), engine.quorum, engine.grace,
+                                timeout=engine.timeout, tally=backend.tally)
 
     def presence(self, layout, present: list, changed: bool = False):
         ids = [id(s.param) for s in layout.slots]

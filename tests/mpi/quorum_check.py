@@ -17,6 +17,7 @@ of exactly the ranks the result says it counted, on their inputs of that step.
 Usage: quorum_check.py late QUORUM | kinds | ties | drain | bad | signum | mistakes
 """
 
+import os
 import sys
 import time
 
@@ -30,6 +31,9 @@ from mpisign.vote import drain_votes, vote_state
 comm = WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
 N = 1000
+#: The quorum vote's topology under test: "server" (its root closes each vote) or "sharded"
+#: (the sharded vote among the ranks a roll call at the root counts).
+TOPOLOGY = os.environ.get("QUORUM_TOPOLOGY", "server")
 
 
 def reference(inputs: dict, step: int) -> np.ndarray:
@@ -59,7 +63,7 @@ def run_steps(late_at: dict, quorum, steps: int, grace: float = 0.0, kinds: int 
     rank's inputs, results and counted sets."""
     graces = [grace + 1e-9 * k for k in range(kinds)]
     for g in graces:
-        mpisign.majority_vote(torch.ones(N), comm, quorum=quorum, grace=g)
+        mpisign.majority_vote(torch.ones(N), comm, TOPOLOGY, quorum=quorum, grace=g)
     inputs, results, counted = [], [], []
     for step in range(1, steps + 1):
         x = data(step, rank)
@@ -68,7 +72,7 @@ def run_steps(late_at: dict, quorum, steps: int, grace: float = 0.0, kinds: int 
         if rank in late_at.get(step, ()):
             time.sleep(2.0 if rank == 0 else 1.0)
         stats = {}
-        y = mpisign.majority_vote(x, comm, quorum=quorum, grace=graces[step % kinds],
+        y = mpisign.majority_vote(x, comm, TOPOLOGY, quorum=quorum, grace=graces[step % kinds],
                                   stats=stats)
         inputs.append(x)
         results.append(y.numpy().copy())
@@ -162,7 +166,7 @@ elif mode == "bad":
         assert (y == 1).all() and len(stats["counted"]) >= -(-3 * size // 4)
         drain_votes(comm)
 if mode in ("late", "kinds", "ties", "drain", "bad"):
-    print(f"quorum_check OK on {size} ranks: {' '.join(sys.argv[1:])}", flush=True)
+    print(f"quorum_check OK on {size} ranks: {' '.join(sys.argv[1:])} ({TOPOLOGY})", flush=True)
 
 
 # -- the optimizer: Signum(quorum=) -----------------------------------------------------------
@@ -191,7 +195,7 @@ def signum_run(steps: int, late: int, sleeps: dict, lr=0.01, beta=0.9, wd=0.01):
     model, the optimizer, the counted sets and this rank's skipped steps."""
     model = Net()
     opt = mpisign.Signum(model.parameters(), lr=lr, momentum=beta, weight_decay=wd, comm=comm,
-                         quorum=size - 1)
+                         topology=TOPOLOGY, quorum=size - 1)
     counted, skipped = [], []
     for step in range(steps):
         when, seconds = sleeps.get(step, (None, 0)) if rank == late else (None, 0)
@@ -300,4 +304,4 @@ elif mode == "mistakes":
             with expect_everywhere(ValueError, match):
                 mpisign.Signum(params, lr=0.01, comm=comm, **kwargs)
 if mode in ("signum", "mistakes"):
-    print(f"quorum_check OK on {size} ranks: {mode}", flush=True)
+    print(f"quorum_check OK on {size} ranks: {mode} ({TOPOLOGY})", flush=True)
