@@ -25,10 +25,11 @@ from .server import ServerVote
 from .sharded import ShardedVote
 from .tree import TreeVote
 
-__all__ = ["TOPOLOGIES", "QUORUM_VOTES", "AUTO", "make_vote", "make_quorum_vote", "check_topology", "resolve_topology", "SignVote",
-           "ServerVote", "TreeVote", "ShardedVote", "AllgatherVote", "HierarchicalVote", "LocalVote",
-           "Traffic",
-           "VoteTimeout", "bounded", "check_comm", "default_timeout", "wait_all"]
+__all__ = ["TOPOLOGIES", "QUORUM_VOTES", "AUTO", "make_vote", "make_quorum_vote",
+           "check_topology", "resolve_topology", "SignVote", "ServerVote", "TreeVote",
+           "ShardedVote", "AllgatherVote", "HierarchicalVote", "LocalVote", "QuorumVote",
+           "ShardedQuorumVote", "Traffic", "VoteTimeout", "bounded", "check_comm",
+           "default_timeout", "wait_all"]
 
 #: Topology name -> class. Every entry gives the same answer bit for bit.
 TOPOLOGIES: dict[str, type[SignVote]] = {

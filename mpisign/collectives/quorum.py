@@ -179,9 +179,11 @@ class QuorumVote(SignVote):
         self._closed: dict = {}   # bucket -> the step of its last vote
 
     def _tag(self, pending, phase: int) -> int:
-        return self._channel_tag(pending.bucket, phase)
+        return self.channel_tag(pending.bucket, phase)
 
-    def _channel_tag(self, bucket: int, phase: int) -> int:
+    def channel_tag(self, bucket: int, phase: int) -> int:
+        """The tag of a message of ``phase`` in ``bucket``, in this vote's channel (phases 0 and
+        1 are its own; a vote built on it, as ShardedQuorumVote is, uses 2 and 3)."""
         if not 0 <= bucket < CHANNEL_BUCKETS:
             raise ValueError(f"a quorum vote has buckets 0 to {CHANNEL_BUCKETS - 1}, got {bucket}")
         return QUORUM_TAG_BASE + 4 * (CHANNEL_BUCKETS * self.channel + bucket) + phase
@@ -191,7 +193,7 @@ class QuorumVote(SignVote):
         no wait): the vote has closed without it. False on the root, which closes the votes."""
         if self.rank == self.root:
             return False
-        return bool(self.comm.Iprobe(source=self.root, tag=self._channel_tag(bucket, RESULT)))
+        return bool(self.comm.Iprobe(source=self.root, tag=self.channel_tag(bucket, RESULT)))
 
     @property
     def tie_possible(self) -> bool:

@@ -84,7 +84,7 @@ class ShardedQuorumVote(SignVote):
         return self.roll.result_waiting(bucket)
 
     def _tag(self, pending, phase: int) -> int:
-        return self.roll._channel_tag(pending.bucket, phase)
+        return self.roll.channel_tag(pending.bucket, phase)
 
     # -- a vote ------------------------------------------------------------------------------
     def _start(self, p):
@@ -128,7 +128,7 @@ class ShardedQuorumVote(SignVote):
 
     def _exchange_signs(self, p, me: int) -> None:
         """Step 2, on a counted rank: shard i of its signs to the i-th counted rank, and its
-        own shard of every counted rank's signs into a row each; then its tally."""
+        own shard of every counted rank's signs into a row each."""
         owners, b = p.counted, p.bounds
         k = len(owners)
         p.rows = self._buffer(p, "rows", (k, b[me + 1] - b[me]))
