@@ -53,7 +53,7 @@ from mpi4py import MPI
 from .base import Pending, SignVote, VoteTimeout, wait_all
 from ..mpi.comm import SPIN_SECONDS, YIELD_SECONDS
 
-__all__ = ["QuorumVote", "resolve_quorum", "check_quorum", "check_quorum_topology",
+__all__ = ["QuorumVote", "SendRing", "resolve_quorum", "check_quorum", "check_quorum_topology",
            "survivors_quorum", "QUORUM_TOPOLOGIES"]
 
 VOTES, RESULT = 0, 1  # message phases
@@ -131,8 +131,46 @@ def check_quorum_topology(topology: str) -> None:
             f"are not built with a quorum yet")
 
 
+class SendRing:
+    """Sends left in flight for peers that may be late, in ``slots`` places a bucket: what a
+    vote sent from place i (and the buffer it sent, which the caller names by i) stays in
+    flight until the bucket's vote ``slots`` votes on takes place i again and waits for it
+    (bounded), or :meth:`drain`."""
+
+    def __init__(self, slots: int, timeout: float):
+        self.slots, self.timeout = slots, timeout
+        self._votes: dict = {}    # bucket -> votes so far
+        self._sent: dict = {}     # (bucket, place) -> (requests, peers)
+
+    def take(self, bucket: int, what: str) -> int:
+        """The place of the bucket's next vote, once what was sent from it last is done."""
+        votes = self._votes.get(bucket, 0)
+        self._votes[bucket] = votes + 1
+        place = votes % self.slots
+        sent = self._sent.pop((bucket, place), None)
+        if sent is not None:   # slots votes ago, and still not taken: waited for (bounded)
+            wait_all(sent[0], sent[1], self.timeout,
+                     f"{what}: what it sent {self.slots} votes ago, still not taken")
+        return place
+
+    def leave(self, bucket: int, place: int, requests: list, peers: list) -> None:
+        """Sends posted from ``place``, left in flight."""
+        self._sent[(bucket, place)] = (requests, peers)
+
+    def drain(self, what: str) -> None:
+        """Wait (bounded) for every send left in flight."""
+        for requests, peers in self._sent.values():
+            wait_all(requests, peers, self.timeout, what)
+        self._sent.clear()
+
+    def pending(self) -> int:
+        """Sends left in flight, not yet waited for."""
+        return sum(len(requests) for requests, _ in self._sent.values())
+
+
 class _Pending(Pending):
-    __slots__ = ("result", "counted")   # the result buffer; the ranks counted, once finished
+    # The result buffer; the ranks counted, once finished; its place in the ring of sends.
+    __slots__ = ("result", "counted", "place")
 
 
 class QuorumVote(SignVote):
@@ -172,8 +210,9 @@ class QuorumVote(SignVote):
         self.late_streak = [0] * self.size   # votes in a row each rank was not counted in
         self.dropped = 0          # late messages the root received and dropped
         self._posted: dict = {}   # bucket -> {worker: request}: the root's standing receives
-        self._slots: dict = {}    # bucket -> votes so far (this rank's position in its ring)
-        self._ring: dict = {}     # (bucket, slot) -> (requests, peers) of what was sent from it
+        # What this rank sent (a worker's signs, the root's results) stays in flight until it
+        # is taken; its buffer is written again max_lag votes on.
+        self._ring = SendRing(self.max_lag, self.timeout)
         self._inboxes: dict = {}  # bucket -> (M x (1 + W) receive rows, tag)
         self._heard: dict = {}    # (bucket, worker) -> the step of its last message taken
         self._closed: dict = {}   # bucket -> the step of its last vote
@@ -208,31 +247,23 @@ class QuorumVote(SignVote):
             raise ValueError("a quorum vote runs on host words: the words of a GPU path are "
                              "not supported with quorum= yet")
         w = p.words.shape[0]
-        # A ring of max_lag buffers: what this rank sent (a worker's signs, the root's results)
-        # stays in flight until it is taken; a buffer is written again max_lag votes on.
-        slot = self._slots.get(p.bucket, 0)
-        self._slots[p.bucket] = slot + 1
-        key = (p.bucket, slot % self.max_lag)
-        sent = self._ring.pop(key, None)
-        if sent is not None:   # max_lag votes ago, and still not taken: waited for (bounded)
-            wait_all(sent[0], sent[1], self.timeout,
-                     f"quorum vote at step {p.step} on rank {self.rank}: what it sent "
-                     f"{self.max_lag} votes ago, still not taken")
+        place = p.place = self._ring.take(p.bucket, f"quorum vote at step {p.step} on rank "
+                                                    f"{self.rank}")
         if self.rank != self.root:
             # Step 1: [step | signs] to the root; the result's receive posted at once. The send
             # is left in flight: a late rank's message lands only once the root, voting again,
             # has taken the one before it, and waiting for that here could hold this rank out
             # of a collective the root is waiting in.
-            out = self._buffer(p, f"out{key[1]}", (1 + w,))
+            out = self._buffer(p, f"out{place}", (1 + w,))
             out[0] = p.step
             out[1:] = p.words
             self._isend(p, out, self.root, VOTES)
-            self._ring[key] = (p.requests, p.peers)
+            self._ring.leave(p.bucket, place, p.requests, p.peers)
             p.requests, p.peers = [], []
             p.result = self._buffer(p, "result", self._result_shape(w))
             self._irecv(p, p.result, self.root, RESULT)
             return
-        p.result = self._buffer(p, f"result{key[1]}", self._result_shape(w))
+        p.result = self._buffer(p, f"result{place}", self._result_shape(w))
         self._inbox(p)
 
     def _inbox(self, p) -> dict:
@@ -331,8 +362,7 @@ class QuorumVote(SignVote):
             result[body + w:] = 0 if tie is None else tie
         for r in self.others:
             self._isend(p, result, r, RESULT)
-        slot = (self._slots[p.bucket] - 1) % self.max_lag
-        self._ring[(p.bucket, slot)] = (p.requests, p.peers)
+        self._ring.leave(p.bucket, p.place, p.requests, p.peers)
         p.requests, p.peers, p.settled = [], [], False
 
     @staticmethod
@@ -372,18 +402,15 @@ class QuorumVote(SignVote):
                     request.Cancel()
                     request.Wait()
                 posted.clear()
-        for requests, peers in self._ring.values():
-            wait_all(requests, peers, self.timeout,
-                     f"quorum vote's drain on rank {self.rank}: results still in flight")
-        self._ring.clear()
+        self._ring.drain(f"quorum vote's drain on rank {self.rank}: what it sent, still in "
+                         f"flight")
         for bucket in list(self._sending):
             self._complete_sends(bucket)
 
     def pending_requests(self) -> int:
         """Requests of this collective not yet completed (0 after :meth:`drain`)."""
-        return (sum(len(p) for p in self._posted.values())
-                + sum(len(r) for r, _ in self._ring.values()) + sum(
-                    len(r) for r, _, _ in self._sending.values()))
+        return (sum(len(p) for p in self._posted.values()) + self._ring.pending()
+                + sum(len(r) for r, _, _ in self._sending.values()))
 
 
 def _pause(idle: float) -> None:

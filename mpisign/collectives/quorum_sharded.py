@@ -17,8 +17,8 @@ are present:
    where exactly ``k / 2`` say "+", needs ``k`` even; the tie plane always travels), and sends
    its piece of the result to every other rank. The counted ones take it at once, and the
    owner waits for those sends (a large message moves only while its sender is in MPI). A
-   late rank's copy stays in flight, in a ring of :attr:`QuorumVote.max_lag` result buffers,
-   until it comes to that step and takes it.
+   late rank's copy stays in flight, in a ring of :attr:`QuorumVote.max_lag` result buffers
+   (:class:`mpisign.collectives.quorum.SendRing`), until it comes to that step and takes it.
 
 Every rank so applies the same bits and knows who was counted. Traffic per step for W packed
 bytes, with ``k`` counted of M ranks: a counted rank sends and receives ``W (k-1)/k`` of signs,
@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Pending, SignVote, wait_all
-from .quorum import QuorumVote
+from .base import Pending, SignVote
+from .quorum import QuorumVote, SendRing
 from .sharded import shard_bounds
 
 __all__ = ["ShardedQuorumVote"]
@@ -62,9 +62,8 @@ class ShardedQuorumVote(SignVote):
                  grace: float = 0.0, root: int = 0):
         super().__init__(comm, timeout, tally)
         self.roll = QuorumVote(comm, self.timeout, quorum=quorum, grace=grace, root=root)
-        self.max_lag = self.roll.max_lag
-        self._slots: dict = {}   # bucket -> votes so far (this rank's place in its ring)
-        self._ring: dict = {}    # (bucket, slot) -> (requests, peers) of the pieces sent from it
+        # The pieces sent to late ranks stay in flight until they take them.
+        self._ring = SendRing(self.roll.max_lag, self.timeout)
         self._none = np.empty(0, dtype=np.uint64)   # the roll's words: it carries no sign
 
     counted = property(lambda self: self.roll.counted)
@@ -104,16 +103,9 @@ class ShardedQuorumVote(SignVote):
         w = p.words.shape[0]
         p.bounds = shard_bounds(w, len(p.counted))
         owners = p.counted   # the i-th counted rank owns shard i
-        # The result ring: pieces sent to a late rank stay in flight until it takes them.
-        slot = self._slots.get(p.bucket, 0)
-        self._slots[p.bucket] = slot + 1
-        key = (p.bucket, slot % self.max_lag)
-        sent = self._ring.pop(key, None)
-        if sent is not None:   # max_lag votes ago, and still not taken: waited for (bounded)
-            wait_all(sent[0], sent[1], self.timeout,
-                     f"sharded quorum vote at step {p.step} on rank {self.rank}: the pieces "
-                     f"sent {self.max_lag} votes ago, still not taken")
-        p.result = self._buffer(p, f"result{key[1]}", (w, 2))
+        place = self._ring.take(p.bucket, f"sharded quorum vote at step {p.step} on rank "
+                                          f"{self.rank}")
+        p.result = self._buffer(p, f"result{place}", (w, 2))
         if self.rank in owners:
             self._exchange_signs(p, owners.index(self.rank))
         # Step 3's receives: every piece this rank does not own, from its owner.
@@ -121,8 +113,8 @@ class ShardedQuorumVote(SignVote):
         for i, owner in enumerate(owners):
             if owner != self.rank:
                 self._irecv(p, p.result[b[i]: b[i + 1]], owner, PIECES)
-        if self.rank in owners:   # to late ranks: completed when the slot comes round, or
-            self._ring[key] = self._send_piece(p, owners.index(self.rank))   # at drain()
+        if self.rank in owners:   # to late ranks: completed when the place comes round
+            self._ring.leave(p.bucket, place, *self._send_piece(p, owners.index(self.rank)))
         self._wait(p, "the voted pieces, from their owners and to the counted ranks")
         return self._split(p, p.result)
 
@@ -169,11 +161,8 @@ class ShardedQuorumVote(SignVote):
         messages taken (:meth:`QuorumVote.drain`), and every piece still in flight completed
         (each rank has taken all of its pieces by its last vote). Bounded."""
         self.roll.drain()
-        for requests, peers in self._ring.values():
-            wait_all(requests, peers, self.timeout,
-                     f"sharded quorum vote's drain on rank {self.rank}: pieces in flight")
-        self._ring.clear()
+        self._ring.drain(f"sharded quorum vote's drain on rank {self.rank}: pieces in flight")
 
     def pending_requests(self) -> int:
         """Requests of this collective not yet completed (0 after :meth:`drain`)."""
-        return self.roll.pending_requests() + sum(len(r) for r, _ in self._ring.values())
+        return self.roll.pending_requests() + self._ring.pending()
