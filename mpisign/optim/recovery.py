@@ -186,7 +186,7 @@ class Recovery:
     def _catch_up(self, engine, comm: MPI.Intracomm, what: str) -> tuple[str, int]:
         """Steps 1-3 of the module's docstring, on the survivors' ``comm``; returns what was
         handed on (words for the log, or ""), and the step the failure interrupted (the
-        earliest)."""
+        earliest, or under a quorum the furthest survivor's)."""
         buckets = engine.plan.layout.buckets if engine.plan is not None else []
         n = comm.Get_size()
         mine = np.array([engine.books.param_groups[0]["step"]] + [b.applied for b in buckets],
@@ -212,7 +212,7 @@ class Recovery:
         return handed, int(steps.min() if engine.ranks.in_step else steps.max())
 
 
-def _hand_on_buckets(engine, comm, every: np.ndarray, what: str) -> int:
+def _hand_on_buckets(engine, comm, every: np.ndarray, what: str) -> str:
     """Survivors at most one step apart: each bucket of the earliest step that some survivor
     has applied and another has not comes from the lowest survivor that has (step 2 of the
     module's docstring). Returns what was handed on, for the log."""
@@ -233,7 +233,7 @@ def _hand_on_buckets(engine, comm, every: np.ndarray, what: str) -> int:
             if handed else "")
 
 
-def _to_the_furthest(engine, comm, every: np.ndarray, what: str) -> int:
+def _to_the_furthest(engine, comm, every: np.ndarray, what: str) -> str:
     """Survivors of a quorum's votes, which may be steps apart: every survivor takes the
     parameters, the step and the applied buckets of the one furthest on (the lowest of those
     level with it), whose votes every survivor would have applied in turn; the buckets it has
