@@ -3,7 +3,7 @@
 Usage: elastic_check.py TOPOLOGY KILLS [--mid] [--overlap] [--nodes 2,2]
        elastic_check.py vote TOPOLOGY KILLS [--mid]
        elastic_check.py quorum
-       elastic_check.py straggler
+       elastic_check.py straggler TOPOLOGY
        elastic_check.py unavailable
 
   KILLS      who dies when: "2@3" (rank 2 kills itself at the start of step 3), "1@2,3@5", ...
@@ -219,7 +219,7 @@ def quorum() -> None:
     raise AssertionError("carried on below min_ranks")
 
 
-def straggler(kill: int | None, lag: int) -> None:
+def straggler(kill: int | None, lag: int, topology: str) -> None:
     """Signum(quorum=size-1, elastic=True): the last rank is slow (it sleeps before its
     gradient, as a stalled data loader would, and skips the steps whose votes closed without
     it); with ``kill``, rank 1 dies at the start of step ``kill`` while the slow one is still
@@ -230,8 +230,8 @@ def straggler(kill: int | None, lag: int) -> None:
     slow = size - 1
     naps = {3: 3.0} if kill is not None else {2: 1.0, 6: 1.0}
     params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
-    opt = mpisign.Signum(params, lr=LR, momentum=BETA, comm=WORLD, elastic=True,
-                         quorum=size - 1, lag=lag)
+    opt = mpisign.Signum(params, lr=LR, momentum=BETA, comm=WORLD, topology=topology,
+                         elastic=True, quorum=size - 1, lag=lag)
     computed, counted = [], {}
     while opt.param_groups[0]["step"] < STEPS:
         step = opt.param_groups[0]["step"]
@@ -320,10 +320,11 @@ def main(argv: list) -> None:
             quorum()
         return
     if argv[0] == "straggler":
-        with case("quorum, elastic: a slow rank, never lost"):
-            straggler(None, lag=2)
-        with case("quorum, elastic: a rank dies while the slow one is steps behind"):
-            straggler(5, lag=4)
+        topology = argv[1]
+        with case(f"quorum, elastic, {topology}: a slow rank, never lost"):
+            straggler(None, lag=2, topology=topology)
+        with case(f"quorum, elastic, {topology}: a rank dies while the slow one is steps behind"):
+            straggler(5, lag=4, topology=topology)
         return
     if argv[0] == "unelastic":
         with case(f"unelastic {argv[1]}"):
