@@ -349,17 +349,15 @@ class QuorumVote(SignVote):
         # Step 3: the majority of the counted rows, and the result to every worker.
         self._closed[p.bucket] = p.step
         k = len(counted)
-        # No words: a roll call of the ranks present (ShardedQuorumVote's), nothing to tally.
-        plus, tie = self.tally(gathered[:k], p.n) if w else (None, None)
+        plus, tie = self.tally(gathered[:k], p.n)
         result = p.result
         result[0], result[1] = p.step, k
         result[2: 2 + self.mask_words] = 0
         for r in counted:
             result[2 + r // 64] |= np.uint64(1) << np.uint64(r % 64)
         body = 2 + self.mask_words
-        if w:
-            result[body: body + w] = plus
-            result[body + w:] = 0 if tie is None else tie
+        result[body: body + w] = plus
+        result[body + w:] = 0 if tie is None else tie
         for r in self.others:
             self._isend(p, result, r, RESULT)
         self._ring.leave(p.bucket, p.place, p.requests, p.peers)
