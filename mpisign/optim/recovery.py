@@ -195,12 +195,12 @@ class Recovery:
         bounded(comm.Iallgather(mine, every), f"{what}: where each survivor is", engine.timeout)
         steps = every[:, 0]
         if not engine.ranks.in_step:   # a quorum's late survivors may be steps behind
-            handed = _to_the_furthest(engine, comm, every, what)
+            handed = _to_the_furthest(engine, comm, buckets, every, what)
         elif steps.max() - steps.min() > 1:
             raise RuntimeError(f"{what}: survivors are more than one step apart "
                                f"({steps.tolist()}), which a vote cannot allow")
         else:
-            handed = _hand_on_buckets(engine, comm, every, what)
+            handed = _hand_on_buckets(engine, comm, buckets, every, what)
         differ = exchanges.ranks_differing(comm, engine.params_digest(), engine.timeout,
                                            f"{what}: comparing the survivors' parameters")
         if differ:
@@ -212,11 +212,10 @@ class Recovery:
         return handed, int(steps.min() if engine.ranks.in_step else steps.max())
 
 
-def _hand_on_buckets(engine, comm, every: np.ndarray, what: str) -> str:
+def _hand_on_buckets(engine, comm, buckets: list, every: np.ndarray, what: str) -> str:
     """Survivors at most one step apart: each bucket of the earliest step that some survivor
     has applied and another has not comes from the lowest survivor that has (step 2 of the
     module's docstring). Returns what was handed on, for the log."""
-    buckets = engine.plan.layout.buckets if engine.plan is not None else []
     steps, me = every[:, 0], comm.Get_rank()
     holds = (steps > steps.min())[:, None] | every[:, 1:].astype(bool)
     handed = 0
@@ -233,7 +232,7 @@ def _hand_on_buckets(engine, comm, every: np.ndarray, what: str) -> str:
             if handed else "")
 
 
-def _to_the_furthest(engine, comm, every: np.ndarray, what: str) -> str:
+def _to_the_furthest(engine, comm, buckets: list, every: np.ndarray, what: str) -> str:
     """Survivors of a quorum's votes, which may be steps apart: every survivor takes the
     parameters, the step and the applied buckets of the one furthest on (the lowest of those
     level with it), whose votes every survivor would have applied in turn; the buckets it has
@@ -241,7 +240,6 @@ def _to_the_furthest(engine, comm, every: np.ndarray, what: str) -> str:
     momentum and the signs it last packed (a late rank's skip() leaves its momentum alone in
     the same way), and they count in the votes done again. Returns what was handed on, for
     the log."""
-    buckets = engine.plan.layout.buckets if engine.plan is not None else []
     done = every[:, 0] * (len(buckets) + 1) + every[:, 1:].sum(axis=1)   # buckets are applied
     furthest = int(np.argmax(done))                                       # in their order
     if (done == done[furthest]).all():
