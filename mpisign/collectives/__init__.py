@@ -20,6 +20,7 @@ from .allgather import AllgatherVote
 from .hierarchical import HierarchicalVote
 from .local import LocalVote
 from .quorum import QuorumVote
+from .quorum_hierarchical import HierarchicalQuorumVote
 from .quorum_sharded import ShardedQuorumVote
 from .server import ServerVote
 from .sharded import ShardedVote
@@ -28,7 +29,7 @@ from .tree import TreeVote
 __all__ = ["TOPOLOGIES", "QUORUM_VOTES", "AUTO", "make_vote", "make_quorum_vote",
            "check_topology", "resolve_topology", "SignVote", "ServerVote", "TreeVote",
            "ShardedVote", "AllgatherVote", "HierarchicalVote", "LocalVote", "QuorumVote",
-           "ShardedQuorumVote", "Traffic", "VoteTimeout", "bounded", "check_comm",
+           "ShardedQuorumVote", "HierarchicalQuorumVote", "Traffic", "VoteTimeout", "bounded", "check_comm",
            "default_timeout", "wait_all"]
 
 #: Topology name -> class. Every entry gives the same answer bit for bit.
@@ -44,6 +45,7 @@ TOPOLOGIES: dict[str, type[SignVote]] = {
 QUORUM_VOTES: dict[str, type[SignVote]] = {
     "server": QuorumVote,
     "sharded": ShardedQuorumVote,
+    "hierarchical": HierarchicalQuorumVote,
 }
 
 #: Let the cost model choose (see :func:`resolve_topology`).

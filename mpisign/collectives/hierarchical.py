@@ -46,7 +46,7 @@ from ..mpi.nodes import discover
 from .base import Pending, SignVote
 from .sharded import shard_bounds
 
-__all__ = ["HierarchicalVote", "HierarchicalPlan", "hierarchical_plan"]
+__all__ = ["HierarchicalVote", "HierarchicalPlan", "NodeLayout", "hierarchical_plan"]
 
 SIGNS, COUNTS, RESULT, SHARE = 0, 1, 2, 3  # message phases
 
@@ -78,118 +78,179 @@ def hierarchical_plan(w: int, node_sizes) -> HierarchicalPlan:
         for lo, hi in zip(bounds, bounds[1:])))
 
 
+@dataclass(frozen=True)
+class NodeLayout:
+    """Who votes in the hierarchical vote, grouped by node, and what this rank owns: node ``i``
+    votes with ``members[i]`` (a node with no voter is left out), shard ``s`` on node ``i``
+    belongs to ``members[i][s % L_i]``. ``node`` is this rank's node index, None if it does
+    not vote (a late rank under a quorum)."""
+
+    members: tuple[tuple[int, ...], ...]
+    node: int | None
+    owned: tuple[int, ...]
+
+    @classmethod
+    def of(cls, members, rank: int) -> "NodeLayout":
+        """The layout of ``members`` (node -> its voting ranks; empty nodes dropped) seen from
+        ``rank``."""
+        members = tuple(tuple(m) for m in members if m)
+        node = next((i for i, m in enumerate(members) if rank in m), None)
+        shards = max(len(m) for m in members)
+        owned = () if node is None else tuple(
+            s for s in range(shards) if members[node][s % len(members[node])] == rank)
+        return cls(members, node, owned)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Voters on each node."""
+        return tuple(len(m) for m in self.members)
+
+    @property
+    def shards(self) -> int:
+        """S: the largest node's voters."""
+        return max(self.sizes)
+
+    @property
+    def voters(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def local(self) -> tuple[int, ...]:
+        """This rank's node's voters."""
+        return self.members[self.node]
+
+    def owner(self, node: int, shard: int) -> int:
+        """The rank of ``node`` that owns ``shard``."""
+        members = self.members[node]
+        return members[shard % len(members)]
+
+
 class _Pending(Pending):
-    # The plan for these words; shard -> the node's votes (L x w_s); (shard, node) -> a count
-    # of that piece (this node's, or received); the W x k result.
-    __slots__ = ("plan", "rows", "counts", "result")
+    # The layout and plan for these words; shard -> the node's votes (L x w_s); (shard, node)
+    # -> a count of that piece (this node's, or received); the W x k result.
+    __slots__ = ("layout", "plan", "rows", "counts", "result")
 
 
 class HierarchicalVote(SignVote):
     """Counts inside each node, a sharded exchange of counts between nodes along rails, the
     1-bit result back inside each node. ``nodes``: a :class:`mpisign.mpi.nodes.Nodes` of ``comm``
-    (default: :func:`mpisign.mpi.nodes.discover`, a collective)."""
+    (default: :func:`mpisign.mpi.nodes.discover`, a collective).
+
+    The phases read who votes from ``p.layout`` (every rank, grouped by node, here), so that a
+    vote among fewer ranks (:mod:`mpisign.collectives.quorum_hierarchical`) runs them as they are."""
 
     name = "hierarchical"
     pending_type = _Pending
 
     def __init__(self, comm, timeout=None, tally=None, nodes=None):
         super().__init__(comm, timeout, tally)
-        self.count_nodes(discover(comm, timeout=self.timeout) if nodes is None else nodes)
-        self.node = self.nodes.node_of[self.rank]
-        self.local = self.nodes.members[self.node]
-        self.shards = max(self.nodes.sizes)
-        self.owned = [s for s in range(self.shards) if self.owner(self.node, s) == self.rank]
+        self._find_nodes(nodes)
+
+    def _find_nodes(self, nodes) -> None:
+        """The nodes (``nodes``, or discovered: a collective), and every rank's layout."""
+        self.count_nodes(discover(self.comm, timeout=self.timeout) if nodes is None else nodes)
+        self.layout = NodeLayout.of(self.nodes.members, self.rank)
         self._plans: dict = {}
 
-    def owner(self, node: int, shard: int) -> int:
-        """The rank of ``node`` that owns ``shard``."""
-        members = self.nodes.members[node]
-        return members[shard % len(members)]
-
-    def _plan(self, w: int):
-        if w not in self._plans:
-            self._plans[w] = hierarchical_plan(w, self.nodes.sizes)
-        return self._plans[w]
+    def _plan(self, w: int, layout: NodeLayout) -> HierarchicalPlan:
+        key = (w, layout.sizes)
+        if key not in self._plans:
+            self._plans[key] = hierarchical_plan(w, layout.sizes)
+        return self._plans[key]
 
     def _start(self, p):
-        # Step 1: post the node's alltoall: each shard of this rank's signs to its owner here,
-        # and for each shard this rank owns, a row for every local rank's signs. This rank's
-        # own rows first: device work goes before a phase's first post (SignVote._ready).
-        p.plan = self._plan(p.words.shape[0])
+        p.layout = self.layout
+        self._post_signs(p)
+
+    def _post_signs(self, p) -> None:
+        """Step 1: post the node's alltoall: each shard of this rank's signs to its owner here,
+        and for each shard this rank owns, a row for every local rank's signs. This rank's
+        own rows first: device work goes before a phase's first post (SignVote._ready)."""
+        at = p.layout
+        p.plan = self._plan(p.words.shape[0], at)
         p.rows, p.counts = {}, {}
-        me = self.local.index(self.rank)
-        for s in self.owned:
+        me = at.local.index(self.rank)
+        for s in at.owned:
             lo, hi = p.plan.shard(s)
-            rows = p.rows[s] = self._buffer(p, f"rows{s}", (len(self.local), hi - lo))
+            rows = p.rows[s] = self._buffer(p, f"rows{s}.{len(at.local)}",
+                                            (len(at.local), hi - lo))
             rows[me] = p.words[lo:hi]
-        for s in range(self.shards):
+        for s in range(at.shards):
             lo, hi = p.plan.shard(s)
-            owner = self.owner(self.node, s)
+            owner = at.owner(at.node, s)
             if owner != self.rank:
                 self._isend(p, p.words[lo:hi], owner, SIGNS)
                 continue
-            for i, r in enumerate(self.local):
+            for i, r in enumerate(at.local):
                 if r != self.rank:
                     self._irecv(p, p.rows[s][i], r, SIGNS)
 
     def _finish(self, p):
         self._wait(p, "the node's signs (inside the node)")
-        self._exchange_counts(p)
-        self._wait(p, "the other nodes' counts")
         p.result = self._buffer(p, "result", (p.words.shape[0], 2 if self.tie_possible else 1))
-        self._decide(p)
-        self._wait(p, "the other nodes' results")
+        self._vote_between_nodes(p)
         self._share(p)
         self._wait(p, "the node's results (inside the node)")
         return self._split(p, p.result)
+
+    def _vote_between_nodes(self, p) -> None:
+        """Steps 2 and 3, once the node's signs are in: every owned piece decided, and every
+        piece of this rank's owned shards in ``p.result`` (W x k, k = 2 with the tie plane)."""
+        self._exchange_counts(p)
+        self._wait(p, "the other nodes' counts")
+        self._decide(p)
+        self._wait(p, "the other nodes' results")
 
     def _exchange_counts(self, p) -> None:
         """Step 2: count the node's votes on each owned shard, piece by piece; send piece j to
         node j's owner of the shard and receive every other node's count of this node's piece.
         Every count is made before the first post (SignVote._ready)."""
-        sizes = self.nodes.sizes
+        at = p.layout
+        sizes = at.sizes
         if len(sizes) == 1:
             return   # one node: no counts to trade; step 3 tallies the rows
-        for s in self.owned:
+        for s in at.owned:
             lo = p.plan.shard(s)[0]
             for j in range(len(sizes)):
                 c, d = p.plan.piece(s, j)
                 # Piece j's count: this node's own in counts[s, node]; the others' are sent
                 # from counts[s, j, "sent"], alive until the sends complete.
-                key = (s, j) if j == self.node else (s, j, "sent")
+                key = (s, j) if j == at.node else (s, j, "sent")
                 p.counts[key] = packing.tally(p.rows[s][:, c - lo: d - lo])
-        for s in self.owned:
-            a, b = p.plan.piece(s, self.node)
+        for s in at.owned:
+            a, b = p.plan.piece(s, at.node)
             for j in range(len(sizes)):
-                if j == self.node:
+                if j == at.node:
                     continue
-                self._isend(p, p.counts[s, j, "sent"], self.owner(j, s), COUNTS)
+                self._isend(p, p.counts[s, j, "sent"], at.owner(j, s), COUNTS)
                 theirs = self._buffer(p, f"count{s}.{j}", (packing.count_planes(sizes[j]), b - a))
-                self._irecv(p, theirs, self.owner(j, s), COUNTS)
+                self._irecv(p, theirs, at.owner(j, s), COUNTS)
                 p.counts[s, j] = theirs
 
     def _decide(self, p) -> None:
-        """Step 3: add the nodes' counts of each owned piece, take the global majority, and
-        trade the pieces' results along the rail (every piece decided before the first post)."""
-        sizes = self.nodes.sizes
-        for s in self.owned:
-            a, b = p.plan.piece(s, self.node)
+        """Step 3: add the nodes' counts of each owned piece, take the majority of every voter,
+        and trade the pieces' results along the rail (every piece decided before the first
+        post)."""
+        at = p.layout
+        sizes = at.sizes
+        for s in at.owned:
+            a, b = p.plan.piece(s, at.node)
             n_here = max(0, min(p.n - 64 * a, 64 * (b - a)))
             if len(sizes) == 1:   # one node: its rows are all the votes; the backend's tally
                 self._set_result(p, a, b, *self.tally(p.rows[s], n_here))
                 continue
-            total, voters = p.counts[s, self.node], sizes[self.node]
+            total, voters = p.counts[s, at.node], sizes[at.node]
             for j in range(len(sizes)):
-                if j != self.node:
+                if j != at.node:
                     voters += sizes[j]
                     total = packing.add_counts(total, p.counts[s, j],
                                                packing.count_planes(voters))
-            self._set_result(p, a, b, *packing.majority(total, self.size, n_here))
-        for s in self.owned:
-            a, b = p.plan.piece(s, self.node)
+            self._set_result(p, a, b, *packing.majority(total, at.voters, n_here))
+        for s in at.owned:
+            a, b = p.plan.piece(s, at.node)
             for j in range(len(sizes)):
-                if j != self.node:
-                    other = self.owner(j, s)
+                if j != at.node:
+                    other = at.owner(j, s)
                     self._isend(p, p.result[a:b], other, RESULT)
                     c, d = p.plan.piece(s, j)
                     self._irecv(p, p.result[c:d], other, RESULT)
@@ -197,17 +258,18 @@ class HierarchicalVote(SignVote):
     @staticmethod
     def _set_result(p, a: int, b: int, plus, tie) -> None:
         p.result[a:b, 0] = plus
-        if tie is not None:
-            p.result[a:b, 1] = tie
+        if p.result.shape[1] > 1:   # the tie plane travels: 0 where no tie can be
+            p.result[a:b, 1] = 0 if tie is None else tie
 
     def _share(self, p) -> None:
         """Step 4: each shard's result from its owner to the node's other ranks."""
-        for s in range(self.shards):
+        at = p.layout
+        for s in range(at.shards):
             lo, hi = p.plan.shard(s)
-            owner = self.owner(self.node, s)
+            owner = at.owner(at.node, s)
             if owner != self.rank:
                 self._irecv(p, p.result[lo:hi], owner, SHARE)
                 continue
-            for r in self.local:
+            for r in at.local:
                 if r != self.rank:
                     self._isend(p, p.result[lo:hi], r, SHARE)

@@ -32,12 +32,13 @@ Traffic per step, for ``n`` coordinates and M ranks: each worker sends ``n + 64`
 receives ``2n + 64 (2 + ceil(M / 64))``; the root receives up to ``(M - 1)`` times as much as a
 worker sends and sends as much as they receive.
 
-Only the server's shape closes in one place. The sharded vote closes on a quorum by asking
-this vote first, on no words: a roll call of the ranks present, which then shard the words
-among themselves (:mod:`mpisign.collectives.quorum_sharded`). Where every rank tallies for
-itself (allgather) ranks would close on different sets without that agreement, and with it
-the sharded vote moves fewer bytes; the tree and hierarchical votes are not (yet) built with a
-quorum: :func:`check_quorum_topology` refuses them.
+Only the server's shape closes in one place. The sharded and hierarchical votes close on a
+quorum by asking this vote first, on no words: a roll call of the ranks present, which then
+vote among themselves in that topology's shape (:mod:`mpisign.collectives.roll`,
+:mod:`mpisign.collectives.quorum_sharded`, :mod:`mpisign.collectives.quorum_hierarchical`).
+Where every rank tallies for itself (allgather) ranks would close on different sets without
+that agreement, and with it the sharded vote moves fewer bytes; the tree is not (yet) built
+with a quorum: :func:`check_quorum_topology` refuses both.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ from mpi4py import MPI
 from .base import Pending, SignVote, VoteTimeout, wait_all
 from ..mpi.comm import SPIN_SECONDS, YIELD_SECONDS
 
-__all__ = ["QuorumVote", "SendRing", "resolve_quorum", "check_quorum", "check_quorum_topology",
+__all__ = ["QuorumVote", "SendRing", "take_channel", "channel_tag", "resolve_quorum",
+           "check_quorum", "check_quorum_topology",
            "survivors_quorum", "QUORUM_TOPOLOGIES"]
 
 VOTES, RESULT = 0, 1  # message phases
@@ -68,9 +70,9 @@ QUORUM_TAG_BASE, CHANNEL_BUCKETS, CHANNELS = 0x4000, 64, 32
 #: "nothing in the last poll" left out ranks whose signs had been there for a second.
 SETTLE_SECONDS = 1e-3
 _channels: dict = {}   # a communicator's handle -> the quorum votes made on it so far
-#: Topologies that can close on a quorum: this module's vote, and the sharded vote among the
-#: ranks its roll call counts (mpisign.collectives.quorum_sharded).
-QUORUM_TOPOLOGIES = ("server", "sharded")
+#: Topologies that can close on a quorum: this module's vote, and the sharded and hierarchical
+#: votes among the ranks its roll call counts (mpisign.collectives.roll).
+QUORUM_TOPOLOGIES = ("server", "sharded", "hierarchical")
 
 
 def resolve_quorum(quorum, size: int, allow_minority: bool = False) -> int:
@@ -110,6 +112,23 @@ def check_quorum(topology: str, comm, quorum, grace, allow_minority: bool = Fals
     return count
 
 
+def take_channel(comm) -> int:
+    """A block of tags of its own on ``comm`` for a vote whose receives may stand between its
+    votes (see :func:`channel_tag`). Every rank makes its quorum votes on a communicator in the
+    same order, so the channels agree."""
+    handle = comm.py2f()
+    taken = _channels.get(handle, 0)
+    _channels[handle] = taken + 1
+    return taken % CHANNELS
+
+
+def channel_tag(channel: int, bucket: int, phase: int) -> int:
+    """The tag of a message of ``phase`` (0 to 3) in ``bucket``, in ``channel``."""
+    if not 0 <= bucket < CHANNEL_BUCKETS:
+        raise ValueError(f"a quorum vote has buckets 0 to {CHANNEL_BUCKETS - 1}, got {bucket}")
+    return QUORUM_TAG_BASE + 4 * (CHANNEL_BUCKETS * channel + bucket) + phase
+
+
 def survivors_quorum(quorum: int, before: int, after: int) -> int:
     """The quorum of ``after`` ranks that survive ``before`` (an elastic optimizer lost some):
     as many ranks may still be late as before (``before - quorum``), but the quorum stays a
@@ -123,12 +142,12 @@ def check_quorum_topology(topology: str) -> None:
     """ValueError unless ``topology`` can close a vote on a quorum (see the module docstring)."""
     if topology not in QUORUM_TOPOLOGIES:
         raise ValueError(
-            f"quorum= needs topology='server' or 'sharded': the server's root closes each vote "
-            f"in one place, and the sharded vote shards the words among the ranks that a roll "
-            f"call at the root counts. {topology!r} cannot: with allgather every rank tallies "
-            f"for itself and ranks would close on different sets without that agreement (at "
-            f"which point the sharded vote moves fewer bytes); the tree and hierarchical votes "
-            f"are not built with a quorum yet")
+            f"quorum= needs topology='server', 'sharded' or 'hierarchical': the server's root "
+            f"closes each vote in one place, and the sharded and hierarchical votes run among "
+            f"the ranks that a roll call at the root counts. {topology!r} cannot: with "
+            f"allgather every rank tallies for itself and ranks would close on different sets "
+            f"without that agreement (at which point the sharded vote moves fewer bytes); the "
+            f"tree is not built with a quorum yet")
 
 
 class SendRing:
@@ -200,9 +219,7 @@ class QuorumVote(SignVote):
         # another quorum vote's message on the same communicator (a second kind of
         # majority_vote call, or the optimizer's next layout). Every rank makes its quorum
         # votes on a communicator in the same order, so the channels agree.
-        handle = comm.py2f()
-        self.channel = _channels.get(handle, 0) % CHANNELS
-        _channels[handle] = _channels.get(handle, 0) + 1
+        self.channel = take_channel(comm)
         self.others = [r for r in range(self.size) if r != root]
         self.mask_words = (self.size + 63) // 64
         self.counted: list[int] = list(range(self.size))
@@ -221,11 +238,8 @@ class QuorumVote(SignVote):
         return self.channel_tag(pending.bucket, phase)
 
     def channel_tag(self, bucket: int, phase: int) -> int:
-        """The tag of a message of ``phase`` in ``bucket``, in this vote's channel (phases 0 and
-        1 are its own; a vote built on it, as ShardedQuorumVote is, uses 2 and 3)."""
-        if not 0 <= bucket < CHANNEL_BUCKETS:
-            raise ValueError(f"a quorum vote has buckets 0 to {CHANNEL_BUCKETS - 1}, got {bucket}")
-        return QUORUM_TAG_BASE + 4 * (CHANNEL_BUCKETS * self.channel + bucket) + phase
+        """The tag of a message of ``phase`` (0 or 1) in ``bucket``, in this vote's channel."""
+        return channel_tag(self.channel, bucket, phase)
 
     def result_waiting(self, bucket: int = 0) -> bool:
         """A worker: whether the root's result of its coming vote is already here (a probe,

@@ -85,13 +85,13 @@ class Signum(SignOptimizer):
             counted, ``stats.abstentions`` counts each rank's missed votes). A rank that fell
             behind can catch up: ``if opt.late(): opt.skip()`` takes the closed step without
             computing it. After the last step, ``opt.drain()`` (collective) leaves nothing
-            pending. Needs ``topology="server"`` or ``"sharded"``, and ``overlap=False``; a
-            rank's own mistake is raised on every rank ``lag`` steps on, and every parameter
-            needs a gradient at every step (see :mod:`mpisign.optim.quorate`). With
-            ``elastic``, a dead rank is survived as without a quorum: the survivors go on from
-            the furthest of them, and as many of them may be late as before (the quorum stays
-            a majority of them; a rank that is only slow is never taken for dead). Default:
-            every rank.
+            pending. Needs ``topology="server"``, ``"sharded"`` or ``"hierarchical"``, and
+            ``overlap=False``; a rank's own mistake is raised on every rank ``lag`` steps on,
+            and every parameter needs a gradient at every step (see
+            :mod:`mpisign.optim.quorate`). With ``elastic``, a dead rank is survived as without
+            a quorum: the survivors go on from the furthest of them, and as many of them may be
+            late as before (the quorum stays a majority of them; a rank that is only slow is
+            never taken for dead). Default: every rank.
         grace: with ``quorum``, seconds the vote waits for the rest once the quorum is in.
         allow_minority: allow a ``quorum`` of half the ranks or fewer (a majority of a
             minority: not the paper's guarantee against adversarial ranks).

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 import torch
-from common import WORLD, case, expect_everywhere, progress
+from common import WORLD, case, expect_everywhere, name_nodes, progress
 
 import mpisign
 from mpisign.vote import drain_votes, vote_state
@@ -31,9 +31,12 @@ from mpisign.vote import drain_votes, vote_state
 comm = WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
 N = 1000
-#: The quorum vote's topology under test: "server" (its root closes each vote) or "sharded"
-#: (the sharded vote among the ranks a roll call at the root counts).
+#: The quorum vote's topology under test: "server" (its root closes each vote), "sharded" or
+#: "hierarchical" (those votes among the ranks a roll call at the root counts). The
+#: hierarchical vote's nodes: consecutive ranks in nodes of $QUORUM_NODES's sizes ("2,2").
 TOPOLOGY = os.environ.get("QUORUM_TOPOLOGY", "server")
+if TOPOLOGY == "hierarchical":
+    name_nodes(os.environ["QUORUM_NODES"])
 
 
 def reference(inputs: dict, step: int) -> np.ndarray:
