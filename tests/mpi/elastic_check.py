@@ -3,7 +3,7 @@
 Usage: elastic_check.py TOPOLOGY KILLS [--mid] [--overlap] [--nodes 2,2]
        elastic_check.py vote TOPOLOGY KILLS [--mid]
        elastic_check.py quorum
-       elastic_check.py straggler TOPOLOGY
+       elastic_check.py straggler TOPOLOGY [--nodes 2,2]
        elastic_check.py unavailable
 
   KILLS      who dies when: "2@3" (rank 2 kills itself at the start of step 3), "1@2,3@5", ...
@@ -315,6 +315,9 @@ def unavailable() -> None:
 
 
 def main(argv: list) -> None:
+    if "--nodes" in argv:
+        from common import name_nodes
+        name_nodes(argv[argv.index("--nodes") + 1])
     if argv[0] == "quorum":
         with case("quorum"):
             quorum()
@@ -340,9 +343,6 @@ def main(argv: list) -> None:
             votes(argv[1], kills, "--mid" in argv)
         return
     topology, kills = argv[0], dict(tuple(int(x) for x in k.split("@")) for k in argv[1].split(","))
-    if "--nodes" in argv:
-        from common import name_nodes
-        name_nodes(argv[argv.index("--nodes") + 1])
     with case(f"elastic {topology} kills {kills}"):
         run(topology, kills, "--mid" in argv, "--in-check" in argv, "--overlap" in argv)
 
