@@ -34,8 +34,8 @@ worker sends and sends as much as they receive.
 
 Only the server's shape closes in one place. The sharded and hierarchical votes close on a
 quorum by asking this vote first, on no words: a roll call of the ranks present, which then
-vote among themselves in that topology's shape (:mod:`mpisign.collectives.roll`,
-:mod:`mpisign.collectives.quorum_sharded`, :mod:`mpisign.collectives.quorum_hierarchical`).
+vote among themselves in that topology's shape (:mod:`mpisign.collectives.roll`;
+:mod:`~mpisign.collectives.quorum_sharded`, :mod:`~mpisign.collectives.quorum_hierarchical`).
 Where every rank tallies for itself (allgather) ranks would close on different sets without
 that agreement, and with it the sharded vote moves fewer bytes; the tree is not (yet) built
 with a quorum: :func:`check_quorum_topology` refuses both.
