@@ -29,17 +29,18 @@ def quorum_check(n: int, *args: str, topology: str = "server", timeout: float = 
 @pytest.mark.parametrize("n, quorum, topology", [
     (3, 2, "server"), (4, 3, "server"), (5, 4, "server"), (5, 3, "server"),
     (3, 2, "sharded"), (4, 3, "sharded"), (5, 3, "sharded"),
-    (3, 2, "hierarchical"), (4, 3, "hierarchical"), (5, 3, "hierarchical")])
+    (3, 2, "hierarchical"), (4, 3, "hierarchical"), (5, 3, "hierarchical"),
+    (3, 2, "tree"), (5, 3, "tree")])
 def test_late_ranks_abstain_and_stale_signs_never_count(n, quorum, topology):
     quorum_check(n, "late", str(quorum), topology=topology)
 
 
-@pytest.mark.parametrize("topology", ["server", "sharded", "hierarchical"])
+@pytest.mark.parametrize("topology", ["server", "sharded", "hierarchical", "tree"])
 def test_ties_and_the_zero_rule_with_3_and_4_voters(topology):
     quorum_check(4, "ties", topology=topology)
 
 
-@pytest.mark.parametrize("topology", ["server", "sharded", "hierarchical"])
+@pytest.mark.parametrize("topology", ["server", "sharded", "hierarchical", "tree"])
 def test_no_request_is_pending_after_the_drain(topology):
     quorum_check(4, "drain", topology=topology)
 
@@ -86,16 +87,17 @@ def test_the_survivors_quorum_lets_as_many_ranks_be_late_as_before(quorum, befor
     assert survivors_quorum(quorum, before, after) == kept
 
 
-@pytest.mark.parametrize("topology", ["tree", "allgather", "auto"])
+@pytest.mark.parametrize("topology", ["allgather", "auto"])
 def test_topologies_that_cannot_close_on_a_quorum_say_why(topology):
-    with pytest.raises(ValueError, match="topology='server', 'sharded' or 'hierarchical'"):
+    with pytest.raises(ValueError, match="topology='server', 'sharded', 'hierarchical' or 'tree'"):
         check_quorum_topology(topology)
-    for topology in ("server", "sharded", "hierarchical"):
+    for topology in ("server", "sharded", "hierarchical", "tree"):
         check_quorum_topology(topology)
 
 
 @pytest.mark.parametrize("n, topology", [(3, "server"), (4, "server"), (5, "server"),
-                                         (4, "sharded"), (5, "sharded"), (5, "hierarchical")])
+                                         (4, "sharded"), (5, "sharded"), (5, "hierarchical"),
+                                         (5, "tree")])
 def test_signum_with_a_quorum_matches_a_replay_of_the_ranks_it_counted(n, topology):
     """Late ranks (a slow loader, a slow backward) abstain, skip to catch up, and every rank's
     parameters equal a one-process replay of each rank's momentum and the counted votes."""

@@ -435,7 +435,7 @@ def test_help_lists_every_choice(capsys):
     (["--elastic"], "mpirun --with-ft ulfm"),   # this process was not launched with ULFM
     (["--quorum", "2"], "between 1 and the 1 ranks"),
     (["--quorum", "1", "--optimizer", "sgd"], "--quorum needs a voting optimizer"),
-    (["--quorum", "1", "--topology", "tree"], "topology='server'"),
+    (["--quorum", "1", "--topology", "allgather"], "topology='server'"),
     (["--quorum", "1.5"], "a fraction in (0, 1]"),
     (["--grace", "1"], "--grace is the wait after a --quorum"),
     (["--straggle", "1:0.5"], "this job has ranks 0..0"),

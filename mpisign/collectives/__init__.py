@@ -22,6 +22,7 @@ from .local import LocalVote
 from .quorum import QuorumVote
 from .quorum_hierarchical import HierarchicalQuorumVote
 from .quorum_sharded import ShardedQuorumVote
+from .quorum_tree import TreeQuorumVote
 from .server import ServerVote
 from .sharded import ShardedVote
 from .tree import TreeVote
@@ -29,7 +30,8 @@ from .tree import TreeVote
 __all__ = ["TOPOLOGIES", "QUORUM_VOTES", "AUTO", "make_vote", "make_quorum_vote",
            "check_topology", "resolve_topology", "SignVote", "ServerVote", "TreeVote",
            "ShardedVote", "AllgatherVote", "HierarchicalVote", "LocalVote", "QuorumVote",
-           "ShardedQuorumVote", "HierarchicalQuorumVote", "Traffic", "VoteTimeout", "bounded", "check_comm",
+           "ShardedQuorumVote", "HierarchicalQuorumVote",
+           "TreeQuorumVote", "Traffic", "VoteTimeout", "bounded", "check_comm",
            "default_timeout", "wait_all"]
 
 #: Topology name -> class. Every entry gives the same answer bit for bit.
@@ -46,6 +48,7 @@ QUORUM_VOTES: dict[str, type[SignVote]] = {
     "server": QuorumVote,
     "sharded": ShardedQuorumVote,
     "hierarchical": HierarchicalQuorumVote,
+    "tree": TreeQuorumVote,
 }
 
 #: Let the cost model choose (see :func:`resolve_topology`).

@@ -136,8 +136,9 @@ class HierarchicalVote(SignVote):
     1-bit result back inside each node. ``nodes``: a :class:`mpisign.mpi.nodes.Nodes` of ``comm``
     (default: :func:`mpisign.mpi.nodes.discover`, a collective).
 
-    The phases read who votes from ``p.layout`` (every rank, grouped by node, here), so that a
-    vote among fewer ranks (:mod:`mpisign.collectives.quorum_hierarchical`) runs them as they are."""
+    The phases read who votes from ``p.layout`` (here every rank, grouped by node), so that a
+    vote among fewer ranks (:mod:`mpisign.collectives.quorum_hierarchical`) runs them as they
+    are."""
 
     name = "hierarchical"
     pending_type = _Pending

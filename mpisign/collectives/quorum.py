@@ -32,13 +32,13 @@ Traffic per step, for ``n`` coordinates and M ranks: each worker sends ``n + 64`
 receives ``2n + 64 (2 + ceil(M / 64))``; the root receives up to ``(M - 1)`` times as much as a
 worker sends and sends as much as they receive.
 
-Only the server's shape closes in one place. The sharded and hierarchical votes close on a
-quorum by asking this vote first, on no words: a roll call of the ranks present, which then
+Only the server's shape closes in one place. The sharded, hierarchical and tree votes close on
+a quorum by asking this vote first, on no words: a roll call of the ranks present, which then
 vote among themselves in that topology's shape (:mod:`mpisign.collectives.roll`;
-:mod:`~mpisign.collectives.quorum_sharded`, :mod:`~mpisign.collectives.quorum_hierarchical`).
-Where every rank tallies for itself (allgather) ranks would close on different sets without
-that agreement, and with it the sharded vote moves fewer bytes; the tree is not (yet) built
-with a quorum: :func:`check_quorum_topology` refuses both.
+:mod:`~mpisign.collectives.quorum_sharded`, :mod:`~mpisign.collectives.quorum_hierarchical`,
+:mod:`~mpisign.collectives.quorum_tree`). Where every rank tallies for itself (allgather)
+ranks would close on different sets without that agreement, and with it the sharded vote
+moves fewer bytes: :func:`check_quorum_topology` refuses it.
 """
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ QUORUM_TAG_BASE, CHANNEL_BUCKETS, CHANNELS = 0x4000, 64, 32
 #: "nothing in the last poll" left out ranks whose signs had been there for a second.
 SETTLE_SECONDS = 1e-3
 _channels: dict = {}   # a communicator's handle -> the quorum votes made on it so far
-#: Topologies that can close on a quorum: this module's vote, and the sharded and hierarchical
-#: votes among the ranks its roll call counts (mpisign.collectives.roll).
-QUORUM_TOPOLOGIES = ("server", "sharded", "hierarchical")
+#: Topologies that can close on a quorum: this module's vote, and the sharded, hierarchical and
+#: tree votes among the ranks its roll call counts (mpisign.collectives.roll).
+QUORUM_TOPOLOGIES = ("server", "sharded", "hierarchical", "tree")
 
 
 def resolve_quorum(quorum, size: int, allow_minority: bool = False) -> int:
@@ -142,12 +142,12 @@ def check_quorum_topology(topology: str) -> None:
     """ValueError unless ``topology`` can close a vote on a quorum (see the module docstring)."""
     if topology not in QUORUM_TOPOLOGIES:
         raise ValueError(
-            f"quorum= needs topology='server', 'sharded' or 'hierarchical': the server's root "
-            f"closes each vote in one place, and the sharded and hierarchical votes run among "
-            f"the ranks that a roll call at the root counts. {topology!r} cannot: with "
-            f"allgather every rank tallies for itself and ranks would close on different sets "
-            f"without that agreement (at which point the sharded vote moves fewer bytes); the "
-            f"tree is not built with a quorum yet")
+            f"quorum= needs topology='server', 'sharded', 'hierarchical' or 'tree': the "
+            f"server's root closes each vote in one place, and the others run among the ranks "
+            f"that a roll call at the root counts. {topology!r} cannot: with allgather every "
+            f"rank tallies for itself, and ranks would close on different sets without that "
+            f"agreement (at which point the sharded vote moves fewer bytes); 'auto' is not "
+            f"offered with a quorum yet: name the topology")
 
 
 class SendRing:

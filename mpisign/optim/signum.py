@@ -85,7 +85,7 @@ class Signum(SignOptimizer):
             counted, ``stats.abstentions`` counts each rank's missed votes). A rank that fell
             behind can catch up: ``if opt.late(): opt.skip()`` takes the closed step without
             computing it. After the last step, ``opt.drain()`` (collective) leaves nothing
-            pending. Needs ``topology="server"``, ``"sharded"`` or ``"hierarchical"``, and
+            pending. Needs any ``topology`` but ``"allgather"`` and ``"auto"``, and
             ``overlap=False``; a rank's own mistake is raised on every rank ``lag`` steps on,
             and every parameter needs a gradient at every step (see
             :mod:`mpisign.optim.quorate`). With ``elastic``, a dead rank is survived as without

@@ -150,7 +150,7 @@ def _optimizer_options(g) -> None:
                    help="close each step's vote once K ranks (or a fraction of them, such as "
                         "0.75) have voted: later ranks abstain, and a rank that fell behind "
                         "skips the steps it missed to catch up (signum, signsgd, lion; "
-                        "--topology server, sharded or hierarchical); default: every rank")
+                        "any --topology but allgather and auto); default: every rank")
     g.add_argument("--grace", type=_finite_float, default=0.0, metavar="S",
                    help="with --quorum: seconds a vote waits for the rest once the quorum is in")
     g.add_argument("--lag", type=positive_int, default=2, metavar="N",

@@ -31,8 +31,8 @@ from mpisign.vote import drain_votes, vote_state
 comm = WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
 N = 1000
-#: The quorum vote's topology under test: "server" (its root closes each vote), "sharded" or
-#: "hierarchical" (those votes among the ranks a roll call at the root counts). The
+#: The quorum vote's topology under test: "server" (its root closes each vote), "sharded",
+#: "hierarchical" or "tree" (those votes among the ranks a roll call at the root counts). The
 #: hierarchical vote's nodes: consecutive ranks in nodes of $QUORUM_NODES's sizes ("2,2").
 TOPOLOGY = os.environ.get("QUORUM_TOPOLOGY", "server")
 if TOPOLOGY == "hierarchical":
@@ -153,8 +153,8 @@ elif mode == "bad":
                           ("3", "number of ranks"), (1.5, r"in \(0, 1\]"), (True, "number")]:
         with case(f"bad quorum {quorum!r}"), expect_everywhere(ValueError, match):
             mpisign.majority_vote(x, comm, quorum=quorum)
-    with case("tree"), expect_everywhere(ValueError, "topology='server'"):
-        mpisign.majority_vote(x, comm, topology="tree", quorum=size - 1)
+    with case("allgather"), expect_everywhere(ValueError, "topology='server'"):
+        mpisign.majority_vote(x, comm, topology="allgather", quorum=size - 1)
     with case("grace"), expect_everywhere(ValueError, "grace"):
         mpisign.majority_vote(x, comm, quorum=size - 1, grace=-1.0)
     with case("elastic"), expect_everywhere(ValueError, r"Signum\(quorum=..., elastic=True\)"):
@@ -301,7 +301,7 @@ elif mode == "mistakes":
     with case("quorum: bad options"):
         params = Net().parameters()
         for kwargs, match in [(dict(quorum=size + 1), "between 1"),
-                              (dict(quorum=size - 1, topology="tree"), "topology='server'"),
+                              (dict(quorum=size - 1, topology="allgather"), "topology='server'"),
                               (dict(quorum=size - 1, overlap=True), "overlap"),
                               (dict(quorum=1), "not a majority")]:
             with expect_everywhere(ValueError, match):
