@@ -16,11 +16,11 @@ import mpisign
 SIZES = [1, 2, 3, 4, 5]
 
 
-@pytest.mark.parametrize("topology", sorted(mpisign.TOPOLOGIES))
 @pytest.mark.parametrize("n", SIZES)
-def test_majority_vote_matches_numpy_reference(n, topology):
-    """Each launch names its cases (dtype, length) in its failure report (tests/mpirun.py)."""
-    out = mpirun.run(n, "vote_check.py", topology)
+def test_majority_vote_matches_numpy_reference(n):
+    """Every topology, one after another in one launch (a launch costs seconds of start-up on
+    2 cores); the failure report names the case (topology, dtype, length: tests/mpirun.py)."""
+    out = mpirun.run(n, "vote_check.py", *sorted(mpisign.TOPOLOGIES), timeout=300)
     assert f"vote_check OK on {n} ranks" in out
 
 
@@ -35,15 +35,17 @@ def test_hierarchical_vote_over_groupings_matches_numpy(n):
 
 # The paper's topologies on every size; the newer ones on one odd and one even size (the
 # collective-level test above already runs them on every size).
-OPTIM_CASES = ([(n, t) for t in ("server", "tree") for n in SIZES]
-               + [(n, t) for t in ("sharded", "allgather") for n in (3, 4)]
-               + [(3, "auto")])
+#: Ranks -> the topologies optim_check runs on them, one after another in one launch.
+OPTIM_CASES = {1: ["server", "tree"], 2: ["server", "tree"],
+               3: ["server", "tree", "sharded", "allgather", "auto"],
+               4: ["server", "tree", "sharded", "allgather"], 5: ["server", "tree"]}
 
 
-@pytest.mark.parametrize("n, topology", OPTIM_CASES)
-def test_signum_matches_simulated_workers(n, topology):
-    out = mpirun.run(n, "optim_check.py", topology)
-    assert f"optim_check {topology} OK on {n} ranks" in out
+@pytest.mark.parametrize("n", sorted(OPTIM_CASES))
+def test_signum_matches_simulated_workers(n):
+    out = mpirun.run(n, "optim_check.py", ",".join(OPTIM_CASES[n]), timeout=300)
+    for topology in OPTIM_CASES[n]:
+        assert f"optim_check {topology} OK on {n} ranks" in out, out[-2000:]
 
 
 @pytest.mark.parametrize("topology", sorted(mpisign.TOPOLOGIES))

@@ -14,7 +14,7 @@ of exactly the ranks the result says it counted, on their inputs of that step.
 
 - ``kinds``: two kinds of quorum call taking turns on one communicator, each with its own tags.
 
-Usage: quorum_check.py late QUORUM | kinds | ties | drain | bad | signum | mistakes
+Usage: quorum_check.py late QUORUM | kinds | ties | drain | ties,drain | bad | signum | mistakes
 """
 
 import os
@@ -98,7 +98,8 @@ def check_against_reference(inputs, results, counted, first: int = 1):
 
 
 mode = sys.argv[1]
-if mode == "late":
+modes = mode.split(",")   # "ties,drain": one launch, one after the other
+if "late" in modes:
     quorum = int(sys.argv[2])
     late, spare = size - 1, size - quorum
     # Step 1: the last rank late; step 2: the root waits, so the late rank's fresh signs are
@@ -117,7 +118,7 @@ if mode == "late":
         assert voter.pending_requests() == 0
         if rank == 0:   # the late messages of steps 1 and 4 at least, dropped
             assert voter.dropped >= 1 + spare, voter.dropped
-elif mode == "kinds":
+if "kinds" in modes:
     # Two kinds of quorum call on one communicator, taking turns, the root's receives of each
     # standing between its votes: a message of one kind is never taken by the other's.
     late = size - 1
@@ -131,7 +132,7 @@ elif mode == "kinds":
         voters = [c.voter for c in vote_state(comm).kept.values()]
         assert len({v.channel for v in voters}) == 2, [v.channel for v in voters]
         assert [v.pending_requests() for v in voters] == [0, 0]
-elif mode == "ties":
+if "ties" in modes:
     with case("ties"):
         inputs, results, counted = run_steps({1: {3}, 2: {0}, 3: {2}, 4: {0}}, 3, 4)
         assert [len(c) for c in counted] == [3, 4, 3, 4], counted
@@ -139,7 +140,7 @@ elif mode == "ties":
         assert (results[1] == 0).any() and (results[3] == 0).any()   # ties among 4 give 0
         assert not (results[0] == 0).any() and not (results[2] == 0).any()   # 3: no tie
         drain_votes(comm)
-elif mode == "drain":
+if "drain" in modes:
     N = 1 << 22   # 512 KiB of signs a rank: past the eager limit, each message a rendezvous
     with case("drain"):
         # The last rank late at the last two steps: two of its messages still to take.
@@ -147,7 +148,7 @@ elif mode == "drain":
         drain_votes(comm)
         voters = [c.voter for c in vote_state(comm).kept.values()]
         assert [v.pending_requests() for v in voters] == [0] * len(voters)
-elif mode == "bad":
+if "bad" in modes:
     x = torch.ones(4)
     for quorum, match in [(size + 1, "between 1 and"), (size // 2, "not a majority"),
                           ("3", "number of ranks"), (1.5, r"in \(0, 1\]"), (True, "number")]:
@@ -168,7 +169,7 @@ elif mode == "bad":
         y = mpisign.majority_vote(x, comm, quorum=0.75, stats=stats)
         assert (y == 1).all() and len(stats["counted"]) >= -(-3 * size // 4)
         drain_votes(comm)
-if mode in ("late", "kinds", "ties", "drain", "bad"):
+if set(modes) & {"late", "kinds", "ties", "drain", "bad"}:
     print(f"quorum_check OK on {size} ranks: {' '.join(sys.argv[1:])} ({TOPOLOGY})", flush=True)
 
 
