@@ -135,3 +135,19 @@ def test_a_bad_lag_is_refused(lag):
     with pytest.raises(ValueError, match="lag must be an int >= 1"):
         mpisign.Signum([torch.nn.Parameter(torch.zeros(3))], lr=1e-3, comm=MPI.COMM_SELF,
                        lag=lag)
+
+
+def test_the_hierarchical_quorum_lays_its_shards_over_the_counted_ranks_only():
+    """NodeLayout: a node votes with its counted ranks, a node with none is left out, and a
+    rank of a smaller node owns several shards (the hierarchical vote's rule, s mod L)."""
+    from mpisign.collectives.hierarchical import NodeLayout
+
+    nodes = [[0, 1, 2], [3, 4]]
+    without_4 = [[r for r in m if r != 4] for m in nodes]
+    at = NodeLayout.of(without_4, 3)
+    assert at.members == ((0, 1, 2), (3,)) and at.sizes == (3, 1) and at.voters == 4
+    assert at.node == 1 and at.shards == 3 and at.owned == (0, 1, 2)
+    assert [at.owner(0, s) for s in range(3)] == [0, 1, 2]
+    assert NodeLayout.of(without_4, 4).node is None and NodeLayout.of(without_4, 4).owned == ()
+    whole_node_late = NodeLayout.of([[0, 1, 2], []], 1)
+    assert whole_node_late.members == ((0, 1, 2),) and whole_node_late.owned == (1,)

@@ -26,6 +26,10 @@ from .roll import RollCallVote, RollPending
 
 __all__ = ["HierarchicalQuorumVote"]
 
+#: Layouts (and their plans) kept for the counted sets seen: a few cover a run whose late
+#: ranks are the same ones; a run where every step counts another set makes them again.
+LAYOUTS_KEPT = 64
+
 
 class _Pending(RollPending):
     # As the hierarchical vote's: the layout and plan, the node's rows and the counts.
@@ -48,6 +52,9 @@ class HierarchicalQuorumVote(RollCallVote, HierarchicalVote):
     def _layout(self, counted) -> NodeLayout:
         key = tuple(counted)
         if key not in self._layouts:
+            if len(self._layouts) >= LAYOUTS_KEPT:   # the counted sets of a long run: bounded
+                self._layouts.clear()
+                self._plans.clear()
             present = set(counted)
             self._layouts[key] = NodeLayout.of(
                 [[r for r in m if r in present] for m in self.nodes.members], self.rank)
