@@ -3,7 +3,8 @@
 
     sudo PATH=$PWD/.venv/bin:$PATH benchmarks/netns_cluster.sh run -n 4 -- \\
         python benchmarks/bench_quorum.py --mpirun '$NETNS_MPIRUN -n 4'
-    python benchmarks/bench_quorum.py --model resnet18 --steps 30 --no-accuracy   # step time
+    ... bench_quorum.py --mpirun '$NETNS_MPIRUN -n 4' --model resnet18 --steps 20 --batch-size 16
+    ... bench_quorum.py --mpirun '$NETNS_MPIRUN -n 4' --progress-thread 100   # see below
 
 Each row is a job of its own, ``python -m mpisign.train`` on 4 ranks with the same model, data,
 batch, steps and seed; the straggler is rank 3 (``--straggle``, see
@@ -17,6 +18,11 @@ The step time is the wall time between the run's first and last ``step`` records
 clock: what the job's steps cost, startup and evaluation left out) over the steps between
 them; the accuracy is the test set's after the last step (the ``final`` or last ``epoch``
 record). Ratios are against the same method's run with no straggler, in the same invocation.
+
+``--progress-thread US`` runs every job with Open MPI's TCP progress thread
+(``OMPI_MCA_btl_tcp_progress_thread=US``): over TCP a message of 64 KiB or more moves only
+while its sender is in MPI, so without it a late rank waits for its result until the ranks that
+hold it vote again (see the README's stragglers section).
 """
 
 from __future__ import annotations
@@ -73,8 +79,13 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--stragglers", nargs="*", default=list(STRAGGLERS),
                     choices=list(STRAGGLERS))
+    ap.add_argument("--progress-thread", type=int, default=None, metavar="US",
+                    help="Open MPI's TCP progress thread, polling every US microseconds, in "
+                         "every job (OMPI_MCA_btl_tcp_progress_thread)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
+    if args.progress_thread is not None:   # the launcher passes it to every rank
+        os.environ["OMPI_MCA_btl_tcp_progress_thread"] = str(args.progress_thread)
     mpirun = args.mpirun
     if mpirun is None:   # local ranks, with mpisign.launch's settings
         sys.path.insert(0, str(REPO))
@@ -90,7 +101,8 @@ def main(argv=None) -> int:
                 figures = run(mpirun, out, args.model, args.steps, args.batch_size,
                               METHODS[method] + STRAGGLERS[straggler], args.seed)
                 base = figures["step_s"] if straggler == "none" else base
-                row = {"method": method, "straggler": straggler, **figures,
+                row = {"method": method, "straggler": straggler,
+                       "progress_thread": args.progress_thread, **figures,
                        "ratio": figures["step_s"] / base if base else None}
                 rows.append(row)
                 acc = "-" if row["acc"] is None else f"{100 * row['acc']:.1f}%"
