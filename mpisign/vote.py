@@ -71,9 +71,8 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
             the ranks, rounded up), plus up to ``grace`` seconds for the rest: the ranks that
             are later abstain (see :mod:`mpisign.collectives.quorum`). Every rank gets the
             same result; ``stats["counted"]`` names the ranks counted. Default: all ranks.
-            Needs any ``topology`` but ``"allgather"`` and ``"auto"``; a quorum below a
-            majority of the ranks needs ``allow_minority=True``. Every rank must pass the same
-            values.
+            Any ``topology`` but ``"allgather"`` and ``"auto"``; a quorum of half the ranks or
+            fewer needs ``allow_minority=True``. Every rank must pass the same values.
 
     Returns:
         ``out``, or a new tensor of ``x``'s shape, dtype and device, holding -1, 0 (tie) or +1,
