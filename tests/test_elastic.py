@@ -53,10 +53,10 @@ def test_an_elastic_job_that_lost_a_rank_exits_promptly(attempt):
     assert gone - max(finished) < 20, (gone - max(finished), out[-3000:])
 
 
-@pytest.mark.parametrize("topology", ["server", "sharded", "hierarchical"])
+@pytest.mark.parametrize("topology", ["server", "sharded", "hierarchical", "tree"])
 def test_a_quorum_survives_a_dead_rank_and_never_drops_a_slow_one(topology):
-    """#27 with elastic: Signum(quorum=3 of 4, elastic=True), server, sharded or hierarchical
-    (2 nodes of 2 ranks, the slow rank's node voting without it). A slow rank (naps of 1 s) is
+    """#27 with elastic: Signum(quorum=3 of 4, elastic=True) on every topology that takes a
+    quorum (hierarchical: 2 nodes of 2 ranks, the slow rank's node voting without it). A slow rank (naps of 1 s) is
     never lost; then rank 1 dies while the slow rank sleeps two steps behind; the survivors
     carry on with 2 of 3 (one may still be late). Each survivor's parameters equal a replay of
     exactly the votes that were counted (tests/mpi/elastic_check.py)."""
