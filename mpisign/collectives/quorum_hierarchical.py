@@ -75,8 +75,8 @@ class HierarchicalQuorumVote(RollCallVote, HierarchicalVote):
         self._share(p)
 
         def to_the_late():
-            for r in range(self.size):
-                if r in p.counted or self._serving(at, r) != at.node:
+            for r in p.late:
+                if self._serving(at, r) != at.node:
                     continue
                 for s in at.owned:
                     lo, hi = p.plan.shard(s)

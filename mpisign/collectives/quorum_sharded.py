@@ -86,7 +86,6 @@ class ShardedQuorumVote(RollCallVote):
                 self._isend(p, piece, r, PIECES)
 
         def to_the_late():
-            for r in range(self.size):
-                if r not in p.counted:
-                    self._isend(p, piece, r, PIECES)
+            for r in p.late:
+                self._isend(p, piece, r, PIECES)
         return self._aside(p, to_the_late)

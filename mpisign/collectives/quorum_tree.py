@@ -61,7 +61,6 @@ class TreeQuorumVote(RollCallVote):
             return [], []
 
         def to_the_late():
-            for r in range(self.size):
-                if r not in order:
-                    self._isend(p, p.result, r, RESULT)
+            for r in p.late:
+                self._isend(p, p.result, r, RESULT)
         return self._aside(p, to_the_late)

@@ -1,8 +1,9 @@
 """A vote among the ranks that a roll call counts: how a topology that spreads its tally over
 many ranks closes on a quorum.
 
-In the sharded and hierarchical votes every rank tallies a part of the words, so a late rank
-would hold up its part whatever the quorum. A roll call first agrees who votes:
+In the sharded, hierarchical and tree votes every rank does a part of the tally (a shard, a
+node's count, a subtree's), so a late rank would hold up its part whatever the quorum. A roll
+call first agrees who votes:
 
 1. **The roll** (:class:`mpisign.collectives.quorum.QuorumVote` on no words): every rank tells
    the root it has come to step s (``[step]``, one word) and posts a receive of the roll's
@@ -34,8 +35,8 @@ __all__ = ["RollCallVote", "RollPending"]
 
 
 class RollPending(Pending):
-    # The roll in flight; the ranks it counted; the W x 2 result (plus, tie).
-    __slots__ = ("roll", "counted", "result")
+    # The roll in flight; the ranks it counted and the others (late); the W x 2 result.
+    __slots__ = ("roll", "counted", "late", "result")
 
 
 class RollCallVote(SignVote):
@@ -87,6 +88,8 @@ class RollCallVote(SignVote):
     def _finish(self, p):
         self.roll.finish(p.roll)
         p.counted = p.roll.counted
+        counted = set(p.counted)
+        p.late = [r for r in range(self.size) if r not in counted]
         roll = self.roll.traffic   # the roll's bytes are this vote's
         self.traffic.sent += roll.sent
         self.traffic.received += roll.received
@@ -103,7 +106,7 @@ class RollCallVote(SignVote):
         """Post the vote among ``p.counted`` into ``p.result`` (W x 2: plus, tie), waiting for
         what it needs; the result's sends to the counted ranks and its receives stay in
         ``p.requests`` (the caller waits for them); return the sends to the late ranks
-        ``(requests, peers)``, left in flight."""
+        (``p.late``) as ``(requests, peers)``, left in flight."""
         raise NotImplementedError
 
     def _aside(self, p, post) -> tuple[list, list]:
