@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from ..backends import packing
 from .roll import RollCallVote
-from .tree import tree_children
+from .tree import subtree_count, tree_children, tree_parent
 
 __all__ = ["TreeQuorumVote"]
 
@@ -43,13 +43,11 @@ class TreeQuorumVote(RollCallVote):
             counts.append((self._buffer(p, f"child{j}", (packing.count_planes(s), w)), s))
             self._irecv(p, counts[-1][0], child, COUNTS)
         self._wait(p, "the children's counts")
-        count, size = p.words.reshape(1, -1), 1
-        for buf, s in counts:
-            size += s
-            count = packing.add_counts(count, buf, packing.count_planes(size))
+        count = subtree_count(p.words, counts)
         if i:   # the subtree's count up; the result comes back down the same edge
-            self._isend(p, count, order[i & (i - 1)], COUNTS)
-            self._irecv(p, p.result, order[i & (i - 1)], RESULT)
+            parent = order[tree_parent(i)]
+            self._isend(p, count, parent, COUNTS)
+            self._irecv(p, p.result, parent, RESULT)
             self._wait(p, "the parent's result")
         else:
             plus, tie = packing.majority(count, k, p.n)

@@ -39,7 +39,7 @@ from ..backends import packing
 from ..backends.signs import host_tally
 from ..mpi.exchanges import zero_flags, zero_mask
 from .base import TAG_BASE, Traffic, result_planes
-from .tree import tree_children
+from .tree import subtree_count, tree_children, tree_parent
 
 __all__ = ["ProcessGroupVote", "GroupServer", "GroupAllgather", "GroupSharded", "GroupTree",
            "GROUP_TOPOLOGIES", "check_group_topology", "make_group_vote"]
@@ -224,7 +224,7 @@ class GroupTree(ProcessGroupVote):
     def __init__(self, group=None, tally=None):
         super().__init__(group, tally)
         self.children = tree_children(self.rank, self.size)   # (child, subtree size)
-        self.parent = None if self.rank == 0 else self.rank & (self.rank - 1)
+        self.parent = tree_parent(self.rank)
 
     def _vote(self, mine, n):
         w, k = mine.numel(), self.planes
@@ -232,10 +232,7 @@ class GroupTree(ProcessGroupVote):
                                device=self.device), s) for _, s in self.children]
         self._wait([dist.irecv(buf, group=self.group, group_src=child, tag=COUNTS)
                     for (child, _), (buf, _) in zip(self.children, counts)])
-        count, size = _words(mine).reshape(1, -1), 1
-        for buf, s in counts:
-            size += s
-            count = packing.add_counts(count, _words(buf), packing.count_planes(size))
+        count = subtree_count(_words(mine), [(_words(buf), s) for buf, s in counts])
         result = torch.empty((k, w), dtype=torch.int64, device=self.device)
         received = sum(buf.numel() for buf, _ in counts)
         if self.parent is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..backends import packing
 from .base import Pending, SignVote
 
-__all__ = ["TreeVote", "tree_children", "tree_subtree"]
+__all__ = ["TreeVote", "tree_children", "tree_parent", "tree_subtree", "subtree_count"]
 
 COUNTS, RESULT = 0, 1  # message phases
 
@@ -30,6 +30,22 @@ def tree_children(rank: int, m: int) -> list[tuple[int, int]]:
             out.append((child, min(mask, m - child)))
         mask <<= 1
     return out
+
+
+def tree_parent(rank: int) -> int | None:
+    """``rank``'s parent in the binomial tree rooted at 0 (None for the root): its lowest set
+    bit cleared."""
+    return None if rank == 0 else rank & (rank - 1)
+
+
+def subtree_count(words, child_counts):
+    """The bit-sliced count of a subtree: this rank's own vote (one plane of ``words``) plus
+    its children's counts, ``[(counter, subtree size)]``, added ripple-carry in that order."""
+    count, size = words.reshape(1, -1), 1
+    for buf, s in child_counts:
+        size += s
+        count = packing.add_counts(count, buf, packing.count_planes(size))
+    return count
 
 
 def tree_subtree(rank: int, m: int) -> int:
@@ -50,7 +66,7 @@ class TreeVote(SignVote):
     def __init__(self, comm, timeout=None, tally=None):
         super().__init__(comm, timeout, tally)
         self.children = tree_children(self.rank, self.size)  # (child, subtree size)
-        self.parent = None if self.rank == 0 else self.rank & (self.rank - 1)
+        self.parent = tree_parent(self.rank)
 
     def _start(self, p):
         w = p.words.shape[0]
@@ -65,10 +81,7 @@ class TreeVote(SignVote):
     def _finish(self, p):
         self._wait(p, "waiting for the children's counts")
         # Step 2: add them to this rank's own vote (one plane), ripple-carry.
-        count, size = p.words.reshape(1, -1), 1
-        for buf, s in p.child_counts:
-            size += s
-            count = packing.add_counts(count, buf, packing.count_planes(size))
+        count = subtree_count(p.words, p.child_counts)
         if self.parent is not None:
             # Step 3: pass the subtree's count up; the result comes back down the same edge.
             self._isend(p, count, self.parent, COUNTS)  # contiguous: a view of words, or new
