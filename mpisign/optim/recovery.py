@@ -33,13 +33,22 @@ so a late survivor may be several steps behind (up to ``lag``), and a survivor a
 applied votes of a step that a late one has not begun: the places above do not hold. Step 2
 is then: every survivor takes the parameters, the step count and the applied buckets of the
 survivor furthest on (the lowest of those level with it), whose results every survivor would
-have applied in turn; the buckets it has not applied are voted again among all of them. A
-survivor brought forward keeps its own momentum and the signs it last packed (as a late rank's
+have applied in turn; the buckets it has not applied are voted again among all of them (if it
+met the failure between steps, in ``check_consistency``, it has finished its step: one brought
+forward ends the step it was in at that count, voting nothing). A survivor brought forward keeps its own momentum and the signs it last packed (as a late rank's
 ``skip()`` leaves its momentum alone), and they count in those votes. The votes then close on
 :func:`mpisign.collectives.quorum.survivors_quorum` of the survivors: as many may be late as
 before. A rank that is only slow is not dead to ULFM (Open MPI learns of a death from its
 runtime; its heartbeat detector, which could suspect a rank that is silent for 10 s, is off by
 default), so it is never shrunk away.
+
+**The communicator the optimizer was given is revoked too** (``opt.comm`` before the
+recovery; the optimizer votes on a duplicate of it). Under a quorum a survivor ahead of a late
+one may be waiting, outside the optimizer, in a collective of its own on it (a training loop's
+record, which a rank that died had already sent its part of): the revoke ends that wait at
+once, where it would otherwise last until its timeout while the others wait for it in the
+shrink. Once a rank is dead a collective of every rank cannot complete anyway; the survivors
+go on over ``opt.comm``.
 """
 
 from __future__ import annotations
@@ -138,7 +147,7 @@ class Recovery:
             return fn(*args)
 
         def recovered():
-            self.recover()
+            self.recover(voting=redo)
             return None if redo else (None,)
         return retry_on_failure(attempt, lambda: self._engine().own_comm.current(), recovered)
 
@@ -157,12 +166,17 @@ class Recovery:
             except MPI.Exception:
                 pass
 
-    def recover(self) -> None:
+    def recover(self, voting: bool = True) -> None:
         """Shrink to the survivors, bring every survivor to the same parameters, and move the
-        optimizer onto the survivors' communicator (collective over the survivors)."""
+        optimizer onto the survivors' communicator (collective over the survivors).
+        ``voting``: the failure was met in a step's vote (else between steps: in a check)."""
         engine = self._engine()
         step = engine.books.param_groups[0]["step"]
         what = f"recovering at step {step} on rank {engine.rank}"
+        try:   # see the module docstring: a survivor may be waiting on it outside the optimizer
+            engine.comm.Revoke()
+        except MPI.Exception:
+            pass   # another survivor revoked it first
 
         def agree(new):
             members = ranks_in(new, self.original)
@@ -171,7 +185,7 @@ class Recovery:
                     f"at step {step}, {len(members)} rank(s) survive ({members}, ranks of "
                     f"the communicator the optimizer was given), fewer than min_ranks="
                     f"{engine.min_ranks}")
-            handed, interrupted = self._catch_up(engine, new, what)
+            handed, interrupted = self._catch_up(engine, new, what, voting)
             engine.move_to(duplicate(new, engine.timeout, what), new)
             return members, handed, interrupted
         members, handed, step = _among_survivors(engine.own_comm.current(), engine.timeout, what,
@@ -183,14 +197,15 @@ class Recovery:
             log.warning("rank(s) %s lost in step %d: carrying on with %d rank(s), topology %s%s",
                         lost, step, engine.world_size, engine.topology_used, handed)
 
-    def _catch_up(self, engine, comm: MPI.Intracomm, what: str) -> tuple[str, int]:
+    def _catch_up(self, engine, comm: MPI.Intracomm, what: str,
+                  voting: bool) -> tuple[str, int]:
         """Steps 1-3 of the module's docstring, on the survivors' ``comm``; returns what was
         handed on (words for the log, or ""), and the step the failure interrupted (the
         earliest, or under a quorum the furthest survivor's)."""
         buckets = engine.plan.layout.buckets if engine.plan is not None else []
         n = comm.Get_size()
-        mine = np.array([engine.books.param_groups[0]["step"]] + [b.applied for b in buckets],
-                        dtype=np.int64)
+        mine = np.array([engine.books.param_groups[0]["step"], voting]
+                        + [b.applied for b in buckets], dtype=np.int64)
         every = np.empty((n, mine.size), dtype=np.int64)
         bounded(comm.Iallgather(mine, every), f"{what}: where each survivor is", engine.timeout)
         steps = every[:, 0]
@@ -217,7 +232,7 @@ def _hand_on_buckets(engine, comm, buckets: list, every: np.ndarray, what: str) 
     has applied and another has not comes from the lowest survivor that has (step 2 of the
     module's docstring). Returns what was handed on, for the log."""
     steps, me = every[:, 0], comm.Get_rank()
-    holds = (steps > steps.min())[:, None] | every[:, 1:].astype(bool)
+    holds = (steps > steps.min())[:, None] | every[:, 2:].astype(bool)
     handed = 0
     for b, bucket in enumerate(buckets):
         holders = np.flatnonzero(holds[:, b])
@@ -240,19 +255,26 @@ def _to_the_furthest(engine, comm, buckets: list, every: np.ndarray, what: str) 
     momentum and the signs it last packed (a late rank's skip() leaves its momentum alone in
     the same way), and they count in the votes done again. Returns what was handed on, for
     the log."""
-    done = every[:, 0] * (len(buckets) + 1) + every[:, 1:].sum(axis=1)   # buckets are applied
+    done = every[:, 0] * (len(buckets) + 1) + every[:, 2:].sum(axis=1)   # buckets are applied
     furthest = int(np.argmax(done))                                       # in their order
     if (done == done[furthest]).all():
         return ""
     params = [p for group in engine.books.param_groups for p in group["params"]]
     _broadcast(comm, params, furthest, engine.timeout,
                f"{what}: the parameters of survivor {furthest}, the furthest on")
-    if done[comm.Get_rank()] < done[furthest]:
-        step = int(every[furthest, 0])
+    me = comm.Get_rank()
+    if done[me] < done[furthest]:
+        step, voting = int(every[furthest, 0]), bool(every[furthest, 1])
+        if not every[me, 1]:
+            raise RuntimeError(f"{what}: a survivor met the failure between steps, behind "
+                               f"survivor {furthest}, which a vote cannot allow")
+        # A furthest survivor between steps (in a check) has finished its step: this one's
+        # step is handed on whole, and ends at the same count (the step's end adds one).
         for group in engine.books.param_groups:
-            group["step"] = step
+            group["step"] = step if voting else step - 1
         for b, bucket in enumerate(buckets):
-            bucket.pending, bucket.applied = None, bool(every[furthest, 1 + b])
+            bucket.pending = None
+            bucket.applied = bool(every[furthest, 2 + b]) if voting else True
     behind = [r for r in range(comm.Get_size()) if done[r] < done[furthest]]
     return (f"; survivor(s) {behind} (at step(s) {every[behind, 0].tolist()}) took the "
             f"parameters of survivor {furthest}, at step {int(every[furthest, 0])}")
