@@ -186,6 +186,17 @@ def last_step(out_dir: Path) -> int:
         return 0
 
 
+def kill_at(proc: subprocess.Popen, out_dir: Path, step: int, victim: int) -> None:
+    """SIGKILL launch rank ``victim`` of the run writing to ``out_dir`` once its metrics have
+    reached ``step``."""
+    deadline = time.monotonic() + 120
+    while last_step(out_dir) < step and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pid = rank_pid(out_dir, victim)
+    assert pid is not None and proc.poll() is None, "the run ended before the kill"
+    os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("victim", [2, 0])
 def test_elastic_run_survives_a_rank_killed_mid_epoch(reference, tmp_path, victim):
     """--elastic on 4 ranks; one rank (rank 0 too: it writes the metrics) is SIGKILLed from
@@ -193,12 +204,7 @@ def test_elastic_run_survives_a_rank_killed_mid_epoch(reference, tmp_path, victi
     3 ranks' state, and ends about as accurate as a clean 3-rank run."""
     proc = start(4, *DIGITS, "--epochs", "8", "--log-every", "1", "--elastic", "--out",
                  str(tmp_path), elastic=True)
-    deadline = time.monotonic() + 120
-    while last_step(tmp_path) < 15 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    pid = rank_pid(tmp_path, victim)
-    assert pid is not None and proc.poll() is None, "the run ended before the kill"
-    os.kill(pid, signal.SIGKILL)
+    kill_at(proc, tmp_path, 15, victim)
     finish(proc, 180, 0, f"--elastic with rank {victim} killed")
     (event,) = records(tmp_path, "elastic")
     assert event["lost_ranks"] == [victim] and event["world_size"] == 3, event
@@ -214,6 +220,31 @@ def test_elastic_run_survives_a_rank_killed_mid_epoch(reference, tmp_path, victi
         launch(3, *DIGITS, "--epochs", "9", "--out", str(tmp_path), "--resume")
         last = records(tmp_path, "epoch")[-1]
         assert (last["epoch"], last["step"]) == (9, 99), last
+
+
+@pytest.mark.parametrize("victim, after", [(1, 18), (0, 30)])
+def test_elastic_quorum_run_brings_a_late_survivor_forward(reference, tmp_path, victim, after):
+    """--elastic with --quorum 3 of 4, rank 3 slow at every step (so it runs steps behind),
+    and another rank SIGKILLed: at an epoch's end (after 18) or within an epoch (after 30).
+    The survivors, steps apart, carry on from the same place: the run completes on 3, every
+    survivor's optimizer at the run's step in the last checkpoint, an epoch record for every
+    epoch, and about as accurate as a clean run."""
+    proc = start(4, *DIGITS, "--epochs", "8", "--quorum", "3", "--straggle", "3:0.15",
+                 "--elastic", "--out", str(tmp_path), elastic=True)
+    kill_at(proc, tmp_path, after, victim)
+    finish(proc, 180, 0, f"--elastic --quorum with rank {victim} killed")
+    (event,) = records(tmp_path, "elastic")
+    assert event["lost_ranks"] == [victim] and event["world_size"] == 3, event
+    assert all(b["step"] <= event["step"] and b["rank"] not in (victim,)
+               for b in event["brought_forward"]), event
+    epochs = records(tmp_path, "epoch")
+    assert [(e["epoch"], e["step"]) for e in epochs] == [(e, 11 * e) for e in range(1, 9)]
+    clean = records(reference, "epoch")[-1]
+    assert epochs[-1]["test_acc"] >= clean["test_acc"] - 0.05, (epochs[-1], clean)
+    common, owns = load_state(tmp_path, 3)
+    assert common["step"] == 88 and common["world_size"] == 3
+    assert [own["optimizer"]["param_groups"][0]["step"] for own in owns] == [88] * 3
+    assert records(tmp_path, "done")
 
 
 @pytest.mark.parametrize("n", [3, 5])

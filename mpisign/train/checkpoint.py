@@ -234,6 +234,18 @@ class StopRequest:
         bounded(request, f"stop-signal agreement on rank {self.comm.Get_rank()}", self.timeout)
         return int(agreed[0])
 
+    def abandon(self) -> int:
+        """After ranks died (--elastic): the agreements still in flight on the old communicator,
+        which was revoked, ended without a verdict (none is left pending); the signal this
+        rank caught, for the agreement made anew over the survivors."""
+        for request, _, _ in self.posted:
+            try:
+                request.Wait()
+            except MPI.Exception:
+                pass   # revoked, or it met the dead rank
+        self.posted = []
+        return self.caught
+
     def drain(self) -> int:
         """The agreements still in flight, completed (collective); the signal any caught."""
         caught = 0

@@ -50,7 +50,7 @@ from .options import (ALLREDUCE, DEFAULT_BETAS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES
 from .summary import say, summarize
 from ..mpi.world import launched_tasks
 from .straggler import Straggler
-from .survivors import Unguarded, check_elastic, guard
+from .survivors import AFTER_CHECK, Unguarded, check_elastic, guard
 from .updates import VoteUpdate, build_update
 
 __all__ = ["Built", "Run", "train", "learning_rate", "evaluate", "load_checkpoint"]
@@ -99,6 +99,7 @@ class Run:
     last_traffic: Traffic | None = None  # the counters at the last step record
     saved_at: int = -1                   # the step of the last checkpoint
     caught: int = 0                      # the signal all ranks agreed to stop on (0: none)
+    joined: int | None = None            # --elastic --quorum: brought forward (see survivors)
     last_test: Tally | None = None       # the last evaluation's sums, for the summary
     launch_step: int = 0                 # the step this launch began at
     launch_traffic: Traffic | None = None  # the counters when this launch began
@@ -236,11 +237,6 @@ def _check_stragglers(args, world: int) -> None:
         if args.optimizer in ALLREDUCE:
             raise UsageError(f"--quorum needs a voting optimizer (signum, signsgd, lion): "
                              f"--optimizer {args.optimizer}'s allreduce waits for every rank")
-        if args.elastic:
-            raise UsageError("--quorum with --elastic is not supported by the training job "
-                             "yet: its stop agreement, evaluation and checkpoints are not built "
-                             "for survivors that are steps apart (the optimizers take both: "
-                             "Signum(quorum=..., elastic=True))")
         try:
             resolve_quorum(args.quorum, world)
             check_quorum_topology(args.topology)
@@ -445,7 +441,11 @@ def train_epochs(run: Run) -> None:
     run.last_traffic = run.launch_traffic = _traffic(run)
     run.launch_step = run.step
     run.built.model.train()
-    while not run.caught:
+    while True:
+        if run.joined == AFTER_CHECK:   # brought forward to the others' epoch end (--elastic)
+            end_epoch(run, run.step // run.steps_per_epoch)
+        if run.caught:
+            return
         epoch, first = divmod(run.step, run.steps_per_epoch)
         if first == 0 and epoch > run.evaluated:
             end_epoch(run, epoch)
@@ -466,6 +466,8 @@ def train_epoch(run: Run, epoch: int, first: int) -> None:
         train_step(run, x, y)
         if bar is not None:
             bar.update(1)
+        if run.joined == AFTER_CHECK:
+            break
         if run.step % config.log_every == 0:
             log_step(run, bar)
         if run.caught:
@@ -473,6 +475,9 @@ def train_epoch(run: Run, epoch: int, first: int) -> None:
         if config.checkpoint_every and run.step % config.checkpoint_every == 0:
             save(run, "every")
         if run.step >= run.total_steps:
+            break
+        if run.joined is not None:   # brought forward: the epoch's batches from its new step
+            run.joined = None
             break
     if bar is not None:
         bar.close()
@@ -521,6 +526,7 @@ def _catch_up(run: Run) -> None:
     t2 = time.perf_counter()
     run.caught = run.guard(run.stop.wait, default=0, what="the stop-signal agreement")
     run.step += 1
+    run.guard.follow()   # --elastic: onto the survivors, if the optimizer lost ranks
     run.interval.add(Tally(), compute_s=0.0, comm_s=t2 - t1)
 
 
@@ -545,12 +551,15 @@ def end_epoch(run: Run, epoch: int) -> None:
     set's, the check that every rank holds the same parameters, the ``epoch`` record and a
     checkpoint."""
     nan = Tally(math.nan, math.nan, 1.0)
-    totals = run.guard(_summed, run.comm, run.epoch_tally, run.config.vote_timeout,
-                     default=nan, what="the epoch's sums")
-    test = run.guard(evaluate, run.built.model, run.built.data, run.config, run.comm,
-                     run.built.device, default=nan, what="evaluation")
-    run.built.update.check_consistency()
-    run.guard.follow()   # --elastic: a dead rank that the check met
+    if run.joined == AFTER_CHECK:   # brought here by a recovery: the others' sums failed
+        run.joined, totals, test = None, nan, nan
+    else:
+        totals = run.guard(_summed, run.comm, run.epoch_tally, run.config.vote_timeout,
+                           default=nan, what="the epoch's sums")
+        test = run.guard(evaluate, run.built.model, run.built.data, run.config, run.comm,
+                         run.built.device, default=nan, what="evaluation")
+        run.built.update.check_consistency()
+        run.guard.follow(AFTER_CHECK)   # --elastic: a dead rank that the check met
     run.evaluated, run.last_test = epoch, test
     now = run.elapsed()
     objective = run.built.data.objective
