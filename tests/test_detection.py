@@ -210,3 +210,19 @@ def test_honest_noise_on_few_coordinates_raises_no_warning():
         alarms[noise_k] = sum(1 for f in run(mon, seq) if f)
     assert alarms[0.0] > 0, "the case raises no alarm even without the noise term: it tests nothing"
     assert alarms[DisagreementMonitor().noise_k] == 0, alarms
+
+
+def test_a_rank_without_a_figure_is_left_out_and_judged_on_the_steps_it_has():
+    """Under a quorum a late rank's figure is NaN (the vote did not count it). Rank 2 has none
+    at all: the flags equal those of a monitor that never saw it. Ranks 5 (honest) and 6 (an
+    inverter) lack one step in two: 6 is still flagged, 5 never."""
+    levels = [HONEST] * 6 + [BAD["inverter"]]
+    seq = fractions(200, levels, seed=5)
+    gaps = np.random.default_rng(6).random((200, 2)) < 0.5
+    seq[:, 5:7][gaps] = np.nan
+    seq[:, 2] = np.nan
+    with_gap, without = DisagreementMonitor(), DisagreementMonitor()
+    flagged = run(with_gap, seq)
+    renamed = [[r + (r >= 2) for r in f] for f in run(without, np.delete(seq, 2, axis=1))]
+    assert flagged == renamed
+    assert all(f == [6] for f in flagged[with_gap.window:]), flagged

@@ -151,3 +151,11 @@ def test_the_hierarchical_quorum_lays_its_shards_over_the_counted_ranks_only():
     assert NodeLayout.of(without_4, 4).node is None and NodeLayout.of(without_4, 4).owned == ()
     whole_node_late = NodeLayout.of([[0, 1, 2], []], 1)
     assert whole_node_late.members == ((0, 1, 2),) and whole_node_late.owned == (1,)
+
+
+def test_the_monitor_names_no_slow_rank_and_still_the_inverter():
+    """Signum(quorum=3) with a DisagreementMonitor on 4 ranks, rank 3 slow at every step
+    (tests/mpi/quorum_monitor_check.py): no rank named with a slow one, with or without inputs
+    that are always 0; an inverter among them named, and only it."""
+    out = mpirun.run(4, "quorum_monitor_check.py", "slow,zeros,invert", timeout=180)
+    assert "quorum_monitor_check OK on 4 ranks: slow,zeros,invert" in out, out[-2000:]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections import deque
 
 import numpy as np
@@ -145,15 +146,20 @@ class DisagreementMonitor:
         if len(self.history) < self.window:
             return []
         means = self.means()
+        judged = np.isfinite(means)   # a rank with no figure in the window is not judged
         # Step 1: the absolute rule.
-        rules = {int(r): ["absolute"] for r in np.flatnonzero(means > self.threshold)}
+        rules = {int(r): ["absolute"]
+                 for r in np.flatnonzero(judged & (np.nan_to_num(means) > self.threshold))}
         # Step 2: the relative rule, when there is a crowd to compare with.
         self.median = self.margin_used = None
-        if self.margin is not None and len(means) >= MIN_RANKS_RELATIVE:
-            spread = float(np.median(np.std(np.stack(self.history), axis=0)))
-            self.median, self.margin_used = crowd_margin(means, self.margin, self.mad_k,
-                                                         spread, self.noise_k)
-            for r in np.flatnonzero(means - self.median > self.margin_used):
+        if self.margin is not None and judged.sum() >= MIN_RANKS_RELATIVE:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)   # a rank with one figure
+                stds = np.nanstd(np.stack(self.history)[:, judged], axis=0)
+            self.median, self.margin_used = crowd_margin(means[judged], self.margin, self.mad_k,
+                                                         float(np.median(stds)), self.noise_k)
+            for r in np.flatnonzero(judged & (np.nan_to_num(means) - self.median
+                                              > self.margin_used)):
                 rules.setdefault(int(r), []).append("relative")
         # Step 3: warn about the ranks that were not flagged at the last step.
         self.rules = {r: tuple(rules[r]) for r in sorted(rules)}
@@ -174,8 +180,13 @@ class DisagreementMonitor:
         self.median = self.margin_used = None
 
     def means(self) -> np.ndarray:
-        """Each rank's mean disagreement over the window so far."""
-        return np.mean(np.stack(self.history), axis=0) if self.history else np.zeros(0)
+        """Each rank's mean disagreement over the window so far, over the steps it has a
+        figure of (NaN: a quorum's vote did not count it); NaN if it has none."""
+        if not self.history:
+            return np.zeros(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # a rank with no figure: NaN
+            return np.nanmean(np.stack(self.history), axis=0)
 
     def _explain(self, mean: float, rules: list[str]) -> str:
         why = []

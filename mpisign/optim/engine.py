@@ -463,7 +463,7 @@ class VoteEngine:
             extra = ties[bucket.word0: bucket.word1]
             tie = extra if tie is None else tie | extra
         mine = plan.layout.packed[bucket.word0: bucket.word1]
-        bucket.disagree = plan.backend.disagreement(mine, plus, tie)
+        bucket.disagree = plan.backend.disagreement(mine, plus, self.ranks.judged(bucket, tie))
         for slot in bucket.slots:
             if not has_grad[id(slot.param)]:
                 continue

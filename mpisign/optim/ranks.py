@@ -63,6 +63,11 @@ class Solo:
         zeros = self.engine.plan.zeros
         return lambda: zeros if zeros is not None and zeros.any() else None
 
+    def judged(self, bucket, tie):
+        """The coordinates of ``bucket`` that this rank's disagreement leaves out: the tie plane
+        (where the vote moves nothing)."""
+        return tie
+
     def post_header(self, absent: int = UNKNOWN) -> None:
         pass
 
