@@ -17,7 +17,6 @@ Usage: quorum_monitor_check.py slow,zeros,invert
 import sys
 import time
 
-import numpy as np
 import torch
 from common import WORLD, case, progress
 
