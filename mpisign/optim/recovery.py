@@ -35,8 +35,9 @@ is then: every survivor takes the parameters, the step count and the applied buc
 survivor furthest on (the lowest of those level with it), whose results every survivor would
 have applied in turn; the buckets it has not applied are voted again among all of them (if it
 met the failure between steps, in ``check_consistency``, it has finished its step: one brought
-forward ends the step it was in at that count, voting nothing). A survivor brought forward keeps its own momentum and the signs it last packed (as a late rank's
-``skip()`` leaves its momentum alone), and they count in those votes. The votes then close on
+forward ends the step it was in at that count, voting nothing). A survivor brought forward
+keeps its own momentum and the signs it last packed (as a late rank's ``skip()`` leaves its
+momentum alone), and they count in those votes. The votes then close on
 :func:`mpisign.collectives.quorum.survivors_quorum` of the survivors: as many may be late as
 before. A rank that is only slow is not dead to ULFM (Open MPI learns of a death from its
 runtime; its heartbeat detector, which could suspect a rank that is silent for 10 s, is off by
