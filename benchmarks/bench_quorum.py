@@ -49,11 +49,12 @@ STRAGGLERS = {"none": [], "x2": ["--straggle", "3:x2"], "0.5@0.1": ["--straggle"
 
 
 def run(mpirun: str, out: Path, model: str, steps: int, batch: int, extra: list[str],
-        seed: int) -> dict:
+        seed: int, log_every: int | None = None) -> dict:
     """One job; its step time and final test accuracy from metrics.jsonl."""
     cmd = [*shlex.split(os.path.expandvars(mpirun)), sys.executable, "-m", "mpi4py", "-m",
            "mpisign.train", "--model", model, "--max-steps", str(steps), "--batch-size",
-           str(batch), "--log-every", str(max(1, steps // 10)), "--no-progress", "--seed",
+           str(batch), "--log-every",
+           str(log_every or max(1, steps // 10)), "--no-progress", "--seed",
            str(seed), "--out", str(out), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
@@ -82,6 +83,10 @@ def main(argv=None) -> int:
     ap.add_argument("--progress-thread", type=int, default=None, metavar="US",
                     help="Open MPI's TCP progress thread, polling every US microseconds, in "
                          "every job (OMPI_MCA_btl_tcp_progress_thread)")
+    ap.add_argument("--log-every", type=int, default=None, metavar="N",
+                    help="the jobs' --log-every (default: a tenth of --steps). Rank 0 gathers "
+                         "every rank's figures for a step record: under a quorum, the one "
+                         "place in the loop where it waits for a late rank")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     if args.progress_thread is not None:   # the launcher passes it to every rank
@@ -99,10 +104,12 @@ def main(argv=None) -> int:
             for straggler in args.stragglers:
                 out = Path(tmp) / f"{len(rows)}"
                 figures = run(mpirun, out, args.model, args.steps, args.batch_size,
-                              METHODS[method] + STRAGGLERS[straggler], args.seed)
+                              METHODS[method] + STRAGGLERS[straggler], args.seed,
+                              args.log_every)
                 base = figures["step_s"] if straggler == "none" else base
                 row = {"method": method, "straggler": straggler,
-                       "progress_thread": args.progress_thread, **figures,
+                       "progress_thread": args.progress_thread,
+                       "log_every": args.log_every or max(1, args.steps // 10), **figures,
                        "ratio": figures["step_s"] / base if base else None}
                 rows.append(row)
                 acc = "-" if row["acc"] is None else f"{100 * row['acc']:.1f}%"

@@ -417,13 +417,17 @@ def test_one_process_without_a_launcher_says_so_and_the_default_lr_is_not_warned
 def test_a_quorum_vote_leaves_a_straggler_behind_and_it_catches_up(tmp_path):
     """--quorum 3 of 4 with rank 3 stalling 0.5 s on a third of its steps: the run ends, every
     epoch's consistency check passes (the ranks hold the same parameters), and the records
-    count rank 3's missed votes."""
+    count rank 3's missed votes, each written in order."""
     out = launch(4, *DIGITS, "--max-steps", "42", "--quorum", "3", "--straggle", "3:0.5@0.3",
                  "--out", str(tmp_path), timeout=180)
     assert "mpisign.train: done, 42 steps on 4 rank(s)" in out
     steps = records(tmp_path, "step")
     assert steps[-1]["abstentions"][3] >= 3, steps[-1]
     assert steps[-1]["abstentions"][0] == 0   # the root closes the votes: never late
+    # The step records' gathers finish --lag steps on: every one written, in order.
+    assert [r["step"] for r in steps] == list(range(7, 43, 7))
+    written = [r["step"] for r in records(tmp_path) if "step" in r]
+    assert written == sorted(written), written
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["config"]["quorum"] == 3 and run["config"]["straggle"] == ["3:0.5@0.3"]
 

@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 import warnings
+from collections import deque
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,7 +43,7 @@ from .adversary import ATTACKS, NON_BLIND_ATTACKS, Omniscient, attack_gradients,
 from .checkpoint import StopRequest, collectively, load_checkpoint, resume
 from .corpus import CORPORA, Corpus, load_corpus
 from .data import Data, load_data
-from .metrics import Interval, Metrics, Tally, Traffic, log_interval, run_record
+from .metrics import Interval, Metrics, StepRecord, Tally, Traffic, run_record
 from .models import LANGUAGE_MODELS, build_language_model, build_model
 from ..collectives.quorum import check_quorum_topology, resolve_quorum
 from .options import (ALLREDUCE, DEFAULT_BETAS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES,
@@ -100,6 +101,7 @@ class Run:
     saved_at: int = -1                   # the step of the last checkpoint
     caught: int = 0                      # the signal all ranks agreed to stop on (0: none)
     joined: int | None = None            # --elastic --quorum: brought forward (see survivors)
+    records: deque = field(default_factory=deque)  # step records' gathers not yet finished
     last_test: Tally | None = None       # the last evaluation's sums, for the summary
     launch_step: int = 0                 # the step this launch began at
     launch_traffic: Traffic | None = None  # the counters when this launch began
@@ -531,19 +533,31 @@ def _catch_up(run: Run) -> None:
 
 
 def log_step(run: Run, bar) -> None:
-    """Collective: the ``step`` record of the steps since the last one."""
+    """Collective: the ``step`` record of the steps since the last one. Rank 0 needs every
+    rank's part: under --quorum the gather is finished --lag steps on, as the stop agreement
+    is, so that rank 0 does not wait here for a late rank."""
     traffic = _traffic(run)
-    objective = run.built.data.objective
-    record = run.guard(log_interval, run.metrics, run.comm, run.interval, traffic,
-                     run.last_traffic, run.step, run.steps_per_epoch, run.lr, run.elapsed(),
-                     {**(run.built.update.watched() or {}), **run.seen()},
-                     timeout=run.config.vote_timeout, figures=objective.figures,
-                     what="the step record's sums")
-    if bar is not None and record is not None:
-        bar.set_postfix(loss=f"{record['loss']:.3f}",
-                        **{objective.figure: f"{record[objective.figure]:.3f}"},
-                        ms=f"{1e3 * record['step_s']:.0f}", refresh=False)
+    posted = run.guard(StepRecord, run.comm, run.interval, traffic, run.last_traffic, run.step,
+                       run.steps_per_epoch, run.lr, run.elapsed(),
+                       {**(run.built.update.watched() or {}), **run.seen()},
+                       figures=run.built.data.objective.figures, what="the step record's sums")
     run.interval, run.last_traffic = Interval(), traffic
+    if posted is not None:
+        run.records.append(posted)
+    write_records(run, bar, lag=run.stop.lag)
+
+
+def write_records(run: Run, bar=None, lag: int | None = None) -> None:
+    """Collective: the step records posted at least ``lag`` steps ago (None: all), written by
+    rank 0, in order."""
+    objective = run.built.data.objective
+    while run.records and (lag is None or run.step - run.records[0].step >= lag):
+        record = run.guard(run.records.popleft().finish, run.metrics, run.config.vote_timeout,
+                           what="the step record's sums")
+        if bar is not None and record is not None:
+            bar.set_postfix(loss=f"{record['loss']:.3f}",
+                            **{objective.figure: f"{record[objective.figure]:.3f}"},
+                            ms=f"{1e3 * record['step_s']:.0f}", refresh=False)
 
 
 def end_epoch(run: Run, epoch: int) -> None:
@@ -551,6 +565,7 @@ def end_epoch(run: Run, epoch: int) -> None:
     set's, the check that every rank holds the same parameters, the ``epoch`` record and a
     checkpoint."""
     nan = Tally(math.nan, math.nan, 1.0)
+    write_records(run)
     if run.joined == AFTER_CHECK:   # brought here by a recovery: the others' sums failed
         run.joined, totals, test = None, nan, nan
     else:
@@ -583,6 +598,7 @@ def save(run: Run, why: str) -> None:
               "epoch_started_at": run.epoch_started, "config": vars(run.config),
               "world_size": run.world, "steps_per_epoch": run.steps_per_epoch,
               "dataset": run.built.data.name, "mpisign": mpisign.__version__}
+    write_records(run)   # the records before the checkpoint's, in order
     own = {"rank": run.rank, "optimizer": run.opt.state_dict(), "rng": checkpoint.capture_rng(),
            "attack_rng": run.built.attack_rng.get_state(), "epoch_sums": list(astuple(run.epoch_tally))}
     where = run.guard(checkpoint.save, run.built.out, run.step, common, own, run.comm,
@@ -599,6 +615,7 @@ def save(run: Run, why: str) -> None:
 def finish(run: Run) -> None:
     """The end: after a signal, a ``stopped`` record; after a run that ended mid-epoch, the
     test set's figures; a checkpoint unless one was just taken, and ``done``."""
+    write_records(run)
     run.built.update.drain()   # --quorum: the lagged checks and the late messages
     run.stop.drain()   # the agreements still in flight (--quorum reads them two steps on)
     if run.caught:

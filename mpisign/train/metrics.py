@@ -42,7 +42,7 @@ import mpisign
 from ..mpi.comm import bounded
 from .models import count_parameters
 
-__all__ = ["Metrics", "run_record", "log_interval", "Tally", "Interval", "Traffic"]
+__all__ = ["Metrics", "run_record", "StepRecord", "Tally", "Interval", "Traffic"]
 
 
 @dataclass
@@ -153,40 +153,64 @@ def run_record(args, comm, data, model, device, steps_per_epoch, total_steps, re
     }
 
 
-def log_interval(metrics: Metrics, comm, interval: Interval, traffic: Traffic, before: Traffic,
-                 step: int, steps_per_epoch: int, lr: float, now: float,
-                 extra: dict | None = None, timeout: float | None = None,
-                 figures=None) -> dict | None:
-    """Collective: gather every rank's ``interval`` and its ``traffic`` since ``before`` (the
-    counters at the previous record); rank 0 writes the ``step`` record, with rank 0's
-    ``extra`` fields added, and returns it. ``figures(tally)``: the record's fields for the
-    interval's sums (default ``loss`` and ``acc``; the objective's ``figures``). Bounded by
-    ``timeout`` (default ``$MPISIGN_TIMEOUT``)."""
-    sent = (traffic.bytes_sent - before.bytes_sent) / interval.steps
-    received = (traffic.bytes_received - before.bytes_received) / interval.steps
-    mine = np.array([*astuple(interval.batches), interval.compute_s, interval.comm_s,
-                     interval.steps, sent, received, traffic.disagreement, traffic.nonfinite],
-                    dtype=np.float64)
-    rank, world = comm.Get_rank(), comm.Get_size()
-    every = np.empty((world, mine.size)) if rank == 0 else None
-    # Wait on MPI: rank 0 needs every rank's figures to write the record.
-    bounded(comm.Igather(mine, every, root=0), f"metrics gather at step {step} on rank {rank}",
-            timeout)
-    if rank != 0:
-        return None
-    loss, correct, count, compute, comms, steps, sent, received, disagree, nonfinite = every.T
-    compute, comms = compute / np.maximum(steps, 1), comms / np.maximum(steps, 1)
-    sums = Tally(float(loss.sum()), float(correct.sum()), float(count.sum()))
-    record = dict(type="step", step=step, epoch=step / steps_per_epoch, lr=lr,
-                  **(figures(sums) if figures else {"loss": sums.loss, "acc": sums.acc}),
-                  time=now,
-                  step_s=float((compute + comms).max()),
-                  compute_s={"mean": float(compute.mean()), "max": float(compute.max())},
-                  comm_s={"mean": float(comms.mean()), "max": float(comms.max())},
-                  bytes_sent=[int(b) for b in sent], bytes_received=[int(b) for b in received],
-                  nonfinite=[int(n) for n in np.nan_to_num(nonfinite)])
-    if not np.isnan(disagree).any():
-        record["disagreement"] = [round(float(d), 6) for d in disagree]
-    record.update(extra or {})
-    metrics.write(**record)
-    return record
+class StepRecord:
+    """A ``step`` record's gather, posted (collective): every rank's ``interval`` and its
+    ``traffic`` since ``before`` (the counters at the previous record) go to rank 0, which
+    writes the record, with its ``extra`` fields added, at :meth:`finish`. ``figures(tally)``:
+    the record's fields for the interval's sums (default ``loss`` and ``acc``; the objective's
+    ``figures``). Under --quorum the loop finishes it some steps on, so that rank 0 does not
+    wait for a late rank's part (see :func:`mpisign.train.loop.log_step`)."""
+
+    def __init__(self, comm, interval: Interval, traffic: Traffic, before: Traffic, step: int,
+                 steps_per_epoch: int, lr: float, now: float, extra: dict | None = None,
+                 figures=None):
+        sent = (traffic.bytes_sent - before.bytes_sent) / interval.steps
+        received = (traffic.bytes_received - before.bytes_received) / interval.steps
+        self.mine = np.array([*astuple(interval.batches), interval.compute_s, interval.comm_s,
+                              interval.steps, sent, received, traffic.disagreement,
+                              traffic.nonfinite], dtype=np.float64)
+        self.rank, world = comm.Get_rank(), comm.Get_size()
+        self.every = np.empty((world, self.mine.size)) if self.rank == 0 else None
+        self.head = dict(type="step", step=step, epoch=step / steps_per_epoch, lr=lr)
+        self.now, self.extra, self.figures = now, extra, figures
+        self.request = comm.Igather(self.mine, self.every, root=0)
+
+    @property
+    def step(self) -> int:
+        return self.head["step"]
+
+    def finish(self, metrics: Metrics, timeout: float | None = None) -> dict | None:
+        """Wait for every rank's part (bounded by ``timeout``, default ``$MPISIGN_TIMEOUT``);
+        rank 0 writes the record and returns it."""
+        # Wait on MPI: rank 0 needs every rank's figures to write the record.
+        bounded(self.request, f"metrics gather at step {self.step} on rank {self.rank}", timeout)
+        if self.rank != 0:
+            return None
+        (loss, correct, count, compute, comms, steps, sent, received, disagree,
+         nonfinite) = self.every.T
+        compute, comms = compute / np.maximum(steps, 1), comms / np.maximum(steps, 1)
+        sums = Tally(float(loss.sum()), float(correct.sum()), float(count.sum()))
+        figures = self.figures
+        record = dict(**self.head,
+                      **(figures(sums) if figures else {"loss": sums.loss, "acc": sums.acc}),
+                      time=self.now,
+                      step_s=float((compute + comms).max()),
+                      compute_s={"mean": float(compute.mean()), "max": float(compute.max())},
+                      comm_s={"mean": float(comms.mean()), "max": float(comms.max())},
+                      bytes_sent=[int(b) for b in sent],
+                      bytes_received=[int(b) for b in received],
+                      nonfinite=[int(n) for n in np.nan_to_num(nonfinite)])
+        if not np.isnan(disagree).any():
+            record["disagreement"] = [round(float(d), 6) for d in disagree]
+        record.update(self.extra or {})
+        metrics.write(**record)
+        return record
+
+    def abandon(self) -> None:
+        """After ranks died (--elastic): the gather on the old, revoked communicator, ended
+        without a record (none is left pending)."""
+        try:
+            self.request.Wait()
+        except MPI.Exception:
+            pass
+

@@ -124,6 +124,9 @@ class Survivor(Unguarded):
         lost = list(run.opt.stats.lost_ranks)
         run.comm = comm
         caught = run.stop.abandon()
+        for record in run.records:   # gathers on the old communicator: no record
+            record.abandon()
+        run.records.clear()
         behind = self._join_the_furthest(where) if run.config.quorum is not None else None
         run.stop = StopRequest(comm, timeout=run.config.vote_timeout, lag=run.stop.lag)
         run.stop.caught = caught
