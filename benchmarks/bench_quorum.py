@@ -42,6 +42,8 @@ METHODS = {"quorum 3 of 4": ["--optimizer", "signum", "--quorum", "3"],
            "quorum 3 of 4, lag 4": ["--optimizer", "signum", "--quorum", "3", "--lag", "4"],
            "quorum 3 of 4, sharded, lag 4": ["--optimizer", "signum", "--quorum", "3", "--lag",
                                              "4", "--topology", "sharded"],
+           "quorum 3 of 4, sharded, lag 8": ["--optimizer", "signum", "--quorum", "3", "--lag",
+                                             "8", "--topology", "sharded"],
            "full vote": ["--optimizer", "signum"],
            "full vote, sharded": ["--optimizer", "signum", "--topology", "sharded"],
            "fp32 allreduce SGD": ["--optimizer", "sgd"]}
