@@ -32,8 +32,8 @@ from mpi4py import MPI
 from . import shutdown
 from .comm import VoteTimeout
 
-__all__ = ["ElasticUnavailable", "FT_VARIABLE", "require_ulfm", "is_failure", "shrink",
-           "ranks_in"]
+__all__ = ["ElasticUnavailable", "FT_VARIABLE", "require_ulfm", "is_failure", "revoke",
+           "abandon", "shrink", "ranks_in"]
 
 #: What ``mpirun --with-ft ulfm`` sets in every rank's environment.
 FT_VARIABLE = "OMPI_MCA_mpi_ft_enable"
@@ -85,6 +85,25 @@ def is_failure(error: BaseException, comm: MPI.Comm | None = None) -> bool:
     return False
 
 
+def revoke(comm: MPI.Comm) -> None:
+    """Revoke ``comm`` (every rank's pending and later operations on it fail), unless another
+    survivor already did."""
+    try:
+        comm.Revoke()
+    except MPI.Exception:
+        pass   # another survivor revoked it first
+
+
+def abandon(requests) -> None:
+    """Complete ``requests`` on a communicator a recovery revoked: each ends, with its result
+    or an error, and none is left pending."""
+    for request in requests:
+        try:
+            request.Wait()
+        except MPI.Exception:
+            pass   # revoked, or it met the dead rank
+
+
 def shrink(comm: MPI.Intracomm, timeout: float, what: str) -> MPI.Intracomm:
     """Revoke ``comm`` and return a new communicator of its survivors (collective over them,
     bounded by ``timeout``: a survivor that never joins raises ``VoteTimeout``).
@@ -94,10 +113,7 @@ def shrink(comm: MPI.Intracomm, timeout: float, what: str) -> MPI.Intracomm:
     MPI was started with ``MPI_THREAD_MULTIPLE``, mpi4py's default; else it runs unbounded).
     """
     shutdown.arm()   # a survivor of a dead rank: its MPI_Finalize is bounded from now on
-    try:
-        comm.Revoke()
-    except MPI.Exception:
-        pass   # another survivor revoked it first
+    revoke(comm)
     if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
         return comm.Shrink()
     box: list = []

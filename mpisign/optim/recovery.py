@@ -63,7 +63,7 @@ from mpi4py import MPI
 
 from ..mpi import exchanges
 from ..mpi.comm import bounded
-from ..mpi.elastic import is_failure, ranks_in, require_ulfm, shrink
+from ..mpi.elastic import is_failure, ranks_in, require_ulfm, revoke, shrink
 from .header import ParameterDivergence
 from ..mpi.isolation import duplicate
 from ..mpi.report import Agreed
@@ -162,10 +162,7 @@ class Recovery:
             if not is_failure(error, comm):
                 raise
             self.failure = error
-            try:
-                comm.Revoke()
-            except MPI.Exception:
-                pass
+            revoke(comm)
 
     def recover(self, voting: bool = True) -> None:
         """Shrink to the survivors, bring every survivor to the same parameters, and move the
@@ -174,10 +171,7 @@ class Recovery:
         engine = self._engine()
         step = engine.books.param_groups[0]["step"]
         what = f"recovering at step {step} on rank {engine.rank}"
-        try:   # see the module docstring: a survivor may be waiting on it outside the optimizer
-            engine.comm.Revoke()
-        except MPI.Exception:
-            pass   # another survivor revoked it first
+        revoke(engine.comm)   # see the module docstring: a survivor may wait on it elsewhere
 
         def agree(new):
             members = ranks_in(new, self.original)

@@ -38,6 +38,7 @@ import torch
 from mpi4py import MPI
 
 from ..mpi.comm import bounded
+from ..mpi.elastic import abandon
 from .metrics import Tally
 from .options import ALLREDUCE, UsageError
 
@@ -238,11 +239,7 @@ class StopRequest:
         """After ranks died (--elastic): the agreements still in flight on the old communicator,
         which was revoked, ended without a verdict (none is left pending); the signal this
         rank caught, for the agreement made anew over the survivors."""
-        for request, _, _ in self.posted:
-            try:
-                request.Wait()
-            except MPI.Exception:
-                pass   # revoked, or it met the dead rank
+        abandon(request for request, _, _ in self.posted)
         self.posted = []
         return self.caught
 

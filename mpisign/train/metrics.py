@@ -206,11 +206,3 @@ class StepRecord:
         metrics.write(**record)
         return record
 
-    def abandon(self) -> None:
-        """After ranks died (--elastic): the gather on the old, revoked communicator, ended
-        without a record (none is left pending)."""
-        try:
-            self.request.Wait()
-        except MPI.Exception:
-            pass
-

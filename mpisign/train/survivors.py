@@ -43,7 +43,7 @@ from mpi4py import MPI
 
 from .adversary import NON_BLIND_ATTACKS
 from ..mpi.comm import bounded
-from ..mpi.elastic import ElasticUnavailable, is_failure, require_ulfm
+from ..mpi.elastic import ElasticUnavailable, abandon, is_failure, require_ulfm, revoke
 from .checkpoint import StopRequest
 from .metrics import Metrics
 from .options import ALLREDUCE, VOTING, UsageError
@@ -104,10 +104,7 @@ class Survivor(Unguarded):
             # send a message that another one takes for a different collective's: ERR_TRUNCATE).
             if not (run.opt.comm is not run.comm or is_failure(error, run.comm)):
                 raise
-            try:
-                run.comm.Revoke()
-            except MPI.Exception:
-                pass
+            revoke(run.comm)
             log.warning("rank %d: %s met a dead rank at step %d: skipped (the optimizer's next "
                         "vote finds it and the survivors carry on)", run.rank,
                         what or fn.__name__, run.step)
@@ -124,8 +121,7 @@ class Survivor(Unguarded):
         lost = list(run.opt.stats.lost_ranks)
         run.comm = comm
         caught = run.stop.abandon()
-        for record in run.records:   # gathers on the old communicator: no record
-            record.abandon()
+        abandon(record.request for record in run.records)   # on the old communicator: no record
         run.records.clear()
         behind = self._join_the_furthest(where) if run.config.quorum is not None else None
         run.stop = StopRequest(comm, timeout=run.config.vote_timeout, lag=run.stop.lag)
