@@ -226,3 +226,62 @@ def test_a_rank_without_a_figure_is_left_out_and_judged_on_the_steps_it_has():
     renamed = [[r + (r >= 2) for r in f] for f in run(without, np.delete(seq, 2, axis=1))]
     assert flagged == renamed
     assert all(f == [6] for f in flagged[with_gap.window:]), flagged
+
+
+def quorum_fractions(steps, levels, inverter=None, seed=0):
+    """A quorum's figures on 5 ranks, rank 4 slow: it is counted at 30% of the steps, those
+    where all 5 were; otherwise 4 ranks are, or 3 (one of ranks 0-3 late too). An honest rank's
+    figure is ``levels[k]`` for k voters, plus noise; an inverter's 0.3 above it. Returns the
+    figures and each step's count."""
+    rng = np.random.default_rng(seed)
+    seq, counts = np.full((steps, 5), np.nan), []
+    for t in range(steps):
+        present = list(range(4)) + [4] * (rng.random() < 0.3)
+        if len(present) == 4 and rng.random() < 0.5:
+            present.remove(int(rng.integers(4)))
+        k = len(present)
+        seq[t, present] = levels[k] + 0.01 * rng.standard_normal(k)
+        if inverter in present:
+            seq[t, inverter] += 0.3
+        counts.append(k)
+    return seq, counts
+
+
+def test_a_slow_rank_counted_only_with_the_most_voters_is_not_named():
+    """Under a quorum a rank's disagreement grows with the number of ranks the vote counted. A
+    slow rank counted only when everyone was on time sits at the top level: its plain mean is
+    over the margin (checked here; a monitor on plain means without the noise term names it);
+    each figure levelled by its step's median is not, with or without the noise term. An
+    inverter among them is still named, and only it (the levels' jumps hid it in the plain
+    figures' spread)."""
+    levels = {3: 0.05, 4: 0.1, 5: 0.3}
+    seq, _ = quorum_fractions(300, levels)
+    plain = np.nanmean(seq[-20:], axis=0)
+    assert plain[4] - np.median(plain) > 0.1, plain
+    for mon in (DisagreementMonitor(), DisagreementMonitor(noise_k=0)):
+        assert not any(run(mon, seq)), mon.rules
+    bad, _ = quorum_fractions(300, levels, inverter=1, seed=1)
+    flagged = run(DisagreementMonitor(), bad)
+    assert all(f == [1] for f in flagged[20:]), flagged
+
+
+def test_steps_with_fewer_than_three_voters_are_left_out():
+    """Two voters never disagree (ties are left out): after an elastic shrink to 3 ranks with a
+    quorum of 2, most steps carry 0 for the two on time and nothing for the slow one. Such steps
+    say nothing about anyone: the slow rank is not named, an inverter is named on the steps with
+    three voters, and with none of those in the window nobody is judged."""
+    rng = np.random.default_rng(2)
+    full = rng.random(200) < 0.25
+    seq = np.zeros((200, 3))
+    seq[:, 2] = np.nan
+    seq[full] = 0.3 + 0.01 * rng.standard_normal((full.sum(), 3))
+    assert not any(run(DisagreementMonitor(), seq))
+    bad = seq.copy()
+    bad[full, 1] += 0.3
+    mon = DisagreementMonitor()
+    flagged = run(mon, bad)
+    assert all(f == [1] for f in flagged[20:] if f), flagged
+    assert sum(1 for f in flagged if f == [1]) > 150, flagged
+    silent = DisagreementMonitor(window=5)
+    run(silent, np.vstack([bad[full][:5], np.tile([0.0, 0.0, np.nan], (5, 1))]))
+    assert np.isnan(silent.means()).all() and silent.flagged == set()

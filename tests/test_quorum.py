@@ -153,9 +153,13 @@ def test_the_hierarchical_quorum_lays_its_shards_over_the_counted_ranks_only():
     assert whole_node_late.members == ((0, 1, 2),) and whole_node_late.owned == (1,)
 
 
-def test_the_monitor_names_no_slow_rank_and_still_the_inverter():
-    """Signum(quorum=3) with a DisagreementMonitor on 4 ranks, rank 3 slow at every step
+@pytest.mark.parametrize("ranks,modes", [(4, "slow,zeros,invert"), (3, "slow,zeros")])
+def test_the_monitor_names_no_slow_rank_and_still_the_inverter(ranks, modes):
+    """Signum(quorum=M-1) with a DisagreementMonitor, the last rank slow at every step
     (tests/mpi/quorum_monitor_check.py): no rank named with a slow one, with or without inputs
-    that are always 0; an inverter among them named, and only it."""
-    out = mpirun.run(4, "quorum_monitor_check.py", "slow,zeros,invert", timeout=180)
-    assert "quorum_monitor_check OK on 4 ranks: slow,zeros,invert" in out, out[-2000:]
+    that are always 0; on 4 ranks an inverter among them named, and only it. On 3 ranks (as
+    after an elastic shrink from 4) most votes count two ranks, which never disagree: the slow
+    rank, counted only with all three, was named before those votes were left out. An inverter
+    is not tested there: two voters cannot show it."""
+    out = mpirun.run(ranks, "quorum_monitor_check.py", modes, timeout=180)
+    assert f"quorum_monitor_check OK on {ranks} ranks: {modes}" in out, out[-2000:]

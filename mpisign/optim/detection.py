@@ -88,6 +88,10 @@ class DisagreementMonitor:
     the honest ones still agree strongly). It is one-sided: a rank that agrees with the majority
     more than the others do harms no vote.
 
+    Under a quorum, a rank the vote did not count has no figure (NaN) for that step; the steps
+    that counted fewer than 3 ranks are left out, and the rest levelled by each step's median
+    (:func:`_levelled`), since a rank's figure grows with the number of voters.
+
     With fewer than 3 ranks the relative rule is skipped (a median of two means sits halfway
     between them, so neither can stand out from a crowd) and only the absolute rule applies.
     Like majority vote itself, the relative rule assumes fewer than half the ranks misbehave.
@@ -145,7 +149,7 @@ class DisagreementMonitor:
         self.history.append(np.asarray(fractions, dtype=np.float64))
         if len(self.history) < self.window:
             return []
-        means = self.means()
+        means, spread = _levelled(self._informative())
         judged = np.isfinite(means)   # a rank with no figure in the window is not judged
         # Step 1: the absolute rule.
         rules = {int(r): ["absolute"]
@@ -155,7 +159,7 @@ class DisagreementMonitor:
         if self.margin is not None and judged.sum() >= MIN_RANKS_RELATIVE:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)   # a rank with one figure
-                stds = np.nanstd(np.stack(self.history)[:, judged], axis=0)
+                stds = np.nanstd(spread[:, judged], axis=0)
             self.median, self.margin_used = crowd_margin(means[judged], self.margin, self.mad_k,
                                                          float(np.median(stds)), self.noise_k)
             for r in np.flatnonzero(judged & (np.nan_to_num(means) - self.median
@@ -180,13 +184,22 @@ class DisagreementMonitor:
         self.median = self.margin_used = None
 
     def means(self) -> np.ndarray:
-        """Each rank's mean disagreement over the window so far, over the steps it has a
-        figure of (NaN: a quorum's vote did not count it); NaN if it has none."""
+        """Each rank's mean disagreement over the window so far, as the rules judge it: over
+        the steps it has a figure of (NaN: a quorum's vote did not count it), levelled for the
+        number of ranks each counted (:func:`_levelled`); NaN if it has none. With every
+        rank counted at every step, the plain mean."""
         if not self.history:
             return np.zeros(0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)   # a rank with no figure: NaN
-            return np.nanmean(np.stack(self.history), axis=0)
+        return _levelled(self._informative())[0]
+
+    def _informative(self) -> np.ndarray:
+        """The window's figures, less the steps where a quorum counted fewer than
+        ``min(3, M)`` ranks: two voters never disagree (their ties are left out), so such a
+        step says nothing about anyone, and averaging its zeros in would dilute the figures
+        of the steps that do."""
+        figures = np.stack(self.history)
+        counted = np.isfinite(figures).sum(axis=1)
+        return figures[counted >= min(MIN_RANKS_RELATIVE, figures.shape[1])]
 
     def _explain(self, mean: float, rules: list[str]) -> str:
         why = []
@@ -196,6 +209,35 @@ class DisagreementMonitor:
             why.append(f"relative rule: mean {mean:.3f} - median {self.median:.3f} = "
                        f"{mean - self.median:.3f} > margin {self.margin_used:.3f}")
         return "; ".join(why)
+
+
+def _levelled(figures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    r"""Each rank's mean figure over the steps (rows) it has one of, levelled for who voted,
+    and the per-step figures whose spread the relative rule's noise term measures.
+
+    .. math:: \bar m_r = \operatorname{mean}_{t:\,d_{rt}\ \text{finite}}
+              (d_{rt} - L_t) + \operatorname{mean}_t L_t,
+              \qquad L_t = \operatorname{median}_j d_{jt}
+
+    Why: under a quorum the number of ranks a vote counts varies from step to step, and a
+    rank's disagreement with the majority grows with that number (one voter among three pulls
+    the majority its way less than one among two, which never disagree). A slow rank counted
+    only at the steps where every rank was on time would stand above the others by that alone:
+    after an elastic shrink to 3 ranks with a quorum of 2 the slow one sat at 12.5% against a
+    median of 0.5%, and was named. Its figure is compared with the crowd's level ``L_t`` of the
+    steps it has one of; the median keeps that level honest while fewer than half misbehave.
+    The spread is then that of ``d_rt - L_t``: the level's own jumps with the count are not an
+    honest rank's noise. With every rank counted at every step both are the plain figures,
+    exactly."""
+    if figures.shape[0] == 0:
+        return np.full(figures.shape[1], np.nan), figures
+    if np.isfinite(figures).all():
+        return figures.mean(axis=0), figures
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # a rank with no figure: NaN
+        level = np.nanmedian(figures, axis=1)
+        deviations = figures - level[:, None]
+        return np.nanmean(deviations, axis=0) + level.mean(), deviations
 
 
 def _is_real(x) -> bool:

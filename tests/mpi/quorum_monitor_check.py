@@ -9,7 +9,11 @@ abstains at most votes).
   figure: with an odd count of voters, the zero bit's rule gives such a coordinate the bit of
   the parity with more voters, against the others.
 - ``invert``: as ``zeros``, with rank 1 sending its gradient's opposite: it is named, and only
-  it.
+  it. Not on 3 ranks: there most votes count two, which never disagree.
+
+On 3 ranks (quorum 2) the slow rank is counted only when all three are, the votes whose
+figures are the highest; the monitor leaves the votes of two out and levels the rest by each
+step's median, or it would name the slow rank.
 
 Usage: quorum_monitor_check.py slow,zeros,invert
 """
