@@ -233,6 +233,8 @@ class QuorumVote(SignVote):
         self._inboxes: dict = {}  # bucket -> (M x (1 + W) receive rows, tag)
         self._heard: dict = {}    # (bucket, worker) -> the step of its last message taken
         self._closed: dict = {}   # bucket -> the step of its last vote
+        self._early: dict = {}    # bucket -> {worker: its message of the next vote}, taken
+        #                           by a drain (see drain)
 
     def _tag(self, pending, phase: int) -> int:
         return self.channel_tag(pending.bucket, phase)
@@ -321,6 +323,7 @@ class QuorumVote(SignVote):
         """The root: take the workers' messages until the vote can close, tally the counted
         rows, and send every worker the result (left in flight, in the result ring)."""
         w = p.words.shape[0]
+        early = self._early.pop(p.bucket, {})
         posted = self._inbox(p)
         inbox = self._buffer(p, "inbox", (self.size, 1 + w))
         gathered = self._buffer(p, "gathered", (self.size, w))
@@ -332,19 +335,22 @@ class QuorumVote(SignVote):
         while True:
             ranks = list(posted)
             done = self._testsome([posted[r] for r in ranks])
+            arrived = [(r, early.pop(r)) for r in list(early)]
             for i in done:
                 r = ranks[i]
                 del posted[r]
-                sent_step = self._heard[(p.bucket, r)] = int(inbox[r][0])
+                arrived.append((r, inbox[r]))
+            for r, message in arrived:
+                sent_step = self._heard[(p.bucket, r)] = int(message[0])
                 if sent_step == p.step:
-                    gathered[len(counted)] = inbox[r][1:]
+                    gathered[len(counted)] = message[1:]
                     counted.append(r)
                 else:   # a message of a step already closed: dropped, never counted
                     self.dropped += 1
-                # At once again: a late worker's next message has somewhere to land.
+            if done:   # at once again: a late worker's next message has somewhere to land
                 self._inbox(p)
             now = time.monotonic()
-            if done:
+            if arrived:
                 since = now
             if len(counted) == self.size:
                 break
@@ -410,9 +416,14 @@ class QuorumVote(SignVote):
                                           f"message from rank(s) {waiting} after "
                                           f"{self.timeout:g} s")
                     _pause(0.0 if done else YIELD_SECONDS)
-                for request in posted.values():   # no worker sends any more: none can match
+                # No worker sends a message of these votes any more, but one that drained first
+                # may have begun the next vote: its message, if one came, is kept for it.
+                for r, request in posted.items():
                     request.Cancel()
-                    request.Wait()
+                    status = MPI.Status()
+                    request.Wait(status)
+                    if not status.Is_cancelled():
+                        self._early.setdefault(bucket, {})[r] = inbox[r].copy()
                 posted.clear()
         self._ring.drain(f"quorum vote's drain on rank {self.rank}: what it sent, still in "
                          f"flight")

@@ -10,11 +10,15 @@ of exactly the ranks the result says it counted, on their inputs of that step.
   rule among the counted ranks.
 - ``drain``: no request left pending once drain_votes has run, with a rank two steps late at
   the end and messages past the eager limit (its late sends complete only when received).
+- ``again``: votes of the same kind after a drain, with the last rank late at the vote
+  before it: the root still waits in the drain for that rank's message while the others have
+  drained and begun the next vote. Their messages, taken by the drain, are counted there.
 - ``bad``: the errors of bad options, on every rank before any message.
 
 - ``kinds``: two kinds of quorum call taking turns on one communicator, each with its own tags.
 
-Usage: quorum_check.py late QUORUM | kinds | ties | drain | ties,drain | bad | signum | mistakes
+Usage: quorum_check.py late QUORUM | kinds | ties | drain | again | ties,drain | bad | signum
+       | mistakes
 """
 
 import os
@@ -148,6 +152,16 @@ if "drain" in modes:
         drain_votes(comm)
         voters = [c.voter for c in vote_state(comm).kept.values()]
         assert [v.pending_requests() for v in voters] == [0] * len(voters)
+if "again" in modes:
+    with case("again"):
+        run_steps({3: {size - 1}}, size - 1, 3)
+        drain_votes(comm)
+        first = vote_state(comm).step + 1   # run_steps' first call, with every rank
+        inputs, results, counted = run_steps({}, size - 1, 3)
+        check_against_reference(inputs, results, counted, first=first)
+        drain_votes(comm)
+        voters = [c.voter for c in vote_state(comm).kept.values()]
+        assert [v.pending_requests() for v in voters] == [0] * len(voters)
 if "bad" in modes:
     x = torch.ones(4)
     for quorum, match in [(size + 1, "between 1 and"), (size // 2, "not a majority"),
@@ -169,7 +183,7 @@ if "bad" in modes:
         y = mpisign.majority_vote(x, comm, quorum=0.75, stats=stats)
         assert (y == 1).all() and len(stats["counted"]) >= -(-3 * size // 4)
         drain_votes(comm)
-if set(modes) & {"late", "kinds", "ties", "drain", "bad"}:
+if set(modes) & {"late", "kinds", "ties", "drain", "again", "bad"}:
     print(f"quorum_check OK on {size} ranks: {' '.join(sys.argv[1:])} ({TOPOLOGY})", flush=True)
 
 
