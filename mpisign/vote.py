@@ -27,12 +27,12 @@ from mpi4py import MPI
 from .backends import packing, signs
 from .collectives import (VoteTimeout, check_comm, check_topology, default_timeout,
                           make_quorum_vote, make_vote)
-from .collectives.quorum import check_quorum, resolve_quorum
+from .collectives.quorum import QuorumVote, check_quorum, resolve_quorum, survivors_quorum
 from .group_vote import check_group_call, group_vote, is_process_group
 from .mpi import rollcall
 from .mpi.elastic import require_ulfm
 from .mpi.isolation import attached, duplicate, release
-from .optim.recovery import recover_vote, retry_on_failure
+from .optim.recovery import recover_vote, retry_on_failure, words_like
 
 __all__ = ["majority_vote", "drain_votes"]
 
@@ -72,7 +72,10 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
             are later abstain (see :mod:`mpisign.collectives.quorum`). Every rank gets the
             same result; ``stats["counted"]`` names the ranks counted. Default: all ranks.
             Any ``topology`` but ``"allgather"`` and ``"auto"``; a quorum of half the ranks or
-            fewer needs ``allow_minority=True``. Every rank must pass the same values.
+            fewer needs ``allow_minority=True``. Every rank must pass the same values. With
+            ``elastic``, a survivor calls behind takes the results it missed from one further
+            on (:func:`mpisign.optim.recovery.recover_vote`); ``stats["counted"]`` names
+            ranks of ``comm``.
 
     Returns:
         ``out``, or a new tensor of ``x``'s shape, dtype and device, holding -1, 0 (tie) or +1,
@@ -87,12 +90,8 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
     size = _checked_size(x, comm, topology, step, out, quorum, grace, allow_minority, elastic,
                          timeout)
     if size == 1:   # no vote: the sign itself, 0 for 0 and NaN
-        if stats is not None:
-            stats.update(bytes_sent=0, bytes_received=0)
-            if quorum is not None:
-                stats["counted"] = [0]
-        result = torch.nan_to_num(x.detach(), nan=0.0, out=out)
-        return result.sign_()
+        _report(stats, {}, [0] if quorum is not None else None, None)
+        return torch.nan_to_num(x.detach(), nan=0.0, out=out).sign_()
     if is_process_group(comm):   # torch.distributed's: mpisign.group_vote
         return group_vote(x, comm, topology, step, stats, out)
     own = vote_state(comm)
@@ -104,17 +103,18 @@ def majority_vote(x: torch.Tensor, comm=MPI.COMM_WORLD, topology: str = "server"
         kind += (quorum, grace)
     zero_bit = (comm.Get_rank() + step) % 2
     if elastic:
-        plus, tie, call, before = _survived(comm, own, kind, src, zero_bit, step, timeout)
+        voted = None if own.calls in own.backlog else _survived(comm, own, kind, src,
+                                                                 zero_bit, step, timeout)
+        if voted is None:   # a survivor further on handed this call's result on
+            return _handed_on(x, own, stats, out)
+        plus, tie, call, before, counted = voted
     else:
         call, before = _prepared(comm, own, kind, src, zero_bit, timeout)
         plus, tie = _voted(call, own, n, step, timeout)
+        counted = call.voter.counted if quorum is not None else None
     if stats is not None:
-        after = _counted(call.voter.traffic)
-        stats.update({k: v - before.get(k, 0) for k, v in after.items()})
-        if quorum is not None:
-            stats["counted"] = list(call.voter.counted)
-        if elastic:
-            stats["lost_ranks"] = list(own.lost)
+        moved = {k: v - before.get(k, 0) for k, v in _counted(call.voter.traffic).items()}
+        _report(stats, moved, counted, own.lost if elastic else None)
     result = call.backend.unpack(plus, tie, n, x, call.results.take(x) if out is None else out)
     return result if out is not None else result.view(x.shape)
 
@@ -131,11 +131,6 @@ def _checked_size(x, comm, topology: str, step, out, quorum, grace: float,
     check_comm(comm)
     if quorum is not None:
         check_quorum(topology, comm, quorum, grace, allow_minority)
-        if elastic:
-            raise ValueError("majority_vote(quorum=..., elastic=True) is not supported yet: a "
-                             "call's recovery assumes no survivor is more than one call ahead, "
-                             "and under a quorum a late rank can be several behind (the "
-                             "optimizers take both: Signum(quorum=..., elastic=True))")
     if elastic:
         require_ulfm()
     return comm.Get_size()
@@ -163,7 +158,7 @@ def _prepared(comm, own, kind, src: torch.Tensor, zero_bit: int, timeout):
     if not own.gpu_agreed:   # at the first call on comm, on every rank: one GPU path for all
         own.gpu_level, own.gpu_agreed = signs.gpu_level([src], own.comm, timeout), True
     call = own.keep(kind, lambda: _Call(kind[0], own.comm, timeout, src, own.gpu_level,
-                                        *kind[5:]))
+                                        *kind[5:], ranks=own.original.Get_size()))
     call.backend.pack(src, zero_bit, call.words)
     call.backend.settle()
     return call, _counted(call.voter.traffic)
@@ -188,23 +183,51 @@ def _voted(call, own, n: int, step: int, timeout):
 
 
 def _survived(comm, own, kind, src: torch.Tensor, zero_bit: int, step: int, timeout):
-    """An elastic call: ``(plus, tie, call, before)`` as the plain path gives them, after as
-    many recoveries (:func:`mpisign.optim.recovery.recover_vote`) as dead ranks need. Consecutive
-    calls alternate between two sets of result buffers, so that a rank that has finished call
-    k still holds its result while it votes in call k+1, and can hand it on."""
+    """An elastic call: ``(plus, tie, call, before, counted)`` as the plain path gives them
+    (``counted``: ranks of ``comm``, under a quorum), after as many recoveries
+    (:func:`mpisign.optim.recovery.recover_vote`) as dead ranks need; None where a recovery
+    found that a survivor further on had this call's result: it is in ``own.backlog``.
+    Consecutive calls alternate between two sets of result buffers, so that a rank that has
+    finished call k still holds its result while it votes in call k+1, and can hand it on; a
+    quorum's results are kept for as many calls as a late rank may be behind
+    (:meth:`_VoteState.remember`)."""
     prepared: list = []   # the call's collective and byte counts, once made
+    quorum = len(kind) > 5
 
     def attempt():
         prepared[:] = _prepared(comm, own, kind, src, zero_bit, timeout)
-        return prepared[0].voter.vote(prepared[0].words, src.numel(), step=step,
-                                      bucket=own.calls % 2)
+        voter = prepared[0].voter
+        plus, tie = voter.vote(prepared[0].words, src.numel(), step=step, bucket=own.calls % 2)
+        return plus, tie, own.named(voter.counted) if quorum else []
 
     def recovered():
-        handed = recover_vote(own, prepared[0].words if prepared else None, timeout)
-        return None if handed is None else (handed,)
-    plus, tie = retry_on_failure(attempt, lambda: own.comm, recovered)
-    own.last, own.calls = (plus, tie), own.calls + 1
-    return plus, tie, prepared[0], prepared[1]
+        return (None,) if recover_vote(own, timeout) else None
+    voted = retry_on_failure(attempt, lambda: own.comm, recovered)
+    if voted is None:
+        return None
+    plus, tie, counted = voted
+    own.remember(plus, tie, counted, QuorumVote.max_lag + 1 if quorum else 1)
+    return plus, tie, prepared[0], prepared[1], counted
+
+
+def _handed_on(x: torch.Tensor, own, stats: dict | None, out):
+    """An elastic call whose result a survivor further on handed on at a recovery (this rank
+    was behind it; under a quorum, maybe calls behind): that result, without a vote. Every
+    rank makes the same calls, so its size must be this call's."""
+    plus, tie, counted = own.backlog.pop(own.calls)
+    n = x.numel()
+    if plus.shape[0] != packing.n_words(n):
+        raise RuntimeError(f"majority_vote on rank {own.comm.Get_rank()}: call {own.calls} "
+                           f"has {n} coordinates here, and the survivor that handed its "
+                           f"result on voted {plus.shape[0]} words: the ranks do not make the "
+                           f"same calls")
+    own.remember(plus, tie, counted, QuorumVote.max_lag + 1 if counted else 1)
+    _report(stats, {}, counted or None, own.lost)
+    backend = signs.signs_for([x], own.gpu_level)
+    kind = backend.words(1)
+    plus, tie = (words_like(kind, part) if part is not None else None for part in (plus, tie))
+    result = backend.unpack(plus, tie, n, x, out)
+    return result if out is not None else result.view(x.shape)
 
 
 class _Results:
@@ -251,7 +274,7 @@ class _Call:
     its results' memory (:class:`_Results`)."""
 
     def __init__(self, topology: str, comm, timeout, like: torch.Tensor, gpu_level,
-                 quorum=None, grace: float = 0.0):
+                 quorum=None, grace: float = 0.0, ranks: int | None = None):
         self.results = _Results()
         self.backend = signs.signs_for([like], gpu_level)   # as the optimizer chooses
         self.words = self.backend.words(packing.n_words(like.numel()))
@@ -259,9 +282,25 @@ class _Call:
             self.voter = make_vote(topology, comm, timeout=timeout, n_coords=like.numel(),
                                    tally=self.backend.tally)
         else:   # checked by majority_vote: a count or fraction the communicator allows
-            count = resolve_quorum(quorum, comm.Get_size(), allow_minority=True)
+            size = comm.Get_size()
+            ranks = size if ranks is None else ranks   # of the user's communicator
+            count = resolve_quorum(quorum, ranks, allow_minority=True)
+            if ranks != size:   # an elastic call lost some: as many may be late as before
+                count = survivors_quorum(count, ranks, size)
             self.voter = make_quorum_vote(topology, comm, count, grace, timeout=timeout,
                                           tally=self.backend.tally)
+
+
+def _report(stats: dict | None, moved: dict, counted, lost) -> None:
+    """A call's ``stats``: its bytes (``moved``; none where it sent nothing), the ranks counted
+    (under a quorum) and the ranks lost (elastic), where not None."""
+    if stats is None:
+        return
+    stats.update(dict(bytes_sent=0, bytes_received=0), **moved)
+    if counted is not None:
+        stats["counted"] = list(counted)
+    if lost is not None:
+        stats["lost_ranks"] = list(lost)
 
 
 def _counted(traffic) -> dict:
@@ -294,10 +333,13 @@ class _VoteState:
         self.kept: dict = {}   # kind -> what mpisign.vote built for it, oldest first
         # The GPU path the ranks agreed on at the first call (mpisign.backends.signs.gpu_level).
         self.gpu_agreed, self.gpu_level = False, None
-        # Elastic calls (see mpisign.optim.recovery.recover_vote): how many have completed here, the
-        # last one's packed result, and the ranks of the user's communicator lost so far.
+        # Elastic calls (see mpisign.optim.recovery.recover_vote): how many have completed here,
+        # the packed results of the last ones (call -> (plus, tie, counted)), those handed on
+        # by a survivor furthest on for the calls this rank has yet to make, and the ranks of
+        # the user's communicator lost so far.
         self.calls = 0
-        self.last = None
+        self.recent: dict = {}
+        self.backlog: dict = {}
         self.lost: list[int] = []
         self.members = list(range(comm.Get_size()))
         self.original = comm.Get_group()
@@ -311,6 +353,23 @@ class _VoteState:
                 del self.kept[next(iter(self.kept))]
             self.kept[kind] = build()
         return self.kept[kind]
+
+    def remember(self, plus, tie, counted: list, keep: int) -> None:
+        """A completed elastic call's result, kept for the survivors behind, should a rank die:
+        the last one as it is (the next call votes into the other set of buffers), or under a
+        quorum copies of the last ``keep`` (a late rank may be up to ``max_lag`` calls behind).
+        Then the call is counted."""
+        if keep > 1:
+            plus, tie = plus.copy(), None if tie is None else tie.copy()
+        self.recent[self.calls] = (plus, tie, counted)
+        for call in [c for c in self.recent if c <= self.calls - keep]:
+            del self.recent[call]
+        self.calls += 1
+
+    def named(self, ranks) -> list[int]:
+        """Ranks of the current communicator as ranks of the user's (an elastic call may have
+        lost some)."""
+        return [self.members[r] for r in ranks]
 
     def next_step(self) -> int:
         self.step += 1

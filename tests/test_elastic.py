@@ -71,6 +71,24 @@ def test_a_quorum_survives_a_dead_rank_and_never_drops_a_slow_one(topology):
                      r"survivor 0, at step 5", out), out[-3000:]
 
 
+@pytest.mark.parametrize("topology", ["server", "sharded"])
+def test_majority_vote_with_a_quorum_hands_a_late_survivor_the_calls_it_missed(topology):
+    """majority_vote(quorum=3 of 4, elastic=True), rank 3 slow: never lost while slow; then rank
+    1 dies while rank 3 sleeps calls behind the others. The survivor furthest on hands on the
+    results of every call between (rank 3's next calls return them without voting), every
+    result equals a numpy majority of the ranks stats["counted"] names, and every survivor
+    returned the same results (tests/mpi/elastic_check.py vote-straggler)."""
+    out = mpirun.run(4, "elastic_check.py", "vote-straggler", topology, elastic=True,
+                     timeout=180)
+    found = re.findall(r"@vote-straggler rank=(\d) lost=(\[\d*\]) late=\[[\d, ]*\] "
+                       r"results=(\w+)", out)
+    slow = {lost: sorted(r for r, seen, _ in found if seen == lost) for lost in ("[]", "[1]")}
+    assert slow == {"[]": ["0", "1", "2", "3"], "[1]": ["0", "2", "3"]}, out[-3000:]
+    assert len({(lost, digest) for _, lost, digest in found}) == 2, found   # one per case
+    handed = re.search(r"the results of calls (\d+) to (\d+) handed on", out)
+    assert handed and int(handed[2]) > int(handed[1]), out[-3000:]   # several calls behind
+
+
 def test_below_min_ranks_every_survivor_stops_with_a_clear_error():
     out = mpirun.run(4, "elastic_check.py", "quorum", elastic=True)
     assert sorted(re.findall(r"@toofew rank=(\d+) at step 2", out)) == ["0", "1", "2"], out[-2000:]

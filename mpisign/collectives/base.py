@@ -24,6 +24,7 @@ import torch
 from mpi4py import MPI
 
 from ..backends.signs import host_tally
+from ..mpi.elastic import abandon
 from ..mpi.comm import (ANY_RANK, VoteTimeout, bounded, check_comm,  # noqa: F401
                         default_timeout, device_of, wait_all)
 
@@ -272,6 +273,14 @@ class SignVote:
         it waits for them. Local: no message."""
         for bucket in list(self._sending):
             self._complete_sends(bucket)
+
+    def abandon(self) -> None:
+        """After a recovery revoked this vote's communicator (a rank died): every request it
+        left standing completed, each with its result or an error, so that none is pending
+        at exit. Local."""
+        for requests, _, _ in self._sending.values():
+            abandon(requests)
+        self._sending.clear()
 
     def _complete_sends(self, bucket: int) -> None:
         """Wait on MPI for the sends the bucket's last vote left in flight (bounded)."""

@@ -53,6 +53,7 @@ from mpi4py import MPI
 
 from .base import Pending, SignVote, VoteTimeout, wait_all
 from ..mpi.comm import SPIN_SECONDS, YIELD_SECONDS
+from ..mpi.elastic import abandon
 
 __all__ = ["QuorumVote", "SendRing", "take_channel", "channel_tag", "resolve_quorum",
            "check_quorum", "check_quorum_topology",
@@ -180,6 +181,13 @@ class SendRing:
         """Wait (bounded) for every send left in flight."""
         for requests, peers in self._sent.values():
             wait_all(requests, peers, self.timeout, what)
+        self._sent.clear()
+
+    def abandon(self) -> None:
+        """On a revoked communicator: every send left in flight completed, with its result
+        or an error."""
+        for requests, _ in self._sent.values():
+            abandon(requests)
         self._sent.clear()
 
     def pending(self) -> int:
@@ -430,8 +438,18 @@ class QuorumVote(SignVote):
         for bucket in list(self._sending):
             self._complete_sends(bucket)
 
+    def abandon(self) -> None:
+        """After a recovery revoked the communicator: the root's standing receives, and what
+        every rank left in flight, completed (each with its result or an error)."""
+        for posted in self._posted.values():
+            abandon(posted.values())
+        self._posted.clear()
+        self._ring.abandon()
+        super().abandon()
+
     def pending_requests(self) -> int:
-        """Requests of this collective not yet completed (0 after :meth:`drain`)."""
+        """Requests of this collective not yet completed (0 after :meth:`drain`, or
+        :meth:`abandon`)."""
         return (sum(len(p) for p in self._posted.values()) + self._ring.pending()
                 + sum(len(r) for r, _, _ in self._sending.values()))
 

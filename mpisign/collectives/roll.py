@@ -127,6 +127,14 @@ class RollCallVote(SignVote):
         self._ring.drain(f"{self.name} quorum vote's drain on rank {self.rank}: results in "
                          f"flight")
 
+    def abandon(self) -> None:
+        """After a recovery revoked the communicator: the roll's requests and the results in
+        flight completed (each with its result or an error)."""
+        self.roll.abandon()
+        self._ring.abandon()
+        super().abandon()
+
     def pending_requests(self) -> int:
-        """Requests of this collective not yet completed (0 after :meth:`drain`)."""
+        """Requests of this collective not yet completed (0 after :meth:`drain`, or
+        :meth:`abandon`)."""
         return self.roll.pending_requests() + self._ring.pending()

@@ -251,6 +251,7 @@ class VoteEngine:
             self.stats.disagreement_by_rank, self.stats.suspects = [], []
         if old is None:
             return
+        old.voter.abandon()   # its requests on the revoked communicator: none left pending
         voter = self.ranks.voter(old.voter.name, old.layout, old.backend)
         voter.traffic = old.voter.traffic
         # The zero masks packed before the failure serve the step redone now; a plan that had

@@ -69,7 +69,7 @@ from ..mpi.isolation import duplicate
 from ..mpi.report import Agreed
 
 __all__ = ["Recovery", "TooFewRanks", "RanksLost", "Unrecovered", "recover_vote",
-           "retry_on_failure"]
+           "retry_on_failure", "words_like"]
 
 log = logging.getLogger(__name__)
 
@@ -291,39 +291,47 @@ def _broadcast(comm, params: list, root: int, timeout: float, what: str) -> None
             offset += size
 
 
-def recover_vote(own, words, timeout: float):
+def recover_vote(own, timeout: float) -> bool:
     """``majority_vote(elastic=True)``'s recovery, on every survivor of ``own`` (the state
     :func:`mpisign.vote.shared_vote_comm` keeps): shrink its communicator, then agree on
-    the interrupted call. A survivor that already returned that call's result (it is in the
-    next call now) hands it on, and the others return it: ``(plus, tie)`` of ``words``' kind.
-    Otherwise no survivor had it, and this returns None: the call is voted again among the
-    survivors. ``own`` then votes over the survivors, and names the dead in ``own.lost``."""
+    the interrupted call. A survivor that already returned that call's result (it is in a
+    later call now) hands it on, and the others take it: it goes in ``own.backlog``, and this
+    returns True. Otherwise no survivor had it, and this returns False: the call is voted
+    again among the survivors. ``own`` then votes over the survivors, and names the dead in
+    ``own.lost``.
+
+    Under a quorum a late survivor may be several calls behind (up to the quorum vote's
+    ``max_lag``): the survivor furthest on (the lowest of those level with it) hands on the
+    result of every call between the earliest survivor's and its own, and a survivor behind
+    keeps those of its interrupted call and its next ones in ``own.backlog``: those calls
+    return them without voting. Without a quorum no survivor can be more than one call
+    ahead: the next call's vote needs every survivor's signs."""
     what = f"majority_vote recovering at call {own.calls} on rank {own.comm.Get_rank()}"
-    tie_possible = own.comm.Get_size() % 2 == 0   # of the interrupted call's voters
 
     def agree(new):
         calls = np.empty(new.Get_size(), dtype=np.int64)
         mine = np.array([own.calls], dtype=np.int64)   # a name: alive until MPI is done
         bounded(new.Iallgather(mine, calls), f"{what}: where each survivor is", timeout)
-        if calls.max() - calls.min() > 1:
-            raise RuntimeError(f"{what}: survivors are more than one call apart "
-                               f"({calls.tolist()}), which a vote cannot allow")
-        ahead = np.flatnonzero(calls > calls.min())
-        handed = None
-        if ahead.size:
-            handed = _hand_on(new, int(ahead[0]), own, words, own.calls == calls.min(),
-                              tie_possible, timeout,
-                              f"{what}: the result of call {int(calls.min())}")
-        return new, ranks_in(new, own.original), calls, ahead, handed
-    new, members, calls, ahead, handed = _among_survivors(own.comm, timeout, what, agree)
+        first, last = int(calls.min()), int(calls.max())
+        handed = {}
+        if last > first:   # the furthest must hold them all (else every survivor raises)
+            handed = _hand_on(new, int(np.argmax(calls)), own, range(first, last), timeout,
+                              f"{what}: the results of calls {first} to {last - 1} "
+                              f"(the survivors' calls: {calls.tolist()})")
+        return new, ranks_in(new, own.original), calls, handed
+    new, members, calls, handed = _among_survivors(own.comm, timeout, what, agree)
+    for call in own.kept.values():   # their requests on the revoked communicator
+        call.voter.abandon()
     lost = sorted(set(own.members) - set(members))
     own.comm, own.private, own.members, own.kept = new, True, members, {}
     own.lost = sorted(set(own.lost) | set(lost))
     if new.Get_rank() == 0:
         log.warning("majority_vote: rank(s) %s lost in call %d: carrying on with %d rank(s)%s",
                     lost, int(calls.min()), new.Get_size(),
-                    "; its result handed on by a survivor that had it" if ahead.size else "")
-    return handed
+                    f"; the results of calls {int(calls.min())} to {int(calls.max()) - 1} "
+                    f"handed on by a survivor that had them" if handed else "")
+    own.backlog.update({c: r for c, r in handed.items() if c >= own.calls})
+    return own.calls in own.backlog
 
 
 def retry_on_failure(attempt, comm, recover):
@@ -356,23 +364,38 @@ def _among_survivors(comm, timeout: float, what: str, agree):
             comm = new
 
 
-def _hand_on(comm, root: int, own, words, behind: bool, tie_possible: bool, timeout: float,
-             what: str):
-    """Broadcast ``root``'s last result (``own.last``) to every survivor; on those
-    ``behind``, return it as ``(plus, tie)`` of ``words``' kind (their call's size)."""
-    if behind and words is None:
-        raise RuntimeError(f"{what}: a survivor that never voted is behind one that has the "
-                           f"result, which a vote cannot allow")
-    w = words.shape[0] if behind else own.last[0].shape[0]
-    payload = np.empty((2 if tie_possible else 1, w), dtype=np.uint64)
-    if comm.Get_rank() == root:
-        for row, part in zip(payload, own.last):
-            row[:] = _host(part)
+def _hand_on(comm, root: int, own, calls: range, timeout: float, what: str) -> dict:
+    """Broadcast ``root``'s results of ``calls`` (``own.recent``) to every survivor, as
+    ``{call: (plus, tie, counted)}`` in host memory (numpy uint64; ``tie`` None where no tie
+    was possible; ``counted``: ranks of the user's communicator, empty for a full vote). First
+    each call's sizes (a root that no longer holds one says so, and every survivor raises),
+    then every call's words, plus and tie, in turn, and after them the ranks each counted."""
+    sizes = np.zeros((len(calls), 3), dtype=np.int64)   # plus's words, tie's, ranks counted
+    held = comm.Get_rank() == root and all(c in own.recent for c in calls)
+    if held:
+        for row, call in zip(sizes, calls):
+            plus, tie, counted = own.recent[call]
+            row[:] = plus.shape[0], 0 if tie is None else tie.shape[0], len(counted)
+    elif comm.Get_rank() == root:
+        sizes[:] = -1
+    bounded(comm.Ibcast(sizes, root=root), f"{what}: their sizes", timeout)
+    if (sizes < 0).any():
+        raise RuntimeError(f"{what}: survivor {root}, the furthest on, no longer holds them all "
+                           f"(it keeps the last one, or under a quorum the last "
+                           f"max_lag + 1): a vote cannot leave a survivor that far behind")
+    payload = np.empty(int(sizes.sum()), dtype=np.uint64)
+    if held:
+        parts = [_host(part) for call in calls for part in own.recent[call][:2]
+                 if part is not None]
+        parts += [np.asarray(own.recent[call][2], dtype=np.uint64) for call in calls]
+        payload[:] = np.concatenate(parts) if parts else payload
     bounded(comm.Ibcast(payload, root=root), what, timeout)
-    if not behind:
-        return None
-    parts = [_like(words, row) for row in payload]
-    return parts[0], (parts[1] if tie_possible else None)
+    handed, at, ranks_at = {}, 0, int(sizes[:, :2].sum())
+    for (w, t, k), call in zip(sizes.tolist(), calls):
+        plus, tie = payload[at: at + w].copy(), payload[at + w: at + w + t].copy() if t else None
+        handed[call] = (plus, tie, payload[ranks_at: ranks_at + k].astype(int).tolist())
+        at, ranks_at = at + w + t, ranks_at + k
+    return handed
 
 
 def _host(words) -> np.ndarray:
@@ -382,7 +405,7 @@ def _host(words) -> np.ndarray:
     return words
 
 
-def _like(words, host: np.ndarray):
+def words_like(words, host: np.ndarray):
     """``host`` (numpy uint64) as words of ``words``' kind."""
     if isinstance(words, torch.Tensor):
         return torch.from_numpy(host.view(np.int64).copy()).to(words.device)

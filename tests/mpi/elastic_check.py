@@ -4,6 +4,7 @@ Usage: elastic_check.py TOPOLOGY KILLS [--mid] [--overlap] [--nodes 2,2]
        elastic_check.py vote TOPOLOGY KILLS [--mid]
        elastic_check.py quorum
        elastic_check.py straggler TOPOLOGY [--nodes 2,2]
+       elastic_check.py vote-straggler TOPOLOGY
        elastic_check.py unavailable
 
   KILLS      who dies when: "2@3" (rank 2 kills itself at the start of step 3), "1@2,3@5", ...
@@ -32,10 +33,17 @@ raises ``TooFewRanks`` naming the survivors, instead of carrying on.
 while it is only slow; then rank 1 dies while the slow rank is steps behind, and the survivors
 carry on, every one of them with the parameters of a replay of exactly the votes counted.
 
+``vote-straggler``: the same with ``majority_vote(quorum=size-1, elastic=True)``: every
+result equals a numpy majority of exactly the ranks ``stats["counted"]`` names (ranks of the
+launch), including the calls whose results a survivor further on handed to the slow one,
+which was calls behind when rank 1 died; each survivor prints a digest of all its results, for
+the test to compare.
+
 ``unavailable``: ``elastic=True`` in a launch without fault tolerance raises
 ``ElasticUnavailable`` at construction, on every rank, saying how to enable it.
 """
 
+import hashlib
 import os
 import signal
 import sys
@@ -48,6 +56,7 @@ from common import WORLD, case, expect_everywhere, progress, rank_data, referenc
 import mpisign
 from mpisign.collectives import server
 from mpisign.mpi.elastic import ElasticUnavailable
+from mpisign.vote import vote_state
 
 rank, size = WORLD.Get_rank(), WORLD.Get_size()
 SHAPES = [(300,), (7, 11)]
@@ -232,7 +241,7 @@ def straggler(kill: int | None, lag: int, topology: str) -> None:
     params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
     opt = mpisign.Signum(params, lr=LR, momentum=BETA, comm=WORLD, topology=topology,
                          elastic=True, quorum=size - 1, lag=lag)
-    computed, counted = [], {}
+    computed, counted, voters = [], {}, {}
     while opt.param_groups[0]["step"] < STEPS:
         step = opt.param_groups[0]["step"]
         progress(step)
@@ -250,7 +259,12 @@ def straggler(kill: int | None, lag: int, topology: str) -> None:
         # What this step's vote counted (a step done again after a loss: its last vote).
         members = opt.engine.recovery.members
         counted[opt.param_groups[0]["step"] - 1] = [members[r] for r in opt.stats.counted]
+        if opt.engine.plan is not None:
+            voters[id(opt.engine.plan.voter)] = opt.engine.plan.voter
     opt.drain()
+    # The vote on the revoked communicator, and the survivors': nothing left pending.
+    assert len(voters) == (1 if kill is None else 2), voters
+    assert [v.pending_requests() for v in voters.values()] == [0] * len(voters)
 
     lost = [] if kill is None else [1]
     assert opt.stats.lost_ranks == lost, opt.stats.lost_ranks     # the slow rank stays
@@ -284,6 +298,40 @@ def straggler(kill: int | None, lag: int, topology: str) -> None:
             f"{int((p.detach() != e).sum())} of {e.numel()} coordinates: {at} {every_computed}"
     print(f"@straggler rank={rank} now={opt.rank} size={opt.comm.Get_size()} lost={lost} "
           f"quorum={opt.engine.quorum} skipped={skipped} counted={[at[s] for s in range(STEPS)]}",
+          flush=True)
+
+
+def vote_straggler(topology: str, kill: int | None) -> None:
+    """majority_vote(quorum=size-1, elastic=True), the last rank slow (naps before its calls);
+    with ``kill``, rank 1 dies at the start of call ``kill`` while the slow rank sleeps calls
+    behind. Three sizes of call in turn, so that a result handed on for another call's size
+    would show."""
+    slow = size - 1
+    naps = {2: 3.0} if kill is not None else {2: 1.0, 6: 1.0}
+    results, late = hashlib.sha256(), []
+    before = [c.voter for c in vote_state(WORLD).kept.values()]   # the votes to come, too
+    for call in range(STEPS):
+        progress(call)
+        if rank == 1 and call == kill:
+            die()
+        if rank == slow:
+            time.sleep(naps.get(call, 0.0))
+        stats = {}
+        n = 1000 + 37 * (call % 3)
+        got = mpisign.majority_vote(rank_data(n, rank, call, zeros=0.0), WORLD, topology,
+                                    quorum=size - 1, elastic=True, stats=stats)
+        want = reference_vote([rank_data(n, r, call, zeros=0.0) for r in stats["counted"]])
+        assert np.array_equal(got.numpy(), want), f"call {call}: differs from the majority " \
+            f"of {stats['counted']} in {int((got.numpy() != want).sum())} of {n}"
+        late += [call] if slow not in stats["counted"] else []
+        results.update(got.numpy().tobytes() + bytes(stats["counted"]))
+    mpisign.drain_votes(WORLD)
+    lost = [] if kill is None else [1]
+    assert stats["lost_ranks"] == lost, stats      # the slow rank stays
+    assert late, "the slow rank was counted in every vote: the case tests nothing"
+    if kill is not None:   # the votes on the revoked communicator: nothing left pending
+        assert before and [v.pending_requests() for v in before] == [0] * len(before)
+    print(f"@vote-straggler rank={rank} lost={lost} late={late} results={results.hexdigest()}",
           flush=True)
 
 
@@ -328,6 +376,14 @@ def main(argv: list) -> None:
             straggler(None, lag=2, topology=topology)
         with case(f"quorum, elastic, {topology}: a rank dies while the slow one is steps behind"):
             straggler(5, lag=4, topology=topology)
+        return
+    if argv[0] == "vote-straggler":
+        topology = argv[1]
+        with case(f"majority_vote, quorum, elastic, {topology}: a slow rank, never lost"):
+            vote_straggler(topology, None)
+        with case(f"majority_vote, quorum, elastic, {topology}: a rank dies while the slow one "
+                  f"is calls behind"):
+            vote_straggler(topology, 5)
         return
     if argv[0] == "unelastic":
         with case(f"unelastic {argv[1]}"):

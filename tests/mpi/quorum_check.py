@@ -172,8 +172,6 @@ if "bad" in modes:
         mpisign.majority_vote(x, comm, topology="allgather", quorum=size - 1)
     with case("grace"), expect_everywhere(ValueError, "grace"):
         mpisign.majority_vote(x, comm, quorum=size - 1, grace=-1.0)
-    with case("elastic"), expect_everywhere(ValueError, r"Signum\(quorum=..., elastic=True\)"):
-        mpisign.majority_vote(x, comm, quorum=size - 1, elastic=True)
     with case("minority allowed"):
         y = mpisign.majority_vote(x, comm, quorum=size // 2, allow_minority=True)
         assert (y == 1).all()
