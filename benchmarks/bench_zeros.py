@@ -15,6 +15,14 @@ most, and what a full abstention rule (zeros on some ranks only, not built) woul
 
 On an even number of ranks the rule needs no exchange (the zero bits tie): both columns are
 the same code.
+
+``--quorum K``: what the monitor's zero mask costs under a quorum. There the move keeps the
+zero bit's rule (no AND), but with a ``DisagreementMonitor`` each rank keeps its own zero mask
+(written by the fused packing kernel in the same pass) and leaves its own zeros out of its
+figure (:meth:`mpisign.optim.quorate.Quorate.judged`). Both columns run
+``Signum(quorum=K, monitor=DisagreementMonitor())``; the other has the mask switched off.
+
+    python -m mpisign.launch -n 4 -- python benchmarks/bench_zeros.py --quorum 3
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from mpi4py import MPI
 import mpisign
 from mpisign.mpi import exchanges
 from mpisign.mpi.exchanges import zero_flags
-from mpisign.optim import ranks
+from mpisign.optim import quorate, ranks
 from mpisign.train.models import build_model
 
 comm = MPI.COMM_WORLD
@@ -91,13 +99,16 @@ def and_bytes(opt) -> float:
     return (2 * w + 7) // 8 + 8 * int(shared.sum())
 
 
-def run(model_name: str, exact: bool, steps: int) -> dict:
-    saved = ranks.Ensemble.zero_words
+def run(model_name: str, exact: bool, steps: int, quorum: int | None = None) -> dict:
+    policy = ranks.Ensemble if quorum is None else quorate.Quorate
+    saved = policy.zero_words
     if not exact:   # the rule before: no mask on several ranks, the zero bit alone
-        ranks.Ensemble.zero_words = lambda self, backend, words: None
+        policy.zero_words = lambda self, backend, words: None
     try:
         model = model_of(model_name)
-        opt = mpisign.Signum(model.parameters(), lr=1e-3, comm=comm)
+        watch = {} if quorum is None else dict(quorum=quorum,
+                                               monitor=mpisign.DisagreementMonitor())
+        opt = mpisign.Signum(model.parameters(), lr=1e-3, comm=comm, **watch)
         pad = model.emb.weight[0].detach().clone() if model_name != "cnn" else None
         times, moved = [], float("nan")
         for x, y in batches(model_name, steps):
@@ -110,37 +121,47 @@ def run(model_name: str, exact: bool, steps: int) -> dict:
             if pad is not None:   # at every step: the zero bit's moves come and go
                 now = float((model.emb.weight[0].detach() - pad).abs().max())
                 moved = now if moved != moved else max(moved, now)
+        if quorum is not None:
+            opt.drain()
         return dict(ms=1e3 * statistics.median(times[2:]),
                     vote=opt.stats.bytes_sent / opt.stats.steps,
-                    extra=and_bytes(opt), full=full_rule_bytes(opt), moved=moved)
+                    extra=0.0 if quorum else and_bytes(opt),
+                    full=float("nan") if quorum else full_rule_bytes(opt), moved=moved)
     finally:
-        ranks.Ensemble.zero_words = saved
+        policy.zero_words = saved
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--quorum", type=int, default=None, metavar="K",
+                    help="Signum(quorum=K) with a DisagreementMonitor: the monitor's zero "
+                         "mask against none")
     args = ap.parse_args()
+    names = ({True: "exact zeros", False: "zero bit only"} if args.quorum is None
+             else {True: "monitor's mask", False: "no mask"})
     for model_name in ("cnn", "embedding"):
         rows = {True: [], False: []}
         for _ in range(args.rounds):
             for exact in (False, True):   # alternated: drift hits both alike
-                rows[exact].append(run(model_name, exact, args.steps))
+                rows[exact].append(run(model_name, exact, args.steps, args.quorum))
         if rank == 0:
             base = statistics.median(r["ms"] for r in rows[False])
             for exact in (False, True):
                 r = rows[exact]
                 ms = statistics.median(x["ms"] for x in r)
-                print(f"{model_name:9s} {'exact zeros' if exact else 'zero bit only':14s} "
+                print(f"{model_name:9s} {names[exact]:14s} "
                       f"step {ms:7.2f} ms  x{ms / base:5.2f}   vote {r[0]['vote']:9.0f} B/step"
                       f"   AND {r[0]['extra']:7.0f} B/step   padding row moved "
                       f"{max(x['moved'] for x in r):.4g}"
                       + (f"   (a full abstention rule: +{r[0]['full']:.0f} B/step a rank)"
-                         if exact else ""), flush=True)
+                         if exact and args.quorum is None else ""), flush=True)
     if rank == 0:
         print(f"({size} ranks, Signum.step() median of {args.rounds} rounds x {args.steps} "
-              f"steps, first 2 of each round left out)", flush=True)
+              f"steps, first 2 of each round left out"
+              + (f"; quorum {args.quorum} with a monitor" if args.quorum else "") + ")",
+              flush=True)
 
 
 if __name__ == "__main__":
