@@ -276,6 +276,8 @@ class _Call:
     def __init__(self, topology: str, comm, timeout, like: torch.Tensor, gpu_level,
                  quorum=None, grace: float = 0.0, ranks: int | None = None):
         self.results = _Results()
+        if quorum is not None:   # a quorum vote's words are in host memory
+            gpu_level = signs.staged_at_most(gpu_level)
         self.backend = signs.signs_for([like], gpu_level)   # as the optimizer chooses
         self.words = self.backend.words(packing.n_words(like.numel()))
         if quorum is None:

@@ -164,3 +164,32 @@ def test_the_monitor_names_no_slow_rank_and_still_the_inverter(ranks, modes):
     is not tested there: two voters cannot show it."""
     out = mpirun.run(ranks, "quorum_monitor_check.py", modes, timeout=180)
     assert f"quorum_monitor_check OK on {ranks} ranks: {modes}" in out, out[-2000:]
+
+
+def test_a_quorum_stages_its_words_through_host_memory(monkeypatch):
+    """A quorum vote runs on host words (its root's standing receives, the results it keeps
+    in flight for late ranks). Where every rank could keep its words on the device (CUDA-aware
+    MPI), the optimizer's quorum and majority_vote's take the staged path (GPU kernels, words
+    through host memory), where both refused CUDA tensors before. On a GPU node
+    tests/mpi/gpu_check.py runs it for real."""
+    import torch
+    from mpi4py import MPI
+
+    from mpisign import vote
+    from mpisign.backends import signs
+    from mpisign.cuda import startup
+    from mpisign.optim import ranks
+    from mpisign.optim.quorate import Quorate
+    levels = [None, startup.HOST, startup.STAGED, startup.RESIDENT]
+    assert [signs.staged_at_most(level) for level in levels] == [
+        None, startup.HOST, startup.STAGED, startup.STAGED]
+    monkeypatch.setattr(ranks.Ensemble, "gpu_level", lambda self, params: startup.RESIDENT)
+    assert Quorate.gpu_level(object.__new__(Quorate), []) == startup.STAGED
+    asked = []
+    real = signs.signs_for
+    monkeypatch.setattr(signs, "signs_for", lambda t, agreed=None: asked.append(agreed) or
+                        real(t, None))
+    like = torch.zeros(10)
+    vote._Call("server", MPI.COMM_SELF, 10.0, like, startup.RESIDENT, quorum=1)
+    vote._Call("server", MPI.COMM_SELF, 10.0, like, startup.RESIDENT)
+    assert asked == [startup.STAGED, startup.RESIDENT]

@@ -12,7 +12,7 @@ from .base import Signs, host_array, host_tally, host_tensor, unpack_by_apply
 from .host import CompiledSigns, HostSigns, host_signs
 
 __all__ = ["Signs", "HostSigns", "CompiledSigns", "gpu_level", "host_array", "host_tally",
-           "host_tensor", "signs_for", "unpack_by_apply"]
+           "host_tensor", "signs_for", "staged_at_most", "unpack_by_apply"]
 
 
 def gpu_level(tensors: list, comm=None, timeout: float | None = None) -> int | None:
@@ -27,6 +27,15 @@ def gpu_level(tensors: list, comm=None, timeout: float | None = None) -> int | N
         return None
     from ..cuda import bridge  # late: a CPU-only job loads no CUDA module before this
     return bridge.agreed_level(devices, comm, timeout)
+
+
+def staged_at_most(level: int | None) -> int | None:
+    """``level`` (:func:`gpu_level`) capped at the staged path (GPU kernels, words in host
+    memory), for a vote whose words must be in host memory (a quorum's); None stays None."""
+    if level is None:
+        return None
+    from ..cuda import startup
+    return min(level, startup.STAGED)
 
 
 def signs_for(tensors: list, agreed: int | None = None) -> Signs:

@@ -28,6 +28,7 @@ from collections import deque
 import numpy as np
 from mpi4py import MPI
 
+from ..backends import signs
 from ..collectives import make_quorum_vote
 from ..mpi.elastic import is_failure
 from ..mpi.report import Agreed
@@ -62,6 +63,13 @@ class Quorate(Ensemble):
         self.lagged: deque = deque()   # posted header exchanges, oldest first
         self.warned: set = set()       # ranks rank 0 has warned about
 
+    def gpu_level(self, params: list):
+        """As every rank's (agreed), but at most the staged path: a quorum vote runs on host
+        words (the root's standing receives and the results it keeps in flight for late ranks
+        live in host memory), so CUDA tensors take the GPU kernels, their words staged
+        through host memory, even where MPI is CUDA-aware."""
+        return signs.staged_at_most(super().gpu_level(params))
+
     def zero_words(self, backend, words: int):
         """The voters of a quorum vary from step to step, and a late rank's zeros are not known
         when the vote closes: an exact 0 keeps the zero bit's rule here, so no mask is needed
@@ -86,9 +94,8 @@ class Quorate(Ensemble):
 
     def voter(self, topology: str, layout, backend):
         engine = self.engine
-        if not isinstance(layout.packed, np.ndarray):
-            raise ValueError("quorum= runs on host words: the GPU paths are not supported with "
-                             "a quorum yet (leave quorum= out on GPUs)")
+        if not isinstance(layout.packed, np.ndarray):   # gpu_level stages them: a bug
+            raise ValueError("quorum= runs on host words, and this layout's are on a device")
         return make_quorum_vote(topology, engine.own_comm.get(), engine.quorum, engine.grace,
                                 timeout=engine.timeout, tally=backend.tally)
 
