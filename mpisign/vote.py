@@ -206,7 +206,7 @@ def _survived(comm, own, kind, src: torch.Tensor, zero_bit: int, step: int, time
     if voted is None:
         return None
     plus, tie, counted = voted
-    own.remember(plus, tie, counted, QuorumVote.max_lag + 1 if quorum else 1)
+    own.remember(plus, tie, counted)
     return plus, tie, prepared[0], prepared[1], counted
 
 
@@ -221,7 +221,7 @@ def _handed_on(x: torch.Tensor, own, stats: dict | None, out):
                            f"has {n} coordinates here, and the survivor that handed its "
                            f"result on voted {plus.shape[0]} words: the ranks do not make the "
                            f"same calls")
-    own.remember(plus, tie, counted, QuorumVote.max_lag + 1 if counted else 1)
+    own.remember(plus, tie, counted)
     _report(stats, {}, counted or None, own.lost)
     backend = signs.signs_for([x], own.gpu_level)
     kind = backend.words(1)
@@ -356,11 +356,13 @@ class _VoteState:
             self.kept[kind] = build()
         return self.kept[kind]
 
-    def remember(self, plus, tie, counted: list, keep: int) -> None:
+    def remember(self, plus, tie, counted: list) -> None:
         """A completed elastic call's result, kept for the survivors behind, should a rank die:
         the last one as it is (the next call votes into the other set of buffers), or under a
-        quorum copies of the last ``keep`` (a late rank may be up to ``max_lag`` calls behind).
-        Then the call is counted."""
+        quorum (``counted`` names its voters; empty for a full vote) copies of the last
+        ``max_lag + 1`` (a late rank may be up to ``max_lag`` calls behind). Then the call is
+        counted."""
+        keep = QuorumVote.max_lag + 1 if counted else 1
         if keep > 1:
             plus, tie = plus.copy(), None if tie is None else tie.copy()
         self.recent[self.calls] = (plus, tie, counted)

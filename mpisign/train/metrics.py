@@ -205,4 +205,3 @@ class StepRecord:
         record.update(self.extra or {})
         metrics.write(**record)
         return record
-
